@@ -1,0 +1,131 @@
+"""forge's canonical quantized model: what quantizers produce and every format writer reads.
+
+Quantize once, export many times: a quantizer turns a dense checkpoint into one
+`QuantizedModel`; each format writer under `forge/formats/` only re-packs its tensors, so every
+backend serves exactly the same integer codes and scales. Readers dequantize an exported
+directory back to dense weights, which must equal `QuantizedModel.dequantize()` bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WeightFormat = Literal["int4", "fp8"]
+Activations = Literal["none", "dynamic_token", "static_tensor"]
+KVCacheDtype = Literal["auto", "fp8"]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a variant's linear weights are stored, resolved from a preset plus recipe overrides."""
+
+    preset: str  # FP8_DYNAMIC, FP8, W4A16, W4A16_ASYM, GPTQ_W4A16, AWQ_W4A16
+    weight_format: WeightFormat
+    group_size: int | None  # int4: input columns per scale; None for fp8
+    symmetric: bool
+    weight_granularity: Literal["tensor", "channel", "group"]
+    activations: Activations
+    kv_cache_dtype: KVCacheDtype = "auto"
+    ignore: tuple[str, ...] = ("lm_head",)  # module names kept dense
+    dtype: str = "bfloat16"  # dtype of the tensors that stay dense (norms, embeddings, lm_head)
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        # int4 scales are fp16 in AutoAWQ GEMM and TurboMind; fp8 scales are fp32 in vLLM/ModelOpt.
+        return torch.float16 if self.weight_format == "int4" else torch.float32
+
+
+@dataclass
+class QuantizedLinear:
+    """One `nn.Linear` weight in canonical form, `[out, in]` like `nn.Linear.weight`.
+
+    int4: `codes` is int8 holding q in [-8, 7] (symmetric, `zero_point` is None) or q in [0, 15]
+    with a uint4 `zero_point`; `scale` and `zero_point` are `[out, in // group_size]`, and
+    `w = (q - zero_point) * scale` group-wise along `in`.
+    fp8: `codes` is float8_e4m3fn and `w = codes * scale` with `scale` `[out, 1]` (channel) or
+    `[1]` (tensor); `input_scale` `[1]` exists only for static activation scales.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.codes.dtype == torch.float8_e4m3fn:
+            return (self.codes.to(torch.float32) * self.scale.to(torch.float32)).to(dtype)
+        out_features, in_features = self.codes.shape
+        groups = self.scale.shape[1]
+        q = self.codes.to(torch.float32).reshape(out_features, groups, in_features // groups)
+        if self.zero_point is not None:
+            q = q - self.zero_point.to(torch.float32).unsqueeze(-1)
+        w = q * self.scale.to(torch.float32).unsqueeze(-1)
+        return w.reshape(out_features, in_features).to(dtype)
+
+
+@dataclass
+class QuantizedModel:
+    """A whole quantized checkpoint with Hugging Face tensor names.
+
+    `dense` holds every tensor that is not a quantized linear weight (embeddings, norms, biases,
+    `lm_head` when ignored); `linears` maps a module name (`model.layers.0.mlp.down_proj`, no
+    `.weight`) to its quantized weight; `kv_scales` maps `...self_attn.k_scale`/`v_scale` to a
+    float32 scalar when the scheme calibrates an fp8 KV cache.
+    """
+
+    config: dict
+    scheme: Scheme
+    dense: dict[str, torch.Tensor]
+    linears: dict[str, QuantizedLinear]
+    kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The dense Hugging Face state dict these codes stand for."""
+        state = {name: t.to(dtype) for name, t in self.dense.items()}
+        for name, linear in self.linears.items():
+            state[f"{name}.weight"] = linear.dequantize(dtype)
+        return state
+
+
+_PARTS = ("codes", "scale", "zero_point", "input_scale")
+
+
+def save_quantized(model: QuantizedModel, directory: Path) -> None:
+    """forge's internal cache format: one safetensors file plus `quant.json`; deterministic."""
+    tensors: dict[str, torch.Tensor] = {f"dense::{k}": v for k, v in model.dense.items()}
+    for name, linear in model.linears.items():
+        for part in _PARTS:
+            value = getattr(linear, part)
+            if value is not None:
+                tensors[f"linear::{name}::{part}"] = value
+    tensors.update({f"kv::{k}": v for k, v in model.kv_scales.items()})
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, directory / "quantized.safetensors")
+    meta = {"config": model.config, "scheme": asdict(model.scheme)}
+    (directory / "quant.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_quantized(directory: Path) -> QuantizedModel:
+    meta = json.loads((directory / "quant.json").read_text())
+    scheme_fields = meta["scheme"]
+    scheme_fields["ignore"] = tuple(scheme_fields["ignore"])
+    dense: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    kv: dict[str, torch.Tensor] = {}
+    for key, tensor in load_file(directory / "quantized.safetensors").items():
+        kind, _, rest = key.partition("::")
+        if kind == "dense":
+            dense[rest] = tensor
+        elif kind == "kv":
+            kv[rest] = tensor
+        else:
+            name, _, part = rest.rpartition("::")
+            parts.setdefault(name, {})[part] = tensor
+    linears = {name: QuantizedLinear(**p) for name, p in parts.items()}
+    return QuantizedModel(meta["config"], Scheme(**scheme_fields), dense, linears, kv)
