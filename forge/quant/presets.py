@@ -1,0 +1,81 @@
+"""Named quantization presets, as data. A recipe names one and may override a few fields.
+
+The names follow llm-compressor's preset schemes (compressed_tensors.quantization.quant_scheme:
+W4A16, W4A16_ASYM, FP8, FP8_DYNAMIC, NVFP4); GPTQ_W4A16 and AWQ_W4A16 are forge's names for the
+same int4 storage reached by a calibrated algorithm instead of round-to-nearest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from forge.quant.model import Scheme
+
+
+@dataclass(frozen=True)
+class Preset:
+    scheme: Scheme
+    algorithm: str  # rtn | gptq | awq | none (nvfp4: planned only)
+    needs_calibration: bool
+    summary: str
+
+
+def _int4(name: str, symmetric: bool, algorithm: str, summary: str) -> Preset:
+    scheme = Scheme(
+        preset=name,
+        weight_format="int4",
+        group_size=128,
+        symmetric=symmetric,
+        weight_granularity="group",
+        activations="none",
+    )
+    return Preset(scheme, algorithm, algorithm != "rtn", summary)
+
+
+PRESETS: dict[str, Preset] = {
+    "FP8_DYNAMIC": Preset(
+        Scheme("FP8_DYNAMIC", "fp8", None, True, "channel", "dynamic_token"),
+        "rtn",
+        False,
+        "fp8 e4m3 weights per output channel, activations scaled per token at run time",
+    ),
+    "FP8": Preset(
+        Scheme("FP8", "fp8", None, True, "tensor", "static_tensor"),
+        "rtn",
+        True,
+        "fp8 e4m3 weights per tensor, static per-tensor input scales from calibration",
+    ),
+    "W4A16": _int4("W4A16", True, "rtn", "int4 weights, symmetric groups, round-to-nearest"),
+    "W4A16_ASYM": _int4("W4A16_ASYM", False, "rtn", "int4 weights, asymmetric groups, round-to-nearest"),
+    "GPTQ_W4A16": _int4("GPTQ_W4A16", True, "gptq", "int4 weights, symmetric groups, GPTQ error feedback"),
+    "AWQ_W4A16": _int4(
+        "AWQ_W4A16", False, "awq", "int4 weights, asymmetric groups, activation-aware scales + clipping"
+    ),
+    "NVFP4": Preset(
+        Scheme("NVFP4", "fp4", 16, True, "group", "dynamic_token"),  # type: ignore[arg-type]
+        "none",
+        True,
+        "fp4 e2m1 weights and activations, group 16 (Blackwell only; planned, not produced by forge yet)",
+    ),
+}
+
+
+def resolve_scheme(
+    preset: str,
+    *,
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    ignore: tuple[str, ...] | None = None,
+    kv_cache_dtype: str | None = None,
+    dtype: str | None = None,
+) -> Scheme:
+    """The preset's scheme with the recipe's explicit overrides applied (None keeps the preset's)."""
+    scheme = PRESETS[preset].scheme
+    overrides = {
+        "group_size": group_size,
+        "symmetric": symmetric,
+        "ignore": ignore,
+        "kv_cache_dtype": kv_cache_dtype,
+        "dtype": dtype,
+    }
+    return replace(scheme, **{k: v for k, v in overrides.items() if v is not None})

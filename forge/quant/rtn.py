@@ -1,0 +1,123 @@
+"""Round-to-nearest quantizers: the storage rules every algorithm (RTN, GPTQ, AWQ) ends in.
+
+AWQ and GPTQ only change the weights (or the scales) they hand to these functions, so the
+integer codes of every scheme follow one definition, the one the formats and readers check.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value (OCP FP8 spec, E4M3)
+_MIN_SCALE = 1e-8
+
+
+def int4_qparams(
+    weight: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group scale (rounded to `scale_dtype`) and uint4 zero point for an `[out, in]` weight.
+
+    The range always holds 0, as compressed-tensors' `calculate_qparams` does. Symmetric scales
+    map max|w| to 7.5 (range width 15 / 2, as compressed-tensors and AutoGPTQ), codes in [-8, 7].
+    Asymmetric follows AutoAWQ: scale = (max - min) / 15, zero = clamp(-round(min / scale), 0, 15).
+    """
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    w_min = groups.amin(dim=-1).clamp(max=0)
+    w_max = groups.amax(dim=-1).clamp(min=0)
+    if symmetric:
+        scale = (torch.maximum(-w_min, w_max) / 7.5).clamp(min=_MIN_SCALE)
+        return scale.to(scale_dtype), None
+    scale = ((w_max - w_min) / 15).clamp(min=_MIN_SCALE).to(scale_dtype)
+    zero = torch.clamp(-torch.round(w_min / scale.float()), 0, 15).to(torch.int8)
+    return scale, zero
+
+
+def int4_codes(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """Round `weight` onto the int4 grid given by `scale` / `zero` (both `[out, in / group]`)."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    q = torch.round(groups / scale.float().unsqueeze(-1))
+    if zero is None:
+        q = q.clamp(-8, 7)
+    else:
+        q = (q + zero.float().unsqueeze(-1)).clamp(0, 15)
+    return q.reshape(out_features, in_features).to(torch.int8)
+
+
+def quantize_int4(weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
+    scale, zero = int4_qparams(weight, scheme.group_size, scheme.symmetric, scheme.scale_dtype)
+    return QuantizedLinear(int4_codes(weight, scale, zero, scheme.group_size), scale, zero)
+
+
+def quantize_fp8(weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
+    """fp8 e4m3 with per-channel (`[out, 1]`) or per-tensor (`[1]`) fp32 scales = absmax / 448."""
+    w = weight.float()
+    if scheme.weight_granularity == "channel":
+        absmax = w.abs().amax(dim=1, keepdim=True)
+    else:
+        absmax = w.abs().amax().reshape(1)
+    scale = (absmax / FP8_MAX).clamp(min=_MIN_SCALE).to(torch.float32)
+    codes = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return QuantizedLinear(codes, scale)
+
+
+def quantize_weight(weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
+    if scheme.weight_format == "fp8":
+        return quantize_fp8(weight, scheme)
+    return quantize_int4(weight, scheme)
+
+
+_LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj$")
+
+
+def quantizable_linears(state: dict[str, torch.Tensor], scheme: Scheme) -> list[str]:
+    """Module names of the decoder-layer projections to quantize, in checkpoint order.
+
+    Only attention and MLP projections inside decoder layers are quantized; embeddings, norms
+    and `lm_head` stay dense (lm_head is also in every preset's `ignore`).
+    """
+    names = []
+    for key, tensor in state.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and tensor.dim() == 2 and _LAYER_LINEAR.match(module):
+            if not is_ignored(module, scheme.ignore):
+                names.append(module)
+    return names
+
+
+def is_ignored(module: str, ignore: tuple[str, ...]) -> bool:
+    """compressed-tensors style targets: an exact module name, or `re:<regex>` matched in full."""
+    for pattern in ignore:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], module):
+                return True
+        elif module == pattern or module.endswith("." + pattern):
+            return True
+    return False
+
+
+def split_state(
+    state: dict[str, torch.Tensor], config: dict, scheme: Scheme
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors that stay dense (cast to the scheme's dtype) and the linears to quantize."""
+    names = quantizable_linears(state, scheme)
+    quantized = {f"{n}.weight" for n in names}
+    dtype = getattr(torch, scheme.dtype)
+    dense = {k: v.to(dtype) for k, v in state.items() if k not in quantized}
+    if config.get("tie_word_embeddings"):
+        dense.pop("lm_head.weight", None)  # tied: lm_head is the embedding, stored once
+    return dense, names
+
+
+def quantize_rtn(state: dict[str, torch.Tensor], config: dict, scheme: Scheme) -> QuantizedModel:
+    """Round-to-nearest for every quantizable linear of a dense HF state dict."""
+    dense, names = split_state(state, config, scheme)
+    linears = {n: quantize_weight(state[f"{n}.weight"], scheme) for n in names}
+    return QuantizedModel(config, scheme, dense, linears)
