@@ -11,34 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
-WeightFormat = Literal["int4", "fp8"]
-Activations = Literal["none", "dynamic_token", "static_tensor"]
-KVCacheDtype = Literal["auto", "fp8"]
+from forge.quant.scheme import Scheme
 
-
-@dataclass(frozen=True)
-class Scheme:
-    """How a variant's linear weights are stored, resolved from a preset plus recipe overrides."""
-
-    preset: str  # FP8_DYNAMIC, FP8, W4A16, W4A16_ASYM, GPTQ_W4A16, AWQ_W4A16
-    weight_format: WeightFormat
-    group_size: int | None  # int4: input columns per scale; None for fp8
-    symmetric: bool
-    weight_granularity: Literal["tensor", "channel", "group"]
-    activations: Activations
-    kv_cache_dtype: KVCacheDtype = "auto"
-    ignore: tuple[str, ...] = ("lm_head",)  # module names kept dense
-    dtype: str = "bfloat16"  # dtype of the tensors that stay dense (norms, embeddings, lm_head)
-
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        # int4 scales are fp16 in AutoAWQ GEMM and TurboMind; fp8 scales are fp32 in vLLM/ModelOpt.
-        return torch.float16 if self.weight_format == "int4" else torch.float32
+__all__ = ["QuantizedLinear", "QuantizedModel", "Scheme", "load_quantized", "save_quantized"]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from forge.quant.model import Scheme
+from forge.quant.scheme import Scheme
 
 
 @dataclass(frozen=True)

