@@ -21,9 +21,13 @@ class InputError(ForgeError):
 
 
 class GateFailed(ForgeError):
-    """A validation gate failed (exit 1)."""
+    """A validation gate failed (exit 1). Carries the build result so the report is still printed."""
 
     exit_code = EXIT_GATE_FAILED
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class InfraError(ForgeError):

@@ -7,7 +7,7 @@ from typing import Literal
 
 WeightFormat = Literal["int4", "fp8"]
 Activations = Literal["none", "dynamic_token", "static_tensor"]
-KVCacheDtype = Literal["auto", "fp8"]
+KVCacheDtype = Literal["auto", "fp8", "int8", "int4"]  # int8/int4: LMDeploy online KV quantization
 
 
 @dataclass(frozen=True)

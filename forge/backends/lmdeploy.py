@@ -1,0 +1,32 @@
+"""LMDeploy TurboMind: AutoAWQ GEMM int4 (group 128), KV cache quantized online by --quant-policy."""
+
+from __future__ import annotations
+
+from forge.quant.scheme import Scheme
+from forge.recipe import Target
+
+IMAGE = "openmmlab/lmdeploy:v0.10.2-cu12"
+PORT = 23333
+HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"
+
+# LMDeploy `--quant-policy`: 0 = no KV quantization, 4 = int4 KV, 8 = int8 KV.
+QUANT_POLICY = {"auto": 0, "int4": 4, "int8": 8}
+
+
+def export_format(scheme: Scheme, target: Target) -> str:
+    return "awq-gemm"
+
+
+def serve_command(model_path: str, scheme: Scheme, target: Target) -> list[str]:
+    return [
+        "lmdeploy", "serve", "api_server", model_path,
+        "--backend", "turbomind",
+        "--model-format", "awq",
+        "--quant-policy", str(QUANT_POLICY[scheme.kv_cache_dtype]),
+        "--tp", str(target.tensor_parallel),
+        "--session-len", str(target.max_seq_len),
+        "--max-batch-size", str(target.max_batch_size),
+        "--server-name", "0.0.0.0",
+        "--server-port", str(PORT),
+    ]  # fmt: skip

@@ -1,0 +1,32 @@
+"""Hugging Face TGI 3.x: compressed-tensors for FP8/W4A16, AutoAWQ GEMM for AWQ (`--quantize awq`)."""
+
+from __future__ import annotations
+
+from forge.quant.scheme import Scheme
+from forge.recipe import Target
+
+IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
+PORT = 80  # the image sets PORT=80; the bare launcher defaults to 3000
+HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"
+
+
+def export_format(scheme: Scheme, target: Target) -> str:
+    return "awq-gemm" if scheme.preset == "AWQ_W4A16" else "compressed-tensors"
+
+
+def serve_command(model_path: str, scheme: Scheme, target: Target) -> list[str]:
+    quantize = "awq" if export_format(scheme, target) == "awq-gemm" else "compressed-tensors"
+    argv = [
+        "text-generation-launcher",
+        "--model-id", model_path,
+        "--port", str(PORT),
+        "--quantize", quantize,
+        "--max-input-tokens", str(target.max_input_len),
+        "--max-total-tokens", str(target.max_seq_len),
+        "--max-batch-prefill-tokens", str(target.max_num_tokens),
+        "--num-shard", str(target.tensor_parallel),
+    ]  # fmt: skip
+    if scheme.kv_cache_dtype == "fp8":
+        argv += ["--kv-cache-dtype", "fp8_e4m3fn"]
+    return argv

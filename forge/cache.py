@@ -1,0 +1,78 @@
+"""The content-addressed stage cache: one directory per (stage kind, key), complete or absent.
+
+A stage writes into a temporary sibling directory and renames it into place only after it
+finished, so an interrupted build leaves nothing that looks complete; `stage.json` inside an
+entry records what the stage reported. A per-entry lock file keeps two concurrent builds of the
+same recipe from computing one entry twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ROOT = Path("artifacts/.cache")
+
+
+@dataclass(frozen=True)
+class Cache:
+    root: Path
+
+    def entry(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def has(self, kind: str, key: str) -> bool:
+        return (self.entry(kind, key) / "stage.json").is_file()
+
+    def report(self, kind: str, key: str) -> dict:
+        return json.loads((self.entry(kind, key) / "stage.json").read_text())
+
+    @contextmanager
+    def _locked(self, kind: str, key: str) -> Iterator[None]:
+        lock_path = self.root / kind / f".{key}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def run(self, kind: str, key: str, produce: Callable[[Path], dict]) -> tuple[Path, dict, bool]:
+        """Return (entry dir, stage report, was_cached); run `produce(tmp_dir)` only when absent.
+
+        `produce` fills the directory and returns JSON-able facts; they are stored in
+        `stage.json` with the seconds it took.
+        """
+        final = self.entry(kind, key)
+        with self._locked(kind, key):
+            if self.has(kind, key):
+                return final, self.report(kind, key), True
+            tmp = final.parent / f".tmp-{key}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            started = time.monotonic()
+            try:
+                facts = produce(tmp)
+                report = {"kind": kind, "key": key, "seconds": round(time.monotonic() - started, 3), **facts}
+                (tmp / "stage.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+                shutil.rmtree(final, ignore_errors=True)  # a stale incomplete entry
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return final, report, False
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,141 @@
+"""The `forge` command line: each command is a thin call into the library.
+
+Exit codes: 0 success, 1 a validation gate failed, 2 bad input (recipe, arguments),
+3 infrastructure (network, registry, server, missing tool).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from forge.errors import EXIT_BAD_INPUT, ForgeError, GateFailed
+
+RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
+JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
+ARTIFACTS = click.option(
+    "--artifacts-dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
+    help="Where build outputs and reports go.",
+)  # fmt: skip
+CACHE = click.option(
+    "--cache-dir", type=click.Path(path_type=Path), envvar="FORGE_CACHE_DIR", default=None,
+    help="Stage cache directory [default: <artifacts-dir>/.cache; env FORGE_CACHE_DIR].",
+)  # fmt: skip
+
+
+def handle_errors(command):
+    """Turn forge's known errors into one clear message on stderr and their exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except GateFailed as error:
+            if kwargs.get("as_json") and error.result is not None:
+                click.echo(json.dumps(error.result.report, indent=2))
+            click.secho(f"forge: {error}", fg="red", err=True)
+            sys.exit(error.exit_code)
+        except ForgeError as error:
+            click.secho(f"forge: {error}", fg="red", err=True)
+            sys.exit(error.exit_code)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="forge")
+def main() -> None:
+    """forge turns one YAML recipe into quantized, validated, packaged LLM serving artifacts.
+
+    \b
+    Typical flow:
+      forge validate recipes/smollm2-135m.yaml   # check the recipe, nothing runs
+      forge plan recipes/smollm2-135m.yaml       # what would run, what is cached or impossible
+      forge build recipes/smollm2-135m.yaml      # run it; report in artifacts/<name>/build.json
+
+    Exit codes: 0 ok, 1 a validation gate failed, 2 bad input, 3 infrastructure.
+    """
+
+
+@main.command()
+@RECIPE
+@handle_errors
+def validate(recipe: Path) -> None:
+    """Check a recipe against the schema (no model access). Exit 2 with every problem listed."""
+    from forge.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    click.echo(f"{recipe}: ok ({len(loaded.variants)} variants, {len(loaded.targets)} targets)")
+
+
+@main.command()
+@RECIPE
+@JSON
+@ARTIFACTS
+@CACHE
+@handle_errors
+def plan(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None) -> None:
+    """Expand a recipe into its build graph: one artifact per (variant, backend, GPU).
+
+    Each stage is marked run, cached, deferred (needs absent hardware; the command to run later is
+    shown), impossible (and why), or not implemented. The compatibility of scheme × backend × GPU
+    × model shape is checked here, before anything is downloaded.
+    """
+    from forge.cache import Cache
+    from forge.plan import make_plan
+    from forge.recipe import load_recipe
+    from forge.report import render_plan
+
+    loaded = load_recipe(recipe)
+    result = make_plan(loaded, recipe.parent.resolve(), Cache(cache_dir or artifacts_dir / ".cache"))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        render_plan(result)
+
+
+@main.command()
+@RECIPE
+@JSON
+@ARTIFACTS
+@CACHE
+@handle_errors
+def build(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None) -> None:
+    """Build every artifact of a recipe, validate it against the recipe's gates, write build.json.
+
+    Stages are cached by the digest of their inputs, so a rebuild of an unchanged recipe does no
+    work and a change to a later stage reuses the earlier ones. Exit 1 when a gate fails (the
+    report is still written).
+    """
+    from forge.build import build as run_build
+    from forge.progress import Progress
+    from forge.report import render_build
+
+    result = run_build(
+        recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, progress=Progress(enabled=not as_json)
+    )
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2))
+    else:
+        render_build(result.report, result.report_path)
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Exit 2 if the committed schema file is stale.")
+@handle_errors
+def schema(check: bool) -> None:
+    """Print the recipe's JSON Schema (for editors and CI linting of recipes)."""
+    from forge.recipe import SCHEMA_PATH, schema_text
+
+    text = schema_text()
+    if check:
+        if not SCHEMA_PATH.is_file() or SCHEMA_PATH.read_text() != text:
+            click.secho(f"forge: {SCHEMA_PATH} is stale; regenerate with `forge schema > {SCHEMA_PATH}`", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        click.echo(f"{SCHEMA_PATH}: current")
+        return
+    click.echo(text, nl=False)

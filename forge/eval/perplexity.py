@@ -1,0 +1,259 @@
+"""Perplexity, top-1 agreement and KL divergence of a dense model on fixed windows of text.
+
+Every quantized variant is judged against the same baseline: the baseline pass writes the
+baseline's next-token distributions once (fp16 log-probabilities, one file per window), and each
+compare pass streams them back, so KL divergence and agreement never re-run the baseline model.
+The model is always a dense fp32 Hugging Face model built from a `(config, state)` pair, so any
+format reader (`forge/formats/*.read`) or `QuantizedModel.dequantize()` can feed it.
+
+Definitions follow the tools the field already trusts:
+- perplexity: exp(mean NLL over every predicted token of every window), as vLLM's wikitext test
+  (tests/models/language/generation_ppl_test/ppl_utils.py, adapted from
+  https://huggingface.co/docs/transformers/perplexity) and the AWQ/GPTQ papers compute it;
+- KL(baseline ‖ quantized) averaged over tokens, as llama.cpp's `perplexity --kl-divergence`
+  (tools/perplexity/perplexity.cpp) reports "Mean KLD";
+- top-1 agreement: the fraction of positions where both models' most likely next token is the
+  same (llama.cpp's "Same top p"; vLLM's greedy `check_outputs_equal` on a per-token basis).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from forge.errors import InputError
+
+Progress = Callable[[int, int], None]
+
+WINDOW = 1024  # vLLM's wikitext perplexity test, MAX_LENGTH (ppl_utils.py)
+TOKEN_CHUNK = 256  # positions per log-softmax: 256 x 49152 fp32 logits = 50 MB, not 200 MB a window
+BASELINE_FILE = "baseline.json"
+_BASELINE_VERSION = 1
+
+__all__ = [
+    "WINDOW",
+    "baseline_pass",
+    "build_model",
+    "compare_pass",
+    "load_windows",
+]
+
+
+def load_windows(
+    text_path: Path | str,
+    tokenizer_dir: Path | str,
+    window: int = WINDOW,
+    max_windows: int | None = None,
+) -> torch.Tensor:
+    """The text as `[n, window]` token ids: tokenized once, cut into non-overlapping windows.
+
+    The whole file is tokenized in one call with the tokenizer's default special tokens, exactly
+    as vLLM's test (`tokenizer.encode("\\n\\n".join(dataset["text"]))`) and the HF perplexity
+    guide (`tokenizer("\\n\\n".join(test["text"]))`) do: a BOS appears once at the start of the
+    text if the tokenizer adds one (SmolLM2's does not), never at the start of every window, so
+    window k > 0 starts mid-text. The tail shorter than a window is dropped (vLLM keeps it as a
+    short last chunk; < 1 window of ~300 on wikitext-2) so every window has the same shape and
+    batches stack without padding.
+    """
+    from transformers import AutoTokenizer
+
+    if window < 2:
+        raise InputError(f"window: {window} must be at least 2 tokens (one context, one target)")
+    text = Path(text_path).read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = tokenizer(text).input_ids
+    count = len(ids) // window
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count < 1:
+        raise InputError(
+            f"{text_path}: {len(ids)} tokens do not fill one window of {window}; "
+            "use a longer text or a smaller window"
+        )
+    return torch.tensor(ids[: count * window], dtype=torch.long).reshape(count, window)
+
+
+def build_model(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A dense fp32 causal LM in eval mode from an HF config dict and a dense HF state dict.
+
+    Readers and `QuantizedModel.dequantize()` omit `lm_head.weight` when the embeddings are tied,
+    so it is re-tied here; a checkpoint that does carry a distinct lm_head is evaluated untied,
+    with exactly the tensors it holds. `quantization_config` is dropped: the weights are already
+    dense, and transformers would otherwise try to set up a quantizer for them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise InputError("config.model_type: missing; cannot tell which architecture to build")
+    embed = state.get("model.embed_tokens.weight")
+    head = state.get("lm_head.weight")
+    tied = bool(fields.get("tie_word_embeddings", False))
+    if tied and head is not None and embed is not None and not torch.equal(head.float(), embed.float()):
+        fields["tie_word_embeddings"] = False
+        tied = False
+    if not tied and head is None:
+        raise InputError("state: lm_head.weight missing and config.tie_word_embeddings is not true")
+    hf_config = AutoConfig.for_model(model_type, **fields)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    weights = {k: v.to(torch.float32) for k, v in state.items()}
+    if tied:
+        weights.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise InputError(
+            f"state: does not match config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def _next_token_logprobs(
+    model: torch.nn.Module, windows: torch.Tensor, batch_size: int, progress: Progress | None
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yield `(window, start, logprobs, targets)` for every chunk of predicted positions.
+
+    The decoder runs on a batch of windows; the vocabulary projection and log-softmax then run
+    on `TOKEN_CHUNK` positions at a time, so peak memory is one chunk of fp32 logits instead of
+    `batch x window x vocab` (HF's forward materializes all logits: 200 MB per 1024-token window
+    at SmolLM2's 49152 vocabulary). Only positions 0..T-2 have a next token, as in HF's shifted
+    loss, so those are the ones scored.
+    """
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    total, length = windows.shape
+    with torch.inference_mode():
+        for first in range(0, total, batch_size):
+            batch = windows[first : first + batch_size]
+            hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
+            for row in range(batch.shape[0]):
+                for start in range(0, length - 1, TOKEN_CHUNK):
+                    stop = min(start + TOKEN_CHUNK, length - 1)
+                    logits = head(hidden[row, start:stop]).float()
+                    yield first + row, start, torch.log_softmax(logits, dim=-1), batch[row, start + 1 : stop + 1]
+                if progress is not None:
+                    progress(first + row + 1, total)
+
+
+def _windows_digest(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _window_file(directory: Path, index: int) -> Path:
+    return directory / f"logprobs-{index:05d}.safetensors"
+
+
+def baseline_pass(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    out_dir: Path | str,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+) -> dict:
+    """Perplexity of the reference model, and its distributions saved for every compare pass.
+
+    Each window's file holds `logprobs` (fp16 log-softmax, `[T-1, vocab]`) and `top1` (int32
+    argmax taken from the fp32 values, so rounding cannot create ties). Log-probabilities rather
+    than raw logits: the probable tokens sit near 0 where fp16's absolute error is smallest, and
+    compare passes renormalize after loading so the stored rows are proper distributions.
+    1024-token windows of a 49152-token vocabulary take 100.6 MB each (8 windows: 805 MB).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total, length = windows.shape
+    nll = torch.zeros(total, dtype=torch.float64)
+    parts: dict[int, list[torch.Tensor]] = {}
+    tops: dict[int, list[torch.Tensor]] = {}
+    began = time.perf_counter()
+    for index, _start, logprobs, targets in _next_token_logprobs(model, windows, batch_size, progress):
+        nll[index] -= logprobs.gather(1, targets[:, None]).double().sum()
+        parts.setdefault(index, []).append(logprobs.to(torch.float16))
+        tops.setdefault(index, []).append(logprobs.argmax(dim=-1).to(torch.int32))
+        if sum(p.shape[0] for p in parts[index]) == length - 1:
+            tensors = {"logprobs": torch.cat(parts.pop(index)), "top1": torch.cat(tops.pop(index))}
+            save_file(tensors, _window_file(out, index))
+    seconds = time.perf_counter() - began
+    tokens = total * (length - 1)
+    result = {
+        "ppl": math.exp(float(nll.sum()) / tokens),
+        "nll_per_window": [float(x) / (length - 1) for x in nll],
+        "tokens": tokens,
+        "windows": total,
+        "window": length,
+        "seconds": seconds,
+    }
+    meta = {"version": _BASELINE_VERSION, "windows_sha256": _windows_digest(windows), **result}
+    (out / BASELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return result
+
+
+def load_baseline(baseline_dir: Path | str) -> dict:
+    """The metadata a baseline pass wrote (perplexity, window count, digest of the token ids)."""
+    path = Path(baseline_dir) / BASELINE_FILE
+    if not path.is_file():
+        raise InputError(f"{baseline_dir}: no {BASELINE_FILE}; run the baseline pass first")
+    return json.loads(path.read_text())
+
+
+def compare_pass(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    baseline_dir: Path | str,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+) -> dict:
+    """Perplexity of a candidate model plus its agreement and KL against a saved baseline.
+
+    KL(P_baseline ‖ Q_candidate) = Σ_v P(v) (log P(v) − log Q(v)) per position, the direction
+    llama.cpp uses: it weights the error by how likely the baseline thought each token was.
+    `kl_p99` is the 99th percentile over positions (llama.cpp also reports it), which exposes
+    rare catastrophic positions a mean hides.
+    """
+    directory = Path(baseline_dir)
+    meta = load_baseline(directory)
+    if meta.get("windows_sha256") != _windows_digest(windows):
+        raise InputError(
+            f"{baseline_dir}: the baseline was computed on different windows "
+            f"({meta.get('windows')} x {meta.get('window')}); rerun the baseline pass on these windows"
+        )
+    total, length = windows.shape
+    nll = torch.zeros(total, dtype=torch.float64)
+    agree = 0
+    kl_values: list[torch.Tensor] = []
+    loaded_index, reference = -1, {}
+    began = time.perf_counter()
+    for index, start, logprobs, targets in _next_token_logprobs(model, windows, batch_size, progress):
+        if index != loaded_index:
+            reference, loaded_index = load_file(_window_file(directory, index)), index
+        stop = start + logprobs.shape[0]
+        base = reference["logprobs"][start:stop].float()
+        base = base - torch.logsumexp(base, dim=-1, keepdim=True)  # renormalize after fp16 rounding
+        kl_values.append((base.exp() * (base - logprobs)).sum(dim=-1))
+        agree += int((logprobs.argmax(dim=-1) == reference["top1"][start:stop]).sum())
+        nll[index] -= logprobs.gather(1, targets[:, None]).double().sum()
+    seconds = time.perf_counter() - began
+    tokens = total * (length - 1)
+    kl = torch.cat(kl_values).double()
+    ppl = math.exp(float(nll.sum()) / tokens)
+    return {
+        "ppl": ppl,
+        "baseline_ppl": meta["ppl"],
+        "ppl_increase_pct": 100.0 * (ppl / meta["ppl"] - 1.0),
+        "top1_agreement": agree / tokens,
+        "mean_kl": float(kl.mean()),
+        "kl_p99": float(torch.quantile(kl.float(), 0.99)) if kl.numel() else 0.0,
+        "tokens": tokens,
+        "windows": total,
+        "seconds": seconds,
+    }

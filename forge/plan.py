@@ -1,0 +1,267 @@
+"""Expand a recipe into the build graph and check it against the compatibility table.
+
+One artifact per (variant, backend, GPU). Every stage gets a cache key (the digest of its inputs
+and of the settings that affect it) and a status: run, cached, deferred (needs hardware that is
+absent, with the command to run later), impossible (with why), disabled or not implemented.
+Planning reads only small files (the model's config, digests memoized by file stat), so it is
+fast and it runs before anything is downloaded or computed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from forge import __version__
+from forge.backends import export_format, trtllm_mode
+from forge.cache import Cache, atomic_write_text
+from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
+from forge.digest import file_digest, json_digest
+from forge.errors import InputError
+from forge.gpus import lookup_gpu
+from forge.quant.presets import PRESETS, resolve_scheme
+from forge.quant.scheme import Scheme
+from forge.recipe import Recipe, Variant
+from forge.source import read_model_config, source_identity
+
+# Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
+STAGE_VERSIONS = {"source": 1, "baseline": 1, "quantize": 1, "export": 1, "accuracy": 1}
+NOT_IMPLEMENTED = {
+    "throughput": "not implemented yet (issue: throughput and latency validation)",
+    "package": "not implemented yet (issue: serving containers and OCI images)",
+    "push": "not implemented yet (issue: registry push)",
+}
+BUILTIN_CALIBRATION = ("pydoc_topics",)
+
+
+@dataclass
+class Stage:
+    id: str
+    kind: str
+    status: str  # run | cached | deferred | impossible | disabled | not-implemented
+    key: str | None = None
+    reason: str = ""
+    command: str | None = None
+    needs: list[str] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Artifact:
+    """One (variant, backend, GPU) cell of the matrix."""
+
+    variant: str
+    backend: str
+    gpu: str
+    format: str | None
+    status: str  # planned | impossible
+    reason: str = ""
+    export_stage: str | None = None
+    stages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    recipe_dir: Path
+    model_config: dict
+    source_identity: dict
+    schemes: dict[str, Scheme]
+    stages: list[Stage]
+    artifacts: list[Artifact]
+
+    def stage(self, stage_id: str) -> Stage:
+        return next(s for s in self.stages if s.id == stage_id)
+
+    def of_kind(self, kind: str) -> list[Stage]:
+        return [s for s in self.stages if s.kind == kind]
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe.name,
+            "model": {"architecture": ModelShape.from_config(self.model_config).architecture},
+            "stages": [asdict(s) for s in self.stages],
+            "artifacts": [asdict(a) for a in self.artifacts],
+        }
+
+
+def stage_key(kind: str, inputs: dict) -> str:
+    return json_digest({"stage": kind, "version": STAGE_VERSIONS.get(kind, 1), "inputs": inputs})
+
+
+def variant_scheme(variant: Variant) -> Scheme:
+    return resolve_scheme(
+        variant.scheme,
+        group_size=variant.group_size,
+        symmetric=variant.symmetric,
+        ignore=tuple(variant.ignore),
+        kv_cache_dtype=variant.kv_cache_dtype,
+        dtype=variant.dtype,
+    )
+
+
+def calibration_identity(variant: Variant, recipe_dir: Path) -> dict:
+    """The calibration settings and the digest of every calibration file they read."""
+    files = {}
+    for i, name in enumerate(variant.calibration.sources):
+        if name in BUILTIN_CALIBRATION:
+            continue
+        path = (recipe_dir / name).resolve()
+        if not path.is_file():
+            raise InputError(f"variants[{variant.name}].calibration.sources[{i}]: {path} does not exist")
+        files[name] = file_digest(path)
+    return {**variant.calibration.model_dump(), "files": files}
+
+
+def model_config_cached(recipe: Recipe, recipe_dir: Path, identity: dict, cache: Cache) -> dict:
+    """The model's config.json; memoized by source digest because GGUF metadata is slow to parse."""
+    memo = cache.root / "model-config" / f"{json_digest(identity)}.json"
+    if memo.is_file():
+        return json.loads(memo.read_text())
+    config = read_model_config(recipe.source, recipe_dir)
+    atomic_write_text(memo, json.dumps(config, indent=2, sort_keys=True))
+    return config
+
+
+def check_variants(recipe: Recipe, shape: ModelShape) -> dict[str, Scheme]:
+    """Per-variant problems that no target can fix (the model's shape, a preset's options)."""
+    problems, schemes = [], {}
+    for i, variant in enumerate(recipe.variants):
+        scheme = variant_scheme(variant)
+        preset = PRESETS[variant.scheme]
+        if scheme.weight_format != "int4" and variant.group_size is not None:
+            problems.append(f"variants[{i}].group_size: {variant.scheme} has no groups; remove group_size")
+        if scheme.weight_format != "int4" and variant.symmetric is not None:
+            problems.append(f"variants[{i}].symmetric: only int4 presets take symmetric")
+        if preset.algorithm == "none":
+            problems.append(f"variants[{i}].scheme: {variant.scheme} cannot be produced by forge yet")
+        if (problem := group_size_problem(scheme, shape)) is not None:
+            key = "group_size" if variant.group_size else "scheme"
+            problems.append(f"variants[{i}].{key}: {problem}")
+        schemes[variant.name] = scheme
+    if problems:
+        raise InputError("\n".join(problems))
+    return schemes
+
+
+def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, gpu_present: bool = False) -> Plan:
+    """Expand the recipe into stages with keys and statuses; raise InputError for impossible asks."""
+    identity = source_identity(recipe.source, recipe_dir)
+    config = model_config_cached(recipe, recipe_dir, identity, cache)
+    shape = ModelShape.from_config(config)
+    if shape.architecture not in SUPPORTED_ARCHITECTURES:
+        raise InputError(
+            f"source: architecture {shape.architecture} is not supported yet "
+            f"(forge maps {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    schemes = check_variants(recipe, shape)
+    stages: list[Stage] = []
+
+    def add(kind: str, stage_id: str, inputs: dict | None, **extra) -> Stage:
+        key = stage_key(kind, inputs) if inputs is not None else None
+        status = extra.pop("status", None) or ("cached" if key and cache.has(kind, key) else "run")
+        stage = Stage(stage_id, kind, status, key, **extra)
+        stages.append(stage)
+        return stage
+
+    source = add("source", "source", identity)
+
+    accuracy = recipe.validation.accuracy
+    baseline = None
+    if accuracy.enabled:
+        dataset = (recipe_dir / accuracy.dataset).resolve()
+        if not dataset.is_file():
+            raise InputError(f"validation.accuracy.dataset: {dataset} does not exist")
+        eval_inputs = {
+            "dataset": file_digest(dataset),
+            "window": accuracy.window,
+            "max_windows": accuracy.max_windows,
+        }
+        baseline = add(
+            "baseline", "baseline", {"source": source.key, **eval_inputs},
+            needs=["source"], params={"dataset": str(dataset)},
+        )  # fmt: skip
+
+    quantize: dict[str, Stage] = {}
+    for variant in recipe.variants:
+        scheme = schemes[variant.name]
+        preset = PRESETS[variant.scheme]
+        inputs = {"source": source.key, "scheme": asdict(scheme), "algorithm": preset.algorithm}
+        if preset.needs_calibration or scheme.kv_cache_dtype == "fp8":
+            inputs["calibration"] = calibration_identity(variant, recipe_dir)
+        quantize[variant.name] = add(
+            "quantize", f"quantize/{variant.name}", inputs, needs=["source"],
+            params={"variant": variant.name, "algorithm": preset.algorithm},
+        )  # fmt: skip
+
+    artifacts: list[Artifact] = []
+    exports: dict[str, Stage] = {}
+    explicit_problems: list[str] = []
+    for t, target in enumerate(recipe.targets):
+        mode = trtllm_mode(target) if target.backend == "trtllm" else None
+        for variant in recipe.variants:
+            if target.variants is not None and variant.name not in target.variants:
+                continue
+            scheme = schemes[variant.name]
+            for gpu_name in target.gpus:
+                gpu = lookup_gpu(gpu_name)
+                problem = combination_problem(scheme, target.backend, gpu, shape, target.tensor_parallel, mode)
+                if problem:
+                    if target.variants is not None:
+                        explicit_problems.append(f"targets[{t}] ({variant.name} on {gpu_name}): {problem}")
+                    artifacts.append(
+                        Artifact(variant.name, target.backend, gpu.name, None, "impossible", problem)
+                    )
+                    continue
+                fmt = export_format(target.backend, scheme, target)
+                export_id = f"export/{variant.name}/{fmt}"
+                if fmt == "trtllm-checkpoint":
+                    export_id += f"-tp{target.tensor_parallel}"
+                if export_id not in exports:
+                    exports[export_id] = add(
+                        "export", export_id,
+                        {"quantized": quantize[variant.name].key, "format": fmt, "tp": target.tensor_parallel},
+                        needs=[f"quantize/{variant.name}"],
+                        params={"variant": variant.name, "format": fmt, "tp": target.tensor_parallel},
+                    )  # fmt: skip
+                artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned", export_stage=export_id)
+                artifact.stages += target_stages(recipe, target, mode, variant, gpu.name, export_id, add, gpu_present)
+                artifacts.append(artifact)
+    if explicit_problems:
+        raise InputError("\n".join(explicit_problems))
+    if not any(a.status == "planned" for a in artifacts):
+        raise InputError("targets: no (variant, backend, GPU) combination can be built:\n" + "\n".join(
+            f"  {a.variant} → {a.backend} on {a.gpu}: {a.reason}" for a in artifacts
+        ))  # fmt: skip
+
+    if baseline is not None:
+        for export in list(exports.values()):
+            add(
+                "accuracy", export.id.replace("export/", "accuracy/", 1),
+                {"export": export.key, "baseline": baseline.key},
+                needs=[export.id, "baseline"], params=dict(export.params),
+            )  # fmt: skip
+    return Plan(recipe, recipe_dir, config, identity, schemes, stages, artifacts)
+
+
+def target_stages(recipe, target, mode, variant, gpu, export_id, add, gpu_present) -> list[str]:
+    """The GPU-side stages of one artifact: engine build, throughput, package, push."""
+    ids = []
+    cell = f"{variant.name}/{target.backend}/{gpu}"
+    if target.backend == "trtllm" and mode == "engine":
+        reason = "" if gpu_present else f"needs an NVIDIA {gpu} GPU; none detected on this machine"
+        status = "not-implemented"
+        reason = "engine builds are not wired into forge build yet (issue: TensorRT-LLM engines)"
+        ids.append(add("engine", f"engine/{cell}", None, status=status, reason=reason, needs=[export_id]).id)
+    throughput = recipe.validation.throughput
+    if throughput.enabled:
+        ids.append(add("throughput", f"throughput/{cell}", None, status="not-implemented",
+                       reason=NOT_IMPLEMENTED["throughput"]).id)  # fmt: skip
+    if recipe.package.enabled:
+        ids.append(add("package", f"package/{cell}", None, status="not-implemented",
+                       reason=NOT_IMPLEMENTED["package"]).id)  # fmt: skip
+        if recipe.package.registry:
+            ids.append(add("push", f"push/{cell}", None, status="not-implemented",
+                           reason=NOT_IMPLEMENTED["push"]).id)  # fmt: skip
+    return ids

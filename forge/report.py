@@ -1,0 +1,62 @@
+"""Human renderings of plans and build reports (the JSON forms are the source of truth)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from forge.plan import Plan
+
+STATUS_STYLE = {
+    "run": "cyan",
+    "ran": "green",
+    "cached": "green",
+    "deferred": "yellow",
+    "not-implemented": "magenta",
+    "impossible": "red",
+    "disabled": "dim",
+}
+
+
+def _status(status: str) -> str:
+    return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def render_plan(plan: Plan, console: Console | None = None) -> None:
+    console = console or Console()
+    stages = Table(title=f"plan: {plan.recipe.name}", title_justify="left")
+    for column in ("stage", "status", "why / command"):
+        stages.add_column(column)
+    for stage in plan.stages:
+        stages.add_row(stage.id, _status(stage.status), stage.command or stage.reason)
+    console.print(stages)
+    matrix = Table(title="artifacts (variant × backend × GPU)", title_justify="left")
+    for column in ("variant", "backend", "gpu", "format", "status", "why"):
+        matrix.add_column(column)
+    for a in plan.artifacts:
+        matrix.add_row(a.variant, a.backend, a.gpu, a.format or "-", _status(a.status), a.reason)
+    console.print(matrix)
+
+
+def render_build(report: dict, report_path: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    stages = Table(title=f"build: {report['recipe']['name']} ({report['seconds']:.1f} s)", title_justify="left")
+    for column in ("stage", "status", "seconds", "note"):
+        stages.add_column(column)
+    for stage in report["stages"]:
+        seconds = f"{stage['seconds']:.1f}" if "seconds" in stage and stage["status"] == "ran" else ""
+        note = stage.get("command") or stage.get("reason") or ""
+        stages.add_row(stage["id"], _status(stage.get("status", "?")), seconds, note)
+    console.print(stages)
+    accuracy = report["validation"]["accuracy"]
+    if accuracy:
+        gates = Table(title="accuracy gates", title_justify="left")
+        for column in ("artifact", "gate", "limit", "measured", "result"):
+            gates.add_column(column)
+        for g in accuracy:
+            verdict = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
+            gates.add_row(g["artifact"], g["name"], f"{g['limit']:g}", f"{g['measured']:.4g}", verdict)
+        console.print(gates)
+    console.print(f"report: {report_path}")
