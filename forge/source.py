@@ -72,6 +72,18 @@ def check_weights_allowed(directory: Path, allow_pickle: bool) -> None:
         raise InputError(f"source: {directory} has no weight files (*.safetensors)")
 
 
+def pickle_to_safetensors(src: Path, out_dir: Path) -> None:
+    """Convert opted-in pickle weights once, refusing anything but plain tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {}
+    for file in sorted(p for p in src.iterdir() if p.name.endswith(PICKLE_SUFFIXES)):
+        # weights_only=True: the unpickler accepts tensors and containers, never arbitrary objects.
+        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors")
+
+
 def source_identity(source: Source, recipe_dir: Path) -> dict:
     """What the source stage's cache key hangs on: content digests, or a pinned revision."""
     if source.gguf:
@@ -135,6 +147,8 @@ def materialize_source(source: Source, recipe_dir: Path, out_dir: Path) -> dict:
         for item in sorted(src.iterdir()):
             if item.is_file() and (item.suffix in (".safetensors", ".json") or item.name in MODEL_SIDE_FILES):
                 shutil.copy2(item, out_dir / item.name)
+        if not list(out_dir.glob("*.safetensors")):
+            pickle_to_safetensors(src, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     return {"architecture": (config.get("architectures") or ["?"])[0], "model_type": config.get("model_type")}
 

@@ -1,0 +1,138 @@
+"""Planning: the compatibility table, impossible combinations, stage keys and statuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from forge.cache import Cache
+from forge.errors import InputError
+from forge.plan import make_plan
+from forge.recipe import parse_recipe
+from tests.conftest import tiny_recipe, write_recipe
+from tests.test_recipe import run_cli
+
+
+def plan_for(data: dict, tmp_path: Path):
+    recipe = parse_recipe(json.dumps(data))
+    return make_plan(recipe, tmp_path, Cache(tmp_path / "cache"))
+
+
+def test_plan_expands_matrix_and_dedupes_exports(tiny_model, eval_text, tmp_path):
+    plan = plan_for(tiny_recipe(tiny_model, eval_text), tmp_path)
+    ids = [s.id for s in plan.stages]
+    assert ids[:2] == ["source", "baseline"]
+    # vLLM and TGI both load compressed-tensors for FP8 and RTN int4: one export each, shared.
+    assert ids.count("export/fp8/compressed-tensors") == 1
+    assert {a.backend for a in plan.artifacts} == {"vllm", "tgi"}
+    assert all(s.status == "run" for s in plan.stages)
+    assert len({s.key for s in plan.stages}) == len(plan.stages)
+
+
+def test_keys_follow_inputs(tiny_model, eval_text, tmp_path):
+    base = tiny_recipe(tiny_model, eval_text)
+    first = plan_for(base, tmp_path)
+    changed = tiny_recipe(tiny_model, eval_text)
+    changed["variants"][1]["group_size"] = 32
+    second = plan_for(changed, tmp_path)
+    key = lambda plan, sid: plan.stage(sid).key  # noqa: E731
+    assert key(first, "source") == key(second, "source")
+    assert key(first, "quantize/fp8") == key(second, "quantize/fp8")
+    assert key(first, "quantize/int4") != key(second, "quantize/int4")
+    assert key(first, "export/int4/compressed-tensors") != key(second, "export/int4/compressed-tensors")
+
+
+def test_implicit_impossible_cells_are_listed_not_fatal(tiny_model, eval_text, tmp_path):
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100", "A100"]}])
+    plan = plan_for(data, tmp_path)
+    impossible = [a for a in plan.artifacts if a.status == "impossible"]
+    assert [(a.variant, a.gpu) for a in impossible] == [("fp8", "A100-80GB")]
+    assert "cannot run FP8 (needs ≥ 8.9" in impossible[0].reason
+
+
+@pytest.mark.parametrize(
+    "target, variants, expected",
+    [
+        ({"backend": "vllm", "gpus": ["A100"], "variants": ["fp8"]}, None, "cannot run FP8 (needs ≥ 8.9"),
+        ({"backend": "vllm", "gpus": ["T4"], "variants": ["int4"]}, None, "no fast int4 kernels"),
+        ({"backend": "lmdeploy", "gpus": ["H100"], "variants": ["fp8"]}, None, "TurboMind takes FP8 only as 128×128"),
+        ({"backend": "lmdeploy", "gpus": ["H100"], "variants": ["int4"]}, None, "group_size 128 (got 64)"),
+        ({"backend": "vllm", "gpus": ["H100"], "variants": ["nv"]}, [{"name": "nv", "scheme": "NVFP4"}],
+         "NVFP4 cannot be produced"),
+        ({"backend": "trtllm", "gpus": ["H100"], "variants": ["int4"], "trtllm": {"mode": "pytorch"}}, None,
+         "takes int4 only as a ModelOpt W4A16_AWQ"),
+        ({"backend": "vllm", "gpus": ["H100"], "variants": ["int4"], "tensor_parallel": 3}, None,
+         "4 attention heads cannot be split over 3 GPUs"),
+        ({"backend": "vllm", "gpus": ["H100"], "variants": ["kv8"]},
+         [{"name": "kv8", "scheme": "FP8_DYNAMIC", "kv_cache_dtype": "int8"}], "vLLM has no int8 KV cache"),
+    ],
+)  # fmt: skip
+def test_explicit_impossible_combination_exits_2(tiny_model, eval_text, tmp_path, target, variants, expected):
+    data = tiny_recipe(tiny_model, eval_text, targets=[target])
+    if variants:
+        data["variants"] = variants
+    code, output = run_cli("plan", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 2, output
+    assert "targets[0]" in output or "variants[0]" in output
+    assert expected in output
+
+
+def test_group_size_must_divide_model_dims(tiny_model_576, eval_text, tmp_path):
+    data = tiny_recipe(tiny_model_576, eval_text)
+    data["variants"] = [{"name": "g128", "scheme": "AWQ_W4A16", "group_size": 128}]
+    with pytest.raises(InputError, match=r"variants\[0\].group_size: group size 128 does not divide .* = 192; use group_size 64"):
+        plan_for(data, tmp_path)
+    data["variants"][0]["group_size"] = 64
+    assert plan_for(data, tmp_path).artifacts[0].status == "planned"
+
+
+def test_tensor_parallel_group_size_per_rank(tiny_model, eval_text, tmp_path):
+    # intermediate 256 / tp 4 = 64 per rank: group 128 no longer divides down_proj's input.
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"], "tensor_parallel": 2}])
+    data["variants"] = [{"name": "g128", "scheme": "W4A16", "group_size": 128}]
+    data["targets"][0]["variants"] = ["g128"]
+    with pytest.raises(InputError, match="does not divide o_proj .* = 64 per rank at tensor_parallel 2"):
+        plan_for(data, tmp_path)
+
+
+def test_missing_inputs_are_named(tiny_model, eval_text, tmp_path):
+    missing_model = tiny_recipe(tmp_path / "no-such-model", eval_text)
+    with pytest.raises(InputError, match="source.path: .* is not a Hugging Face checkpoint"):
+        plan_for(missing_model, tmp_path)
+    missing_data = tiny_recipe(tiny_model, eval_text)
+    missing_data["validation"]["accuracy"]["dataset"] = "nope.txt"
+    with pytest.raises(InputError, match="validation.accuracy.dataset: .*nope.txt does not exist"):
+        plan_for(missing_data, tmp_path)
+    missing_cal = tiny_recipe(tiny_model, eval_text)
+    missing_cal["variants"] = [{"name": "awq", "scheme": "AWQ_W4A16", "group_size": 64,
+                                "calibration": {"sources": ["cal.txt"]}}]  # fmt: skip
+    with pytest.raises(InputError, match=r"calibration.sources\[0\]: .*cal.txt does not exist"):
+        plan_for(missing_cal, tmp_path)
+
+
+def test_pickle_weights_need_opt_in(tiny_model, eval_text, tmp_path):
+    import torch
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_model / "config.json").read_text())
+    torch.save(load_file(tiny_model / "model.safetensors"), pickled / "pytorch_model.bin")
+    with pytest.raises(InputError, match="only pickle weights .* set source.allow_pickle: true"):
+        plan_for(tiny_recipe(pickled, eval_text), tmp_path)
+    opted_in = tiny_recipe(pickled, eval_text)
+    opted_in["source"]["allow_pickle"] = True
+    assert plan_for(opted_in, tmp_path).stage("source").status == "run"
+
+
+def test_unsupported_architecture(tiny_model, eval_text, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((tiny_model / "config.json").read_text())
+    config["architectures"] = ["MambaForCausalLM"]
+    (other / "config.json").write_text(json.dumps(config))
+    save_file(load_file(tiny_model / "model.safetensors"), other / "model.safetensors")
+    with pytest.raises(InputError, match="source: architecture MambaForCausalLM is not supported"):
+        plan_for(tiny_recipe(other, eval_text), tmp_path)

@@ -1,0 +1,147 @@
+"""Recipes: schema, loading, malformed input (exit 2 naming the key), plan-time refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from forge.cli import main
+from forge.recipe import SCHEMA_PATH, dump_recipe, load_recipe, parse_recipe, schema_text
+from tests.conftest import REPO, tiny_recipe, write_recipe
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_plans_and_round_trips(path: Path, tmp_path: Path):
+    recipe = load_recipe(path)
+    assert parse_recipe(dump_recipe(recipe)) == recipe
+    code, output = run_cli("plan", str(path), "--json", "--artifacts-dir", str(tmp_path))
+    assert code == 0, output
+    plan = json.loads(output)
+    assert any(a["status"] == "planned" for a in plan["artifacts"])
+    assert not list(tmp_path.glob("*/build.json"))  # planning builds nothing
+
+
+def test_committed_schema_is_current():
+    assert SCHEMA_PATH.read_text() == schema_text(), "regenerate: forge schema > forge/recipe.schema.json"
+    code, output = run_cli("schema", "--check")
+    assert code == 0, output
+
+
+def test_schema_describes_every_field():
+    schema = json.loads(schema_text())
+
+    def walk(node: dict, path: str):
+        for name, prop in node.get("properties", {}).items():
+            assert prop.get("description"), f"{path}.{name} has no description"
+        for name, sub in node.get("$defs", {}).items():
+            walk(sub, name)
+
+    walk(schema, "recipe")
+
+
+def test_round_trip_of_a_full_recipe(tiny_model, eval_text):
+    recipe = parse_recipe(yaml.safe_dump(tiny_recipe(tiny_model, eval_text)))
+    again = parse_recipe(dump_recipe(recipe))
+    assert again == recipe
+    assert again.variants[1].group_size == 64
+
+
+BASE = {
+    "name": "bad",
+    "source": {"path": "model"},
+    "variants": [{"name": "a", "scheme": "W4A16_ASYM", "group_size": 64}],
+    "targets": [{"backend": "vllm", "gpus": ["H100"]}],
+}
+
+
+def with_(path: str, value):
+    """BASE with one key (dotted path, [i] for list items) set to `value`."""
+    data = json.loads(json.dumps(BASE))
+    node = data
+    parts = path.replace("]", "").replace("[", ".").split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    last = parts[-1]
+    if last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
+
+
+def without(key: str) -> dict:
+    data = json.loads(json.dumps(BASE))
+    del data[key]
+    return data
+
+
+SCHEMA_ERRORS = [
+    ("unknown top-level key", with_("colour", "blue"), "colour: unknown key"),
+    ("unknown nested key", with_("variants[0].grup_size", 64), "variants[0].grup_size: unknown key"),
+    ("wrong type", with_("variants[0].group_size", "sixty-four"), "variants[0].group_size"),
+    ("unknown preset", with_("variants[0].scheme", "INT3"), "variants[0].scheme: unknown preset 'INT3'"),
+    ("unsupported group size", with_("variants[0].group_size", 48), "variants[0].group_size: 48"),
+    ("missing source", without("source"), "source: required key is missing"),
+    ("two sources", with_("source.hub", {"repo": "a/b", "revision": "0" * 40}), "source: set exactly one"),
+    ("unpinned hub revision", {**without("source"), "source": {"hub": {"repo": "a/b", "revision": "main"}}},
+     "source.hub.revision: must be a full 40-character commit"),
+    ("no variants", with_("variants", []), "variants:"),
+    ("unknown gpu", with_("targets[0].gpus", ["H1000"]), "targets[0].gpus: unknown GPU 'H1000'"),
+    ("unknown backend", with_("targets[0].backend", "llamacpp"), "targets[0].backend"),
+    ("target names unknown variant", with_("targets[0].variants", ["nope"]), "targets[0].variants: no variant"),
+    ("duplicate variant names", with_("variants", [{"name": "a", "scheme": "FP8"}] * 2), "variant names must be unique"),
+    ("input longer than sequence", with_("targets[0].max_input_len", 9000), "targets[0]: max_input_len"),
+    ("zero calibration samples", with_("variants[0].calibration", {"num_samples": 0}),
+     "variants[0].calibration.num_samples"),
+    ("bad recipe name", with_("name", "My Recipe!"), "name:"),
+    ("negative tensor parallel", with_("targets[0].tensor_parallel", -2), "targets[0].tensor_parallel"),
+    ("bad kv cache dtype", with_("variants[0].kv_cache_dtype", "fp4"), "variants[0].kv_cache_dtype"),
+    ("bad on_missing_hardware", with_("on_missing_hardware", "ignore"), "on_missing_hardware"),
+]  # fmt: skip
+
+TEXT_ERRORS = [
+    ("empty file", "", "the recipe is empty"),
+    ("comment-only file", "# nothing here\n", "the recipe is empty"),
+    ("yaml syntax error", "name: x\nvariants: [a, b\n", "invalid YAML (line"),
+    ("duplicate key", "name: a\nname: b\n", "duplicate key 'name'"),
+    ("not a mapping", "- a\n- b\n", "a recipe is a YAML mapping"),
+    ("tabs", "name:\n\t- x\n", "invalid YAML"),
+]
+
+
+@pytest.mark.parametrize("data, expected", [c[1:] for c in SCHEMA_ERRORS + TEXT_ERRORS],
+                         ids=[c[0] for c in SCHEMA_ERRORS + TEXT_ERRORS])
+def test_malformed_recipe_exits_2_naming_the_key(data, expected, tmp_path: Path):
+    path = write_recipe(tmp_path, data)
+    artifacts = tmp_path / "artifacts"
+    for args in (["validate", str(path)], ["plan", str(path), "--artifacts-dir", str(artifacts)]):
+        code, output = run_cli(*args)
+        assert code == 2, output
+        assert expected in output, output
+        assert "Traceback" not in output
+    assert not (artifacts / "bad").exists()
+
+
+def test_missing_recipe_file(tmp_path: Path):
+    code, output = run_cli("validate", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "file not found" in output
+
+
+def test_several_problems_reported_at_once(tmp_path: Path):
+    data = with_("colour", "blue")
+    data["variants"][0]["scheme"] = "INT3"
+    code, output = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert code == 2
+    assert "colour: unknown key" in output and "variants[0].scheme" in output
