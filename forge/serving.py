@@ -1,0 +1,102 @@
+"""How one artifact is served: the container's command, port, health check, env and labels.
+
+One `ServeSpec` feeds both the rendered Dockerfile (for `docker buildx`) and forge's daemonless
+image config, so the two can never disagree about how the model is launched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from forge import __version__
+from forge.backends import BACKENDS, export_format
+from forge.quant.scheme import Scheme
+from forge.recipe import Recipe, Target
+from forge.templating import render
+
+MODEL_DIR = "/models/model"
+LAUNCH_DIR = "/models/launch"
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    backend: str
+    base_image: str
+    argv: list[str]
+    port: int
+    health_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    launch_files: dict[str, str] = field(default_factory=dict)  # name → content, under LAUNCH_DIR
+
+    @property
+    def healthcheck(self) -> list[str]:
+        # python3 is in every backend image; curl is not.
+        probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{self.port}{self.health_path}')"
+        return ["python3", "-c", probe]
+
+
+def created_timestamp() -> str:
+    """RFC 3339 creation time from SOURCE_DATE_EPOCH (reproducible builds spec), else the epoch."""
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def image_labels(recipe: Recipe, variant: str, backend: str, gpu: str, revision: str) -> dict[str, str]:
+    """OCI annotation keys (github.com/opencontainers/image-spec/blob/main/annotations.md)."""
+    labels = {
+        "org.opencontainers.image.created": created_timestamp(),
+        "org.opencontainers.image.title": f"{recipe.name}-{variant}-{backend}",
+        "org.opencontainers.image.description": recipe.description or f"{recipe.name} served by {backend}",
+        "org.opencontainers.image.version": variant,
+        "org.opencontainers.image.revision": revision,
+        "org.opencontainers.image.source": "forge",
+        "dev.forge.recipe": recipe.name,
+        "dev.forge.variant": variant,
+        "dev.forge.backend": backend,
+        "dev.forge.gpu": gpu,
+        "dev.forge.version": __version__,
+    }
+    return {**labels, **recipe.package.labels}
+
+
+def serve_spec(
+    recipe: Recipe, variant: str, scheme: Scheme, target: Target, gpu: str, revision: str
+) -> ServeSpec:
+    backend = BACKENDS[target.backend]
+    base_image = recipe.package.base_images.get(target.backend, backend.IMAGE)
+    launch_files = backend.launch_files(scheme, target, gpu) if hasattr(backend, "launch_files") else {}
+    return ServeSpec(
+        backend=target.backend,
+        base_image=base_image,
+        argv=backend.serve_command(MODEL_DIR, scheme, target),
+        port=backend.PORT,
+        health_path=backend.HEALTH_PATH,
+        env={"HOME": "/tmp", "HF_HUB_OFFLINE": "1", "FORGE_MODEL_FORMAT": export_format(target.backend, scheme, target)},
+        labels=image_labels(recipe, variant, target.backend, gpu, revision),
+        launch_files=launch_files,
+    )
+
+
+def render_dockerfile(spec: ServeSpec, model_files: list[str], artifact: str) -> str:
+    """The Dockerfile `docker buildx build` would use, with the build context laid out as
+    `model/<files>` and `launch/<files>` (what `forge package --builder docker` writes)."""
+    return render(
+        f"serving/{spec.backend}.Dockerfile.j2",
+        {
+            "forge_version": __version__,
+            "artifact": artifact,
+            "base_image": spec.base_image,
+            "labels": spec.labels,
+            "model_files": sorted(model_files),
+            "model_dir": MODEL_DIR,
+            "launch_files": sorted(spec.launch_files),
+            "launch_dir": LAUNCH_DIR,
+            "env": spec.env,
+            "port": spec.port,
+            "healthcheck": spec.healthcheck,
+            "argv": spec.argv,
+        },
+    )

@@ -1,0 +1,138 @@
+"""`forge build` end to end on the tiny model: stages, cache reuse, report, gates, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from forge.build import build
+from forge.errors import GateFailed, InputError
+from forge.formats import FORMATS
+from forge.quant.model import load_quantized
+from tests.conftest import tiny_recipe, write_recipe
+from tests.test_recipe import run_cli
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, eval_text, tmp_path_factory):
+    """One cold build of the tiny recipe, shared by the tests that only read its outputs."""
+    root = tmp_path_factory.mktemp("build")
+    recipe = write_recipe(root, tiny_recipe(tiny_model, eval_text))
+    result = build(recipe, artifacts_dir=root / "artifacts")
+    return root, recipe, result
+
+
+def statuses(report: dict) -> dict[str, str]:
+    return {s["id"]: s["status"] for s in report["stages"]}
+
+
+def test_cold_build_runs_every_stage_and_reports(built):
+    root, _, result = built
+    report = result.report
+    assert set(statuses(report).values()) == {"ran"}
+    assert result.report_path == root / "artifacts" / "tiny" / "build.json"
+    assert json.loads(result.report_path.read_text()) == report
+    assert report["tools"]["torch"].startswith("2.")
+    assert report["inputs"]["source"]["kind"] == "path"
+    # Every artifact directory holds exactly the files the report lists, with their digests.
+    for artifact in report["artifacts"]:
+        directory = Path(artifact["path"])
+        on_disk = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+        assert on_disk == sorted(artifact["files"])
+        assert "config.json" in artifact["files"]
+    gates = report["validation"]["accuracy"]
+    assert {g["name"] for g in gates} == {"max_ppl_increase_pct", "min_top1_agreement"}
+    assert all(g["passed"] for g in gates)
+
+
+def test_accuracy_is_measured_on_the_exported_bytes(built):
+    _, _, result = built
+    accuracy = {s["id"]: s for s in result.report["stages"] if s["kind"] == "accuracy"}
+    fp8 = accuracy["accuracy/fp8/compressed-tensors"]
+    int4 = accuracy["accuracy/int4/compressed-tensors"]
+    # int4 loses more than fp8 on the same windows, and neither equals the baseline exactly.
+    assert 0 < fp8["ppl_increase_pct"] < int4["ppl_increase_pct"]
+    assert int4["top1_agreement"] < 1.0
+
+
+def test_second_build_is_fully_cached(built):
+    root, recipe, first = built
+    second = build(recipe, artifacts_dir=root / "artifacts")
+    assert set(statuses(second.report).values()) == {"cached"}
+    assert second.report["artifacts"] == first.report["artifacts"]
+
+
+def test_changing_a_gate_reuses_every_stage(built, tiny_model, eval_text):
+    root, _, _ = built
+    data = tiny_recipe(tiny_model, eval_text)
+    data["validation"]["accuracy"]["gates"]["min_top1_agreement"] = 0.99999
+    recipe = write_recipe(root, data, name="strict.yaml")
+    with pytest.raises(GateFailed) as failure:
+        build(recipe, artifacts_dir=root / "artifacts")
+    report = failure.value.result.report
+    assert set(statuses(report).values()) == {"cached"}
+    assert "min_top1_agreement" in str(failure.value)
+    assert json.loads((root / "artifacts" / "tiny" / "build.json").read_text()) == report
+
+
+def test_gate_failure_exits_1_with_a_table(built, tiny_model, eval_text, tmp_path):
+    root, _, _ = built
+    data = tiny_recipe(tiny_model, eval_text)
+    data["validation"]["accuracy"]["gates"] = {"max_ppl_increase_pct": 0.0001}
+    recipe = write_recipe(tmp_path, data)
+    code, output = run_cli("build", str(recipe), "--artifacts-dir", str(root / "artifacts"))
+    assert code == 1, output
+    assert "validation gates failed" in output and "max_ppl_increase_pct" in output
+
+
+def test_a_new_variant_reuses_the_others(built, tiny_model, eval_text):
+    root, _, _ = built
+    data = tiny_recipe(tiny_model, eval_text)
+    data["variants"].append({"name": "int4-sym", "scheme": "W4A16", "group_size": 32})
+    report = build(write_recipe(root, data, name="more.yaml"), artifacts_dir=root / "artifacts").report
+    ran = {sid for sid, status in statuses(report).items() if status == "ran"}
+    assert ran == {"quantize/int4-sym", "export/int4-sym/compressed-tensors", "accuracy/int4-sym/compressed-tensors"}
+
+
+def test_damaged_artifact_fails_its_gate(built, tiny_model, eval_text, tmp_path):
+    """Scrambled scales in an export are caught by re-reading the export, not assumed."""
+    root, _, result = built
+    export_stage = next(s for s in result.report["stages"] if s["id"] == "export/int4/compressed-tensors")
+    entry = root / "artifacts" / ".cache" / "export" / export_stage["key"] / "model"
+    damaged = tmp_path / "damaged"
+    qm = load_quantized(root / "artifacts" / ".cache" / "quantize" / next(
+        s["key"] for s in result.report["stages"] if s["id"] == "quantize/int4"))  # fmt: skip
+    for linear in qm.linears.values():
+        linear.scale = linear.scale.flip(0)  # scales of other output rows
+    FORMATS["compressed-tensors"].write(qm, entry, damaged, {"damaged": True})
+    from forge.eval.gates import evaluate_gates
+    from forge.eval.perplexity import build_model, compare_pass, load_windows
+
+    baseline = next(s for s in result.report["stages"] if s["id"] == "baseline")
+    baseline_dir = root / "artifacts" / ".cache" / "baseline" / baseline["key"]
+    windows = load_windows(eval_text, damaged, 64, 4)
+    config, state = FORMATS["compressed-tensors"].read(damaged)
+    metrics = compare_pass(build_model(config, state), windows, baseline_dir)
+    healthy = next(s for s in result.report["stages"] if s["id"] == "accuracy/int4/compressed-tensors")
+    assert metrics["top1_agreement"] < healthy["top1_agreement"]
+    gates = evaluate_gates({"min_top1_agreement": healthy["top1_agreement"] - 0.01}, metrics)
+    assert not gates[0].passed
+
+
+def test_bad_input_leaves_no_artifacts(tiny_model, eval_text, tmp_path):
+    data = tiny_recipe(tiny_model, eval_text)
+    data["variants"][0]["calibration"] = {"sources": ["missing.txt"]}
+    data["variants"][0]["scheme"] = "AWQ_W4A16"
+    data["variants"][0]["group_size"] = 64
+    with pytest.raises(InputError, match=r"calibration.sources\[0\]"):
+        build(write_recipe(tmp_path, data), artifacts_dir=tmp_path / "artifacts")
+    assert not (tmp_path / "artifacts" / "tiny").exists()
+
+
+def test_build_json_flag_prints_the_report(built):
+    root, recipe, _ = built
+    code, output = run_cli("build", str(recipe), "--json", "--artifacts-dir", str(root / "artifacts"))
+    assert code == 0
+    assert json.loads(output)["recipe"]["name"] == "tiny"
