@@ -22,7 +22,7 @@ from pathlib import Path
 from forge import __version__
 from forge.cache import Cache, atomic_write_text
 from forge.digest import sha256_file
-from forge.errors import GateFailed
+from forge.errors import GateFailed, InfraError, InputError
 from forge.plan import Plan, Stage, make_plan
 from forge.progress import Progress
 from forge.recipe import Variant, dump_recipe, load_recipe
@@ -43,14 +43,22 @@ def build(
     *,
     artifacts_dir: Path = Path("artifacts"),
     cache_dir: Path | None = None,
+    only: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Build every artifact of the recipe; raises GateFailed (exit 1) after writing the report."""
+    """Build every artifact of the recipe; raises GateFailed (exit 1) after writing the report.
+
+    `only` / `skip` take stage ids, id prefixes or kinds (`engine`, `export/fp8`): `only` runs
+    the named stages and what they need (from the cache when present), even deferred ones.
+    """
     started = time.monotonic()
     progress = progress or Progress(enabled=False)
     recipe = load_recipe(recipe_path)
     cache = Cache(cache_dir or artifacts_dir / ".cache")
-    plan = make_plan(recipe, recipe_path.parent.resolve(), cache)
+    plan = make_plan(recipe, recipe_path.parent.resolve(), cache, recipe_file=str(recipe_path))
+    chosen = select_stages(plan, only, skip)
+    check_hardware(plan, chosen, only)
     records: dict[str, dict] = {}
 
     def run(stage: Stage, produce) -> Path:
@@ -58,32 +66,40 @@ def build(
         records[stage.id] = {"status": "cached" if cached else "ran", **report}
         return path
 
+    def selected(kind: str) -> list[Stage]:
+        return [s for s in plan.of_kind(kind) if s.id in chosen]
+
     source_dir = run(plan.stage("source"), lambda out: stage_source(plan, out)) / "model"
 
     baseline_dir = None
-    if plan.of_kind("baseline"):
-        stage = plan.stage("baseline")
-        baseline_dir = run(stage, lambda out: stage_baseline(plan, stage, source_dir, out, progress))
+    for stage in selected("baseline"):
+        baseline_dir = run(stage, lambda out, s=stage: stage_baseline(plan, s, source_dir, out, progress))
 
     quantized: dict[str, Path] = {}
-    for stage in plan.of_kind("quantize"):
+    for stage in selected("quantize"):
         variant = variant_named(plan, stage.params["variant"])
         quantized[variant.name] = run(
             stage, lambda out, v=variant: stage_quantize(plan, v, source_dir, out, progress)
         )
 
     exports: dict[str, Path] = {}
-    for stage in plan.of_kind("export"):
+    for stage in selected("export"):
         qdir = quantized[stage.params["variant"]]
         exports[stage.id] = run(stage, lambda out, s=stage, q=qdir: stage_export(plan, s, q, source_dir, out))
 
-    for stage in plan.of_kind("accuracy"):
+    for stage in selected("accuracy"):
         export_dir = exports[stage.id.replace("accuracy/", "export/", 1)] / "model"
         run(stage, lambda out, s=stage, e=export_dir: stage_accuracy(plan, s, e, baseline_dir, out, progress))
 
+    for stage in selected("engine"):
+        checkpoint = exports[stage.needs[0]] / "model"
+        run(stage, lambda out, s=stage, c=checkpoint: stage_engine(plan, s, c, out, progress))
+
     for stage in plan.stages:
-        if stage.status in ("deferred", "not-implemented", "disabled"):
-            records[stage.id] = {"status": stage.status, "reason": stage.reason, "command": stage.command}
+        if stage.id not in records:
+            reason = stage.reason if stage.id in chosen else f"not selected ({selection_text(only, skip)})"
+            status = stage.status if stage.id in chosen else "disabled"
+            records[stage.id] = {"status": status, "reason": reason, "command": stage.command}
 
     gates = evaluate_accuracy_gates(plan, records)
     out_root = artifacts_dir / recipe.name
@@ -94,7 +110,7 @@ def build(
         "recipe_file": str(recipe_path),
         "inputs": {"source": plan.source_identity, "model_config": plan.model_config},
         "tools": tool_versions(),
-        "stages": [{"id": s.id, "kind": s.kind, "key": s.key, **records.get(s.id, {})} for s in plan.stages],
+        "stages": [{"id": s.id, "kind": s.kind, "key": s.key, **records[s.id]} for s in plan.stages],
         "artifacts": artifacts,
         "impossible": [
             {"variant": a.variant, "backend": a.backend, "gpu": a.gpu, "reason": a.reason}
@@ -112,6 +128,42 @@ def build(
     if failed:
         raise GateFailed(gate_failure_message(failed), result)
     return result
+
+
+def matches(stage: Stage, selector: str) -> bool:
+    return stage.kind == selector or stage.id == selector or stage.id.startswith(selector.rstrip("/") + "/")
+
+
+def select_stages(plan: Plan, only: tuple[str, ...], skip: tuple[str, ...]) -> set[str]:
+    """Stage ids to execute: the plan's runnable stages, or `only` and everything they need."""
+    for selector in (*only, *skip):
+        if not any(matches(s, selector) for s in plan.stages):
+            raise InputError(f"--only/--skip: {selector!r} names no stage of this plan (see `forge plan`)")
+    by_id = {s.id: s for s in plan.stages}
+    if only:
+        chosen: set[str] = set()
+        todo = [s.id for s in plan.stages if any(matches(s, sel) for sel in only)]
+        while todo:
+            stage = by_id[todo.pop()]
+            if stage.id not in chosen:
+                chosen.add(stage.id)
+                todo += stage.needs
+    else:
+        chosen = {s.id for s in plan.stages if s.status in ("run", "cached")}
+    chosen = {sid for sid in chosen if not any(matches(by_id[sid], sel) for sel in skip)}
+    return {sid for sid in chosen if by_id[sid].status not in ("not-implemented", "impossible")}
+
+
+def selection_text(only: tuple[str, ...], skip: tuple[str, ...]) -> str:
+    return " ".join([*(f"--only {o}" for o in only), *(f"--skip {s}" for s in skip)])
+
+
+def check_hardware(plan: Plan, chosen: set[str], only: tuple[str, ...]) -> None:
+    """`on_missing_hardware: fail` stops before any work when a wanted stage needs absent hardware."""
+    missing = [s for s in plan.stages if s.status == "deferred" and (s.id in chosen or not only)]
+    if plan.recipe.on_missing_hardware == "fail" and missing:
+        lines = "\n".join(f"  {s.id}: {s.reason}" for s in missing)
+        raise InfraError(f"on_missing_hardware: fail, and these stages need hardware that is absent:\n{lines}")
 
 
 def variant_named(plan: Plan, name: str) -> Variant:
@@ -190,6 +242,21 @@ def stage_accuracy(
         metrics = compare_pass(build_model(config, state), windows, baseline_dir, progress=adv)
     increase = 100.0 * (metrics["perplexity"] / baseline["perplexity"] - 1.0)
     return {**stage.params, **metrics, "baseline_perplexity": baseline["perplexity"], "ppl_increase_pct": increase}
+
+
+def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, progress: Progress) -> dict:
+    """trtllm-build for one GPU architecture, locally or in the release container."""
+    from forge.backends import trtllm
+    from forge.gpus import lookup_gpu
+
+    target = plan.recipe.targets[stage.params["target"]]
+    scheme = plan.schemes[stage.params["variant"]]
+    with progress.task(f"trtllm-build {stage.id}", total=None):
+        built = trtllm.build_engine(
+            checkpoint_dir, out / "engine", trtllm.Limits.from_target(target), scheme,
+            lookup_gpu(stage.params["gpu"]), target.trtllm.version,
+        )  # fmt: skip
+    return {"runner": built.runner, "command": built.command, "engine_key": built.key, "files": file_digests(out)}
 
 
 # ---------------------------------------------------------------- gates and outputs

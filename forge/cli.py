@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from forge.errors import EXIT_BAD_INPUT, ForgeError, GateFailed
+from forge.errors import EXIT_BAD_INPUT, ForgeError, GateFailed, InputError
 
 RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
@@ -77,8 +77,19 @@ def validate(recipe: Path) -> None:
 @JSON
 @ARTIFACTS
 @CACHE
+@click.option(
+    "--format", "fmt", type=click.Choice(["github-matrix", "gitlab", "k8s"]), default=None,
+    help="Emit CI jobs for the GPU stages instead: a GitHub Actions matrix (JSON), a GitLab child "
+    "pipeline, or Kubernetes Jobs (YAML). Impossible cells are listed beside the jobs.",
+)  # fmt: skip
+@click.option("--image", default=None, help="forge container image the CI/Kubernetes jobs run [default: forge:<version>].")
+@click.option("--cache-claim", default="forge-cache", show_default=True, help="k8s: PVC holding the shared stage cache.")
+@click.option("--workdir", default="/forge/workspace", show_default=True, help="k8s: checkout path in the job's pod.")
 @handle_errors
-def plan(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None) -> None:
+def plan(
+    recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None, fmt: str | None,
+    image: str | None, cache_claim: str, workdir: str,
+) -> None:  # fmt: skip
     """Expand a recipe into its build graph: one artifact per (variant, backend, GPU).
 
     Each stage is marked run, cached, deferred (needs absent hardware; the command to run later is
@@ -90,9 +101,17 @@ def plan(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | Non
     from forge.recipe import load_recipe
     from forge.report import render_plan
 
+    if fmt and as_json:
+        raise InputError("--format and --json: choose one")
     loaded = load_recipe(recipe)
-    result = make_plan(loaded, recipe.parent.resolve(), Cache(cache_dir or artifacts_dir / ".cache"))
-    if as_json:
+    result = make_plan(loaded, recipe.parent.resolve(), Cache(cache_dir or artifacts_dir / ".cache"), str(recipe))
+    if fmt:
+        from forge.ci import DEFAULT_IMAGE, render_matrix
+
+        text = render_matrix(result, fmt, str(recipe), image=image or DEFAULT_IMAGE, cache_claim=cache_claim,
+                             workdir=workdir)  # fmt: skip
+        click.echo(text, nl=False)
+    elif as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         render_plan(result)
@@ -103,8 +122,17 @@ def plan(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | Non
 @JSON
 @ARTIFACTS
 @CACHE
+@click.option(
+    "--only", multiple=True, metavar="STAGE",
+    help="Run only these stages (an id like engine/fp8/trtllm/H100, a prefix, or a kind like engine) and "
+    "what they need, taken from the cache when present. Runs deferred stages: use it on a GPU builder.",
+)  # fmt: skip
+@click.option("--skip", multiple=True, metavar="STAGE", help="Do not run these stages (id, prefix or kind).")
 @handle_errors
-def build(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None) -> None:
+def build(
+    recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None, only: tuple[str, ...],
+    skip: tuple[str, ...],
+) -> None:  # fmt: skip
     """Build every artifact of a recipe, validate it against the recipe's gates, write build.json.
 
     Stages are cached by the digest of their inputs, so a rebuild of an unchanged recipe does no
@@ -116,8 +144,9 @@ def build(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | No
     from forge.report import render_build
 
     result = run_build(
-        recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, progress=Progress(enabled=not as_json)
-    )
+        recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, only=only, skip=skip,
+        progress=Progress(enabled=not as_json),
+    )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.report, indent=2))
     else:
@@ -139,3 +168,40 @@ def schema(check: bool) -> None:
         click.echo(f"{SCHEMA_PATH}: current")
         return
     click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("report", type=click.Path(path_type=Path))
+@click.option("--markdown", "fmt", flag_value="markdown", help="A Markdown summary (e.g. for $GITHUB_STEP_SUMMARY).")
+@click.option("--junit", "fmt", flag_value="junit", help="JUnit XML: one test case per gate, skipped stages.")
+@handle_errors
+def report(report: Path, fmt: str | None) -> None:
+    """Render a build report (artifacts/<name>/build.json) for CI: Markdown or JUnit XML."""
+    from forge.summary import render_junit, render_markdown_summary
+
+    if fmt is None:
+        raise InputError("report: choose --markdown or --junit")
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"report: cannot read {report}: {error}") from None
+    click.echo(render_markdown_summary(data) if fmt == "markdown" else render_junit(data), nl=False)
+
+
+@main.command()
+@JSON
+@handle_errors
+def gpus(as_json: bool) -> None:
+    """List the GPU profiles forge knows (compute capability, memory, FP8/FP4, $/hour) and the
+    NVIDIA GPUs detected on this machine."""
+    from forge.gpus import gpu_listing
+
+    listing = gpu_listing()
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    for p in listing["profiles"]:
+        flags = " ".join(f for f in ("fp8", "fp4") if p[f])
+        click.echo(f"{p['name']:<10} {p['sm']:<7} {p['memory_gib']:>4} GiB  ${p['usd_per_hour']:5.2f}/h  {flags}".rstrip())
+    detected = ", ".join(f"{g['name']} ({g['sm']}, profile {g['profile']})" for g in listing["local"])
+    click.echo(f"local: {detected or listing['local_reason']}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from forge.backends.trtllm import check_trtllm_support
 from forge.gpus import GPUProfile
 from forge.quant.scheme import Scheme
 
@@ -111,16 +112,7 @@ def lmdeploy_problem(scheme: Scheme, gpu: GPUProfile, mode: str | None) -> str |
 
 
 def trtllm_problem(scheme: Scheme, gpu: GPUProfile, mode: str | None) -> str | None:
-    if scheme.kv_cache_dtype in ("int8", "int4"):
-        return f"forge does not calibrate an {scheme.kv_cache_dtype} KV cache for TensorRT-LLM; use fp8 or auto"
-    if scheme.weight_format == "int4" and mode == "pytorch" and scheme.preset != "AWQ_W4A16":
-        return (
-            "the TensorRT-LLM PyTorch backend takes int4 only as a ModelOpt W4A16_AWQ checkpoint; "
-            "use the AWQ_W4A16 preset or trtllm.mode: engine"
-        )
-    if scheme.weight_format == "int4" and mode == "pytorch" and not scheme.symmetric:
-        return "ModelOpt W4A16_AWQ stores symmetric int4 (no zero points); set symmetric: true"
-    return None
+    return check_trtllm_support(scheme, gpu, mode or "pytorch")
 
 
 # backend → its rule; each backend module picks its formats, this table says what it can load.

@@ -10,19 +10,19 @@ fast and it runs before anything is downloaded or computed.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from forge import __version__
-from forge.backends import export_format, trtllm_mode
+from forge.backends import export_format, trtllm, trtllm_mode
 from forge.cache import Cache, atomic_write_text
 from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
 from forge.digest import file_digest, json_digest
 from forge.errors import InputError
-from forge.gpus import lookup_gpu
+from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
 from forge.quant.scheme import Scheme
-from forge.recipe import Recipe, Variant
+from forge.recipe import Recipe, Target, Variant
 from forge.source import read_model_config, source_identity
 
 # Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
@@ -59,17 +59,34 @@ class Artifact:
     reason: str = ""
     export_stage: str | None = None
     stages: list[str] = field(default_factory=list)
+    tensor_parallel: int = 1
 
 
 @dataclass
 class Plan:
     recipe: Recipe
     recipe_dir: Path
+    recipe_file: str  # as the user named it, for the commands printed with deferred stages
     model_config: dict
     source_identity: dict
     schemes: dict[str, Scheme]
-    stages: list[Stage]
-    artifacts: list[Artifact]
+    cache: Cache
+    local_gpus: LocalGPUs
+    stages: list[Stage] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+
+    def add(self, kind: str, stage_id: str, inputs: dict | None, *, status: str | None = None,
+            deferred: tuple[str, str] | None = None, **extra) -> Stage:  # fmt: skip
+        """Append a stage; its status is `status`, else cached / deferred / run by its key."""
+        key = stage_key(kind, inputs) if inputs is not None else None
+        if status is None:
+            cached = key is not None and self.cache.has(kind, key)
+            status = "cached" if cached else "deferred" if deferred else "run"
+        if status == "deferred" and deferred:
+            extra["reason"], extra["command"] = deferred
+        stage = Stage(stage_id, kind, status, key, **extra)
+        self.stages.append(stage)
+        return stage
 
     def stage(self, stage_id: str) -> Stage:
         return next(s for s in self.stages if s.id == stage_id)
@@ -145,7 +162,7 @@ def check_variants(recipe: Recipe, shape: ModelShape) -> dict[str, Scheme]:
     return schemes
 
 
-def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, gpu_present: bool = False) -> Plan:
+def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str = "RECIPE") -> Plan:
     """Expand the recipe into stages with keys and statuses; raise InputError for impossible asks."""
     identity = source_identity(recipe.source, recipe_dir)
     config = model_config_cached(recipe, recipe_dir, identity, cache)
@@ -156,16 +173,8 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, gpu_present: bool 
             f"(forge maps {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     schemes = check_variants(recipe, shape)
-    stages: list[Stage] = []
-
-    def add(kind: str, stage_id: str, inputs: dict | None, **extra) -> Stage:
-        key = stage_key(kind, inputs) if inputs is not None else None
-        status = extra.pop("status", None) or ("cached" if key and cache.has(kind, key) else "run")
-        stage = Stage(stage_id, kind, status, key, **extra)
-        stages.append(stage)
-        return stage
-
-    source = add("source", "source", identity)
+    plan = Plan(recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus())
+    source = plan.add("source", "source", identity)
 
     accuracy = recipe.validation.accuracy
     baseline = None
@@ -173,12 +182,8 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, gpu_present: bool 
         dataset = (recipe_dir / accuracy.dataset).resolve()
         if not dataset.is_file():
             raise InputError(f"validation.accuracy.dataset: {dataset} does not exist")
-        eval_inputs = {
-            "dataset": file_digest(dataset),
-            "window": accuracy.window,
-            "max_windows": accuracy.max_windows,
-        }
-        baseline = add(
+        eval_inputs = {"dataset": file_digest(dataset), "window": accuracy.window, "max_windows": accuracy.max_windows}
+        baseline = plan.add(
             "baseline", "baseline", {"source": source.key, **eval_inputs},
             needs=["source"], params={"dataset": str(dataset)},
         )  # fmt: skip
@@ -190,12 +195,11 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, gpu_present: bool 
         inputs = {"source": source.key, "scheme": asdict(scheme), "algorithm": preset.algorithm}
         if preset.needs_calibration or scheme.kv_cache_dtype == "fp8":
             inputs["calibration"] = calibration_identity(variant, recipe_dir)
-        quantize[variant.name] = add(
+        quantize[variant.name] = plan.add(
             "quantize", f"quantize/{variant.name}", inputs, needs=["source"],
             params={"variant": variant.name, "algorithm": preset.algorithm},
         )  # fmt: skip
 
-    artifacts: list[Artifact] = []
     exports: dict[str, Stage] = {}
     explicit_problems: list[str] = []
     for t, target in enumerate(recipe.targets):
@@ -210,50 +214,51 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, gpu_present: bool 
                 if problem:
                     if target.variants is not None:
                         explicit_problems.append(f"targets[{t}] ({variant.name} on {gpu_name}): {problem}")
-                    artifacts.append(
-                        Artifact(variant.name, target.backend, gpu.name, None, "impossible", problem)
-                    )
+                    plan.artifacts.append(
+                        Artifact(variant.name, target.backend, gpu.name, None, "impossible", problem,
+                                 tensor_parallel=target.tensor_parallel)
+                    )  # fmt: skip
                     continue
                 fmt = export_format(target.backend, scheme, target)
                 export_id = f"export/{variant.name}/{fmt}"
                 if fmt == "trtllm-checkpoint":
                     export_id += f"-tp{target.tensor_parallel}"
                 if export_id not in exports:
-                    exports[export_id] = add(
+                    exports[export_id] = plan.add(
                         "export", export_id,
                         {"quantized": quantize[variant.name].key, "format": fmt, "tp": target.tensor_parallel},
                         needs=[f"quantize/{variant.name}"],
                         params={"variant": variant.name, "format": fmt, "tp": target.tensor_parallel},
                     )  # fmt: skip
-                artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned", export_stage=export_id)
-                artifact.stages += target_stages(recipe, target, mode, variant, gpu.name, export_id, add, gpu_present)
-                artifacts.append(artifact)
+                artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned", export_stage=export_id,
+                                    tensor_parallel=target.tensor_parallel)  # fmt: skip
+                artifact.stages += target_stages(plan, target, mode, variant, gpu, exports[export_id])
+                plan.artifacts.append(artifact)
     if explicit_problems:
         raise InputError("\n".join(explicit_problems))
-    if not any(a.status == "planned" for a in artifacts):
+    if not any(a.status == "planned" for a in plan.artifacts):
         raise InputError("targets: no (variant, backend, GPU) combination can be built:\n" + "\n".join(
-            f"  {a.variant} → {a.backend} on {a.gpu}: {a.reason}" for a in artifacts
+            f"  {a.variant} → {a.backend} on {a.gpu}: {a.reason}" for a in plan.artifacts
         ))  # fmt: skip
 
     if baseline is not None:
         for export in list(exports.values()):
-            add(
+            plan.add(
                 "accuracy", export.id.replace("export/", "accuracy/", 1),
                 {"export": export.key, "baseline": baseline.key},
                 needs=[export.id, "baseline"], params=dict(export.params),
             )  # fmt: skip
-    return Plan(recipe, recipe_dir, config, identity, schemes, stages, artifacts)
+    return plan
 
 
-def target_stages(recipe, target, mode, variant, gpu, export_id, add, gpu_present) -> list[str]:
+def target_stages(plan: Plan, target: Target, mode: str | None, variant: Variant, gpu: GPUProfile,
+                  export: Stage) -> list[str]:
     """The GPU-side stages of one artifact: engine build, throughput, package, push."""
+    recipe, add = plan.recipe, plan.add
     ids = []
-    cell = f"{variant.name}/{target.backend}/{gpu}"
+    cell = f"{variant.name}/{target.backend}/{gpu.name}"
     if target.backend == "trtllm" and mode == "engine":
-        reason = "" if gpu_present else f"needs an NVIDIA {gpu} GPU; none detected on this machine"
-        status = "not-implemented"
-        reason = "engine builds are not wired into forge build yet (issue: TensorRT-LLM engines)"
-        ids.append(add("engine", f"engine/{cell}", None, status=status, reason=reason, needs=[export_id]).id)
+        ids.append(engine_stage(plan, target, variant, gpu, export, cell).id)
     throughput = recipe.validation.throughput
     if throughput.enabled:
         ids.append(add("throughput", f"throughput/{cell}", None, status="not-implemented",
@@ -265,3 +270,28 @@ def target_stages(recipe, target, mode, variant, gpu, export_id, add, gpu_presen
             ids.append(add("push", f"push/{cell}", None, status="not-implemented",
                            reason=NOT_IMPLEMENTED["push"]).id)  # fmt: skip
     return ids
+
+
+def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage,
+                 cell: str) -> Stage:
+    """A TensorRT engine for one GPU architecture: run where that GPU is, else deferred with the
+    exact command a GPU builder runs (`forge build RECIPE --only engine/<cell>`)."""
+    scheme = plan.schemes[variant.name]
+    limits = trtllm.Limits.from_target(target)
+    inputs = {
+        "export": export.key,
+        "build_config": trtllm.build_config(limits, scheme),
+        "trtllm_version": target.trtllm.version,
+        "gpu_sm": gpu.sm,  # an engine runs only on the architecture that built it
+    }
+    stage_id = f"engine/{cell}"
+    params = {"variant": variant.name, "gpu": gpu.name, "target": plan.recipe.targets.index(target)}
+    local = [g for g in plan.local_gpus.gpus if g.compute_capability == gpu.compute_capability]
+    if local:
+        return plan.add("engine", stage_id, inputs, needs=[export.id], params=params)
+    reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
+    build = trtllm.docker_build_argv("CHECKPOINT_DIR", "ENGINE_DIR", limits, scheme, target.trtllm.version)
+    command = f"forge build {plan.recipe_file} --only {stage_id}  # runs: {shlex.join(build)}"
+    return plan.add(
+        "engine", stage_id, inputs, status=None, deferred=(reason, command), needs=[export.id], params=params
+    )

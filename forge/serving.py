@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from forge import __version__
-from forge.backends import BACKENDS, export_format
+from forge.backends import BACKENDS, base_image, export_format, trtllm
+from forge.gpus import lookup_gpu
 from forge.quant.scheme import Scheme
 from forge.recipe import Recipe, Target
 from forge.templating import render
@@ -66,18 +67,31 @@ def serve_spec(
     recipe: Recipe, variant: str, scheme: Scheme, target: Target, gpu: str, revision: str
 ) -> ServeSpec:
     backend = BACKENDS[target.backend]
-    base_image = recipe.package.base_images.get(target.backend, backend.IMAGE)
-    launch_files = backend.launch_files(scheme, target, gpu) if hasattr(backend, "launch_files") else {}
+    launch_files = {}
+    argv = backend.serve_command(MODEL_DIR, scheme, target)
+    if target.backend == "trtllm":
+        plan = trtllm_serve_plan(recipe, scheme, target, gpu)
+        argv, launch_files = plan.argv, {"trtllm-serve.yaml": plan.config_yaml}
     return ServeSpec(
         backend=target.backend,
-        base_image=base_image,
-        argv=backend.serve_command(MODEL_DIR, scheme, target),
+        base_image=recipe.package.base_images.get(target.backend, base_image(target.backend, target)),
+        argv=argv,
         port=backend.PORT,
         health_path=backend.HEALTH_PATH,
         env={"HOME": "/tmp", "HF_HUB_OFFLINE": "1", "FORGE_MODEL_FORMAT": export_format(target.backend, scheme, target)},
         labels=image_labels(recipe, variant, target.backend, gpu, revision),
         launch_files=launch_files,
     )
+
+
+def trtllm_serve_plan(recipe: Recipe, scheme: Scheme, target: Target, gpu: str) -> trtllm.ServePlan:
+    """trtllm-serve argv plus its LLM API YAML, tuned for the recipe's throughput workload."""
+    load = recipe.validation.throughput
+    workload = trtllm.Workload(max(load.concurrency), load.prompt_tokens, load.output_tokens)
+    return trtllm.serve_plan(
+        MODEL_DIR, scheme, lookup_gpu(gpu), trtllm.Limits.from_target(target), workload,
+        target.trtllm.mode, target.trtllm.version, config_path=f"{LAUNCH_DIR}/trtllm-serve.yaml",
+    )  # fmt: skip
 
 
 def render_dockerfile(spec: ServeSpec, model_files: list[str], artifact: str) -> str:

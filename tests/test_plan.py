@@ -63,7 +63,7 @@ def test_implicit_impossible_cells_are_listed_not_fatal(tiny_model, eval_text, t
         ({"backend": "vllm", "gpus": ["H100"], "variants": ["nv"]}, [{"name": "nv", "scheme": "NVFP4"}],
          "NVFP4 cannot be produced"),
         ({"backend": "trtllm", "gpus": ["H100"], "variants": ["int4"], "trtllm": {"mode": "pytorch"}}, None,
-         "takes int4 only as a ModelOpt W4A16_AWQ"),
+         "takes int4 only as ModelOpt W4A16_AWQ (symmetric)"),
         ({"backend": "vllm", "gpus": ["H100"], "variants": ["int4"], "tensor_parallel": 3}, None,
          "4 attention heads cannot be split over 3 GPUs"),
         ({"backend": "vllm", "gpus": ["H100"], "variants": ["kv8"]},

@@ -130,18 +130,24 @@ class PromptCounter:
         return len(self.tokenizer(text)["input_ids"])
 
 
+# Short pieces tried, in order, to add exactly one token when cutting text by characters.
+_ONE_TOKEN_PIECES = (" a", "a", " the", ".", ",", " x", "x", "0", " ")
+
+
 def _fit(counter: PromptCounter, ids: list[int], target: int, filler: list[int]) -> str | None:
     """Decode `ids` and nudge its length until the server-side count is exactly `target`.
 
     Decoding then re-encoding is not the identity (tokens merge or split at the seams, byte-level
-    pieces become U+FFFD), so iterate: trim when long, append filler when short.
+    pieces become U+FFFD), so iterate: trim when long, append filler when short. That converges in
+    a round or two on real tokenizers; when it does not (a tokenizer without a matching decoder),
+    fall back to cutting the decoded text by characters.
     """
     tok = counter.tokenizer
     content_target = target - counter.overhead
     if content_target < 1:
         raise InputError(f"prompt_tokens: {target} is shorter than the {counter.overhead} tokens the server adds")
     ids = ids[:content_target]
-    for _ in range(24):
+    for _ in range(4):
         text = tok.decode(ids, skip_special_tokens=True)
         n = counter.count(text)
         if n == target:
@@ -151,6 +157,33 @@ def _fit(counter: PromptCounter, ids: list[int], target: int, filler: list[int])
             ids = ids[: len(ids) - (n - target)]
         else:
             ids = ids + filler[: target - n]
+    return _cut_text(counter, tok.decode(ids + filler, skip_special_tokens=True), target)
+
+
+def _cut_text(counter: PromptCounter, text: str, target: int) -> str | None:
+    """The longest character prefix of `text` within `target` tokens, topped up one token at a time.
+
+    Binary search assumes the count grows with the prefix, which holds for BPE/unigram tokenizers up
+    to a token or two at merge seams; the top-up and the final exact check absorb that slack.
+    """
+    if counter.count(text) < target:
+        return None
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if counter.count(text[:mid]) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    base = text[:lo]
+    for _ in range(8):
+        n = counter.count(base)
+        if n == target:
+            return base
+        piece = next((p for p in _ONE_TOKEN_PIECES if counter.count(base + p) == n + 1), None)
+        if piece is None:
+            return None
+        base += piece
     return None
 
 
@@ -178,9 +211,7 @@ def random_prompts(tokenizer: Any, api: Api, n: int, prompt_tokens: int, seed: i
     return prompts
 
 
-def text_prompts(
-    tokenizer: Any, api: Api, n: int, prompt_tokens: int, dataset: Path, seed: int
-) -> list[Prompt]:
+def text_prompts(tokenizer: Any, api: Api, n: int, prompt_tokens: int, dataset: Path, seed: int) -> list[Prompt]:
     """Consecutive token windows of a text file (vLLM's `txt-slices` idea), each exact in length.
 
     Windows start at different offsets so prompts do not share a prefix a server could cache.

@@ -1,0 +1,598 @@
+"""The legacy TensorRT-LLM checkpoint: what `trtllm-build` (TRT-LLM ≤ 1.2.x) turns into engines.
+
+A directory with `config.json` (a `PretrainedConfig` dict) and one `rank{N}.safetensors` per
+tensor-parallel rank, each rank already holding only its shard. forge writes it straight from a
+`QuantizedModel`, re-packing the same integer codes and scales every other format gets, so the
+engine serves exactly the weights `QuantizedModel.dequantize()` describes (see `export_notes`
+for the few places TensorRT-LLM's own layout forces a rounding).
+
+Where each detail comes from (TensorRT-LLM 1.2.x sources, read, not copied):
+- Llama names: `tensorrt_llm/models/llama/convert.py` (`load_weights_from_hf_safetensors`) and
+  `get_prefix_and_param_name_map`: `mlp.fc` = HF `gate_proj` (the activated half), `mlp.gate` =
+  HF `up_proj`, `mlp.proj` = `down_proj`, `attention.dense` = `o_proj`, `post_layernorm` =
+  `post_attention_layernorm`, `transformer.ln_f` = `model.norm`.
+- Config fields: `tensorrt_llm/models/llama/config.py` (`LLaMAConfig.from_hugging_face`).
+- Quantized layer parameters: `tensorrt_llm/quantization/layers.py` (`FP8Linear`,
+  `Fp8RowwiseLinear`, `WeightOnlyGroupwiseQuantLinear`) and the load-time fix-ups in
+  `tensorrt_llm/models/modeling_utils.py` (`preprocess_perlayer_weights`).
+- int4 packing: ModelOpt `modelopt/torch/export/quant_utils.py` (`to_quantized_weight`, in
+  `model_config_utils.py` in older releases; the writer of TRT-LLM W4A16_AWQ checkpoints): two
+  output rows per int8, low nibble = even row, signed nibbles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from forge.errors import InputError
+from forge.formats.model_dir import copy_source_files, write_json
+from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
+
+FORMAT = "trtllm-checkpoint"
+ARCHITECTURE = "LlamaForCausalLM"
+
+# TensorRT-LLM module inside `transformer.layers.{i}` → (HF projections it fuses, how TP splits it).
+# "column": output rows are split over ranks; "row": input columns are split and the outputs summed.
+# Source: models/llama/convert.py (split dims 0 for qkv/fc/gate, 1 for dense/proj).
+LAYER_LINEARS: dict[str, tuple[tuple[str, ...], str]] = {
+    "attention.qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "column"),
+    "attention.dense": (("self_attn.o_proj",), "row"),
+    "mlp.fc": (("mlp.gate_proj",), "column"),
+    "mlp.gate": (("mlp.up_proj",), "column"),
+    "mlp.proj": (("mlp.down_proj",), "row"),
+}
+
+# Group sizes TensorRT-LLM's fine-grained int4 GEMM (cutlass fpA_intB, FINEGRAINED_SCALE[_AND_ZEROS])
+# accepts; the same kernels, vendored in onnxruntime's contrib ops, enforce 64 or 128.
+TRTLLM_INT4_GROUP_SIZES = (64, 128)
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The dimensions of a Llama config that the checkpoint layout and TP split depend on."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> LlamaShape:
+        heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        )
+
+
+# ---------------------------------------------------------------- plan-time rules
+
+
+def quant_algo(scheme: Scheme) -> str | None:
+    """TensorRT-LLM's `QuantAlgo` for a forge scheme (`quantization/mode.py` names).
+
+    - int4 groups → `W4A16_AWQ`: the only int4 algorithm whose checkpoint holds plain packed codes
+      that `trtllm-build` preprocesses for the build GPU itself (`W4A16_GPTQ` checkpoints must be
+      pre-interleaved for one SM; `W4A16` is per-channel and quantized from float weights at build).
+    - fp8 per-channel weights + dynamic per-token activations → `FP8_PER_CHANNEL_PER_TOKEN`.
+    - fp8 per-tensor weights + static per-tensor activations → `FP8`.
+    """
+    if scheme.weight_format == "int4":
+        return "W4A16_AWQ"
+    if scheme.weight_format == "fp8":
+        if scheme.weight_granularity == "channel" and scheme.activations == "dynamic_token":
+            return "FP8_PER_CHANNEL_PER_TOKEN"
+        if scheme.weight_granularity == "tensor" and scheme.activations == "static_tensor":
+            return "FP8"
+        raise InputError(
+            f"scheme: TensorRT-LLM has no FP8 mode for {scheme.weight_granularity} weight scales with "
+            f"{scheme.activations} activations; use FP8_DYNAMIC (per channel, per token) or FP8 (static)"
+        )
+    raise InputError(f"scheme: forge cannot write {scheme.preset} into a TensorRT-LLM checkpoint")
+
+
+def layout_problems(hf_config: dict, scheme: Scheme, tp_size: int) -> list[str]:
+    """Every reason this model/scheme cannot be laid out over `tp_size` ranks (empty when fine)."""
+    problems = []
+    archs = hf_config.get("architectures") or [hf_config.get("model_type", "?")]
+    if archs[0] != ARCHITECTURE:
+        problems.append(f"source: the TensorRT-LLM checkpoint writer handles {ARCHITECTURE}, not {archs[0]}")
+        return problems
+    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
+        problems.append("source: Llama with attention/MLP biases is not supported by the TRT-LLM writer")
+    if scheme.dtype not in ("float16", "bfloat16"):
+        problems.append(
+            f"scheme.dtype: TensorRT-LLM quantized kernels run in float16/bfloat16, not {scheme.dtype}"
+        )
+    if scheme.kv_cache_dtype not in ("auto", "fp8"):
+        problems.append(
+            f"scheme.kv_cache_dtype: TRT-LLM checkpoints hold fp8 KV scales only, not {scheme.kv_cache_dtype}"
+        )
+    shape = LlamaShape.from_hf_config(hf_config)
+    tp = f"targets.tensor_parallel {tp_size}"
+    if shape.num_heads % tp_size:
+        problems.append(f"{tp}: {shape.num_heads} attention heads cannot be split evenly")
+    if shape.num_kv_heads % tp_size:
+        problems.append(f"{tp}: {shape.num_kv_heads} KV heads cannot be split evenly")
+    if shape.intermediate_size % tp_size:
+        problems.append(f"{tp}: intermediate_size {shape.intermediate_size} cannot be split evenly")
+    if problems or scheme.weight_format != "int4":
+        return problems
+    group = scheme.group_size
+    per_rank = f" per rank at tensor_parallel {tp_size}" if tp_size > 1 else ""
+    # Row-split layers see 1/tp of their input columns per rank; every rank needs whole groups.
+    inputs = {
+        "attention.qkv, mlp.fc, mlp.gate (hidden_size)": (shape.hidden_size, ""),
+        "attention.dense (o_proj)": (shape.num_heads * shape.head_dim // tp_size, per_rank),
+        "mlp.proj (down_proj)": (shape.intermediate_size // tp_size, per_rank),
+    }
+    for layer, (width, where) in inputs.items():
+        if width % group:
+            problems.append(
+                f"scheme.group_size: {group} does not divide the input of transformer.layers.*.{layer}, "
+                f"{width}{where}"
+            )
+    # Two output rows share one int8 (ModelOpt's pack), so every rank needs an even row count.
+    rows = {
+        "attention.qkv": shape.head_dim,
+        "mlp.fc / mlp.gate": shape.intermediate_size // tp_size,
+        "attention.dense / mlp.proj": shape.hidden_size,
+    }
+    for layer, count in rows.items():
+        if count % 2:
+            problems.append(f"source: {layer} has an odd number of output rows ({count}); int4 packs pairs")
+    return problems
+
+
+def check_layout(hf_config: dict, scheme: Scheme, tp_size: int) -> None:
+    problems = layout_problems(hf_config, scheme, tp_size)
+    if problems:
+        raise InputError("\n".join(problems))
+
+
+def quantization_block(scheme: Scheme, exclude_modules: list[str]) -> dict:
+    """config.json's `quantization` (TensorRT-LLM `QuantConfig` fields)."""
+    algo = quant_algo(scheme)
+    block: dict = {
+        "quant_algo": algo,
+        "kv_cache_quant_algo": "FP8" if scheme.kv_cache_dtype == "fp8" else None,
+        "exclude_modules": exclude_modules,
+    }
+    if algo == "W4A16_AWQ":
+        # ModelOpt's W4A16_AWQ export sets pre_quant_scale true (quant_utils.
+        # process_layer_quant_config); forge folds AWQ's smoothing into the weights, so the
+        # prequant_scaling_factor it writes is all ones. has_zero_point adds the `zero` parameter
+        # of WeightOnlyGroupwiseQuantLinear for asymmetric codes.
+        block.update(group_size=scheme.group_size, has_zero_point=not scheme.symmetric, pre_quant_scale=True)
+    else:
+        block.update(has_zero_point=False, pre_quant_scale=False)
+    return block
+
+
+def _rope(hf_config: dict) -> tuple[float, dict | None]:
+    """rotary_base and rotary_scaling from either transformers 5 `rope_parameters` or v4 keys."""
+    params = dict(hf_config.get("rope_parameters") or {})
+    base = params.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0
+    rope_type = params.pop("rope_type", None) or params.pop("type", None)
+    if rope_type in (None, "default"):
+        scaling = hf_config.get("rope_scaling")
+        return float(base), scaling
+    # LLaMAConfig passes HF's rope_scaling through (`{"type": "llama3", "factor": ...}`).
+    return float(base), {"type": rope_type, **params}
+
+
+def checkpoint_config(hf_config: dict, scheme: Scheme, tp_size: int, exclude_modules: list[str]) -> dict:
+    """The `PretrainedConfig` dict `trtllm-build` reads (fields of LLaMAConfig.from_hugging_face)."""
+    shape = LlamaShape.from_hf_config(hf_config)
+    rotary_base, rotary_scaling = _rope(hf_config)
+    return {
+        "architecture": ARCHITECTURE,
+        "dtype": scheme.dtype,
+        "logits_dtype": "float32",
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "head_size": shape.head_dim,
+        "intermediate_size": shape.intermediate_size,
+        "hidden_act": hf_config.get("hidden_act", "silu"),
+        "norm_epsilon": hf_config.get("rms_norm_eps", 1e-6),
+        "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": rotary_base,
+        "rotary_scaling": rotary_scaling,
+        "max_position_embeddings": hf_config["max_position_embeddings"],
+        "attn_bias": False,
+        "mlp_bias": False,
+        "use_parallel_embedding": False,  # every rank holds the whole vocab_embedding
+        "embedding_sharding_dim": 0,
+        "tie_word_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
+        "mapping": {"world_size": tp_size, "tp_size": tp_size, "pp_size": 1},
+        "quantization": quantization_block(scheme, exclude_modules),
+    }
+
+
+# ---------------------------------------------------------------- writer
+
+
+def _chunk(t: torch.Tensor, tp: int, rank: int, dim: int) -> torch.Tensor:
+    return torch.chunk(t, tp, dim=dim)[rank]
+
+
+def _pack_int4_rows(signed: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7], `[out, in]` → int8 `[out / 2, in]`, row 2j low nibble, 2j+1 high."""
+    nibbles = signed.to(torch.int16) & 0xF
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return packed.to(torch.uint8).view(torch.int8).contiguous()
+
+
+def _module_kind(qm: QuantizedModel, layer: int, parts: tuple[str, ...]) -> str:
+    quantized = [f"model.layers.{layer}.{p}" in qm.linears for p in parts]
+    if all(quantized):
+        return "quantized"
+    if not any(quantized):
+        return "dense"
+    names = ", ".join(f"model.layers.{layer}.{p}" for p in parts)
+    raise InputError(
+        f"scheme.ignore: TensorRT-LLM fuses {names} into one layer; quantize all of them or none"
+    )
+
+
+def _fp8_tensor_requantized(linears: list[QuantizedLinear]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One per-tensor scale for a fused layer: the largest, as TRT-LLM's FP8Linear.postprocess does.
+
+    Codes whose own scale is smaller are re-rounded onto the shared scale; identical scales
+    (the usual case after calibration of a shared input) keep every code unchanged.
+    """
+    scales = [lin.scale.reshape(-1)[0].to(torch.float32) for lin in linears]
+    shared = torch.stack(scales).max()
+    codes = []
+    for lin, scale in zip(linears, scales, strict=True):
+        if torch.equal(scale, shared):
+            codes.append(lin.codes)
+        else:
+            codes.append((lin.codes.to(torch.float32) * (scale / shared)).to(torch.float8_e4m3fn))
+    return codes, shared.reshape(1)
+
+
+def _quantized_module(
+    qm: QuantizedModel, algo: str, prefix: str, parts: list[QuantizedLinear], split: str, tp: int, rank: int
+) -> dict[str, torch.Tensor]:
+    """One TRT-LLM linear's tensors for one rank, from its HF parts (fused along the out dim)."""
+    dtype = getattr(torch, qm.scheme.dtype)
+    out: dict[str, torch.Tensor] = {}
+
+    def shard(tensors: list[torch.Tensor], dim_for_row: int = 1) -> torch.Tensor:
+        # Column split: each part (q, k, v …) gives its own rank slice of rows, fused in order.
+        if split == "column":
+            return torch.cat([_chunk(t, tp, rank, 0) for t in tensors], dim=0)
+        return _chunk(torch.cat(tensors, dim=0), tp, rank, dim_for_row)
+
+    if algo == "W4A16_AWQ":
+        asym = parts[0].zero_point is not None
+        codes = shard([p.codes for p in parts])
+        signed = (codes - 8) if asym else codes  # uint4 [0, 15] → int4 [-8, 7]: w = q·s + (8 − z)·s
+        scale = shard([p.scale for p in parts])
+        out[f"{prefix}.weight"] = _pack_int4_rows(signed.to(torch.int8))
+        # [out, in / group] in the checkpoint; TRT-LLM transposes it and casts it to `dtype` at load
+        # (modeling_utils.preprocess_perlayer_weights). Kept in forge's fp16 so no bits are lost here.
+        out[f"{prefix}.weights_scaling_factor"] = scale.to(torch.float16).contiguous()
+        out[f"{prefix}.prequant_scaling_factor"] = torch.ones(codes.shape[1], dtype=dtype)
+        if asym:
+            zero = shard([p.zero_point for p in parts]).to(torch.float32)
+            # WeightOnlyGroupwiseQuantLinear.zero is [in / group, out] in the model dtype, used as
+            # q·s + zero (the GPTQ converters store (8 − z)·s the same way); not transposed at load.
+            zero_x_scale = (8.0 - zero) * scale.to(torch.float32)
+            out[f"{prefix}.zero"] = zero_x_scale.t().contiguous().to(dtype)
+    elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
+        out[f"{prefix}.weight"] = shard([p.codes for p in parts]).contiguous()
+        # Fp8RowwiseLinear.per_channel_scale: fp32 [out]; replicated (not split) on row-split layers.
+        scales = [p.scale.to(torch.float32).reshape(-1, 1) for p in parts]
+        col = shard(scales) if split == "column" else torch.cat(scales, dim=0)
+        out[f"{prefix}.per_channel_scale"] = col.reshape(-1).contiguous()
+    else:  # FP8: FP8Linear / FP8RowLinear hold one fp32 weight and one fp32 activation scale
+        codes, weight_scale = _fp8_tensor_requantized(parts)
+        missing = [p for p in parts if p.input_scale is None]
+        if missing:
+            raise InputError(
+                f"scheme: {qm.scheme.preset} needs calibrated static input scales; {prefix} has none "
+                "(use FP8_DYNAMIC or calibrate)"
+            )
+        act_scale = torch.stack([p.input_scale.reshape(-1)[0].to(torch.float32) for p in parts]).max()
+        out[f"{prefix}.weight"] = shard(codes).contiguous()
+        out[f"{prefix}.weights_scaling_factor"] = weight_scale
+        out[f"{prefix}.activation_scaling_factor"] = act_scale.reshape(1)
+    return out
+
+
+def _rank_tensors(qm: QuantizedModel, shape: LlamaShape, algo: str | None, tp: int, rank: int) -> dict:
+    dtype = getattr(torch, qm.scheme.dtype)
+    dense = qm.dense
+    tensors: dict[str, torch.Tensor] = {}
+    embedding = dense["model.embed_tokens.weight"].to(dtype)
+    tensors["transformer.vocab_embedding.weight"] = embedding
+    tensors["transformer.ln_f.weight"] = dense["model.norm.weight"].to(dtype)
+    # TensorRT-LLM always builds an lm_head; with tied embeddings it is a copy of the embedding
+    # (convert.py falls back to vocab_embedding). Rows are padded to a multiple of tp with zeros
+    # (pad_vocab_size), then column-split over vocab.
+    lm_head = dense.get("lm_head.weight", embedding).to(dtype)
+    padded = -(-shape.vocab_size // tp) * tp
+    if padded != shape.vocab_size:
+        lm_head = torch.nn.functional.pad(lm_head, (0, 0, 0, padded - shape.vocab_size))
+    tensors["lm_head.weight"] = _chunk(lm_head, tp, rank, 0).clone()  # its own storage, not the embedding's
+    for i in range(shape.num_layers):
+        hf = f"model.layers.{i}"
+        trt = f"transformer.layers.{i}"
+        tensors[f"{trt}.input_layernorm.weight"] = dense[f"{hf}.input_layernorm.weight"].to(dtype)
+        tensors[f"{trt}.post_layernorm.weight"] = dense[f"{hf}.post_attention_layernorm.weight"].to(dtype)
+        for module, (parts, split) in LAYER_LINEARS.items():
+            prefix = f"{trt}.{module}"
+            if algo is not None and _module_kind(qm, i, parts) == "quantized":
+                linears = [qm.linears[f"{hf}.{p}"] for p in parts]
+                tensors.update(_quantized_module(qm, algo, prefix, linears, split, tp, rank))
+                continue
+            weights = [dense[f"{hf}.{p}.weight"].to(dtype) for p in parts]
+            if split == "column":
+                tensors[f"{prefix}.weight"] = torch.cat([_chunk(w, tp, rank, 0) for w in weights], dim=0)
+            else:
+                tensors[f"{prefix}.weight"] = _chunk(weights[0], tp, rank, 1)
+        if qm.scheme.kv_cache_dtype == "fp8":
+            # One scale for K and V (the attention plugin's kv_cache_scaling_factor, fp32 [1]); the
+            # larger of the calibrated pair, as preprocess_weights merges k/v scales. 1.0 when
+            # uncalibrated. The reciprocal is written too (older preprocess versions do not add it).
+            pair = [qm.kv_scales.get(f"{hf}.self_attn.{k}_scale") for k in ("k", "v")]
+            known = [s.reshape(-1)[0].to(torch.float32) for s in pair if s is not None]
+            kv = torch.stack(known).max() if known else torch.tensor(1.0)
+            tensors[f"{trt}.attention.kv_cache_scaling_factor"] = kv.reshape(1)
+            tensors[f"{trt}.attention.kv_cache_rcp_scaling_factor"] = (1.0 / kv).reshape(1)
+    return {k: v.contiguous() for k, v in sorted(tensors.items())}
+
+
+def excluded_modules(qm: QuantizedModel, shape: LlamaShape) -> list[str]:
+    """TRT-LLM module names left unquantized: matched with fnmatch against full module names
+    (quantization/quantize.py `quantize_layers`), so `lm_head` plus any ignored decoder layer."""
+    names = ["lm_head"]
+    for i in range(shape.num_layers):
+        for module, (parts, _) in LAYER_LINEARS.items():
+            if _module_kind(qm, i, parts) == "dense":
+                names.append(f"transformer.layers.{i}.{module}")
+    return names
+
+
+def write(qm: QuantizedModel, out_dir: Path, tp_size: int) -> list[Path]:
+    """Write `config.json` and `rank{N}.safetensors` for `tp_size` ranks; returns the files written."""
+    check_layout(qm.config, qm.scheme, tp_size)
+    algo = quant_algo(qm.scheme)
+    shape = LlamaShape.from_hf_config(qm.config)
+    if qm.linears:
+        asym = {lin.zero_point is not None for lin in qm.linears.values()}
+        if algo == "W4A16_AWQ" and asym != {not qm.scheme.symmetric}:
+            raise InputError("scheme.symmetric: the quantized codes do not match the scheme's zero points")
+    excluded = excluded_modules(qm, shape)
+    if algo == "FP8_PER_CHANNEL_PER_TOKEN" and len(excluded) > 1:
+        # fp8_rowwise_quantize swaps whole Attention / GatedMLP blocks, not single linears.
+        raise InputError(
+            "scheme.ignore: TensorRT-LLM FP8_PER_CHANNEL_PER_TOKEN quantizes whole attention and MLP "
+            f"blocks; it cannot leave {excluded[1]} unquantized"
+        )
+    if not qm.config.get("tie_word_embeddings") and "lm_head.weight" not in qm.dense:
+        raise InputError("source: untied embeddings but no lm_head.weight among the dense tensors")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("rank*.safetensors"):  # a rewrite at a smaller TP must not keep old ranks
+        stale.unlink()
+    config = checkpoint_config(qm.config, qm.scheme, tp_size, excluded)
+    config_path = out_dir / "config.json"
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    written = [config_path]
+    for rank in range(tp_size):
+        path = out_dir / f"rank{rank}.safetensors"
+        save_file(_rank_tensors(qm, shape, algo, tp_size, rank), path, metadata={"format": "pt"})
+        written.append(path)
+    return written
+
+
+def unsupported_reason(scheme: Scheme) -> str | None:
+    """Why this format cannot hold `scheme` (for planning), or None."""
+    try:
+        quant_algo(scheme)
+    except InputError as exc:
+        return str(exc)
+    if scheme.kv_cache_dtype not in ("auto", "fp8"):
+        return f"{FORMAT}: TRT-LLM checkpoints hold fp8 KV scales only, not {scheme.kv_cache_dtype}"
+    return None
+
+
+def export(
+    qm: QuantizedModel,
+    source_dir: Path,
+    out_dir: Path,
+    metadata: dict,
+    *,
+    max_shard_bytes: int | None = None,
+    tp_size: int = 1,
+) -> list[Path]:
+    """`write` with the signature of forge.formats' registry: the checkpoint plus the source's
+    tokenizer files (engine-mode trtllm-serve takes them with --tokenizer) and `forge.json`.
+
+    The rank files are never split: trtllm-build reads exactly one `rank{N}.safetensors` per rank,
+    so `max_shard_bytes` is accepted for the common signature and ignored.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"export: {out_dir} is not empty; exports are written into a fresh directory")
+    written = write(qm, out_dir, tp_size)
+    written += copy_source_files(Path(source_dir), out_dir)
+    written.append(write_json(out_dir / "forge.json", metadata))
+    return sorted(written)
+
+
+def export_notes(qm: QuantizedModel) -> list[str]:
+    """Where the TRT-LLM checkpoint (or TRT-LLM at load) cannot keep forge's numbers bit for bit."""
+    notes = []
+    scheme = qm.scheme
+    if scheme.weight_format == "int4" and not scheme.symmetric:
+        notes.append(
+            f"asymmetric int4: TRT-LLM stores zero points premultiplied, (8 - z) * scale in {scheme.dtype}; "
+            "the rounding of that product moves weights by at most half a unit in its last place"
+        )
+    if scheme.weight_format == "int4" and scheme.dtype != "float16":
+        notes.append(
+            f"int4 scales are float16 in the checkpoint; TRT-LLM casts them to {scheme.dtype} when it "
+            "builds the engine (modeling_utils.preprocess_perlayer_weights)"
+        )
+    if scheme.weight_format == "fp8" and scheme.weight_granularity == "tensor":
+        for name in sorted({n.rsplit(".", 1)[0] for n in qm.linears if n.endswith("q_proj")}):
+            parts = [qm.linears[f"{name}.{p}_proj"] for p in "qkv"]
+            if len({float(p.scale.reshape(-1)[0]) for p in parts}) > 1:
+                notes.append(f"{name}.q/k/v_proj: FP8 per-tensor scales differ; re-rounded onto the largest")
+            inputs = {float(p.input_scale.reshape(-1)[0]) for p in parts if p.input_scale is not None}
+            if len(inputs) > 1:
+                notes.append(f"{name}.q/k/v_proj: input scales differ; the fused layer takes the largest")
+    if scheme.kv_cache_dtype == "fp8":
+        notes.append("fp8 KV cache: one scale per layer for K and V (the larger of k_scale, v_scale)")
+    return notes
+
+
+# ---------------------------------------------------------------- reader
+#
+# Written from the format's definition, not by inverting the writer: each rank is dequantized to
+# dense weights on its own, then the dense shards are merged. A packing or split bug in `write`
+# therefore shows up as a mismatch against `QuantizedModel.dequantize()` instead of cancelling out.
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int8 `[rows / 2, cols]` → signed int4 values `[rows, cols]` (rows 2j: low nibble, 2j+1: high)."""
+    raw = packed.view(torch.uint8).to(torch.int16)
+    low, high = raw % 16, raw // 16
+    low = torch.where(low > 7, low - 16, low)
+    high = torch.where(high > 7, high - 16, high)
+    rows, cols = raw.shape
+    return torch.stack([low, high], dim=1).reshape(rows * 2, cols).to(torch.float32)
+
+
+def _dense_linear(tensors: dict[str, torch.Tensor], prefix: str, algo: str | None) -> torch.Tensor:
+    """One rank's linear weight as fp32 `[out, in]`, following the layer's own parameters."""
+    weight = tensors[f"{prefix}.weight"]
+    if algo == "W4A16_AWQ" and weight.dtype == torch.int8:
+        q = _unpack_int4(weight)
+        scale = tensors[f"{prefix}.weights_scaling_factor"].to(torch.float32)
+        group = q.shape[1] // scale.shape[1]
+        w = q * scale.repeat_interleave(group, dim=1)
+        if f"{prefix}.zero" in tensors:
+            w = w + tensors[f"{prefix}.zero"].to(torch.float32).t().repeat_interleave(group, dim=1)
+        return w
+    if weight.dtype == torch.float8_e4m3fn and f"{prefix}.per_channel_scale" in tensors:
+        return weight.to(torch.float32) * tensors[f"{prefix}.per_channel_scale"].to(torch.float32)[:, None]
+    if weight.dtype == torch.float8_e4m3fn:
+        return weight.to(torch.float32) * tensors[f"{prefix}.weights_scaling_factor"].to(torch.float32)
+    return weight.to(torch.float32)
+
+
+def _hf_config(config: dict) -> dict:
+    rope = {"rope_type": "default", "rope_theta": config.get("rotary_base", 10000.0)}
+    scaling = config.get("rotary_scaling")
+    if scaling:
+        rope.update({k: v for k, v in scaling.items() if k != "type"}, rope_type=scaling.get("type"))
+    return {
+        "architectures": [config["architecture"]],
+        "model_type": "llama",
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "num_hidden_layers": config["num_hidden_layers"],
+        "num_attention_heads": config["num_attention_heads"],
+        "num_key_value_heads": config["num_key_value_heads"],
+        "head_dim": config["head_size"],
+        "hidden_act": config.get("hidden_act", "silu"),
+        "rms_norm_eps": config["norm_epsilon"],
+        "max_position_embeddings": config["max_position_embeddings"],
+        "rope_parameters": rope,
+        "tie_word_embeddings": config.get("tie_word_embeddings", False),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": config["dtype"],
+    }
+
+
+def _load_ranks(directory: Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    mapping = config["mapping"]
+    if mapping.get("pp_size", 1) != 1:
+        raise InputError(f"{directory}: pipeline-parallel checkpoints are not supported")
+    ranks = [load_file(directory / f"rank{r}.safetensors") for r in range(mapping["tp_size"])]
+    return config, ranks
+
+
+def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A TRT-LLM Llama checkpoint as (HF-style config, fp32 HF-named state dict), ranks merged.
+
+    Like the other formats' readers, static activation scales come back as `<module>.input_scale`
+    (`[1]`) and fp8 KV scales as `...self_attn.k_scale` / `v_scale` (0-d), all float32.
+    """
+    config, ranks = _load_ranks(directory)
+    algo = (config.get("quantization") or {}).get("quant_algo")
+    heads, kv_heads, head = config["num_attention_heads"], config["num_key_value_heads"], config["head_size"]
+    tp = len(ranks)
+    state: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": ranks[0]["transformer.vocab_embedding.weight"].to(torch.float32),
+        "model.norm.weight": ranks[0]["transformer.ln_f.weight"].to(torch.float32),
+    }
+    lm_head = torch.cat([r["lm_head.weight"] for r in ranks], dim=0)[: config["vocab_size"]]
+    if not config.get("tie_word_embeddings"):
+        state["lm_head.weight"] = lm_head.to(torch.float32)
+    for i in range(config["num_hidden_layers"]):
+        trt, hf = f"transformer.layers.{i}", f"model.layers.{i}"
+        state[f"{hf}.input_layernorm.weight"] = ranks[0][f"{trt}.input_layernorm.weight"].to(torch.float32)
+        state[f"{hf}.post_attention_layernorm.weight"] = ranks[0][f"{trt}.post_layernorm.weight"].to(
+            torch.float32
+        )
+        qkv = [_dense_linear(r, f"{trt}.attention.qkv", algo) for r in ranks]
+        sizes = [heads // tp * head, kv_heads // tp * head, kv_heads // tp * head]
+        per_rank = [torch.split(w, sizes, dim=0) for w in qkv]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            state[f"{hf}.self_attn.{name}.weight"] = torch.cat([p[j] for p in per_rank], dim=0)
+        for trt_name, hf_name, dim in (
+            ("attention.dense", "self_attn.o_proj", 1),  # row-parallel: input columns were split
+            ("mlp.fc", "mlp.gate_proj", 0),
+            ("mlp.gate", "mlp.up_proj", 0),
+            ("mlp.proj", "mlp.down_proj", 1),
+        ):
+            shards = [_dense_linear(r, f"{trt}.{trt_name}", algo) for r in ranks]
+            state[f"{hf}.{hf_name}.weight"] = torch.cat(shards, dim=dim)
+        # Static activation scales: one per TRT-LLM layer, so every HF projection it fuses shares it.
+        for trt_name, hf_names in (
+            ("attention.qkv", ("q_proj", "k_proj", "v_proj")),
+            ("attention.dense", ("o_proj",)),
+        ):
+            scale = ranks[0].get(f"{trt}.{trt_name}.activation_scaling_factor")
+            for name in hf_names if scale is not None else ():
+                state[f"{hf}.self_attn.{name}.input_scale"] = scale.to(torch.float32).reshape(1)
+        for trt_name, hf_name in (
+            ("mlp.fc", "gate_proj"),
+            ("mlp.gate", "up_proj"),
+            ("mlp.proj", "down_proj"),
+        ):
+            scale = ranks[0].get(f"{trt}.{trt_name}.activation_scaling_factor")
+            if scale is not None:
+                state[f"{hf}.mlp.{hf_name}.input_scale"] = scale.to(torch.float32).reshape(1)
+        # One fp8 KV scale per layer stands for both K and V.
+        kv = ranks[0].get(f"{trt}.attention.kv_cache_scaling_factor")
+        if kv is not None:
+            for name in ("k_scale", "v_scale"):
+                state[f"{hf}.self_attn.{name}"] = kv.to(torch.float32).reshape(())
+    return _hf_config(config), state

@@ -1,0 +1,213 @@
+"""Launch `transformers serve` for a local model directory: the real OpenAI-compatible server that
+runs on a CPU-only machine (REFERENCE §2), so sweeps and tests exercise a real stack.
+
+Facts from transformers 5.17 `transformers/cli/serve.py` and `cli/serving/`:
+- `transformers serve [FORCE_MODEL]`: a local directory works as FORCE_MODEL and is preloaded
+  before the server listens, so `/health` answering 200 means the model is loaded.
+- With a forced model, requests must name that exact string (or omit `model`); anything else is
+  rejected with 400 "Server is pinned to ...". So the model name to send is the path as passed.
+- `/v1/models` scans the HF cache and does not list a forced local directory: poll `/health`.
+- `--host` defaults to localhost, `--port` to 8000; `--continuous-batching`, `--device cpu`.
+- Needs the `serving` extra: fastapi, uvicorn, openai (`is_serve_available`).
+- With `--continuous-batching` and no `--cb-num-blocks`, the paged KV cache is sized from a fraction
+  of *device* memory; on CPU that is system RAM, and a 2-layer test model grabbed 21 GB RSS on a
+  24 GB machine. So CPU launches always pass an explicit, small cache (`cpu_cache_tokens`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from forge.errors import InfraError, InputError
+
+_SERVING_MODULES = ("fastapi", "uvicorn", "openai")
+# Paged-cache shape for CPU launches: small blocks so a few short test requests fit many times over.
+_CPU_BLOCK_SIZE = 32
+_CPU_MAX_BATCH_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A server forge started: where to send requests, what to call the model, how it was launched."""
+
+    base_url: str
+    model: str
+    argv: list[str]
+    log_path: Path
+    pid: int
+
+
+def launch_argv(server: RunningServer) -> list[str]:
+    """The exact command line of a running server, for the report."""
+    return list(server.argv)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it; another process could still race us)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def transformers_cli() -> str:
+    """The `transformers` console script of this interpreter's environment, else the one on PATH."""
+    beside = Path(sys.executable).with_name("transformers")
+    found = str(beside) if beside.exists() else shutil.which("transformers")
+    if not found:
+        raise InfraError(
+            "transformers serve: the `transformers` command is not installed (pip install 'transformers[serving]')"
+        )
+    return found
+
+
+def check_serving_installed() -> None:
+    missing = [m for m in _SERVING_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InfraError(
+            f"transformers serve: missing {', '.join(missing)}; install with pip install 'transformers[serving]'"
+        )
+
+
+def transformers_serve_argv(
+    model_dir: Path,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    device: str = "cpu",
+    continuous_batching: bool = True,
+    cpu_cache_tokens: int = 8192,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """argv for `transformers serve` pinned to one local model directory.
+
+    `cpu_cache_tokens` bounds the continuous-batching KV cache on CPU (see the module doc); it must
+    hold concurrency × (prompt + output) tokens of the sweep.
+    """
+    argv = [transformers_cli(), "serve", str(model_dir), "--host", host, "--port", str(port)]
+    argv += ["--device", device]
+    if not continuous_batching:
+        return argv + ["--no-continuous-batching", *extra_args]
+    argv.append("--continuous-batching")
+    if device == "cpu":
+        argv += ["--cb-block-size", str(_CPU_BLOCK_SIZE)]
+        argv += ["--cb-num-blocks", str(max(1, cpu_cache_tokens // _CPU_BLOCK_SIZE))]
+        argv += ["--cb-max-batch-tokens", str(_CPU_MAX_BATCH_TOKENS)]
+    return argv + list(extra_args)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    # Progress bars rewrite one line with \r; keep only what the last rewrite left.
+    cleaned = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(cleaned[-lines:])
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Poll `/health` until it answers 200; fail fast if the process exits, with its log tail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise InfraError(
+                f"transformers serve exited with code {proc.returncode} before becoming healthy; "
+                f"log {log_path}:\n{log_tail(log_path)}"
+            )
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise InfraError(
+        f"transformers serve did not answer {base_url}/health within {timeout_s:g} s; "
+        f"log {log_path}:\n{log_tail(log_path)}"
+    )
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it lingers past `grace_s`.
+
+    The server runs in its own session (start_new_session), so the group is exactly what we started.
+    """
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+
+
+@contextlib.contextmanager
+def serve_transformers(
+    model_dir: Path,
+    log_path: Path,
+    *,
+    device: str = "cpu",
+    continuous_batching: bool = True,
+    cpu_cache_tokens: int = 8192,
+    startup_timeout_s: float = 180.0,
+    extra_args: Sequence[str] = (),
+) -> Iterator[RunningServer]:
+    """Run `transformers serve` on a free 127.0.0.1 port for the duration of the block.
+
+    The log file is kept after the server stops: it is the first thing to read when a sweep
+    reports errors. Raises InfraError (exit 3) with the log tail if the server dies or never
+    becomes healthy.
+    """
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"model: {model_dir} is not a model directory (no config.json)")
+    check_serving_installed()
+    host = "127.0.0.1"
+    port = free_port(host)
+    argv = transformers_serve_argv(
+        model_dir,
+        port,
+        host=host,
+        device=device,
+        continuous_batching=continuous_batching,
+        cpu_cache_tokens=cpu_cache_tokens,
+        extra_args=extra_args,
+    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    base_url = f"http://{host}:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            # Plain output: no colour codes or agent formatting in the kept log.
+            env={**os.environ, "NO_COLOR": "1", "TERM": "dumb"},
+        )
+    try:
+        wait_healthy(base_url, proc, log_path, startup_timeout_s)
+        yield RunningServer(base_url=base_url, model=str(model_dir), argv=argv, log_path=log_path, pid=proc.pid)
+        if proc.poll() is not None:
+            raise InfraError(
+                f"transformers serve died during the run (exit {proc.returncode}); "
+                f"log {log_path}:\n{log_tail(log_path)}"
+            )
+    finally:
+        stop_process(proc)

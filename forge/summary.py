@@ -1,0 +1,391 @@
+"""A build report (`build.json`) as CI reads it: a Markdown job summary and JUnit XML.
+
+CI systems already know how to show these two: GitHub renders Markdown appended to
+`$GITHUB_STEP_SUMMARY` on the run page, and GitLab, Jenkins and most test-report actions read
+JUnit XML. Both are pure functions of the report dict, so they work on a report copied from
+another runner, and they tolerate sections a report does not have (a build without accuracy
+validation, throughput or images, or an older report).
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+
+PASS = "✅ pass"
+FAIL = "❌ FAIL"
+
+# Stage statuses that mean "nothing ran here": JUnit `<skipped>` with the reason.
+SKIPPED_STATUSES = ("deferred", "not-implemented", "disabled")
+
+
+# ---------------------------------------------------------------- reading the report
+
+
+def report_gates(report: dict) -> list[dict]:
+    """Every gate of the report in one shape: suite, artifact, name, metric, limit, measured, passed.
+
+    Accuracy gates come from `validation.accuracy` (forge/build.py); throughput gates from each
+    sweep in `validation.throughput` (forge/loadgen: `gates` with `level`), when present.
+    """
+    validation = report.get("validation") or {}
+    gates = []
+    for g in validation.get("accuracy") or []:
+        gates.append({"suite": "accuracy", **_gate(g, g.get("artifact", "?"))})
+    for sweep in _sweeps(validation.get("throughput")):
+        for g in sweep.get("gates") or []:
+            gates.append({"suite": "throughput", **_gate(g, _artifact_name(sweep))})
+    return gates
+
+
+def _gate(g: dict, artifact: str) -> dict:
+    name = str(g.get("name", "?"))
+    return {
+        "artifact": artifact,
+        "name": name,
+        "metric": g.get("metric") or g.get("level"),
+        "limit": g.get("limit"),
+        "measured": g.get("measured"),
+        "margin": g.get("margin"),
+        "passed": bool(g.get("passed")),
+        # forge's gate names say their direction: `max_*`/`*_p99_ms` are upper bounds, `min_*` lower.
+        "direction": "min" if name.startswith("min_") else "max",
+    }
+
+
+def _sweeps(throughput) -> list[dict]:
+    """`validation.throughput` as a list of sweeps, whether stored as a list or keyed by artifact."""
+    if not throughput:
+        return []
+    if isinstance(throughput, dict):
+        if "levels" in throughput or "gates" in throughput:
+            return [throughput]
+        return [{"artifact": key, **value} for key, value in throughput.items() if isinstance(value, dict)]
+    return [s for s in throughput if isinstance(s, dict)]
+
+
+def _artifact_name(entry: dict) -> str:
+    if entry.get("artifact"):
+        return str(entry["artifact"])
+    parts = [entry.get(k) for k in ("variant", "backend", "gpu") if entry.get(k)]
+    return "/".join(map(str, parts)) or str(entry.get("model") or entry.get("endpoint") or "?")
+
+
+def _images(report: dict) -> list[dict]:
+    images = report.get("images")
+    if images is None:
+        images = (report.get("package") or {}).get("images")
+    if isinstance(images, dict):
+        images = [{"artifact": key, **value} for key, value in images.items() if isinstance(value, dict)]
+    return [i for i in images or [] if isinstance(i, dict)]
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _number(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _cell(value) -> str:
+    """A table cell: pipes escaped and newlines as <br> so one value never breaks the table."""
+    text = value if isinstance(value, str) else _number(value)
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable]) -> str:
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _verdict(gate: dict) -> str:
+    if gate["passed"]:
+        return PASS
+    if gate["measured"] is None:
+        return f"{FAIL}: not measured"
+    side = "above the maximum" if gate["direction"] == "max" else "below the minimum"
+    try:
+        off = abs(float(gate["measured"]) - float(gate["limit"]))
+    except (TypeError, ValueError):
+        return FAIL
+    return f"{FAIL}: {off:.4g} {side}"
+
+
+def render_markdown_summary(report: dict) -> str:
+    """Markdown for `$GITHUB_STEP_SUMMARY`: verdict, artifacts, gates, throughput, images, stages.
+
+    GitHub renders GitHub-flavoured Markdown appended to that file on the run's summary page (at
+    most 1 MiB per step):
+    https://docs.github.com/en/actions/writing-workflows/choosing-what-your-workflow-does/workflow-commands-for-github-actions#adding-a-job-summary
+    """
+    recipe = report.get("recipe") or {}
+    name = recipe.get("name") if isinstance(recipe, dict) else str(recipe)
+    gates = report_gates(report)
+    failed = [g for g in gates if not g["passed"]]
+    out = [f"## forge build: {name or '?'}\n"]
+    facts = []
+    if report.get("forge_version"):
+        facts.append(f"forge {report['forge_version']}")
+    if report.get("seconds") is not None:
+        facts.append(f"{_number(report['seconds'], 3)} s")
+    if gates:
+        facts.append(f"{len(gates) - len(failed)}/{len(gates)} gates passed")
+    if facts:
+        out.append(" · ".join(facts) + "\n")
+    if failed:
+        out.append(
+            f"**{len(failed)} gate(s) failed**: "
+            + ", ".join(f"`{g['artifact']}` {g['name']}" for g in failed)
+        )
+        out.append("")
+
+    artifacts = report.get("artifacts") or []
+    if artifacts:
+        rows = []
+        for a in artifacts:
+            files = a.get("files") or {}
+            size = sum(f.get("bytes", 0) for f in files.values() if isinstance(f, dict)) if files else None
+            rows.append(
+                [
+                    a.get("variant"),
+                    a.get("backend"),
+                    a.get("gpu"),
+                    a.get("format") or "—",
+                    len(files),
+                    _bytes(size),
+                    f"`{a['path']}`" if a.get("path") else "—",
+                ]
+            )
+        out.append("### Artifacts\n")
+        out.append(_table(["variant", "backend", "GPU", "format", "files", "size", "path"], rows))
+    impossible = report.get("impossible") or []
+    if impossible:
+        out.append("### Impossible combinations (not built)\n")
+        rows = [[i.get("variant"), i.get("backend"), i.get("gpu"), i.get("reason", "")] for i in impossible]
+        out.append(_table(["variant", "backend", "GPU", "why"], rows))
+
+    accuracy = [g for g in gates if g["suite"] == "accuracy"]
+    if accuracy:
+        out.append("### Accuracy gates\n")
+        rows = [
+            [
+                g["artifact"],
+                g["name"],
+                g["metric"] or "—",
+                g["limit"],
+                g["measured"],
+                g["margin"],
+                _verdict(g),
+            ]
+            for g in accuracy
+        ]
+        out.append(_table(["artifact", "gate", "metric", "limit", "measured", "margin", "result"], rows))
+
+    sweeps = _sweeps((report.get("validation") or {}).get("throughput"))
+    if sweeps:
+        out.append(render_throughput(sweeps))
+
+    images = _images(report)
+    if images:
+        out.append("### Images\n")
+        preferred = ["artifact", "variant", "backend", "gpu", "reference", "tag", "digest", "bytes", "pushed"]
+        present = [k for k in preferred if any(k in i for i in images)]
+        present += sorted({k for i in images for k, v in i.items() if k not in present and _scalar(v)})
+        rows = [[_bytes(i.get(k)) if k == "bytes" else i.get(k, "—") for k in present] for i in images]
+        out.append(_table(present, rows))
+
+    stages = report.get("stages") or []
+    if stages:
+        out.append("### Stages\n")
+        rows = []
+        for s in stages:
+            status = s.get("status", "—")
+            seconds = s.get("seconds") if status == "ran" else None
+            seconds = f"{seconds:.2f}" if isinstance(seconds, int | float) else seconds
+            note = s.get("command") or s.get("reason") or ""
+            rows.append([f"`{s.get('id', '?')}`", status, seconds, f"`{note}`" if s.get("command") else note])
+        out.append(_table(["stage", "status", "seconds", "note / command to run it"], rows))
+    return "\n".join(out)
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def render_throughput(sweeps: list[dict]) -> str:
+    """Per artifact: each load level's throughput and p99 latencies, its gates, and the cost."""
+    out = ["### Throughput\n"]
+    rows = []
+    for sweep in sweeps:
+        for level in sweep.get("levels") or []:
+            ttft = (level.get("ttft_ms") or {}).get("p99")
+            tpot = (level.get("tpot_ms") or {}).get("p99")
+            rows.append(
+                [
+                    _artifact_name(sweep),
+                    level.get("label", "—"),
+                    level.get("request_throughput_rps"),
+                    level.get("output_tok_s"),
+                    ttft,
+                    tpot,
+                    level.get("goodput_rps"),
+                    level.get("errors", 0),
+                ]
+            )
+    if rows:
+        header = [
+            "artifact",
+            "level",
+            "req/s",
+            "output tok/s",
+            "TTFT p99 ms",
+            "TPOT p99 ms",
+            "goodput req/s",
+            "errors",
+        ]
+        out.append(_table(header, rows))
+    gates = [
+        {"suite": "throughput", **_gate(g, _artifact_name(s))} for s in sweeps for g in s.get("gates") or []
+    ]
+    if gates:
+        out.append("#### Throughput gates\n")
+        out.append(
+            _table(
+                ["artifact", "gate", "at level", "limit", "measured", "result"],
+                [
+                    [g["artifact"], g["name"], g["metric"] or "—", g["limit"], g["measured"], _verdict(g)]
+                    for g in gates
+                ],
+            )
+        )
+    costs = [(s, s["cost"]) for s in sweeps if isinstance(s.get("cost"), dict)]
+    if costs:
+        out.append("#### Cost\n")
+        rows = [
+            [
+                _artifact_name(s),
+                c.get("level", "—"),
+                c.get("gpus"),
+                c.get("usd_per_gpu_hour"),
+                c.get("output_tok_s"),
+                c.get("usd_per_million_output_tokens"),
+            ]
+            for s, c in costs
+        ]
+        out.append(
+            _table(
+                [
+                    "artifact",
+                    "priced at level",
+                    "GPUs",
+                    "USD/GPU-hour",
+                    "output tok/s",
+                    "USD per 1M output tokens",
+                ],
+                rows,
+            )
+        )
+    plots = [
+        (s, p) for s in sweeps for p in (s.get("files") or {}).values() if str(p).endswith((".png", ".svg"))
+    ]
+    if plots:
+        out.append("Plots: " + ", ".join(f"`{p}`" for _, p in plots) + "\n")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- JUnit XML
+
+
+def render_junit(report: dict) -> str:
+    """JUnit XML: one testcase per gate (`<failure>` says measured vs limit) and one `<skipped>`
+    testcase per deferred / not-implemented / disabled stage (the reason, and the command to run
+    it later when the plan has one).
+
+    Elements and attributes follow the JUnit schema most CI readers accept
+    (https://github.com/windyroad/JUnit-Schema, used by GitLab's unit test reports:
+    https://docs.gitlab.com/ci/testing/unit_test_reports/).
+    """
+    recipe = report.get("recipe") or {}
+    name = recipe.get("name") if isinstance(recipe, dict) else str(recipe)
+    root = ET.Element("testsuites", name=f"forge {name or '?'}")
+    suites: dict[str, list[ET.Element]] = {}
+
+    for g in report_gates(report):
+        case = ET.Element(
+            "testcase", classname=f"forge.{g['suite']}.{g['artifact']}", name=_case_name(g), time="0"
+        )
+        if not g["passed"]:
+            message = _failure_message(g)
+            failure = ET.SubElement(case, "failure", message=message, type="GateFailed")
+            failure.text = message
+        suites.setdefault(f"forge.{g['suite']}", []).append(case)
+
+    for s in report.get("stages") or []:
+        if s.get("status") not in SKIPPED_STATUSES:
+            continue
+        case = ET.Element(
+            "testcase", classname=f"forge.stages.{s.get('kind', 'stage')}", name=str(s.get("id")), time="0"
+        )
+        reason = f"{s['status']}: {s.get('reason') or 'no reason given'}"
+        skipped = ET.SubElement(case, "skipped", message=reason)
+        if s.get("command"):
+            skipped.text = f"run later with: {s['command']}"
+        suites.setdefault("forge.stages", []).append(case)
+
+    totals = {"tests": 0, "failures": 0, "skipped": 0}
+    for suite_name, cases in suites.items():
+        counts = {
+            "tests": len(cases),
+            "failures": sum(c.find("failure") is not None for c in cases),
+            "skipped": sum(c.find("skipped") is not None for c in cases),
+        }
+        suite = ET.SubElement(
+            root, "testsuite", name=suite_name, errors="0", time="0", **{k: str(v) for k, v in counts.items()}
+        )
+        suite.extend(cases)
+        for key, value in counts.items():
+            totals[key] += value
+    root.set("tests", str(totals["tests"]))
+    root.set("failures", str(totals["failures"]))
+    root.set("skipped", str(totals["skipped"]))
+    root.set("errors", "0")
+    root.set("time", _number(report.get("seconds") or 0, 6))
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _case_name(g: dict) -> str:
+    # One gate can cover several metrics (min_recovery covers every task), so the metric names the case.
+    if g["metric"] and g["suite"] == "accuracy":
+        return f"{g['name']} [{g['metric']}]"
+    return g["name"]
+
+
+def _failure_message(g: dict) -> str:
+    bound = "maximum" if g["direction"] == "max" else "minimum"
+    limit = _number(g["limit"])
+    if g["measured"] is None:
+        return f"{g['artifact']}: {g['name']} was not measured (limit: {bound} {limit})"
+    return f"{g['artifact']}: {g['name']} measured {_number(g['measured'])}, limit: {bound} {limit}"

@@ -1,0 +1,68 @@
+"""The load generator against a real OpenAI-compatible server: `transformers serve` on CPU serving
+the tiny Llama. Checks what only a real stack can show: token counts agree with the server's usage
+exactly, prompts are exactly as long as the server counts them, and the metrics are consistent."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from forge.loadgen import SLOs, launch_argv, run_sweep, serve_transformers
+
+pytestmark = pytest.mark.integration
+
+PROMPT_TOKENS = 32
+OUTPUT_TOKENS = 8
+REQUESTS = 4
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _check_consistent(level) -> None:
+    for stats in (level.ttft_ms, level.tpot_ms, level.itl_ms, level.e2el_ms):
+        assert stats.count > 0 and 0 < stats.p50 <= stats.p90 <= stats.p99
+    assert level.ttft_ms.p50 <= level.e2el_ms.p50
+    assert level.output_tok_s == pytest.approx(level.total_output_tokens / level.duration_s)
+    assert level.request_throughput_rps == pytest.approx(level.completed / level.duration_s)
+
+
+def test_sweep_against_transformers_serve(tiny_model: Path, tmp_path: Path) -> None:
+    with serve_transformers(tiny_model, tmp_path / "server.log") as server:
+        argv = launch_argv(server)
+        result = run_sweep(
+            server.base_url, server.model, None, [1, 4], PROMPT_TOKENS, OUTPUT_TOKENS, REQUESTS,
+            tmp_path / "completions", SLOs(ttft_p99_ms=60_000, tpot_p99_ms=10_000),
+            flavor="transformers", warmup_requests=1, server_argv=argv, plots=False,
+        )  # fmt: skip
+        chat = run_sweep(
+            server.base_url, server.model, None, [2], PROMPT_TOKENS, OUTPUT_TOKENS, 2, tmp_path / "chat",
+            api="chat", flavor="transformers", warmup_requests=0, plots=False,
+        )  # fmt: skip
+    assert not _alive(server.pid)
+    assert "Uvicorn running" in (tmp_path / "server.log").read_text()
+    assert argv[1:3] == ["serve", str(tiny_model.resolve())] and result.server_argv == argv
+
+    for sweep in (result, chat):
+        assert sweep.warnings == []
+        for level in sweep.levels:
+            assert level.errors == 0 and level.completed == level.requests
+            lines = [json.loads(x) for x in Path(level.records_path).read_text().splitlines()]
+            # Output tokens: the summary's total is exactly the server's own usage, and every request
+            # produced exactly what it asked for (min_new_tokens held EOS back).
+            assert all(x["output_tokens_source"] == "usage" for x in lines)
+            assert level.total_output_tokens == sum(x["output_tokens"] for x in lines)
+            assert level.total_output_tokens == level.requests * OUTPUT_TOKENS and level.short_outputs == 0
+            # Prompts: exactly as long as the server's tokenizer (and chat template) counts them.
+            assert {x["prompt_tokens"] for x in lines} == {PROMPT_TOKENS}
+            assert level.total_input_tokens == level.requests * PROMPT_TOKENS
+            _check_consistent(level)
+    assert result.gates_passed and [g.name for g in result.gates] == ["ttft_p99_ms", "tpot_p99_ms"]
