@@ -205,3 +205,58 @@ def gpus(as_json: bool) -> None:
         click.echo(f"{p['name']:<10} {p['sm']:<7} {p['memory_gib']:>4} GiB  ${p['usd_per_hour']:5.2f}/h  {flags}".rstrip())
     detected = ", ".join(f"{g['name']} ({g['sm']}, profile {g['profile']})" for g in listing["local"])
     click.echo(f"local: {detected or listing['local_reason']}")
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+@main.command()
+@click.option("--endpoint", required=True, help="Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000.")
+@click.option("--model", required=True, help="Model name the server expects in requests.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="Tokenizer directory for exact prompt lengths [default: --model when it is a directory].")  # fmt: skip
+@click.option("--api", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
+@click.option("--flavor", type=click.Choice(["vllm", "openai", "transformers", "none"]), default="vllm",
+              show_default=True, help="How to ask for a fixed output length (ignore_eos dialect).")  # fmt: skip
+@click.option("--concurrency", default="1,4,16", show_default=True, callback=_int_list,
+              help="Closed-loop concurrency levels.")  # fmt: skip
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--output-tokens", type=int, default=64, show_default=True)
+@click.option("--requests", type=int, default=32, show_default=True, help="Measured requests per level.")
+@click.option("--ttft-p99-ms", type=float, default=None, help="Gate: p99 time to first token.")
+@click.option("--tpot-p99-ms", type=float, default=None, help="Gate: p99 time per output token.")
+@click.option("--min-output-tok-s", type=float, default=None, help="Gate: output tokens/s at the top level.")
+@click.option("--gpu-usd-per-hour", type=float, default=None, help="Price per GPU-hour for the cost figure.")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs behind the endpoint.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/bench"), show_default=True,
+              help="Directory for per-request JSONL, summary.json and plots.")  # fmt: skip
+@JSON
+@handle_errors
+def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, output_tokens, requests,
+          ttft_p99_ms, tpot_p99_ms, min_output_tok_s, gpu_usd_per_hour, gpus, out, as_json) -> None:  # fmt: skip
+    """Measure any running OpenAI-compatible server: throughput, TTFT, TPOT, ITL, E2E latency
+    (mean, p50, p90, p99) per concurrency level, gates, and cost per 1M output tokens.
+    Exit 1 when a gate fails."""
+    from forge.loadgen import GpuCost, SLOs, run_sweep
+
+    slos = SLOs(ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, min_output_tok_s=min_output_tok_s)
+    cost = GpuCost(gpu_usd_per_hour, gpus) if gpu_usd_per_hour else None
+    result = run_sweep(
+        endpoint, model, tokenizer, concurrency, prompt_tokens, output_tokens, requests, out, slos,
+        api=api, flavor=flavor, gpu_cost=cost,
+    )  # fmt: skip
+    summary = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        from forge.report import render_sweep
+
+        render_sweep(summary)
+        click.echo(f"records and plots: {out}")
+    if not result.gates_passed:
+        raise GateFailed("throughput gates failed: " + ", ".join(
+            g["name"] for g in summary["gates"] if not g["passed"]))  # fmt: skip

@@ -60,3 +60,30 @@ def render_build(report: dict, report_path: Path, console: Console | None = None
             gates.add_row(g["artifact"], g["name"], f"{g['limit']:g}", f"{g['measured']:.4g}", verdict)
         console.print(gates)
     console.print(f"report: {report_path}")
+
+
+def _ms(stats: dict) -> str:
+    return "-" if stats.get("p50") is None else f"{stats['p50']:.0f} / {stats['p99']:.0f}"
+
+
+def render_sweep(summary: dict, console: Console | None = None) -> None:
+    """One row per load level: throughput and p50 / p99 latencies (ms)."""
+    console = console or Console()
+    table = Table(title=f"load sweep: {summary['model']} ({summary['endpoint']})", title_justify="left")
+    for column in ("level", "ok/err", "req/s", "out tok/s", "TTFT p50/p99", "TPOT p50/p99", "E2E p50/p99"):
+        table.add_column(column, justify="right")
+    for level in summary["levels"]:
+        table.add_row(
+            level["label"], f"{level['completed']}/{level['errors']}", f"{level['request_throughput_rps']:.2f}",
+            f"{level['output_tok_s']:.1f}", _ms(level["ttft_ms"]), _ms(level["tpot_ms"]), _ms(level["e2el_ms"]),
+        )  # fmt: skip
+    console.print(table)
+    for gate in summary["gates"]:
+        verdict = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
+        measured = "n/a" if gate["measured"] is None else f"{gate['measured']:.4g}"
+        console.print(f"gate {gate['name']}: limit {gate['limit']:g}, measured {measured} {verdict}")
+    if summary.get("cost"):
+        cost = summary["cost"]
+        console.print(f"cost: ${cost['usd_per_million_output_tokens']:.2f} per 1M output tokens at {cost['level']}")
+    for warning in summary["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")

@@ -1,0 +1,29 @@
+"""`forge bench --endpoint`: the CLI over the load generator, against the local streaming stub."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from forge.cli import main
+from tests.stream_stub import StubBehavior, running_stub
+from tests.tiny import make_tokenizer
+
+
+def test_bench_reports_levels_and_fails_an_unmeetable_gate(tmp_path):
+    tok = tmp_path / "tok"
+    make_tokenizer(512).save_pretrained(tok)
+    with running_stub(StubBehavior(ttft_s=0.005, itl_s=0.001, tokens_per_chunk=2)) as stub:
+        args = ["bench", "--endpoint", stub.url, "--model", "m", "--tokenizer", str(tok), "--concurrency", "1,4",
+                "--prompt-tokens", "16", "--output-tokens", "8", "--requests", "6", "--out", str(tmp_path / "out")]
+        ok = CliRunner().invoke(main, [*args, "--json", "--gpu-usd-per-hour", "4.5"])
+        strict = CliRunner().invoke(main, [*args, "--ttft-p99-ms", "0.001"])
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads(ok.output)
+    assert [lv["label"] for lv in summary["levels"]] == ["c1", "c4"]
+    assert all(lv["total_output_tokens"] == 6 * 8 for lv in summary["levels"])
+    assert summary["cost"]["usd_per_gpu_hour"] == 4.5
+    assert (tmp_path / "out" / "summary.json").is_file()
+    assert strict.exit_code == 1, strict.output
+    assert "throughput gates failed" in strict.output and "c4" in strict.output
