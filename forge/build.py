@@ -91,9 +91,15 @@ def build(
         export_dir = exports[stage.id.replace("accuracy/", "export/", 1)] / "model"
         run(stage, lambda out, s=stage, e=export_dir: stage_accuracy(plan, s, e, baseline_dir, out, progress))
 
+    engines: dict[str, Path] = {}
     for stage in selected("engine"):
         checkpoint = exports[stage.needs[0]] / "model"
-        run(stage, lambda out, s=stage, c=checkpoint: stage_engine(plan, s, c, out, progress))
+        engines[stage.id] = run(stage, lambda out, s=stage, c=checkpoint: stage_engine(plan, s, c, out, progress))
+
+    for stage in selected("throughput"):
+        model_dir = exports[stage.needs[0]] / "model"
+        engine_dir = engines[stage.needs[1]] / "engine" if len(stage.needs) > 1 else None
+        run(stage, lambda out, s=stage, m=model_dir, e=engine_dir: stage_throughput(plan, s, m, e, out, progress))
 
     for stage in plan.stages:
         if stage.id not in records:
@@ -102,6 +108,7 @@ def build(
             records[stage.id] = {"status": status, "reason": reason, "command": stage.command}
 
     gates = evaluate_accuracy_gates(plan, records)
+    throughput = throughput_results(plan, records)
     out_root = artifacts_dir / recipe.name
     artifacts = materialize_artifacts(plan, exports, out_root)
     report = {
@@ -117,13 +124,16 @@ def build(
             for a in plan.artifacts
             if a.status == "impossible"
         ],
-        "validation": {"accuracy": gates},
+        "validation": {"accuracy": gates, "throughput": throughput},
         "seconds": round(time.monotonic() - started, 3),
     }
     report_path = out_root / "build.json"
     atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=False) + "\n")
     atomic_write_text(out_root / "recipe.resolved.yaml", dump_recipe(recipe))
     failed = [g for g in gates if not g["passed"]]
+    for sweep in throughput:
+        artifact = sweep["stage"].removeprefix("throughput/")
+        failed += [{**g, "artifact": artifact} for g in sweep["gates"] if not g["passed"]]
     result = BuildResult(report, report_path, failed)
     if failed:
         raise GateFailed(gate_failure_message(failed), result)
@@ -259,6 +269,51 @@ def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, prog
     return {"runner": built.runner, "command": built.command, "engine_key": built.key, "files": file_digests(out)}
 
 
+def stage_throughput(
+    plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, progress: Progress
+) -> dict:
+    """Serve the artifact and sweep the recipe's load: `transformers serve` for the CPU stage, the
+    backend's container on a GPU builder otherwise."""
+    from forge.gpus import lookup_gpu
+    from forge.loadgen import GpuCost, SLOs, run_sweep, serve_transformers
+    from forge.loadgen.server import serve_container
+    from forge.serving import ENGINE_DIR, MODEL_DIR, serve_spec
+
+    load = plan.recipe.validation.throughput
+    slos = SLOs(load.max_ttft_p99_ms, load.max_tpot_p99_ms, load.min_output_tps, load.min_goodput)
+    gpu_name = stage.params["gpu"]
+    if gpu_name == "cpu":
+        price = load.usd_per_hour.get("cpu")
+        server = serve_transformers(model_dir, out / "server.log")
+        flavor, gpus = "transformers", 1
+    else:
+        target = plan.recipe.targets[stage.params["target"]]
+        spec = serve_spec(plan.recipe, stage.params["variant"], plan.schemes[stage.params["variant"]], target, gpu_name, "")
+        price = load.usd_per_hour.get(gpu_name, lookup_gpu(gpu_name).usd_per_hour)
+        mount = (engine_dir, ENGINE_DIR) if engine_dir else (model_dir, MODEL_DIR)
+        server = serve_container(spec.base_image, spec.argv, *mount, spec.port, spec.health_path, out / "server.log",
+                                 gpus=target.tensor_parallel)  # fmt: skip
+        flavor, gpus = {"vllm": "vllm", "tgi": "none"}.get(target.backend, "openai"), target.tensor_parallel
+    with progress.task(f"load sweep {stage.id}", total=None), server as running:
+        result = run_sweep(
+            running.base_url, running.model, model_dir, load.concurrency, load.prompt_tokens, load.output_tokens,
+            load.requests_per_level, out / "sweep", slos, flavor=flavor, server_argv=running.argv,
+            gpu_cost=GpuCost(price, gpus) if price else None,
+        )  # fmt: skip
+    return {"variant": stage.params["variant"], "gpu": gpu_name, "sweep": result.to_dict()}
+
+
+def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
+    """Each measured throughput stage's levels, gates and cost, for the report."""
+    results = []
+    for stage in plan.of_kind("throughput"):
+        record = records[stage.id]
+        if "sweep" in record:
+            sweep = record["sweep"]
+            results.append({"stage": stage.id, "variant": record["variant"], "gpu": record["gpu"], **sweep})
+    return results
+
+
 # ---------------------------------------------------------------- gates and outputs
 
 
@@ -279,10 +334,9 @@ def evaluate_accuracy_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
 def gate_failure_message(failed: list[dict]) -> str:
     lines = ["validation gates failed:"]
     for g in failed:
-        lines.append(
-            f"  {g['artifact']}: {g['name']} limit {g['limit']:g}, measured {g['measured']:.4g}"
-            f" (off by {abs(g['margin']):.4g})"
-        )
+        measured = "nothing measured" if g["measured"] is None else f"measured {g['measured']:.4g}"
+        off = f" (off by {abs(g['measured'] - g['limit']):.4g})" if g["measured"] is not None else ""
+        lines.append(f"  {g['artifact']}: {g['name']} limit {g['limit']:g}, {measured}{off}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,8 @@ fast and it runs before anything is downloaded or computed.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +30,6 @@ from forge.source import read_model_config, source_identity
 # Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
 STAGE_VERSIONS = {"source": 1, "baseline": 1, "quantize": 1, "export": 1, "accuracy": 1}
 NOT_IMPLEMENTED = {
-    "throughput": "not implemented yet (issue: throughput and latency validation)",
     "package": "not implemented yet (issue: serving containers and OCI images)",
     "push": "not implemented yet (issue: registry push)",
 }
@@ -220,19 +221,10 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
                     )  # fmt: skip
                     continue
                 fmt = export_format(target.backend, scheme, target)
-                export_id = f"export/{variant.name}/{fmt}"
-                if fmt == "trtllm-checkpoint":
-                    export_id += f"-tp{target.tensor_parallel}"
-                if export_id not in exports:
-                    exports[export_id] = plan.add(
-                        "export", export_id,
-                        {"quantized": quantize[variant.name].key, "format": fmt, "tp": target.tensor_parallel},
-                        needs=[f"quantize/{variant.name}"],
-                        params={"variant": variant.name, "format": fmt, "tp": target.tensor_parallel},
-                    )  # fmt: skip
-                artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned", export_stage=export_id,
+                export = export_stage(plan, exports, quantize[variant.name], fmt, target.tensor_parallel)
+                artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned", export_stage=export.id,
                                     tensor_parallel=target.tensor_parallel)  # fmt: skip
-                artifact.stages += target_stages(plan, target, mode, variant, gpu, exports[export_id])
+                artifact.stages += target_stages(plan, target, mode, variant, gpu, export)
                 plan.artifacts.append(artifact)
     if explicit_problems:
         raise InputError("\n".join(explicit_problems))
@@ -241,6 +233,9 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
             f"  {a.variant} → {a.backend} on {a.gpu}: {a.reason}" for a in plan.artifacts
         ))  # fmt: skip
 
+    throughput = recipe.validation.throughput
+    if throughput.enabled and throughput.cpu:
+        cpu_throughput_stages(plan, exports, quantize)
     if baseline is not None:
         for export in list(exports.values()):
             plan.add(
@@ -251,6 +246,18 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
     return plan
 
 
+def export_stage(plan: Plan, exports: dict[str, Stage], quantized: Stage, fmt: str, tp: int) -> Stage:
+    """The export of one quantized variant in one format, shared by every target that loads it."""
+    variant = quantized.params["variant"]
+    export_id = f"export/{variant}/{fmt}" + (f"-tp{tp}" if fmt == "trtllm-checkpoint" else "")
+    if export_id not in exports:
+        exports[export_id] = plan.add(
+            "export", export_id, {"quantized": quantized.key, "format": fmt, "tp": tp},
+            needs=[quantized.id], params={"variant": variant, "format": fmt, "tp": tp},
+        )  # fmt: skip
+    return exports[export_id]
+
+
 def target_stages(plan: Plan, target: Target, mode: str | None, variant: Variant, gpu: GPUProfile,
                   export: Stage) -> list[str]:
     """The GPU-side stages of one artifact: engine build, throughput, package, push."""
@@ -259,10 +266,8 @@ def target_stages(plan: Plan, target: Target, mode: str | None, variant: Variant
     cell = f"{variant.name}/{target.backend}/{gpu.name}"
     if target.backend == "trtllm" and mode == "engine":
         ids.append(engine_stage(plan, target, variant, gpu, export, cell).id)
-    throughput = recipe.validation.throughput
-    if throughput.enabled:
-        ids.append(add("throughput", f"throughput/{cell}", None, status="not-implemented",
-                       reason=NOT_IMPLEMENTED["throughput"]).id)  # fmt: skip
+    if recipe.validation.throughput.enabled:
+        ids.append(gpu_throughput_stage(plan, target, variant, gpu, export, cell).id)
     if recipe.package.enabled:
         ids.append(add("package", f"package/{cell}", None, status="not-implemented",
                        reason=NOT_IMPLEMENTED["package"]).id)  # fmt: skip
@@ -270,6 +275,46 @@ def target_stages(plan: Plan, target: Target, mode: str | None, variant: Variant
             ids.append(add("push", f"push/{cell}", None, status="not-implemented",
                            reason=NOT_IMPLEMENTED["push"]).id)  # fmt: skip
     return ids
+
+
+def local_gpu(plan: Plan, gpu: GPUProfile) -> bool:
+    return any(g.compute_capability == gpu.compute_capability for g in plan.local_gpus.gpus)
+
+
+def throughput_inputs(plan: Plan) -> dict:
+    """What a measurement depends on besides the artifact: the load, the gates (goodput counts
+    requests within the SLOs), and the machine for CPU runs."""
+    return {"load": plan.recipe.validation.throughput.model_dump(exclude={"usd_per_hour"})}
+
+
+def gpu_throughput_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage,
+                         cell: str) -> Stage:  # fmt: skip
+    """Serve the artifact in its backend's container on the target GPU and sweep the load."""
+    from forge.serving import serve_spec
+
+    stage_id = f"throughput/{cell}"
+    inputs = {"export": export.key, "target": target.model_dump(), "gpu": gpu.name, **throughput_inputs(plan)}
+    params = {"variant": variant.name, "gpu": gpu.name, "target": plan.recipe.targets.index(target)}
+    needs = [export.id] + ([f"engine/{cell}"] if any(s.id == f"engine/{cell}" for s in plan.stages) else [])
+    if local_gpu(plan, gpu):
+        return plan.add("throughput", stage_id, inputs, needs=needs, params=params)
+    spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, "")
+    reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
+    command = f"forge build {plan.recipe_file} --only {stage_id}  # serves {spec.base_image}: {shlex.join(spec.argv)}"
+    return plan.add("throughput", stage_id, inputs, deferred=(reason, command), needs=needs, params=params)
+
+
+def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage]) -> None:
+    """Per variant: its compressed-tensors export served by `transformers serve` on this CPU."""
+    machine = {"machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count()}
+    for variant in plan.recipe.variants:
+        # transformers loads compressed-tensors on CPU; the export is added if no target asked for it.
+        export = export_stage(plan, exports, quantize[variant.name], "compressed-tensors", 1)
+        plan.add(
+            "throughput", f"throughput/{variant.name}/cpu",
+            {"export": export.key, **throughput_inputs(plan), "cpu": machine},
+            needs=[export.id], params={"variant": variant.name, "gpu": "cpu"},
+        )  # fmt: skip
 
 
 def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage,
@@ -286,8 +331,7 @@ def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, 
     }
     stage_id = f"engine/{cell}"
     params = {"variant": variant.name, "gpu": gpu.name, "target": plan.recipe.targets.index(target)}
-    local = [g for g in plan.local_gpus.gpus if g.compute_capability == gpu.compute_capability]
-    if local:
+    if local_gpu(plan, gpu):
         return plan.add("engine", stage_id, inputs, needs=[export.id], params=params)
     reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
     build = trtllm.docker_build_argv("CHECKPOINT_DIR", "ENGINE_DIR", limits, scheme, target.trtllm.version)

@@ -210,6 +210,11 @@ class AccuracyValidation(Strict):
 
 class ThroughputValidation(Strict):
     enabled: bool = Field(default=False, description="Serve each artifact and measure it under load.")
+    cpu: bool = Field(
+        default=True,
+        description="Also serve each variant's compressed-tensors export on this machine with `transformers "
+        "serve` (CPU) and gate it; GPU targets are measured in their backend's container on a GPU builder.",
+    )
     concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Closed-loop levels.")
     prompt_tokens: int = Field(default=128, ge=1, description="Prompt length in tokens.")
     output_tokens: int = Field(default=64, ge=1, description="Output length in tokens (ignore_eos).")

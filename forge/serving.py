@@ -19,6 +19,7 @@ from forge.templating import render
 
 MODEL_DIR = "/models/model"
 LAUNCH_DIR = "/models/launch"
+ENGINE_DIR = "/models/engine"  # TensorRT-LLM engine mode: the engine beside the checkpoint's tokenizer
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,11 @@ def trtllm_serve_plan(recipe: Recipe, scheme: Scheme, target: Target, gpu: str) 
     """trtllm-serve argv plus its LLM API YAML, tuned for the recipe's throughput workload."""
     load = recipe.validation.throughput
     workload = trtllm.Workload(max(load.concurrency), load.prompt_tokens, load.output_tokens)
+    engine = trtllm.resolve_mode(target.trtllm.mode, target.trtllm.version) == "engine"
     return trtllm.serve_plan(
-        MODEL_DIR, scheme, lookup_gpu(gpu), trtllm.Limits.from_target(target), workload,
+        ENGINE_DIR if engine else MODEL_DIR, scheme, lookup_gpu(gpu), trtllm.Limits.from_target(target), workload,
         target.trtllm.mode, target.trtllm.version, config_path=f"{LAUNCH_DIR}/trtllm-serve.yaml",
+        tokenizer_dir=MODEL_DIR if engine else None,
     )  # fmt: skip
 
 

@@ -52,9 +52,10 @@ def test_accuracy_is_measured_on_the_exported_bytes(built):
     accuracy = {s["id"]: s for s in result.report["stages"] if s["kind"] == "accuracy"}
     fp8 = accuracy["accuracy/fp8/compressed-tensors"]
     int4 = accuracy["accuracy/int4/compressed-tensors"]
-    # int4 loses more than fp8 on the same windows, and neither equals the baseline exactly.
-    assert 0 < fp8["ppl_increase_pct"] < int4["ppl_increase_pct"]
-    assert int4["top1_agreement"] < 1.0
+    # int4 strays further from the baseline than fp8 on the same windows; neither equals it exactly.
+    assert 0 < abs(fp8["ppl_increase_pct"]) < int4["ppl_increase_pct"]
+    assert int4["top1_agreement"] < fp8["top1_agreement"] < 1.0
+    assert 0 < fp8["mean_kl"] < int4["mean_kl"]
 
 
 def test_second_build_is_fully_cached(built):

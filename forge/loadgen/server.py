@@ -118,24 +118,27 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(cleaned[-lines:])
 
 
-def wait_healthy(base_url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    """Poll `/health` until it answers 200; fail fast if the process exits, with its log tail."""
+def wait_healthy(
+    base_url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float,
+    health_path: str = "/health", name: str = "transformers serve",
+) -> None:  # fmt: skip
+    """Poll the health path until it answers 200; fail fast if the process exits, with its log tail."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise InfraError(
-                f"transformers serve exited with code {proc.returncode} before becoming healthy; "
+                f"{name} exited with code {proc.returncode} before becoming healthy; "
                 f"log {log_path}:\n{log_tail(log_path)}"
             )
         try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{base_url}{health_path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.25)
     raise InfraError(
-        f"transformers serve did not answer {base_url}/health within {timeout_s:g} s; "
+        f"{name} did not answer {base_url}{health_path} within {timeout_s:g} s; "
         f"log {log_path}:\n{log_tail(log_path)}"
     )
 
@@ -211,3 +214,38 @@ def serve_transformers(
             )
     finally:
         stop_process(proc)
+
+
+def container_argv(image: str, argv: list[str], model_dir: Path, container_model_dir: str, port: int,
+                   host_port: int, gpus: int) -> list[str]:  # fmt: skip
+    """`docker run` of a backend's serving image with the artifact mounted read-only."""
+    devices = "all" if gpus <= 0 else str(gpus)
+    return [
+        "docker", "run", "--rm", "--init", "--gpus", devices, "--ipc", "host",
+        "-p", f"127.0.0.1:{host_port}:{port}",
+        "-v", f"{Path(model_dir).resolve()}:{container_model_dir}:ro",
+        "--entrypoint", argv[0], image, *argv[1:],
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def serve_container(
+    image: str, argv: list[str], model_dir: Path, container_model_dir: str, port: int, health_path: str,
+    log_path: Path, *, gpus: int = 1, startup_timeout_s: float = 1800.0,
+) -> Iterator[RunningServer]:  # fmt: skip
+    """Run a backend's container on a GPU builder for the duration of the block (needs a Docker
+    engine with the NVIDIA runtime). The foreground `docker run` proxies SIGTERM to the server."""
+    if shutil.which("docker") is None:
+        raise InfraError("throughput: serving on a GPU needs a Docker engine; docker CLI not found")
+    host_port = free_port()
+    command = container_argv(image, argv, model_dir, container_model_dir, port, host_port, gpus)
+    base_url = f"http://127.0.0.1:{host_port}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        try:
+            wait_healthy(base_url, proc, log_path, startup_timeout_s, health_path, name=image)
+            yield RunningServer(base_url, container_model_dir, command, log_path, proc.pid)
+        finally:
+            stop_process(proc, grace_s=60.0)
