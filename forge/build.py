@@ -101,16 +101,23 @@ def build(
         engine_dir = engines[stage.needs[1]] / "engine" if len(stage.needs) > 1 else None
         run(stage, lambda out, s=stage, m=model_dir, e=engine_dir: stage_throughput(plan, s, m, e, out, progress))
 
-    for stage in plan.stages:
-        if stage.id not in records:
-            reason = stage.reason if stage.id in chosen else f"not selected ({selection_text(only, skip)})"
-            status = stage.status if stage.id in chosen else "disabled"
-            records[stage.id] = {"status": status, "reason": reason, "command": stage.command}
+    packages: dict[str, Path] = {}
+    for stage in selected("package"):
+        model_dir = exports[stage.needs[0]] / "model"
+        packages[stage.id] = run(stage, lambda out, s=stage, m=model_dir: stage_package(plan, s, m, out))
 
+    for stage in plan.stages:  # what did not run: deferred, not implemented, or left out by --only/--skip
+        if stage.id not in records:
+            runnable = stage.status in ("run", "cached")
+            records[stage.id] = {
+                "status": "disabled" if runnable else stage.status,
+                "reason": f"not selected ({selection_text(only, skip)})" if runnable else stage.reason,
+                "command": stage.command,
+            }
     gates = evaluate_accuracy_gates(plan, records)
     throughput = throughput_results(plan, records)
+    failed = failed_gates(gates, throughput)
     out_root = artifacts_dir / recipe.name
-    artifacts = materialize_artifacts(plan, exports, out_root)
     report = {
         "forge_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
@@ -118,26 +125,41 @@ def build(
         "inputs": {"source": plan.source_identity, "model_config": plan.model_config},
         "tools": tool_versions(),
         "stages": [{"id": s.id, "kind": s.kind, "key": s.key, **records[s.id]} for s in plan.stages],
-        "artifacts": artifacts,
+        "artifacts": materialize_artifacts(plan, exports, out_root),
         "impossible": [
             {"variant": a.variant, "backend": a.backend, "gpu": a.gpu, "reason": a.reason}
             for a in plan.artifacts
             if a.status == "impossible"
         ],
         "validation": {"accuracy": gates, "throughput": throughput},
-        "seconds": round(time.monotonic() - started, 3),
+        "images": [{"stage": sid, "layout": str(path / "layout"), **records[sid]} for sid, path in packages.items()],
     }
+
+    pushes = selected("push")
+    if pushes and failed:
+        for stage in pushes:  # a release must never publish an artifact that failed its gates
+            records[stage.id] = {"status": "disabled", "reason": "not pushed: a validation gate failed"}
+    elif pushes:
+        report["pushed"] = push_images(plan, pushes, packages, report, progress)
+        for stage, pushed in zip(pushes, report["pushed"], strict=True):
+            records[stage.id] = {"status": "ran", "digest": pushed["digest"], "bytes_uploaded": pushed["bytes_uploaded"]}
+    report["stages"] = [{"id": s.id, "kind": s.kind, "key": s.key, **records[s.id]} for s in plan.stages]
+    report["seconds"] = round(time.monotonic() - started, 3)
     report_path = out_root / "build.json"
-    atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_root / "recipe.resolved.yaml", dump_recipe(recipe))
-    failed = [g for g in gates if not g["passed"]]
-    for sweep in throughput:
-        artifact = sweep["stage"].removeprefix("throughput/")
-        failed += [{**g, "artifact": artifact} for g in sweep["gates"] if not g["passed"]]
     result = BuildResult(report, report_path, failed)
     if failed:
         raise GateFailed(gate_failure_message(failed), result)
     return result
+
+
+def failed_gates(accuracy: list[dict], throughput: list[dict]) -> list[dict]:
+    failed = [g for g in accuracy if not g["passed"]]
+    for sweep in throughput:
+        artifact = sweep["stage"].removeprefix("throughput/")
+        failed += [{**g, "artifact": artifact} for g in sweep["gates"] if not g["passed"]]
+    return failed
 
 
 def matches(stage: Stage, selector: str) -> bool:
@@ -301,6 +323,46 @@ def stage_throughput(
             gpu_cost=GpuCost(price, gpus) if price else None,
         )  # fmt: skip
     return {"variant": stage.params["variant"], "gpu": gpu_name, "sweep": result.to_dict()}
+
+
+def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:
+    from forge.package import package_artifact
+    from forge.serving import serve_spec
+
+    params = stage.params
+    target = plan.recipe.targets[params["target"]]
+    spec = serve_spec(plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision)
+    image = package_artifact(spec, model_dir, out, params["tags"][0], stage.id, plan.recipe.package.builder)
+    return {**image, "variant": params["variant"], "backend": params["backend"], "gpu": params["gpu"]}
+
+
+def push_images(plan: Plan, pushes: list[Stage], packages: dict[str, Path], report: dict, progress: Progress) -> list[dict]:
+    """Push every image, then attach the build report and its SLSA provenance as referrers.
+
+    The report attached is the one written to build.json minus the push results themselves
+    (those only exist afterwards); provenance names that document's digest."""
+    from forge.oci.registry import BUILD_REPORT_TYPE
+    from forge.package import PROVENANCE_TYPE, attach_documents, push_artifact
+    from forge.provenance import provenance_statement
+
+    package = plan.recipe.package
+    report_bytes = json.dumps(report, indent=2).encode()
+    pushed = []
+    with progress.task("push images", total=len(pushes)) as advance:
+        for done, stage in enumerate(pushes, 1):
+            image = json.loads((packages[stage.needs[0]] / "stage.json").read_text())
+            result = push_artifact(
+                packages[stage.needs[0]] / "layout", image["tag"], package.registry, package.repository, stage.params["tags"]
+            )  # fmt: skip
+            name = f"{package.registry}/{package.repository}"
+            statement = provenance_statement(report, plan.recipe, name, result["digest"], image, report_bytes)
+            referrers = attach_documents(
+                f"{name}@{result['digest']}",
+                {BUILD_REPORT_TYPE: report_bytes, PROVENANCE_TYPE: json.dumps(statement, indent=2).encode()},
+            )
+            pushed.append({"stage": stage.id, **result, "referrers": referrers})
+            advance(done, len(pushes))
+    return pushed
 
 
 def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:

@@ -260,3 +260,27 @@ def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, o
     if not result.gates_passed:
         raise GateFailed("throughput gates failed: " + ", ".join(
             g["name"] for g in summary["gates"] if not g["passed"]))  # fmt: skip
+
+
+@main.command()
+@click.argument("image")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), required=True,
+              help="The recipe the image must have been built from.")  # fmt: skip
+@JSON
+@handle_errors
+def verify(image: str, recipe_path: Path, as_json: bool) -> None:
+    """Check a pushed image's SLSA provenance and build report against a recipe.
+
+    IMAGE is `host/repository:tag` or `host/repository@sha256:…`. Exit 1 when any check fails
+    (wrong recipe, tampered build report, failed gates), 3 when the registry is unreachable."""
+    from forge.provenance import verify_image
+    from forge.recipe import load_recipe
+
+    digest, checks = verify_image(image, load_recipe(recipe_path))
+    if as_json:
+        click.echo(json.dumps({"image": image, "digest": digest, "checks": [c.__dict__ for c in checks]}, indent=2))
+    else:
+        for check in checks:
+            click.echo(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}")
+    if not all(c.passed for c in checks):
+        raise GateFailed(f"verify: {image} ({digest}) failed {sum(not c.passed for c in checks)} check(s)")

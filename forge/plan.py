@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,6 @@ from forge.source import read_model_config, source_identity
 
 # Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
 STAGE_VERSIONS = {"source": 1, "baseline": 1, "quantize": 1, "export": 1, "accuracy": 1}
-NOT_IMPLEMENTED = {
-    "package": "not implemented yet (issue: serving containers and OCI images)",
-    "push": "not implemented yet (issue: registry push)",
-}
 BUILTIN_CALIBRATION = ("pydoc_topics",)
 
 
@@ -73,6 +70,7 @@ class Plan:
     schemes: dict[str, Scheme]
     cache: Cache
     local_gpus: LocalGPUs
+    revision: str  # git commit of the recipe's repository, for image labels ("unknown" outside git)
     stages: list[Stage] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
 
@@ -163,6 +161,28 @@ def check_variants(recipe: Recipe, shape: ModelShape) -> dict[str, Scheme]:
     return schemes
 
 
+def git_revision(directory: Path) -> str:
+    try:
+        done = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def check_tags(plan: Plan) -> None:
+    """Two artifacts pushed under one tag would overwrite each other: refuse at plan time."""
+    seen: dict[str, str] = {}
+    for stage in plan.of_kind("package"):
+        cell = stage.id.removeprefix("package/")
+        for tag in stage.params["tags"]:
+            if tag in seen:
+                raise InputError(
+                    f"package.tags: {tag!r} names both {seen[tag]} and {cell}; add {{variant}}, {{backend}} or {{gpu}}"
+                )
+            seen[tag] = cell
+
+
 def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str = "RECIPE") -> Plan:
     """Expand the recipe into stages with keys and statuses; raise InputError for impossible asks."""
     identity = source_identity(recipe.source, recipe_dir)
@@ -174,7 +194,9 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
             f"(forge maps {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     schemes = check_variants(recipe, shape)
-    plan = Plan(recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus())
+    plan = Plan(
+        recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus(), git_revision(recipe_dir)
+    )
     source = plan.add("source", "source", identity)
 
     accuracy = recipe.validation.accuracy
@@ -228,6 +250,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
                 plan.artifacts.append(artifact)
     if explicit_problems:
         raise InputError("\n".join(explicit_problems))
+    check_tags(plan)
     if not any(a.status == "planned" for a in plan.artifacts):
         raise InputError("targets: no (variant, backend, GPU) combination can be built:\n" + "\n".join(
             f"  {a.variant} → {a.backend} on {a.gpu}: {a.reason}" for a in plan.artifacts
@@ -269,12 +292,28 @@ def target_stages(plan: Plan, target: Target, mode: str | None, variant: Variant
     if recipe.validation.throughput.enabled:
         ids.append(gpu_throughput_stage(plan, target, variant, gpu, export, cell).id)
     if recipe.package.enabled:
-        ids.append(add("package", f"package/{cell}", None, status="not-implemented",
-                       reason=NOT_IMPLEMENTED["package"]).id)  # fmt: skip
+        package = package_stage(plan, target, variant, gpu, export, cell)
+        ids.append(package.id)
         if recipe.package.registry:
-            ids.append(add("push", f"push/{cell}", None, status="not-implemented",
-                           reason=NOT_IMPLEMENTED["push"]).id)  # fmt: skip
+            # A push is an effect on a registry, not content: it always runs (uploading only
+            # the blobs the registry lacks), and only after every gate passed.
+            ids.append(add("push", f"push/{cell}", None, status="run", needs=[package.id], params=package.params).id)
     return ids
+
+
+def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str) -> Stage:
+    """The serving image of one artifact, as an OCI layout in the cache."""
+    from forge.serving import serve_spec
+
+    spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, plan.revision)
+    tags = [t.format(variant=variant.name, backend=target.backend, gpu=gpu.name) for t in plan.recipe.package.tags]
+    engine = next((s for s in plan.stages if s.id == f"engine/{cell}"), None)
+    inputs = {"export": export.key, "engine": engine.key if engine else None, "spec": asdict(spec),
+              "builder": plan.recipe.package.builder, "tag": tags[0]}  # fmt: skip
+    params = {"variant": variant.name, "backend": target.backend, "gpu": gpu.name, "tags": tags,
+              "target": plan.recipe.targets.index(target)}  # fmt: skip
+    needs = [export.id] + ([engine.id] if engine else [])
+    return plan.add("package", f"package/{cell}", inputs, needs=needs, params=params)
 
 
 def local_gpu(plan: Plan, gpu: GPUProfile) -> bool:

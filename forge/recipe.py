@@ -245,8 +245,35 @@ class Package(Strict):
     )
     registry: str | None = Field(default=None, description="Registry host[:port] to push to; unset: no push.")
     repository: str | None = Field(default=None, description="Repository in the registry, e.g. `ml/smollm2`.")
-    tags: list[str] = Field(default_factory=lambda: ["latest"], description="Tags; `{variant}`/`{backend}`/`{gpu}` expand.")
+    tags: list[str] = Field(
+        default_factory=lambda: ["{variant}-{backend}-{gpu}"],
+        min_length=1,
+        description="Image tags; `{variant}`, `{backend}` and `{gpu}` expand per artifact.",
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra OCI labels.")
+    builder: Literal["daemonless", "docker"] = Field(
+        default="daemonless",
+        description="`daemonless`: forge assembles the OCI image itself (no Docker needed); `docker`: "
+        "`docker buildx build` of the rendered Dockerfile.",
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            try:
+                example = tag.format(variant="v", backend="b", gpu="g")
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"{tag!r}: only {{variant}}, {{backend}} and {{gpu}} can be expanded") from None
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", example):
+                raise ValueError(f"{tag!r} is not a valid image tag")
+        return value
+
+    @model_validator(mode="after")
+    def _repository(self) -> Package:
+        if self.registry and not self.repository:
+            raise ValueError("package.repository is required when package.registry is set")
+        return self
 
 
 class Recipe(Strict):

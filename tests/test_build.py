@@ -137,3 +137,30 @@ def test_build_json_flag_prints_the_report(built):
     code, output = run_cli("build", str(recipe), "--json", "--artifacts-dir", str(root / "artifacts"))
     assert code == 0
     assert json.loads(output)["recipe"]["name"] == "tiny"
+
+
+def test_trtllm_engine_is_deferred_with_its_command(built, tiny_model, eval_text):
+    root, _, _ = built
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "trtllm", "gpus": ["H100"], "variants": ["fp8"],
+                                                        "trtllm": {"mode": "engine", "version": "1.2.1"}}])  # fmt: skip
+    recipe = write_recipe(root, data, name="trtllm.yaml")
+    report = build(recipe, artifacts_dir=root / "artifacts").report
+    stages = {s["id"]: s for s in report["stages"]}
+    assert stages["export/fp8/trtllm-checkpoint-tp1"]["status"] == "ran"
+    assert stages["accuracy/fp8/trtllm-checkpoint-tp1"]["status"] == "ran"  # re-read from rank0.safetensors
+    engine = stages["engine/fp8/trtllm/H100"]
+    assert engine["status"] == "deferred" and "no NVIDIA GPU" in engine["reason"]
+    assert f"forge build {recipe} --only engine/fp8/trtllm/H100" in engine["command"]
+    assert "trtllm-build --checkpoint_dir" in engine["command"]
+    # Asked for explicitly on a machine without the GPU: exit 3, saying why and what would run.
+    code, output = run_cli("build", str(recipe), "--only", "engine", "--artifacts-dir", str(root / "artifacts"))
+    assert code == 3, output
+    assert "engine build deferred" in output and "trtllm-build" in output
+
+
+def test_on_missing_hardware_fail_stops_before_any_work(tiny_model, eval_text, tmp_path):
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "trtllm", "gpus": ["H100"],
+                                                        "trtllm": {"mode": "engine"}}], on_missing_hardware="fail")  # fmt: skip
+    code, output = run_cli("build", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 3 and "on_missing_hardware: fail" in output and "engine/fp8/trtllm/H100" in output
+    assert not (tmp_path / "a" / ".cache" / "source").exists()

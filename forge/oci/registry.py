@@ -1105,3 +1105,30 @@ def list_referrers(
     if artifact_type:
         found = [d for d in found if d.artifact_type == artifact_type]
     return found
+
+
+def resolve_image(ref: str, *, credentials: Credentials | None = None, options: RegistryOptions | None = None) -> str:
+    """The manifest digest a tag (or digest) reference points at now."""
+    reference = parse_reference(ref)
+    with Registry(reference.host, credentials=credentials, options=options or RegistryOptions()) as reg:
+        reg.authenticate([_repository_scope(reference.repository, "pull")])
+        return fetch_manifest(reg, reference.repository, reference.reference).digest
+
+
+def fetch_referrer_document(
+    ref: str, manifest_digest: str, *, credentials: Credentials | None = None, options: RegistryOptions | None = None
+) -> bytes:
+    """The single document an artifact manifest (as written by `attach_referrer`) carries,
+    verified against the digest its manifest names."""
+    reference = parse_reference(ref)
+    with Registry(reference.host, credentials=credentials, options=options or RegistryOptions()) as reg:
+        reg.authenticate([_repository_scope(reference.repository, "pull")])
+        manifest = json.loads(fetch_manifest(reg, reference.repository, manifest_digest).data)
+        layers = manifest.get("layers") or []
+        if len(layers) != 1:
+            raise InputError(f"{ref}: referrer {manifest_digest} carries {len(layers)} documents, expected 1")
+        digest = layout.check_digest(layers[0]["digest"])
+        body = reg.request("GET", f"/v2/{reference.repository}/blobs/{digest}").body
+        if layout.sha256_digest(body) != digest:
+            raise InfraError(f"registry {reg.host}: referrer document {digest} arrived with a different digest")
+        return body

@@ -1,0 +1,441 @@
+"""What every exported model directory shares: files copied from the source, sharded weights, metadata.
+
+A server loads an export like any Hugging Face checkpoint, so each format writes the same
+directory: `config.json` (with the format's `quantization_config`), the tokenizer files, chat
+template and generation config copied from the source, safetensors weights (one
+`model.safetensors`, or `model-0000i-of-0000N.safetensors` shards plus
+`model.safetensors.index.json` once the weights pass the shard size limit), and `forge.json`.
+
+Weights are streamed. A format describes its output as `Unit`s — the tensors of one module
+(packed weight, scales, zero points) or one dense tensor, with dtypes and shapes known before any
+packing — and a function that produces a unit's tensors on demand. Shards are planned from those
+sizes, and each shard file is written header first, then unit by unit, so at most one unit's
+tensors are alive at a time: peak memory follows the largest tensor, not the model. The same
+plan makes the bytes deterministic (sorted names, fixed metadata, no timestamps).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from forge.errors import InputError
+from forge.quant.model import QuantizedModel, Scheme
+from forge.quant.rtn import is_ignored
+
+# transformers' long-standing `max_shard_size` default ("5GB"); it also keeps every shard well
+# under registry layer limits (GHCR 10 GB per layer), since OCI packaging puts one shard per layer.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+# Whole-tensor checks run on blocks of this many elements, so they add no tensor-sized mask.
+_CHECK_BLOCK = 1 << 22
+
+# Llama-family projections a tensor-parallel server splits along their input dimension (vLLM
+# `RowParallelLinear`: o_proj, down_proj); every rank then holds in / tp input columns.
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Copied byte for byte when present. An explicit list rather than "everything but the weights", so
+# a stale quantization file in the source (hf_quant_config.json, quant_config.json) never leaks in.
+SOURCE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, "Format" in README).
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor, described before it exists so shards can be planned up front."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Tensors produced together (one module's packed parts) and therefore kept in one shard.
+
+    `produce` must look its inputs up when called (not capture tensors), so that a plan of the
+    whole model holds no tensor data.
+    """
+
+    key: str
+    specs: tuple[TensorSpec, ...]
+    produce: Callable[[], dict[str, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.specs)
+
+
+# ---------------------------------------------------------------- policy shared by the formats
+
+
+def export_dtype(scheme: Scheme) -> torch.dtype:
+    """The dtype of an export's unquantized tensors (and its `torch_dtype`).
+
+    int4 exports are float16 throughout: forge's int4 scales are float16 (the AutoAWQ GEMM layout
+    and TurboMind), AWQ kernels run float16 only (vLLM `AWQConfig.get_supported_act_dtypes`), and
+    loaders create scale parameters in the model dtype (vLLM compressed-tensors WNA16, TRT-LLM
+    `W4A16_AWQ_LinearMethod`, compressed-tensors `initialize_qparams`), so a bfloat16 model would
+    round the scales and serve different weights. fp8 exports keep the scheme's dtype.
+    """
+    if scheme.weight_format == "int4":
+        return torch.float16
+    return getattr(torch, scheme.dtype)
+
+
+def ignored_modules(qm: QuantizedModel) -> list[str]:
+    """Full names of the linears the scheme kept dense, for every format's ignore list.
+
+    The scheme's patterns may be suffixes or `re:` regexes, which the formats' ignore lists match
+    differently (compressed-tensors: exact or `re:`; AutoAWQ/vLLM: substring; ModelOpt: fnmatch),
+    so every format gets the same concrete module names instead. A tied `lm_head` has no tensor
+    of its own but is still listed when ignored, as llm-compressor and ModelOpt do.
+    """
+    names = set()
+    for key, tensor in qm.dense.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and tensor.dim() == 2 and is_ignored(module, qm.scheme.ignore):
+            names.add(module)
+    if is_ignored("lm_head", qm.scheme.ignore):
+        names.add("lm_head")
+    return sorted(names)
+
+
+def check_group_size(
+    fmt: str, name: str, codes: torch.Tensor, scale: torch.Tensor, scheme: Scheme, tp_size: int = 1
+) -> int:
+    """The int4 group size of one linear, checked against its shapes; InputError naming the layer.
+
+    With tensor parallelism a row-parallel layer's groups must also tile each rank's slice of
+    the input (vLLM `AWQLinearMethod.create_weights` refuses `input_size_per_partition %
+    group_size`; REFERENCE §1 "GPU capability rules").
+    """
+    out_features, in_features = codes.shape
+    group = scheme.group_size
+    if not group or in_features % group:
+        raise InputError(
+            f"{fmt}: {name}: group size {group} does not divide in_features {in_features}; "
+            "pick a group size that tiles every layer (32, 64 or 128 usually do)"
+        )
+    if tuple(scale.shape) != (out_features, in_features // group):
+        raise InputError(
+            f"{fmt}: {name}: scale shape {tuple(scale.shape)} does not match [{out_features}, {in_features} / {group}]"
+        )
+    if tp_size > 1 and name.endswith(ROW_PARALLEL):
+        per_rank, rest = divmod(in_features, tp_size)
+        if rest or per_rank % group:
+            raise InputError(
+                f"{fmt}: {name}: in_features {in_features} split over tp={tp_size} ranks is not a "
+                f"whole number of {group}-column groups per rank; use a smaller group or tensor_parallel"
+            )
+    return group
+
+
+def dense_units(qm: QuantizedModel, dtype: torch.dtype, fmt: str) -> list[Unit]:
+    """One unit per unquantized tensor, cast to the export dtype (a tied lm_head is not written)."""
+    tied = bool(qm.config.get("tie_word_embeddings"))
+    units = []
+    for name in sorted(qm.dense):
+        if tied and name == "lm_head.weight":
+            continue  # tied: the embedding is the head; writing both would duplicate it
+        shape = tuple(qm.dense[name].shape)
+        out_dtype = dtype if qm.dense[name].is_floating_point() else qm.dense[name].dtype
+
+        def produce(name: str = name, out_dtype: torch.dtype = out_dtype) -> dict[str, torch.Tensor]:
+            source = qm.dense[name]
+            tensor = source.to(out_dtype)
+            if out_dtype == torch.float16 and _has_inf(tensor) and not _has_inf(source):
+                raise InputError(f"{fmt}: {name} has values beyond float16's range (±65504)")
+            return {name: tensor}
+
+        units.append(Unit(name, (TensorSpec(name, out_dtype, shape),), produce))
+    return units
+
+
+def _has_inf(tensor: torch.Tensor) -> bool:
+    """isinf().any() a block at a time, so the check adds no tensor-sized mask to peak memory."""
+    flat = tensor.reshape(-1)
+    return any(bool(torch.isinf(block).any()) for block in flat.split(_CHECK_BLOCK))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_model_dir(
+    qm: QuantizedModel,
+    source_dir: Path,
+    out_dir: Path,
+    metadata: dict,
+    *,
+    quantization_config: dict,
+    units: list[Unit],
+    extra_json: Mapping[str, dict] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[Path]:
+    """Write a complete loadable model directory; returns every file written, sorted."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"export: {out_dir} is not empty; exports are written into a fresh directory")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_model_dir(
+            qm, Path(source_dir), out_dir, metadata, quantization_config, units, extra_json, max_shard_bytes
+        )
+    except BaseException:
+        # never leave a half-written export that looks loadable
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for path in out_dir.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise
+
+
+def _write_model_dir(
+    qm: QuantizedModel,
+    source_dir: Path,
+    out_dir: Path,
+    metadata: dict,
+    quantization_config: dict,
+    units: list[Unit],
+    extra_json: Mapping[str, dict] | None,
+    max_shard_bytes: int,
+) -> list[Path]:
+    written = copy_source_files(source_dir, out_dir)
+
+    config = json.loads(json.dumps(qm.config))  # a deep copy that is also JSON-clean
+    config.pop("quantization_config", None)
+    dtype_name = str(export_dtype(qm.scheme)).removeprefix("torch.")
+    # transformers 5 writes `dtype`; vLLM, TGI and older transformers read `torch_dtype`.
+    config["dtype"] = dtype_name
+    config["torch_dtype"] = dtype_name
+    config["quantization_config"] = quantization_config
+    written.append(write_json(out_dir / "config.json", config))
+    for name, data in sorted((extra_json or {}).items()):
+        written.append(write_json(out_dir / name, data))
+    written.append(write_json(out_dir / "forge.json", metadata))
+    written.extend(write_weights(out_dir, units, max_shard_bytes))
+    return sorted(written)
+
+
+def copy_source_files(source_dir: Path, out_dir: Path) -> list[Path]:
+    """Tokenizer, chat template and generation config, unchanged, so the export chats like the source."""
+    copied = []
+    for name in SOURCE_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out_dir / name)
+            copied.append(out_dir / name)
+    return copied
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def plan_shards(units: list[Unit], max_shard_bytes: int) -> list[list[Unit]]:
+    """Greedy, in name order: a shard closes when the next unit would pass the limit.
+
+    A unit larger than the limit gets a shard of its own (units are never split, as
+    transformers never splits a tensor).
+    """
+    shards: list[list[Unit]] = []
+    current: list[Unit] = []
+    size = 0
+    for unit in sorted(units, key=lambda u: u.key):
+        if current and size + unit.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += unit.nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_weights(out_dir: Path, units: list[Unit], max_shard_bytes: int) -> list[Path]:
+    """`model.safetensors`, or numbered shards plus the index transformers and vLLM read."""
+    names = [spec.name for unit in units for spec in unit.specs]
+    if len(names) != len(set(names)):
+        raise RuntimeError("export plan names a tensor twice")  # a format bug, not user input
+    shards = plan_shards(units, max_shard_bytes)
+    if len(shards) <= 1:
+        path = out_dir / WEIGHTS_NAME
+        write_safetensors(path, shards[0] if shards else [])
+        return [path]
+    written = []
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(path, shard)
+        written.append(path)
+        for unit in shard:
+            total += unit.nbytes
+            weight_map.update({spec.name: path.name for spec in unit.specs})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    written.append(write_json(out_dir / INDEX_NAME, index))
+    return written
+
+
+def write_safetensors(path: Path, units: list[Unit]) -> None:
+    """One safetensors file, header first, then each unit's tensors as it is produced.
+
+    safetensors' own `save_file` needs every tensor in memory at once; the format is simple
+    enough to stream: 8-byte little-endian header length, a JSON header with each tensor's dtype,
+    shape and byte range, then the raw little-endian data. The data is laid out unit by unit (a
+    unit's tensors by name); readers locate tensors by their byte ranges, not by header order.
+    """
+    if sys.byteorder != "little":  # tensors are written (and int4 words packed) in host byte order
+        raise RuntimeError("safetensors data is little-endian; forge writes it on little-endian hosts only")
+    units = sorted(units, key=lambda u: u.key)
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}  # transformers requires "pt"
+    offset = 0
+    for unit in units:
+        for spec in sorted(unit.specs, key=lambda s: s.name):
+            header[spec.name] = {
+                "dtype": _SAFETENSORS_DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned, as safetensors does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for unit in units:
+            produced = unit.produce()
+            for spec in sorted(unit.specs, key=lambda s: s.name):
+                tensor = produced.pop(spec.name, None)
+                if tensor is None or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                    raise RuntimeError(f"{spec.name}: produced tensor does not match its plan")
+                _write_tensor(f, tensor)
+                del tensor  # hold no written tensor while the next unit is produced
+            if produced:
+                raise RuntimeError(f"{unit.key}: produced unplanned tensors {sorted(produced)}")
+            del produced
+        if f.tell() != 8 + len(encoded) + offset:
+            raise RuntimeError(f"{path.name}: written size differs from the planned size")
+
+
+def _write_tensor(f, tensor: torch.Tensor) -> None:
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    f.write(memoryview(data.numpy()))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_config(directory: Path, fmt: str, quant_method: str) -> dict:
+    """config.json of an export, checked to be the format the reader expects."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{fmt}: {directory} has no config.json")
+    config = json.loads(path.read_text())
+    found = (config.get("quantization_config") or {}).get("quant_method")
+    if found != quant_method:
+        raise InputError(f"{fmt}: {path} has quant_method {found!r}, expected {quant_method!r}")
+    return config
+
+
+def weight_files(directory: Path, fmt: str) -> dict[str, list[str]]:
+    """Shard file → tensor names, from the index when there is one; checks the index is honest."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name, shard in sorted(weight_map.items()):
+            files.setdefault(shard, []).append(name)
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = {WEIGHTS_NAME: []}
+    else:
+        raise InputError(f"{fmt}: {directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    for shard, names in files.items():
+        if not (directory / shard).is_file():
+            raise InputError(f"{fmt}: {directory / shard} is named in the index but missing")
+        with safe_open(directory / shard, framework="pt") as f:
+            present = set(f.keys())
+        missing = sorted(set(names) - present)
+        if missing:
+            raise InputError(f"{fmt}: tensor {missing[0]} is missing from {shard} (the index lists it there)")
+        files[shard] = sorted(present)
+    return files
+
+
+def iter_tensors(directory: Path, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of an export, shard by shard, through safetensors' own reader."""
+    for shard, names in weight_files(directory, fmt).items():
+        with safe_open(Path(directory) / shard, framework="pt") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+
+
+class Tensors:
+    """An export's tensors by name, consumed as a reader decodes them.
+
+    `take` raises InputError naming the tensor and format when it is absent, so a truncated or
+    hand-edited export fails with the key a user can look for.
+    """
+
+    def __init__(self, directory: Path, fmt: str):
+        self.fmt = fmt
+        self.directory = Path(directory)
+        self._tensors = dict(iter_tensors(directory, fmt))
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise InputError(f"{self.fmt}: tensor {name} is missing from {self.directory}")
+        return self._tensors.pop(name)
+
+    def take_optional(self, name: str) -> torch.Tensor | None:
+        return self._tensors.pop(name, None)
+
+    def names_ending(self, suffix: str) -> list[str]:
+        return sorted(name for name in self._tensors if name.endswith(suffix))
+
+    def rest(self) -> dict[str, torch.Tensor]:
+        rest, self._tensors = self._tensors, {}
+        return rest
