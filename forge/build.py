@@ -385,6 +385,8 @@ def evaluate_accuracy_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
     results = []
     for stage in plan.of_kind("accuracy"):
         record = records[stage.id]
+        if record["status"] not in ("ran", "cached"):
+            continue  # left out by --only/--skip: reported as such, never as a pass
         variant = variant_named(plan, stage.params["variant"])
         gates = (variant.gates or plan.recipe.validation.accuracy.gates).model_dump(exclude_none=True)
         gates.pop("min_recovery", None)  # task recovery needs a served endpoint (lm-eval), not this stage

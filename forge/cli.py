@@ -284,3 +284,31 @@ def verify(image: str, recipe_path: Path, as_json: bool) -> None:
             click.echo(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}")
     if not all(c.passed for c in checks):
         raise GateFailed(f"verify: {image} ({digest}) failed {sum(not c.passed for c in checks)} check(s)")
+
+
+@main.command()
+@RECIPE
+@JSON
+@ARTIFACTS
+@CACHE
+@handle_errors
+def push(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None) -> None:
+    """Push the recipe's serving images to `package.registry` (building whatever is not cached).
+
+    Same as `forge build RECIPE --only push`. Credentials: FORGE_REGISTRY_USERNAME /
+    FORGE_REGISTRY_PASSWORD, else ~/.docker/config.json. Nothing is pushed when a gate fails.
+    """
+    from forge.build import build as run_build
+    from forge.progress import Progress
+    from forge.recipe import load_recipe
+
+    package = load_recipe(recipe).package
+    if not (package.enabled and package.registry):
+        raise InputError("package.registry: nothing to push (set package.enabled: true and package.registry)")
+    result = run_build(recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, only=("push",),
+                       progress=Progress(enabled=not as_json))  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result.report.get("pushed", []), indent=2))
+        return
+    for pushed in result.report.get("pushed", []):
+        click.echo(f"{pushed['reference']} {pushed['digest']} ({pushed['bytes_uploaded']} bytes uploaded)")

@@ -266,6 +266,10 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
                 {"export": export.key, "baseline": baseline.key},
                 needs=[export.id, "baseline"], params=dict(export.params),
             )  # fmt: skip
+    for push in plan.of_kind("push"):  # nothing is published before its variant's gates are measured
+        variant = push.params["variant"]
+        push.needs += [s.id for s in plan.stages if s.kind in ("accuracy", "throughput")
+                       and s.params.get("variant") == variant and s.status in ("run", "cached")]  # fmt: skip
     return plan
 
 

@@ -76,9 +76,10 @@ def test_build_pushes_verifiable_images(registry, release, tmp_path):
     code, output = run_cli("verify", f"{registry.host}/forge/tiny:latest", "--recipe", str(recipe))
     assert code == 0, output
     assert "ok   build report untampered" in output
-    again = build(recipe, artifacts_dir=artifacts).report
-    assert again["pushed"][0]["digest"] == pushed["digest"]
-    assert again["pushed"][0]["bytes_uploaded"] == 0
+    code, output = run_cli("push", str(recipe), "--json", "--artifacts-dir", str(artifacts))
+    assert code == 0, output
+    again = json.loads(output)[0]
+    assert again["digest"] == pushed["digest"] and again["bytes_uploaded"] == 0
 
 
 def test_verify_fails_for_a_tampered_report_or_another_recipe(registry, release, tiny_model, eval_text, tmp_path):
@@ -124,3 +125,8 @@ def test_rendered_build_context_is_complete(release):
         assert f"COPY model/{name} /models/model/{name}" in dockerfile
         assert (context / "model" / name).is_file()
     assert shutil.which("skopeo")
+
+
+def test_push_without_a_registry_is_bad_input(tiny_model, eval_text, tmp_path):
+    code, output = run_cli("push", str(write_recipe(tmp_path, tiny_recipe(tiny_model, eval_text))))
+    assert code == 2 and "package.registry: nothing to push" in output

@@ -34,6 +34,7 @@ Progress = Callable[[int, int], None]
 
 WINDOW = 1024  # vLLM's wikitext perplexity test, MAX_LENGTH (ppl_utils.py)
 TOKEN_CHUNK = 256  # positions per log-softmax: 256 x 49152 fp32 logits = 50 MB, not 200 MB a window
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value (OCP FP8 spec)
 BASELINE_FILE = "baseline.json"
 _BASELINE_VERSION = 1
 
@@ -42,7 +43,9 @@ __all__ = [
     "baseline_pass",
     "build_model",
     "compare_pass",
+    "load_baseline",
     "load_windows",
+    "simulate_dynamic_fp8_activations",
 ]
 
 
@@ -111,12 +114,34 @@ def build_model(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise InputError(
-            f"state: does not match config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+        raise InputError(f"state: does not match config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if tied:
         model.tie_weights()
     return model.eval()
+
+
+def simulate_dynamic_fp8_activations(model: torch.nn.Module, linear_names: list[str]) -> list:
+    """Round the inputs of the named linears to fp8 e4m3 per token, as FP8_DYNAMIC serving does.
+
+    The dequantized weights alone measure weight rounding only; an FP8_DYNAMIC engine also
+    quantizes every activation entering those linears, with one scale per token computed at run
+    time: scale = max|x| / 448 (vLLM `scaled_fp8_quant(..., use_per_token_if_dynamic=True)`,
+    compressed-tensors `strategy: token, dynamic: true`). Rounding the input and multiplying in
+    fp32 equals the fp8 GEMM with fp32 accumulation up to summation order. Returns the hook
+    handles (`handle.remove()` undoes it).
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in linear_names if name not in modules]
+    if missing:
+        raise InputError(f"linears: {missing[:3]} are not modules of this model")
+
+    def round_input(_module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_E4M3_MAX
+        codes = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return ((codes.float() * scale).to(x.dtype), *args[1:])
+
+    return [modules[name].register_forward_pre_hook(round_input) for name in linear_names]
 
 
 def _next_token_logprobs(
@@ -140,8 +165,8 @@ def _next_token_logprobs(
             for row in range(batch.shape[0]):
                 for start in range(0, length - 1, TOKEN_CHUNK):
                     stop = min(start + TOKEN_CHUNK, length - 1)
-                    logits = head(hidden[row, start:stop]).float()
-                    yield first + row, start, torch.log_softmax(logits, dim=-1), batch[row, start + 1 : stop + 1]
+                    logprobs = torch.log_softmax(head(hidden[row, start:stop]).float(), dim=-1)
+                    yield first + row, start, logprobs, batch[row, start + 1 : stop + 1]
                 if progress is not None:
                     progress(first + row + 1, total)
 
@@ -186,7 +211,7 @@ def baseline_pass(
     seconds = time.perf_counter() - began
     tokens = total * (length - 1)
     result = {
-        "ppl": math.exp(float(nll.sum()) / tokens),
+        "perplexity": math.exp(float(nll.sum()) / tokens),
         "nll_per_window": [float(x) / (length - 1) for x in nll],
         "tokens": tokens,
         "windows": total,
@@ -247,9 +272,9 @@ def compare_pass(
     kl = torch.cat(kl_values).double()
     ppl = math.exp(float(nll.sum()) / tokens)
     return {
-        "ppl": ppl,
-        "baseline_ppl": meta["ppl"],
-        "ppl_increase_pct": 100.0 * (ppl / meta["ppl"] - 1.0),
+        "perplexity": ppl,
+        "baseline_perplexity": meta["perplexity"],
+        "ppl_increase_pct": 100.0 * (ppl / meta["perplexity"] - 1.0),
         "top1_agreement": agree / tokens,
         "mean_kl": float(kl.mean()),
         "kl_p99": float(torch.quantile(kl.float(), 0.99)) if kl.numel() else 0.0,

@@ -52,6 +52,7 @@ def load_float_model(model_dir: Path) -> nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
+    model.requires_grad_(False)  # statistics only; lets algorithms edit weights in place
     return model
 
 

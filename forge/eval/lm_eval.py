@@ -1,0 +1,166 @@
+"""Task accuracy over a served endpoint with lm-evaluation-harness, and recovery vs the baseline.
+
+The model under test is the one the backend actually serves, reached through its OpenAI-compatible
+completions endpoint: `lm_eval --model local-completions` sends `echo=True, logprobs=1,
+max_tokens=1` requests for log-likelihood tasks (lm_eval/models/openai_completions.py,
+`LocalCompletionsAPI._create_payload`); chat endpoints cannot return prompt log-probabilities,
+so `local-chat-completions` only runs generation tasks (REFERENCE.md §3).
+
+lm-evaluation-harness is an optional extra (`pip install "lm_eval[api]"`; it does not depend on
+torch). It runs as a subprocess so its import time, logging and global state stay out of forge.
+
+Recovery = quantized score / baseline score per task and metric, the ratio llm-compressor's
+lm-eval checks hold at ≥ 0.95; for metrics where lower is better (perplexities, bits per byte)
+it is baseline / quantized, so recovery < 1 always means the quantized model is worse.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from forge.errors import InfraError, InputError
+
+INSTALL_HINT = 'install the extra: .venv/bin/pip install -c .ci/constraints.txt "lm_eval[api]"'
+
+
+def lm_eval_command(
+    base_url: str,
+    model: str,
+    tokenizer: str,
+    tasks: Sequence[str],
+    output_dir: Path | str,
+    *,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    num_concurrent: int = 1,
+    max_length: int | None = None,
+    include_path: Path | str | None = None,
+) -> list[str]:
+    """The `lm_eval run` argv for one served model.
+
+    `base_url` is the full completions URL (`http://host:port/v1/completions`), as lm_eval's
+    API models post to it as given. The tokenizer is named explicitly with the `huggingface`
+    backend: lm_eval needs it to find where the continuation starts inside the echoed prompt,
+    and "auto" would first probe the server for a remote tokenizer. Requests go out as text
+    (`tokenized_requests=False`, vLLM's documented lm_eval invocation) so servers that reject
+    token-id prompts (TGI) work too.
+    """
+    if not tasks:
+        raise InputError("tasks: at least one lm_eval task is needed")
+    model_args = {
+        "base_url": base_url,
+        "model": model,
+        "tokenizer": str(tokenizer),
+        "tokenizer_backend": "huggingface",
+        "tokenized_requests": "False",
+        "num_concurrent": str(num_concurrent),
+        "max_retries": "3",
+    }
+    if max_length is not None:
+        model_args["max_length"] = str(max_length)
+    for key, value in model_args.items():
+        if "," in value:
+            raise InputError(f"lm_eval.{key}: {value!r} cannot contain ',' (lm_eval splits model_args on it)")
+    argv = [
+        sys.executable, "-m", "lm_eval", "run",
+        "--model", "local-completions",
+        "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()),
+        "--tasks", ",".join(tasks),
+        "--output_path", str(output_dir),
+    ]  # fmt: skip
+    if num_fewshot is not None:
+        argv += ["--num_fewshot", str(num_fewshot)]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
+    if include_path is not None:
+        argv += ["--include_path", str(include_path)]
+    return argv
+
+
+def lm_eval_available() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def run_lm_eval(
+    base_url: str,
+    model: str,
+    tokenizer: str,
+    tasks: Sequence[str],
+    output_dir: Path | str,
+    **options,
+) -> dict:
+    """Run lm_eval against a served model and return its results JSON (see `parse_scores`).
+
+    Raises InputError when lm_eval is not installed (an optional extra), InfraError with the tail
+    of lm_eval's log when it fails (server unreachable, task data not downloadable, ...).
+    """
+    if not lm_eval_available():
+        raise InputError(f"accuracy.tasks: lm-evaluation-harness is not installed; {INSTALL_HINT}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.rglob("results_*.json"))
+    argv = lm_eval_command(base_url, model, tokenizer, tasks, out, **options)
+    log = out / "lm_eval.log"
+    with log.open("w") as sink:
+        completed = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, check=False)
+    written = sorted(set(out.rglob("results_*.json")) - before, key=lambda p: p.stat().st_mtime)
+    if completed.returncode != 0 or not written:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise InfraError(f"lm_eval exited {completed.returncode} without results (log: {log}):\n{tail}")
+    return json.loads(written[-1].read_text())
+
+
+def parse_scores(results: Mapping) -> dict[str, dict[str, float]]:
+    """`{task: {metric: value}}` from an lm_eval results JSON, standard errors left out.
+
+    lm_eval keys each value `"<metric>,<filter>"` (`"acc,none"`, `"exact_match,strict-match"`);
+    the default filter `none` is dropped so gates read `acc`, other filters keep lm_eval's
+    spelling. Group rows (`mmlu`) appear like tasks. Non-numeric values ("N/A") are skipped.
+    """
+    scores: dict[str, dict[str, float]] = {}
+    rows = {**results.get("groups", {}), **results.get("results", {})}
+    for task, row in rows.items():
+        for key, value in row.items():
+            metric, comma, flt = key.partition(",")
+            if not comma or "_stderr" in metric or isinstance(value, bool):
+                continue
+            if not isinstance(value, int | float):
+                continue
+            scores.setdefault(task, {})[metric if flt == "none" else key] = float(value)
+    return scores
+
+
+def _higher_is_better(results: Mapping, task: str, metric: str) -> bool:
+    table = results.get("higher_is_better", {}).get(task, {})
+    value = table.get(metric.partition(",")[0])
+    if value is None:
+        lower = ("perplexity", "bits_per_byte", "bpb", "ter")
+        return not any(word in metric for word in lower)
+    return bool(value)
+
+
+def recovery(baseline: Mapping, quantized: Mapping) -> dict[str, float]:
+    """`{"recovery.<task>.<metric>": ratio}` for every metric both results hold.
+
+    Metrics the quantized run lacks are left out, so a gate on them reports "not measured"
+    and fails instead of passing silently.
+    """
+    base_scores, quant_scores = parse_scores(baseline), parse_scores(quantized)
+    ratios: dict[str, float] = {}
+    for task, metrics in base_scores.items():
+        for metric, base in metrics.items():
+            if metric not in quant_scores.get(task, {}):
+                continue
+            quant = quant_scores[task][metric]
+            better, worse = (quant, base) if _higher_is_better(baseline, task, metric) else (base, quant)
+            if worse == 0:
+                ratio = 1.0 if better == 0 else float("inf")
+            else:
+                ratio = better / worse
+            ratios[f"recovery.{task}.{metric}"] = ratio
+    return ratios

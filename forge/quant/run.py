@@ -1,0 +1,157 @@
+"""The quantize stage: a dense safetensors checkpoint in, forge's canonical `QuantizedModel` out.
+
+Round-to-nearest needs only the weights. Everything calibrated (AWQ, GPTQ, static FP8 input
+scales, FP8 KV-cache scales) walks the calibration tokens through the model one decoder layer at
+a time (`layerwise.py`), and each algorithm turns a layer's input statistics into its quantized
+linears. Which outputs feed the next layer is the algorithm's choice: GPTQ feeds the quantized
+layer's outputs forward (as the reference implementation does, so later layers calibrate on the
+errors they will really see); AWQ, static FP8 and KV scales use the dense layer's outputs (as
+AutoAWQ does), which costs one forward pass per layer instead of two.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from forge.errors import InputError
+from forge.quant.awq import awq_layer
+from forge.quant.fp8_static import fp8_static_layer
+from forge.quant.gptq import gptq_layer
+from forge.quant.kv_cache import kv_cache_scales
+from forge.quant.layerwise import (
+    collect_layer_stats,
+    decoder_layers,
+    embed,
+    layer_linear_names,
+    load_float_model,
+    run_layer,
+)
+from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
+from forge.quant.rtn import quantizable_linears, quantize_rtn, quantize_weight, split_state
+
+ALGORITHMS = ("rtn", "gptq", "awq")
+Progress = Callable[[str, int, int], None]
+
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint, single file or sharded (`*.index.json`)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not shards:
+        raise InputError(f"source: {model_dir} has no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(model_dir / shard))
+    return state
+
+
+def check_group_size(state: dict[str, torch.Tensor], names: list[str], scheme: Scheme) -> None:
+    """int4 groups must tile every quantized linear's input dimension exactly."""
+    if scheme.weight_format != "int4":
+        return
+    in_features = {name: state[f"{name}.weight"].shape[1] for name in names}
+    for name, size in in_features.items():
+        if size % scheme.group_size:
+            fitting = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in in_features.values())]
+            hint = f"group sizes that fit every layer: {', '.join(map(str, fitting))}" if fitting else (
+                f"add {name.rsplit('.', 1)[-1]} to ignore"
+            )
+            raise InputError(
+                f"quantization.group_size: {scheme.group_size} does not divide the {size} input features "
+                f"of {name} ({hint})"
+            )
+
+
+def needs_calibration(scheme: Scheme, algorithm: str) -> bool:
+    return algorithm in ("awq", "gptq") or scheme.activations == "static_tensor" or scheme.kv_cache_dtype == "fp8"
+
+
+def quantize_checkpoint(
+    model_dir: Path,
+    scheme: Scheme,
+    algorithm: str,
+    calibration: torch.LongTensor | None,
+    progress: Progress | None = None,
+) -> QuantizedModel:
+    """Quantize the dense checkpoint in `model_dir` with `algorithm` (rtn | gptq | awq).
+
+    `progress(stage, done, total)` is called once per decoder layer for calibrated runs.
+    """
+    if algorithm not in ALGORITHMS:
+        raise InputError(f"quantization: unknown algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})")
+    if algorithm != "rtn" and scheme.weight_format != "int4":
+        raise InputError(f"quantization: {algorithm} produces int4 weights; {scheme.preset} is {scheme.weight_format}")
+    config = json.loads((model_dir / "config.json").read_text())
+    state = load_state(model_dir)
+    names = quantizable_linears(state, scheme)
+    check_group_size(state, names, scheme)
+    if not needs_calibration(scheme, algorithm):
+        model = quantize_rtn(state, config, scheme)
+        if progress is not None:
+            progress("rtn", 1, 1)
+        return model
+    if calibration is None:
+        raise InputError(f"calibration: {scheme.preset} ({algorithm}) needs calibration data; none was given")
+    linears, kv_scales, changed = calibrated_quantize(model_dir, names, scheme, algorithm, calibration, progress)
+    # AWQ folds its scales into norms and producer linears: store those in place of the originals.
+    state.update({k: v for k, v in changed.items() if k in state})
+    dense, _ = split_state(state, config, scheme)
+    return QuantizedModel(config, scheme, dense, linears, kv_scales)
+
+
+@torch.no_grad()
+def calibrated_quantize(
+    model_dir: Path,
+    names: list[str],
+    scheme: Scheme,
+    algorithm: str,
+    calibration: torch.LongTensor,
+    progress: Progress | None = None,
+) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Layer by layer: statistics, quantized linears, KV scales, next layer's inputs.
+
+    Returns the quantized linears, the KV-cache scales and the decoder-layer parameters an
+    algorithm changed (AWQ's folded scales), all under full checkpoint names.
+    """
+    model = load_float_model(model_dir)
+    layers = decoder_layers(model)
+    hidden, layer_kwargs = embed(model, calibration)
+    kv = scheme.kv_cache_dtype == "fp8"
+    linears: dict[str, QuantizedLinear] = {}
+    kv_scales: dict[str, torch.Tensor] = {}
+    changed: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(layers):
+        prefix = f"model.layers.{index}."
+        quantized = {n.removeprefix(prefix) for n in names if n.startswith(prefix)}
+        stats, dense_out = collect_layer_stats(
+            layer, hidden, layer_kwargs, layer_linear_names(layer), gram=algorithm != "rtn", kv=kv
+        )
+        if algorithm == "awq":
+            layer_linears, _ = awq_layer(layer, stats.inputs, quantized, scheme)
+            changed.update({prefix + n: p.detach().clone() for n, p in layer.named_parameters()})
+        elif algorithm == "gptq":
+            layer_linears = gptq_layer(layer, stats.inputs, quantized, scheme)
+        elif scheme.activations == "static_tensor":
+            layer_linears = fp8_static_layer(layer, stats.inputs, quantized, scheme)
+        else:
+            layer_linears = {n: quantize_weight(layer.get_submodule(n).weight, scheme) for n in sorted(quantized)}
+        linears.update({prefix + n: q for n, q in layer_linears.items()})
+        if kv:
+            kv_scales.update(kv_cache_scales(stats, index))
+        if algorithm == "gptq":
+            for n, q in layer_linears.items():
+                layer.get_submodule(n).weight.copy_(q.dequantize())
+            hidden = run_layer(layer, hidden, layer_kwargs)
+        else:
+            hidden = dense_out
+        if progress is not None:
+            progress(algorithm if algorithm != "rtn" else "calibrate", index + 1, len(layers))
+    return linears, kv_scales, changed
