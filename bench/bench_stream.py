@@ -10,7 +10,7 @@ random int4 codes. A fresh child process per measurement exports it and reports 
 RSS: `VmHWM` from /proc/self/status, the high-water mark of the child's own address space.
 (`ru_maxrss` is not used: Linux carries the spawning process's peak across `execve` into it,
 so a child spawned by a big parent reports the parent's peak.) The child reads the cache
-lazily (one tensor per `safe_open`, released after use), which is how an export stage can read
+lazily (`forge.quant.model.open_quantized`: one tensor per `safe_open`), as the export stage reads
 a cache bigger than memory. Configurations vary the model size with the largest tensor fixed,
 and the largest tensor with the model size fixed; one eager run (`load_quantized`, the whole
 cache in memory) shows the difference.
@@ -26,17 +26,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from forge.formats import FORMATS
 from forge.formats.model_dir import TensorSpec, Unit, write_safetensors
-from forge.quant.model import QuantizedLinear, QuantizedModel, load_quantized
+from forge.quant.model import load_quantized, open_quantized
 from forge.quant.presets import resolve_scheme
 
 HIDDEN, INTERMEDIATE, KV_WIDTH = 4096, 14336, 1024
@@ -127,59 +125,6 @@ def make_cache(directory: Path, config: Config) -> tuple[int, int]:
 # ---------------------------------------------------------------- lazy view of the cache
 
 
-class LazyTensors(Mapping):
-    """Tensors under a key prefix of one safetensors file, read on access and never kept."""
-
-    def __init__(self, path: Path, prefix: str):
-        self.path, self.prefix = path, prefix
-        with safe_open(path, framework="pt") as f:
-            self._keys = sorted(k.removeprefix(prefix) for k in f.keys() if k.startswith(prefix))
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        with safe_open(self.path, framework="pt") as f:  # the mapping closes with the tensor
-            return f.get_tensor(self.prefix + key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-class LazyLinears(Mapping):
-    """`QuantizedLinear`s of a cache, assembled from their parts on access."""
-
-    def __init__(self, path: Path):
-        self.parts = LazyTensors(path, "linear::")
-        self._names = sorted({key.split("::")[0] for key in self.parts})
-
-    def __getitem__(self, name: str) -> QuantizedLinear:
-        if name not in self._names:
-            raise KeyError(name)
-        get = self.parts.get
-        return QuantizedLinear(
-            get(f"{name}::codes"),
-            get(f"{name}::scale"),
-            get(f"{name}::zero_point"),
-            get(f"{name}::input_scale"),
-        )
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def lazy_quantized(directory: Path) -> QuantizedModel:
-    eager_meta = json.loads((directory / "quant.json").read_text())
-    scheme = resolve_scheme(eager_meta["scheme"]["preset"])
-    path = directory / "quantized.safetensors"
-    return QuantizedModel(eager_meta["config"], scheme, LazyTensors(path, "dense::"), LazyLinears(path), {})
-
-
 # ---------------------------------------------------------------- one measurement (child process)
 
 
@@ -193,7 +138,7 @@ def peak_rss() -> int:
 
 def child(cache: Path, fmt: str, out: Path, mode: str) -> None:
     start = time.perf_counter()
-    qm = load_quantized(cache) if mode == "eager" else lazy_quantized(cache)
+    qm = load_quantized(cache) if mode == "eager" else open_quantized(cache)
     files = [] if fmt == "none" else FORMATS[fmt].write(qm, cache, out, {"bench": "stream"})
     seconds = time.perf_counter() - start
     written = sum(p.stat().st_size for p in files)

@@ -243,9 +243,9 @@ def stage_quantize(plan: Plan, variant: Variant, source_dir: Path, out: Path, pr
 
 def stage_export(plan: Plan, stage: Stage, quantized_dir: Path, source_dir: Path, out: Path) -> dict:
     from forge.formats import FORMATS
-    from forge.quant.model import load_quantized
+    from forge.quant.model import open_quantized
 
-    qm = load_quantized(quantized_dir)
+    qm = open_quantized(quantized_dir)  # streamed: peak memory follows the largest tensor
     fmt = stage.params["format"]
     metadata = {
         "forge_version": __version__,

@@ -9,15 +9,17 @@ directory back to dense weights, which must equal `QuantizedModel.dequantize()` 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from forge.quant.scheme import Scheme
 
-__all__ = ["QuantizedLinear", "QuantizedModel", "Scheme", "load_quantized", "save_quantized"]
+__all__ = ["QuantizedLinear", "QuantizedModel", "Scheme", "load_quantized", "open_quantized", "save_quantized"]
 
 
 @dataclass
@@ -108,3 +110,53 @@ def load_quantized(directory: Path) -> QuantizedModel:
             parts.setdefault(name, {})[part] = tensor
     linears = {name: QuantizedLinear(**p) for name, p in parts.items()}
     return QuantizedModel(meta["config"], Scheme(**scheme_fields), dense, linears, kv)
+
+
+class LazyTensors(Mapping):
+    """Tensors under a key prefix of one safetensors file, read on access and never kept, so an
+    export holds one tensor at a time instead of the whole quantized model."""
+
+    def __init__(self, path: Path, prefix: str):
+        self.path, self.prefix = path, prefix
+        with safe_open(path, framework="pt") as f:
+            self._keys = sorted(k.removeprefix(prefix) for k in f.keys() if k.startswith(prefix))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(self.prefix + key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class LazyLinears(Mapping):
+    """`QuantizedLinear`s of a saved model, assembled from their parts on access."""
+
+    def __init__(self, path: Path):
+        self.parts = LazyTensors(path, "linear::")
+        self._names = sorted({key.rpartition("::")[0] for key in self.parts})
+
+    def __getitem__(self, name: str) -> QuantizedLinear:
+        if name not in self._names:
+            raise KeyError(name)
+        return QuantizedLinear(**{part: self.parts.get(f"{name}::{part}") for part in _PARTS})
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def open_quantized(directory: Path) -> QuantizedModel:
+    """Like `load_quantized`, but tensors are read from disk when a writer asks for them."""
+    meta = json.loads((directory / "quant.json").read_text())
+    scheme_fields = {**meta["scheme"], "ignore": tuple(meta["scheme"]["ignore"])}
+    path = directory / "quantized.safetensors"
+    kv = dict(LazyTensors(path, "kv::"))  # a few scalars
+    return QuantizedModel(meta["config"], Scheme(**scheme_fields), LazyTensors(path, "dense::"), LazyLinears(path), kv)
