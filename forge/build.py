@@ -322,7 +322,12 @@ def stage_throughput(
             load.requests_per_level, out / "sweep", slos, flavor=flavor, server_argv=running.argv,
             gpu_cost=GpuCost(price, gpus) if price else None,
         )  # fmt: skip
-    return {"variant": stage.params["variant"], "gpu": gpu_name, "sweep": result.to_dict()}
+    sweep = result.to_dict()
+    # Paths relative to the cache entry: `out` is a temporary directory renamed once complete.
+    sweep["files"] = {name: str(Path(path).relative_to(out)) for name, path in sweep["files"].items()}
+    for level in sweep["levels"]:
+        level["records_path"] = level["records_path"] and str(Path(level["records_path"]).relative_to(out))
+    return {"variant": stage.params["variant"], "gpu": gpu_name, "sweep": sweep}
 
 
 def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:
@@ -371,7 +376,8 @@ def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
     for stage in plan.of_kind("throughput"):
         record = records[stage.id]
         if "sweep" in record:
-            sweep = record["sweep"]
+            entry = plan.cache.entry(stage.kind, stage.key)
+            sweep = {**record["sweep"], "files": {k: str(entry / v) for k, v in record["sweep"]["files"].items()}}
             results.append({"stage": stage.id, "variant": record["variant"], "gpu": record["gpu"], **sweep})
     return results
 

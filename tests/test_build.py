@@ -164,3 +164,28 @@ def test_on_missing_hardware_fail_stops_before_any_work(tiny_model, eval_text, t
     code, output = run_cli("build", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
     assert code == 3 and "on_missing_hardware: fail" in output and "engine/fp8/trtllm/H100" in output
     assert not (tmp_path / "a" / ".cache" / "source").exists()
+
+
+@pytest.mark.integration
+def test_throughput_serves_each_variant_on_cpu_and_defers_gpus(built, tiny_model, eval_text):
+    """The real `transformers serve` serves the compressed-tensors export; GPU cells are deferred."""
+    root, _, _ = built
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"]}])
+    data["variants"] = data["variants"][1:]
+    data["validation"]["throughput"] = {
+        "enabled": True, "concurrency": [1, 4], "prompt_tokens": 16, "output_tokens": 8, "requests_per_level": 4,
+        "min_output_tps": 0.1, "usd_per_hour": {"cpu": 0.1},
+    }  # fmt: skip
+    report = build(write_recipe(root, data, name="load.yaml"), artifacts_dir=root / "artifacts").report
+    stages = {s["id"]: s for s in report["stages"]}
+    gpu = stages["throughput/int4/vllm/H100"]
+    assert gpu["status"] == "deferred" and "vllm serve /models/model" in gpu["command"]
+    [sweep] = report["validation"]["throughput"]
+    assert sweep["stage"] == "throughput/int4/cpu" and stages[sweep["stage"]]["status"] == "ran"
+    assert [lv["label"] for lv in sweep["levels"]] == ["c1", "c4"]
+    assert all(lv["completed"] == 4 and lv["errors"] == 0 for lv in sweep["levels"])
+    assert all(lv["total_output_tokens"] == 4 * 8 for lv in sweep["levels"])  # the server's usage totals
+    assert all(g["passed"] for g in sweep["gates"]) and sweep["cost"]["usd_per_gpu_hour"] == 0.1
+    assert sweep["server_argv"][1] == "serve"
+    assert sweep["files"] and all(Path(f).is_file() for f in sweep["files"].values())
+    assert any(f.endswith(".png") for f in sweep["files"].values())
