@@ -31,6 +31,7 @@ from forge.source import read_model_config, source_identity
 # Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
 STAGE_VERSIONS = {"source": 1, "baseline": 1, "quantize": 1, "export": 1, "accuracy": 1}
 BUILTIN_CALIBRATION = ("pydoc_topics",)
+STAGE_ORDER = ("source", "baseline", "quantize", "export", "accuracy", "engine", "throughput", "package", "push")
 
 
 @dataclass
@@ -266,6 +267,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
                 {"export": export.key, "baseline": baseline.key},
                 needs=[export.id, "baseline"], params=dict(export.params),
             )  # fmt: skip
+    plan.stages.sort(key=lambda s: STAGE_ORDER.index(s.kind))  # stable: the order they run in
     for push in plan.of_kind("push"):  # nothing is published before its variant's gates are measured
         variant = push.params["variant"]
         push.needs += [s.id for s in plan.stages if s.kind in ("accuracy", "throughput")

@@ -1,0 +1,87 @@
+"""The embedded default recipe on the real SmolLM2-135M checkpoint, end to end through the CLI.
+
+One cold build (GGUF conversion, baseline, FP8 + AWQ quantization, every export, accuracy through
+each format's reader, CPU throughput with `transformers serve`), then the identical rebuild,
+which must find every stage cached. Minutes of CPU: marked integration.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+RECIPE = REPO / "recipes" / "smollm2-135m.yaml"
+
+
+def forge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "forge"), *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    artifacts = tmp_path_factory.mktemp("smollm2") / "artifacts"
+    done = forge("build", str(RECIPE), "--json", "--artifacts-dir", str(artifacts))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return artifacts, json.loads(done.stdout)
+
+
+def test_default_recipe_builds_every_possible_artifact(cold):
+    artifacts, report = cold
+    stages = {s["id"]: s for s in report["stages"]}
+    assert stages["source"]["status"] == "ran" and stages["source"]["architecture"] == "LlamaForCausalLM"
+    assert (artifacts / "smollm2-135m" / "build.json").is_file()
+    built = {(a["variant"], a["backend"]) for a in report["artifacts"]}
+    assert ("fp8-dynamic", "vllm") in built and ("awq-w4a16-g64", "tgi") in built
+    impossible = {(i["variant"], i["backend"]) for i in report["impossible"]}
+    assert ("awq-w4a16-g64", "lmdeploy") in impossible  # TurboMind needs group 128; 576 rules it out
+    for artifact in report["artifacts"]:
+        for name, facts in artifact["files"].items():
+            assert (Path(artifact["path"]) / name).stat().st_size == facts["bytes"]
+
+
+def test_default_recipe_gates_pass_on_measured_figures(cold):
+    _, report = cold
+    gates = report["validation"]["accuracy"]
+    assert gates and all(g["passed"] for g in gates)
+    accuracy = {s["id"]: s for s in report["stages"] if s["kind"] == "accuracy"}
+    fp8 = accuracy["accuracy/fp8-dynamic/compressed-tensors"]
+    awq = accuracy["accuracy/awq-w4a16-g64/compressed-tensors"]
+    assert fp8["ppl_increase_pct"] < awq["ppl_increase_pct"]
+    assert fp8["top1_agreement"] > awq["top1_agreement"] > 0.6
+    # The same AWQ codes re-read through three formats' readers give the same perplexity.
+    same = [s["perplexity"] for sid, s in accuracy.items() if sid.startswith("accuracy/awq-w4a16-g64/")]
+    assert max(same) - min(same) < 1e-3 * max(same)
+
+
+def test_default_recipe_serves_on_cpu_with_usage_exact_counts(cold):
+    _, report = cold
+    sweeps = report["validation"]["throughput"]
+    assert {s["variant"] for s in sweeps} == {"fp8-dynamic", "awq-w4a16-g64"}
+    for sweep in sweeps:
+        assert [lv["concurrency"] for lv in sweep["levels"]] == [1, 4, 16]
+        for level in sweep["levels"]:
+            assert level["errors"] == 0
+            assert level["total_output_tokens"] == level["completed"] * sweep["output_tokens"]
+
+
+def test_engine_is_deferred_with_its_command(cold):
+    _, report = cold
+    engines = [s for s in report["stages"] if s["kind"] == "engine"]
+    assert engines and all(s["status"] == "deferred" and "trtllm-build" in s["command"] for s in engines)
+
+
+def test_identical_rebuild_is_fully_cached(cold):
+    artifacts, first = cold
+    done = forge("build", str(RECIPE), "--json", "--artifacts-dir", str(artifacts))
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads(done.stdout)
+    ran = [s["id"] for s in again["stages"] if s["status"] == "ran"]
+    assert ran == []
+    assert again["artifacts"] == first["artifacts"]
