@@ -262,16 +262,21 @@ def stage_accuracy(
     plan: Plan, stage: Stage, export_dir: Path, baseline_dir: Path, out: Path, progress: Progress
 ) -> dict:
     """Perplexity, agreement and KL of an exported artifact, re-read through its format's reader."""
-    from forge.eval.perplexity import build_model, compare_pass, load_windows
+    from forge.eval.perplexity import build_model, compare_pass, load_windows, simulate_dynamic_fp8_activations
     from forge.formats import FORMATS
+    from forge.quant.rtn import quantizable_linears
 
     accuracy = plan.recipe.validation.accuracy
     baseline = json.loads((baseline_dir / "stage.json").read_text())
     dataset = Path(plan.stage("baseline").params["dataset"])
     windows = load_windows(dataset, export_dir, accuracy.window, accuracy.max_windows)
     config, state = FORMATS[stage.params["format"]].read(export_dir)
+    model = build_model(config, state)
+    scheme = plan.schemes[stage.params["variant"]]
+    if scheme.activations == "dynamic_token":  # serving rounds activations to fp8 per token too
+        simulate_dynamic_fp8_activations(model, quantizable_linears(model.state_dict(), scheme))
     with progress.task(f"accuracy {stage.params['variant']} ({stage.params['format']})", len(windows)) as adv:
-        metrics = compare_pass(build_model(config, state), windows, baseline_dir, progress=adv)
+        metrics = compare_pass(model, windows, baseline_dir, progress=adv)
     increase = 100.0 * (metrics["perplexity"] / baseline["perplexity"] - 1.0)
     return {**stage.params, **metrics, "baseline_perplexity": baseline["perplexity"], "ppl_increase_pct": increase}
 

@@ -122,10 +122,7 @@ def render_gate_table(results: list[GateResult], markdown: bool = False, failure
     """A table of gate outcomes for the terminal (aligned plain text) or a report (Markdown)."""
     rows = [r for r in results if not (failures_only and r.passed)]
     header = ["gate", "metric", "limit", "measured", "margin", "result"]
-    body = [
-        [r.name, r.metric, _number(r.limit), _number(r.measured), _number(r.margin), _verdict(r)]
-        for r in rows
-    ]
+    body = [[r.name, r.metric, _number(r.limit), _number(r.measured), _number(r.margin), _verdict(r)] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]

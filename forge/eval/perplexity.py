@@ -77,8 +77,7 @@ def load_windows(
         count = min(count, max_windows)
     if count < 1:
         raise InputError(
-            f"{text_path}: {len(ids)} tokens do not fill one window of {window}; "
-            "use a longer text or a smaller window"
+            f"{text_path}: {len(ids)} tokens do not fill one window of {window}; use a longer text or a smaller window"
         )
     return torch.tensor(ids[: count * window], dtype=torch.long).reshape(count, window)
 

