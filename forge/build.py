@@ -23,7 +23,7 @@ from forge import __version__
 from forge.cache import Cache, atomic_write_text
 from forge.digest import sha256_file
 from forge.errors import GateFailed, InfraError, InputError
-from forge.plan import Plan, Stage, make_plan
+from forge.plan import Plan, Stage, make_plan, stage_key
 from forge.progress import Progress
 from forge.recipe import Variant, dump_recipe, load_recipe
 from forge.source import materialize_source, read_dense
@@ -267,18 +267,38 @@ def stage_accuracy(
     from forge.quant.rtn import quantizable_linears
 
     accuracy = plan.recipe.validation.accuracy
-    baseline = json.loads((baseline_dir / "stage.json").read_text())
     dataset = Path(plan.stage("baseline").params["dataset"])
     windows = load_windows(dataset, export_dir, accuracy.window, accuracy.max_windows)
     config, state = FORMATS[stage.params["format"]].read(export_dir)
-    model = build_model(config, state)
     scheme = plan.schemes[stage.params["variant"]]
-    if scheme.activations == "dynamic_token":  # serving rounds activations to fp8 per token too
-        simulate_dynamic_fp8_activations(model, quantizable_linears(model.state_dict(), scheme))
-    with progress.task(f"accuracy {stage.params['variant']} ({stage.params['format']})", len(windows)) as adv:
-        metrics = compare_pass(model, windows, baseline_dir, progress=adv)
-    increase = 100.0 * (metrics["perplexity"] / baseline["perplexity"] - 1.0)
-    return {**stage.params, **metrics, "baseline_perplexity": baseline["perplexity"], "ppl_increase_pct": increase}
+
+    def measure(_out: Path) -> dict:
+        model = build_model(config, state)
+        if scheme.activations == "dynamic_token":  # serving rounds activations to fp8 per token too
+            simulate_dynamic_fp8_activations(model, quantizable_linears(model.state_dict(), scheme))
+        with progress.task(f"accuracy {stage.params['variant']} ({stage.params['format']})", len(windows)) as adv:
+            return compare_pass(model, windows, baseline_dir, progress=adv)
+
+    # Formats that re-read to bit-identical weights share one measurement (same weights, same numbers).
+    weights = state_digest(state)
+    key = stage_key("accuracy-weights", {"weights": weights, "baseline": baseline_dir.name, "act": scheme.activations})
+    _, metrics, shared = plan.cache.run("accuracy-weights", key, measure)
+    metrics = {k: v for k, v in metrics.items() if k not in ("kind", "key")}
+    return {**stage.params, **metrics, "weights_sha256": weights, "measurement_shared": shared}
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, progress: Progress) -> dict:
