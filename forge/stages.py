@@ -1,0 +1,272 @@
+"""The build's stages: each a plain function `(plan, stage, inputs…, out, progress) -> facts`.
+
+`forge.build.build` calls them in order through the stage cache; each writes only into `out`
+(a temporary directory renamed into the cache once the function returns) and returns JSON-able
+facts recorded in the entry's `stage.json` and the build report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from forge import __version__
+from forge.digest import file_digests
+from forge.plan import Plan, Stage, stage_key
+from forge.progress import Progress
+from forge.recipe import Variant
+from forge.source import materialize_source, read_dense
+
+
+def variant_named(plan: Plan, name: str) -> Variant:
+    return next(v for v in plan.recipe.variants if v.name == name)
+
+
+def stage_source(plan: Plan, out: Path) -> dict:
+    facts = materialize_source(plan.recipe.source, plan.recipe_dir, out / "model")
+    return {**facts, "files": file_digests(out / "model")}
+
+
+def stage_baseline(plan: Plan, stage: Stage, source_dir: Path, out: Path, progress: Progress) -> dict:
+    from forge.eval.perplexity import baseline_pass, build_model, load_windows
+
+    accuracy = plan.recipe.validation.accuracy
+    windows = load_windows(Path(stage.params["dataset"]), source_dir, accuracy.window, accuracy.max_windows)
+    config, state = read_dense(source_dir)
+    with progress.task("baseline perplexity", total=len(windows)) as advance:
+        return baseline_pass(build_model(config, state), windows, out, progress=advance)
+
+
+def stage_quantize(plan: Plan, variant: Variant, source_dir: Path, out: Path, progress: Progress) -> dict:
+    from forge.quant.calibration import load_calibration
+    from forge.quant.model import save_quantized
+    from forge.quant.presets import PRESETS
+    from forge.quant.run import quantize_checkpoint
+
+    scheme = plan.schemes[variant.name]
+    preset = PRESETS[variant.scheme]
+    calibration = None
+    if preset.needs_calibration or scheme.kv_cache_dtype == "fp8":
+        cal = variant.calibration
+        sources = [s if s == "pydoc_topics" else str((plan.recipe_dir / s).resolve()) for s in cal.sources]
+        calibration = load_calibration(sources, source_dir, cal.num_samples, cal.seq_len, cal.seed)
+    with progress.task(f"quantize {variant.name} ({variant.scheme})", total=None) as advance:
+        qm = quantize_checkpoint(
+            source_dir, scheme, preset.algorithm, calibration, progress=lambda _what, done, total: advance(done, total)
+        )
+    save_quantized(qm, out)
+    return {"variant": variant.name, "algorithm": preset.algorithm, "linears": len(qm.linears)}
+
+
+def stage_export(plan: Plan, stage: Stage, quantized_dir: Path, source_dir: Path, out: Path) -> dict:
+    from forge.formats import FORMATS
+    from forge.quant.model import open_quantized
+
+    qm = open_quantized(quantized_dir)  # streamed: peak memory follows the largest tensor
+    fmt = stage.params["format"]
+    metadata = {
+        "forge_version": __version__,
+        "recipe": plan.recipe.name,
+        "variant": stage.params["variant"],
+        "format": fmt,
+        "source": plan.source_identity,
+    }
+    FORMATS[fmt].write(qm, source_dir, out / "model", metadata, tp_size=stage.params["tp"])
+    return {"format": fmt, "variant": stage.params["variant"], "files": file_digests(out / "model")}
+
+
+def stage_accuracy(
+    plan: Plan, stage: Stage, export_dir: Path, baseline_dir: Path, out: Path, progress: Progress
+) -> dict:
+    """Perplexity, agreement and KL of an exported artifact, re-read through its format's reader."""
+    from forge.eval.perplexity import build_model, compare_pass, load_windows, simulate_dynamic_fp8_activations
+    from forge.formats import FORMATS
+    from forge.quant.rtn import quantizable_linears
+
+    accuracy = plan.recipe.validation.accuracy
+    dataset = Path(plan.stage("baseline").params["dataset"])
+    windows = load_windows(dataset, export_dir, accuracy.window, accuracy.max_windows)
+    config, state = FORMATS[stage.params["format"]].read(export_dir)
+    scheme = plan.schemes[stage.params["variant"]]
+
+    def measure(_out: Path) -> dict:
+        model = build_model(config, state)
+        if scheme.activations == "dynamic_token":  # serving rounds activations to fp8 per token too
+            simulate_dynamic_fp8_activations(model, quantizable_linears(model.state_dict(), scheme))
+        with progress.task(f"accuracy {stage.params['variant']} ({stage.params['format']})", len(windows)) as adv:
+            return compare_pass(model, windows, baseline_dir, progress=adv)
+
+    # Formats that re-read to bit-identical weights share one measurement (same weights, same numbers).
+    weights = state_digest(state)
+    key = stage_key("accuracy-weights", {"weights": weights, "baseline": baseline_dir.name, "act": scheme.activations})
+    _, metrics, shared = plan.cache.run("accuracy-weights", key, measure)
+    metrics = {k: v for k, v in metrics.items() if k not in ("kind", "key")}
+    return {**stage.params, **metrics, "weights_sha256": weights, "measurement_shared": shared}
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, progress: Progress) -> dict:
+    """trtllm-build for one GPU architecture, locally or in the release container."""
+    from forge.backends import trtllm
+    from forge.gpus import lookup_gpu
+
+    target = plan.recipe.targets[stage.params["target"]]
+    scheme = plan.schemes[stage.params["variant"]]
+    with progress.task(f"trtllm-build {stage.id}", total=None):
+        built = trtllm.build_engine(
+            checkpoint_dir, out / "engine", trtllm.Limits.from_target(target), scheme,
+            lookup_gpu(stage.params["gpu"]), target.trtllm.version,
+        )  # fmt: skip
+    return {"runner": built.runner, "command": built.command, "engine_key": built.key, "files": file_digests(out)}
+
+
+def stage_throughput(
+    plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, progress: Progress
+) -> dict:
+    """Serve the artifact and sweep the recipe's load: `transformers serve` for the CPU stage, the
+    backend's container on a GPU builder otherwise."""
+    from forge.gpus import lookup_gpu
+    from forge.loadgen import GpuCost, SLOs, run_sweep, serve_transformers
+    from forge.loadgen.server import serve_container
+    from forge.serving import ENGINE_DIR, MODEL_DIR, serve_spec
+
+    load = plan.recipe.validation.throughput
+    slos = SLOs(load.max_ttft_p99_ms, load.max_tpot_p99_ms, load.min_output_tps, load.min_goodput)
+    gpu_name = stage.params["gpu"]
+    if gpu_name == "cpu":
+        price = load.usd_per_hour.get("cpu")
+        server = serve_transformers(dense_copy(model_dir, out / "served-model"), out / "server.log")
+        flavor, gpus = "transformers", 1
+    else:
+        target = plan.recipe.targets[stage.params["target"]]
+        spec = serve_spec(plan.recipe, stage.params["variant"], plan.schemes[stage.params["variant"]], target, gpu_name, "")
+        price = load.usd_per_hour.get(gpu_name, lookup_gpu(gpu_name).usd_per_hour)
+        mount = (engine_dir, ENGINE_DIR) if engine_dir else (model_dir, MODEL_DIR)
+        server = serve_container(spec.base_image, spec.argv, *mount, spec.port, spec.health_path, out / "server.log",
+                                 gpus=target.tensor_parallel)  # fmt: skip
+        flavor, gpus = {"vllm": "vllm", "tgi": "none"}.get(target.backend, "openai"), target.tensor_parallel
+    with progress.task(f"load sweep {stage.id}", total=None), server as running:
+        result = run_sweep(
+            running.base_url, running.model, model_dir, load.concurrency, load.prompt_tokens, load.output_tokens,
+            load.requests_per_level, out / "sweep", slos, flavor=flavor, server_argv=running.argv,
+            gpu_cost=GpuCost(price, gpus) if price else None,
+        )  # fmt: skip
+    shutil.rmtree(out / "served-model", ignore_errors=True)
+    sweep = result.to_dict()
+    # Paths relative to the cache entry: `out` is a temporary directory renamed once complete.
+    sweep["files"] = {name: str(Path(path).relative_to(out)) for name, path in sweep["files"].items()}
+    for level in sweep["levels"]:
+        level["records_path"] = level["records_path"] and str(Path(level["records_path"]).relative_to(out))
+    return {"variant": stage.params["variant"], "gpu": gpu_name, "sweep": sweep}
+
+
+def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:
+    from forge.package import package_artifact
+    from forge.serving import serve_spec
+
+    params = stage.params
+    target = plan.recipe.targets[params["target"]]
+    spec = serve_spec(plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision)
+    image = package_artifact(spec, model_dir, out, params["tags"][0], stage.id, plan.recipe.package.builder)
+    return {**image, "variant": params["variant"], "backend": params["backend"], "gpu": params["gpu"]}
+
+
+def push_images(plan: Plan, pushes: list[Stage], packages: dict[str, Path], report: dict, progress: Progress) -> list[dict]:
+    """Push every image, then attach the build report and its SLSA provenance as referrers.
+
+    The report attached is the one written to build.json minus the push results themselves
+    (those only exist afterwards); provenance names that document's digest."""
+    from forge.oci.registry import BUILD_REPORT_TYPE
+    from forge.package import PROVENANCE_TYPE, attach_documents, push_artifact
+    from forge.provenance import provenance_statement
+
+    package = plan.recipe.package
+    report_bytes = json.dumps(report, indent=2).encode()
+    pushed = []
+    with progress.task("push images", total=len(pushes)) as advance:
+        for done, stage in enumerate(pushes, 1):
+            image = json.loads((packages[stage.needs[0]] / "stage.json").read_text())
+            result = push_artifact(
+                packages[stage.needs[0]] / "layout", image["tag"], package.registry, package.repository, stage.params["tags"]
+            )  # fmt: skip
+            name = f"{package.registry}/{package.repository}"
+            statement = provenance_statement(report, plan.recipe, name, result["digest"], image, report_bytes)
+            referrers = attach_documents(
+                f"{name}@{result['digest']}",
+                {BUILD_REPORT_TYPE: report_bytes, PROVENANCE_TYPE: json.dumps(statement, indent=2).encode()},
+            )
+            pushed.append({"stage": stage.id, **result, "referrers": referrers})
+            advance(done, len(pushes))
+    return pushed
+
+
+def dense_copy(export_dir: Path, out: Path) -> Path:
+    """The export's weights, re-read by forge's compressed-tensors reader, as a plain checkpoint.
+
+    CPUs have no fp8/int4 kernels: transformers serves a compressed-tensors checkpoint by
+    re-quantizing on every forward, 4-8× slower than the dense model (measured here). The CPU
+    sweep therefore serves the same weights dense; GPU stages serve the export itself."""
+    from forge.eval.perplexity import build_model
+    from forge.formats import FORMATS
+    from forge.source import MODEL_SIDE_FILES
+
+    config, state = FORMATS["compressed-tensors"].read(export_dir)
+    build_model(config, state).save_pretrained(out)
+    for name in MODEL_SIDE_FILES:
+        if name != "config.json" and (export_dir / name).is_file():
+            shutil.copy2(export_dir / name, out / name)
+    return out
+
+
+def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
+    """Each measured throughput stage's levels, gates and cost, for the report."""
+    results = []
+    for stage in plan.of_kind("throughput"):
+        record = records[stage.id]
+        if "sweep" in record:
+            entry = plan.cache.entry(stage.kind, stage.key)
+            sweep = {**record["sweep"], "files": {k: str(entry / v) for k, v in record["sweep"]["files"].items()}}
+            results.append({"stage": stage.id, "variant": record["variant"], "gpu": record["gpu"], **sweep})
+    return results
+
+
+# ---------------------------------------------------------------- gates
+
+
+def evaluate_accuracy_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
+    from forge.eval.gates import evaluate_gates
+
+    results = []
+    for stage in plan.of_kind("accuracy"):
+        record = records[stage.id]
+        if record["status"] not in ("ran", "cached"):
+            continue  # left out by --only/--skip: reported as such, never as a pass
+        variant = variant_named(plan, stage.params["variant"])
+        gates = (variant.gates or plan.recipe.validation.accuracy.gates).model_dump(exclude_none=True)
+        gates.pop("min_recovery", None)  # task recovery needs a served endpoint (lm-eval), not this stage
+        for gate in evaluate_gates(gates, record):
+            results.append({"artifact": stage.id.removeprefix("accuracy/"), **gate.to_dict()})
+    return results
+
+
+def gate_failure_message(failed: list[dict]) -> str:
+    lines = ["validation gates failed:"]
+    for g in failed:
+        measured = "nothing measured" if g["measured"] is None else f"measured {g['measured']:.4g}"
+        off = f" (off by {abs(g['measured'] - g['limit']):.4g})" if g["measured"] is not None else ""
+        lines.append(f"  {g['artifact']}: {g['name']} limit {g['limit']:g}, {measured}{off}")
+    return "\n".join(lines)
