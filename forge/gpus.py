@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ def detect_local_gpus(timeout_s: float = 15.0) -> LocalGPUs:
     """The NVIDIA GPUs on this machine, never raising: an empty result carries the reason."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
+        # Without the driver's device nodes there is nothing for torch to find either; skipping
+        # its import keeps `forge plan` and cached rebuilds fast on CPU machines.
+        if not Path("/proc/driver/nvidia").exists() and not list(Path("/dev").glob("nvidia[0-9]*")):
+            return LocalGPUs((), "none", "no NVIDIA GPU detected (nvidia-smi not found)")
         found = _detect_with_torch()
         if found:
             return found
