@@ -10,6 +10,7 @@ before it. Stages that need absent hardware are recorded as deferred with their 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -218,8 +219,8 @@ def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path) 
     """`artifacts/<recipe>/<variant>/<backend>/`: hard links into the cache entries (no copies)."""
     listed = []
     for artifact in plan.artifacts:
-        if artifact.status != "planned":
-            continue
+        if artifact.status != "planned" or artifact.export_stage not in exports:
+            continue  # impossible, or its export left out by --only/--skip
         entry = exports[artifact.export_stage]
         target = out_root / artifact.variant / artifact.backend
         link_tree(entry / "model", target)
@@ -239,15 +240,33 @@ def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path) 
 
 
 def link_tree(src: Path, dst: Path) -> None:
-    """Replace `dst` with hard links to every file of `src` (copies across filesystems)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=_link_or_copy)
-    old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    """Replace `dst` with hard links to every file of `src` (copies across filesystems).
+
+    Under a lock per directory, so concurrent builds of one recipe never interleave their swaps;
+    leftovers of killed builds (`.<name>.*.tmp` / `.old`) are removed there too."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst.with_name(f".{dst.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in [*dst.parent.glob(f".{dst.name}.*.tmp"), *dst.parent.glob(f".{dst.name}.*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        if same_files(src, dst):
+            return
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def same_files(src: Path, dst: Path) -> bool:
+    """`dst` already holds hard links to exactly `src`'s files."""
+    if not dst.is_dir():
+        return False
+    ours = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(dst) for p in dst.rglob("*") if p.is_file())
+    return ours == theirs and all((src / f).stat().st_ino == (dst / f).stat().st_ino for f in ours)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

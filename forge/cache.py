@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from forge.errors import ForgeError, InfraError, InputError
+
 DEFAULT_ROOT = Path("artifacts/.cache")
 
 
@@ -37,7 +39,7 @@ class Cache:
     @contextmanager
     def _locked(self, kind: str, key: str) -> Iterator[None]:
         lock_path = self.root / kind / f".{key}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(lock_path.parent)
         with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -55,8 +57,11 @@ class Cache:
         with self._locked(kind, key):
             if self.has(kind, key):
                 return final, self.report(kind, key), True
+            # Under the lock no one else writes this key, so any temporary directory of it is
+            # what a killed build left behind (SIGKILL, OOM, power): reclaim the space.
+            for stale in final.parent.glob(f".tmp-{key}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = final.parent / f".tmp-{key}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             started = time.monotonic()
             try:
@@ -71,8 +76,30 @@ class Cache:
             return final, report, False
 
 
+def make_dirs(directory: Path) -> None:
+    """mkdir -p, with a one-line error instead of a traceback: a path given as the artifacts or
+    cache directory that is a file is the user's mistake (exit 2); anything else (permissions, a
+    full disk) is the machine's (exit 3)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(directory, error) from None
+
+
+def storage_error(path: Path, error: OSError) -> ForgeError:
+    if isinstance(error, NotADirectoryError | FileExistsError):
+        return InputError(f"{path}: a file is in the way of this directory (check --artifacts-dir / --cache-dir)")
+    return InfraError(f"cannot write {path}: {error.strerror or error}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` through a temporary sibling and a rename, so readers see the old or the new
+    file, never a torn one."""
+    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, error) from None

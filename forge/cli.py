@@ -185,7 +185,11 @@ def report(report: Path, fmt: str | None) -> None:
         data = json.loads(report.read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"report: cannot read {report}: {error}") from None
-    click.echo(render_markdown_summary(data) if fmt == "markdown" else render_junit(data), nl=False)
+    try:
+        text = render_markdown_summary(data) if fmt == "markdown" else render_junit(data)
+    except (TypeError, AttributeError, KeyError, ValueError):
+        raise InputError(f"report: {report} is not a forge build report (artifacts/<name>/build.json)") from None
+    click.echo(text, nl=False)
 
 
 @main.command()

@@ -133,12 +133,14 @@ def calibration_identity(variant: Variant, recipe_dir: Path) -> dict:
 
 def model_config_cached(recipe: Recipe, recipe_dir: Path, identity: dict, cache: Cache) -> dict:
     """The model's config.json; memoized by source digest because GGUF metadata is slow to parse."""
-    memo = cache.root / "model-config" / f"{json_digest(identity)}.json"
+    memo = model_config_memo(cache, identity)
     if memo.is_file():
         return json.loads(memo.read_text())
-    config = read_model_config(recipe.source, recipe_dir)
-    atomic_write_text(memo, json.dumps(config, indent=2, sort_keys=True))
-    return config
+    return read_model_config(recipe.source, recipe_dir)
+
+
+def model_config_memo(cache: Cache, identity: dict) -> Path:
+    return cache.root / "model-config" / f"{json_digest(identity)}.json"
 
 
 def check_variants(recipe: Recipe, shape: ModelShape) -> dict[str, Scheme]:
@@ -268,6 +270,9 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
                 needs=[export.id, "baseline"], params=dict(export.params),
             )  # fmt: skip
     plan.stages.sort(key=lambda s: STAGE_ORDER.index(s.kind))  # stable: the order they run in
+    memo = model_config_memo(cache, identity)  # written only once the recipe passed every check
+    if not memo.is_file():
+        atomic_write_text(memo, json.dumps(config, indent=2, sort_keys=True))
     for push in plan.of_kind("push"):  # nothing is published before its variant's gates are measured
         variant = push.params["variant"]
         push.needs += [s.id for s in plan.stages if s.kind in ("accuracy", "throughput")

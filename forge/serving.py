@@ -6,13 +6,13 @@ image config, so the two can never disagree about how the model is launched.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from forge import __version__
 from forge.backends import BACKENDS, base_image, export_format, trtllm
 from forge.gpus import lookup_gpu
+from forge.oci.layers import source_date_epoch
 from forge.quant.scheme import Scheme
 from forge.recipe import Recipe, Target
 from forge.templating import render
@@ -42,8 +42,7 @@ class ServeSpec:
 
 def created_timestamp() -> str:
     """RFC 3339 creation time from SOURCE_DATE_EPOCH (reproducible builds spec), else the epoch."""
-    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(source_date_epoch(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def image_labels(recipe: Recipe, variant: str, backend: str, gpu: str, revision: str) -> dict[str, str]:

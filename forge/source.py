@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def gguf_path(source: Source, recipe_dir: Path) -> Path:
     """Where the recipe's GGUF file is: inside an installed package, or relative to the recipe."""
     gguf = source.gguf
     if gguf.package:
-        spec = importlib.util.find_spec(gguf.package)
+        try:
+            spec = importlib.util.find_spec(gguf.package)
+        except (ImportError, ValueError):
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise InputError(
                 f"source.gguf.package: Python package {gguf.package!r} is not installed "
@@ -80,7 +84,12 @@ def pickle_to_safetensors(src: Path, out_dir: Path) -> None:
     state = {}
     for file in sorted(p for p in src.iterdir() if p.name.endswith(PICKLE_SUFFIXES)):
         # weights_only=True: the unpickler accepts tensors and containers, never arbitrary objects.
-        state.update(torch.load(file, map_location="cpu", weights_only=True))
+        try:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise InputError(
+                f"source: {file.name} holds objects other than tensors; refused by torch.load(weights_only=True)"
+            ) from None
     save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors")
 
 
@@ -172,7 +181,10 @@ def gguf_config(path: Path) -> dict:
     """Shape facts from GGUF metadata (keys per the GGUF spec: `<arch>.embedding_length`, …)."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as error:
+        raise InputError(f"source.gguf.file: {path} is not a readable GGUF file ({error})") from None
 
     def field(name: str):
         item = reader.fields.get(name)

@@ -7,9 +7,8 @@ go through the `json` filter, which quotes them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import jinja2
 

@@ -53,10 +53,10 @@ def image(version: str = DEFAULT_VERSION) -> str:
 
 def parse_version(version: str) -> tuple[int, int, int]:
     """`1.2.1`, `1.2.0rc5`, `1.3.0.dev2026…` → (major, minor, patch); pre-releases keep their numbers."""
-    match = re.match(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?", version)
+    match = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?([.-]?(?:rc|dev|post)[0-9.]*)?", version)
     if not match:
         raise InputError(f"targets.trtllm.version: {version!r} is not a TensorRT-LLM version (like 1.2.1)")
-    major, minor, patch = match.groups()
+    major, minor, patch = match.group(1, 2, 3)
     return int(major), int(minor), int(patch or 0)
 
 

@@ -62,9 +62,10 @@ class Layer:
 def source_date_epoch() -> int:
     """The timestamp for every mtime and `created` field: SOURCE_DATE_EPOCH if set, else 0, so
     the same inputs always give the same bytes (https://reproducible-builds.org/specs/source-date-epoch/)."""
-    raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    if not raw:
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None:
         return 0
+    raw = raw.strip()
     if not raw.isdigit():
         raise InputError(f"SOURCE_DATE_EPOCH: {raw!r} is not a non-negative integer of seconds since 1970")
     return int(raw)

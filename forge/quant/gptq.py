@@ -11,6 +11,9 @@ Codes and scales follow `rtn.py`'s storage rules exactly, so every writer reads 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -22,6 +25,22 @@ from forge.quant.rtn import int4_codes, int4_qparams
 DAMP = 0.01
 # Columns per lazy-batch block (GPTQ `blocksize=128`); rounded to whole groups below.
 BLOCK = 128
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run tiny per-column tensor ops on one thread.
+
+    Each column step is a handful of operations on a few thousand floats: splitting them across
+    threads costs more in synchronization than it saves, and on a busy machine every parallel
+    region waits for a descheduled thread. The block-level matmuls keep every thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,24 +74,24 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme) -
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            column = i1 + i
-            if column % group_size == 0:
-                g = column // group_size
-                scale, zero = int4_qparams(w1[:, i : i + group_size], group_size, scheme.symmetric, scheme.scale_dtype)
-                scales[:, g : g + 1] = scale
-                if zeros is not None:
-                    zeros[:, g : g + 1] = zero
-            col = w1[:, i : i + 1]
-            codes = int4_codes(col, scale, zero, 1)
-            deq = QuantizedLinear(codes, scale, zero).dequantize()
-            rounded_from[:, column : column + 1] = col
-            err = (col - deq) / hinv1[i, i]
-            w1[:, i:] -= err @ hinv1[i : i + 1, i:]
-            err1[:, i : i + 1] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    codes = int4_codes(rounded_from, scales, zeros, group_size)
-    return QuantizedLinear(codes, scales, zeros)
+        with one_thread():
+            for i in range(i2 - i1):
+                if (i1 + i) % group_size == 0:  # a group starts: its grid from the updated weights
+                    g = (i1 + i) // group_size
+                    scale, zero = int4_qparams(
+                        w1[:, i : i + group_size], group_size, scheme.symmetric, scheme.scale_dtype
+                    )
+                    scales[:, g : g + 1] = scale
+                    if zeros is not None:
+                        zeros[:, g : g + 1] = zero
+                col = w1[:, i : i + 1]
+                deq = QuantizedLinear(int4_codes(col, scale, zero, 1), scale, zero).dequantize()
+                rounded_from[:, i1 + i : i1 + i + 1] = col
+                err = (col - deq) / hinv1[i, i]
+                w1[:, i:] -= err @ hinv1[i : i + 1, i:]  # feed the error to the columns left
+                err1[:, i : i + 1] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update of the later blocks
+    return QuantizedLinear(int4_codes(rounded_from, scales, zeros, group_size), scales, zeros)
 
 
 @torch.no_grad()

@@ -3,10 +3,14 @@
 Round-to-nearest needs only the weights. Everything calibrated (AWQ, GPTQ, static FP8 input
 scales, FP8 KV-cache scales) walks the calibration tokens through the model one decoder layer at
 a time (`layerwise.py`), and each algorithm turns a layer's input statistics into its quantized
-linears. Which outputs feed the next layer is the algorithm's choice: GPTQ feeds the quantized
-layer's outputs forward (as the reference implementation does, so later layers calibrate on the
-errors they will really see); AWQ, static FP8 and KV scales use the dense layer's outputs (as
-AutoAWQ does), which costs one forward pass per layer instead of two.
+linears. What feeds layer i + 1:
+
+- AWQ and GPTQ: the outputs of the *quantized* layer i, so each layer is calibrated on the
+  inputs it will see when served and can absorb the error of the layers before it (the GPTQ
+  reference does this; AutoAWQ uses the dense outputs). Measured for AWQ on SmolLM2-135M, g64,
+  32 wikitext-2 windows: 28.51 with quantized inputs vs 28.67 with dense ones (RTN 31.98,
+  baseline 24.19), for one more forward pass per layer.
+- Static FP8 input scales and KV-cache scales alone: the dense layer's outputs, one pass.
 """
 
 from __future__ import annotations
@@ -61,9 +65,9 @@ def check_group_size(state: dict[str, torch.Tensor], names: list[str], scheme: S
     for name, size in in_features.items():
         if size % scheme.group_size:
             fitting = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in in_features.values())]
-            hint = f"group sizes that fit every layer: {', '.join(map(str, fitting))}" if fitting else (
-                f"add {name.rsplit('.', 1)[-1]} to ignore"
-            )
+            hint = f"group sizes that fit every layer: {', '.join(map(str, fitting))}"
+            if not fitting:
+                hint = f"add {name.rsplit('.', 1)[-1]} to ignore"
             raise InputError(
                 f"quantization.group_size: {scheme.group_size} does not divide the {size} input features "
                 f"of {name} ({hint})"
@@ -83,7 +87,10 @@ def quantize_checkpoint(
 ) -> QuantizedModel:
     """Quantize the dense checkpoint in `model_dir` with `algorithm` (rtn | gptq | awq).
 
-    `progress(stage, done, total)` is called once per decoder layer for calibrated runs.
+    `calibration` is `load_calibration`'s token tensor; it may be None only for uncalibrated
+    schemes (RTN weights without static activation or KV-cache scales). `progress(stage, done,
+    total)` reports each decoder layer, stage "awq", "gptq" or "calibrate" (static FP8 / KV scales
+    only); an uncalibrated run reports ("rtn", 1, 1) when done.
     """
     if algorithm not in ALGORITHMS:
         raise InputError(f"quantization: unknown algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})")
@@ -118,6 +125,8 @@ def calibrated_quantize(
 ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Layer by layer: statistics, quantized linears, KV scales, next layer's inputs.
 
+    KV scales come from the layer as served: after AWQ / GPTQ, from the quantized layer's k/v.
+
     Returns the quantized linears, the KV-cache scales and the decoder-layer parameters an
     algorithm changed (AWQ's folded scales), all under full checkpoint names.
     """
@@ -144,14 +153,20 @@ def calibrated_quantize(
         else:
             layer_linears = {n: quantize_weight(layer.get_submodule(n).weight, scheme) for n in sorted(quantized)}
         linears.update({prefix + n: q for n, q in layer_linears.items()})
-        if kv:
-            kv_scales.update(kv_cache_scales(stats, index))
-        if algorithm == "gptq":
+        if algorithm in ("awq", "gptq"):
+            # The served layer: its outputs feed the next layer, its k/v are what the cache holds.
             for n, q in layer_linears.items():
                 layer.get_submodule(n).weight.copy_(q.dequantize())
-            hidden = run_layer(layer, hidden, layer_kwargs)
+            if kv:
+                stats, hidden = collect_layer_stats(
+                    layer, hidden, layer_kwargs, ["self_attn.k_proj", "self_attn.v_proj"], gram=False, kv=True
+                )
+            else:
+                hidden = run_layer(layer, hidden, layer_kwargs)
         else:
             hidden = dense_out
+        if kv:
+            kv_scales.update(kv_cache_scales(stats, index))
         if progress is not None:
             progress(algorithm if algorithm != "rtn" else "calibrate", index + 1, len(layers))
     return linears, kv_scales, changed

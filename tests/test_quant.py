@@ -1,0 +1,362 @@
+"""Calibrated quantization (AWQ, GPTQ, static FP8, KV-cache scales) on tiny real Llamas.
+
+Every check runs the product path, `quantize_checkpoint`, on a 2-layer model built here, and
+compares what it stored with what the dense model computes; llm-compressor's `oneshot` is the
+independent reference for the round-to-nearest schemes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from forge.errors import InputError
+from forge.quant.calibration import load_calibration
+from forge.quant.gptq import gptq_quantize
+from forge.quant.model import QuantizedModel, Scheme, save_quantized
+from forge.quant.presets import resolve_scheme
+from forge.quant.rtn import FP8_MAX, quantize_int4
+from forge.quant.run import quantize_checkpoint
+from tests.tiny import make_tiny_llama
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model) -> Path:
+    """conftest's 2-layer Llama: hidden 128, intermediate 256, 4 heads, 2 kv heads of 32."""
+    return tiny_model
+
+
+@pytest.fixture(scope="module")
+def outlier_tiny(tmp_path_factory) -> Path:
+    """A tiny Llama whose norms make a few input channels 20× larger, as real LLMs have."""
+    directory = make_tiny_llama(tmp_path_factory.mktemp("outliers"), seed=1)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[5, 40, 77, 100]] *= 20.0
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny) -> torch.LongTensor:
+    return load_calibration(["pydoc_topics"], tiny, num_samples=8, seq_len=64, seed=0)
+
+
+def dense_model(directory: Path, quantized: QuantizedModel | None = None) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if quantized is not None:
+        missing, unexpected = model.load_state_dict(quantized.dequantize(torch.float32), strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}
+        model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def last_hidden(model: torch.nn.Module, tokens: torch.LongTensor) -> torch.Tensor:
+    return model(tokens, output_hidden_states=True).hidden_states[-1]
+
+
+@torch.no_grad()
+def linear_io(model: torch.nn.Module, tokens: torch.LongTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every decoder linear's (max |input|, output) on `tokens`, keyed by module name."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        module.register_forward_hook(
+            lambda m, args, out, name=name: seen.__setitem__(name, (args[0].abs().amax(), out))
+        )
+        for name, module in model.named_modules()
+        if name.startswith("model.layers.") and name.endswith(LINEARS)
+    ]
+    model(tokens)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+# ---------------------------------------------------------------- calibration data
+
+
+def test_calibration_is_deterministic_and_seeded(tiny):
+    a = load_calibration(["pydoc_topics"], tiny, num_samples=4, seq_len=32, seed=0)
+    b = load_calibration(["pydoc_topics"], tiny, num_samples=4, seq_len=32, seed=0)
+    c = load_calibration(["pydoc_topics"], tiny, num_samples=4, seq_len=32, seed=1)
+    assert a.shape == (4, 32) and a.dtype == torch.long
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_calibration_reads_text_and_jsonl_files(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    (tmp_path / "b.jsonl").write_text(
+        "\n".join(json.dumps({"body": f"forge turns one recipe into artifacts, line {i}."}) for i in range(30))
+    )
+    tokens = load_calibration([tmp_path / "b.jsonl"], tiny, 2, 32, text_field="body")
+    assert tokens.shape == (2, 32)
+    assert "recipe" in AutoTokenizer.from_pretrained(tiny).decode(tokens.flatten())
+    both = load_calibration([tmp_path / "a.txt", tmp_path / "b.jsonl"], tiny, 6, 32, text_field="body")
+    assert both.shape == (6, 32)
+    with pytest.raises(InputError, match="a.txt"):
+        load_calibration([tmp_path / "a.txt"], tiny, 64, 32)
+
+
+def test_calibration_errors_name_the_source(tiny, tmp_path):
+    with pytest.raises(InputError, match="missing.txt"):
+        load_calibration([tmp_path / "missing.txt"], tiny, 2, 16)
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(InputError, match="short.txt"):
+        load_calibration([tmp_path / "short.txt"], tiny, 2, 16)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"content": "no text field"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:1 .*'text'"):
+        load_calibration([tmp_path / "bad.jsonl"], tiny, 2, 16)
+
+
+# ---------------------------------------------------------------- dispatcher checks
+
+
+def test_group_size_that_does_not_divide_names_the_layer(tiny, calibration):
+    scheme = resolve_scheme("AWQ_W4A16", group_size=96)  # hidden 128 is not a multiple of 96
+    expected = r"group_size: 96 .* 256 input features of model\.layers\.0\.mlp\.down_proj .*32, 64, 128"
+    with pytest.raises(InputError, match=expected):
+        quantize_checkpoint(tiny, scheme, "awq", calibration)
+
+
+def test_calibrated_schemes_refuse_missing_calibration(tiny):
+    with pytest.raises(InputError, match="calibration"):
+        quantize_checkpoint(tiny, resolve_scheme("GPTQ_W4A16"), "gptq", None)
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "gptq"])
+def test_ignore_patterns_are_respected(tiny, calibration, algorithm):
+    preset = {"awq": "AWQ_W4A16", "gptq": "GPTQ_W4A16"}[algorithm]
+    scheme = resolve_scheme(preset, group_size=64, ignore=("lm_head", "re:.*mlp\\.down_proj"))
+    q = quantize_checkpoint(tiny, scheme, algorithm, calibration)
+    assert len(q.linears) == 2 * 6
+    assert not any(name.endswith("down_proj") for name in q.linears)
+    assert q.dense["model.layers.1.mlp.down_proj.weight"].shape == (128, 256)
+    assert "model.layers.1.mlp.up_proj" in q.linears
+
+
+# ---------------------------------------------------------------- AWQ
+
+
+def test_awq_is_deterministic(tiny, calibration, tmp_path):
+    scheme = resolve_scheme("AWQ_W4A16", group_size=64, kv_cache_dtype="fp8")
+    for run in ("a", "b"):
+        save_quantized(quantize_checkpoint(tiny, scheme, "awq", calibration), tmp_path / run)
+    a = (tmp_path / "a" / "quantized.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "quantized.safetensors").read_bytes()
+
+
+def test_awq_beats_rtn_on_outlier_channels(outlier_tiny):
+    calibration = load_calibration(["pydoc_topics"], outlier_tiny, num_samples=8, seq_len=64, seed=0)
+    held_out = load_calibration(["pydoc_topics"], outlier_tiny, num_samples=4, seq_len=64, seed=7)
+    reference = last_hidden(dense_model(outlier_tiny), held_out)
+    errors = {}
+    for algorithm in ("rtn", "awq"):
+        scheme = resolve_scheme("AWQ_W4A16", group_size=64, dtype="float32")
+        q = quantize_checkpoint(outlier_tiny, scheme, algorithm, calibration)
+        out = last_hidden(dense_model(outlier_tiny, q), held_out)
+        errors[algorithm] = (out - reference).pow(2).mean().item()
+    assert errors["awq"] < 0.8 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_awq_scale_folding_keeps_the_float_function(tmp_path, kv_heads):
+    """Scales folded into norms / producer linears leave the dense layer's outputs unchanged.
+
+    With as many kv heads as heads, v_proj → o_proj is a scale group too (AutoAWQ skips it
+    under grouped-query attention, where channels do not line up).
+    """
+    from forge.quant.awq import awq_layer
+    from forge.quant.layerwise import (
+        collect_layer_stats,
+        decoder_layers,
+        embed,
+        layer_linear_names,
+        load_float_model,
+        run_layer,
+    )
+
+    directory = make_tiny_llama(tmp_path / "m", num_layers=1, num_kv_heads=kv_heads)
+    calibration = load_calibration(["pydoc_topics"], directory, num_samples=4, seq_len=64, seed=0)
+    model = load_float_model(directory)
+    layer = decoder_layers(model)[0]
+    hidden, kwargs = embed(model, calibration)
+    names = layer_linear_names(layer)
+    stats, before = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False)
+    norm = layer.input_layernorm.weight.clone()
+    scheme = resolve_scheme("AWQ_W4A16", group_size=64)
+    linears, errors = awq_layer(layer, stats.inputs, set(names), scheme)
+    assert not torch.equal(layer.input_layernorm.weight, norm)  # scales were folded in
+    torch.testing.assert_close(run_layer(layer, hidden, kwargs), before, rtol=1e-4, atol=1e-5)
+    assert ("self_attn.v_proj" in errors) == (kv_heads == 4)
+    for rtn_error, awq_error in errors.values():
+        assert awq_error <= rtn_error
+    assert set(linears) == set(names)
+    for linear in linears.values():
+        assert linear.codes.dtype == torch.int8 and 0 <= int(linear.codes.min()) <= int(linear.codes.max()) <= 15
+        assert linear.scale.dtype == torch.float16 and linear.scale.shape[1] == linear.codes.shape[1] // 64
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+def test_gptq_has_lower_output_error_than_rtn():
+    torch.manual_seed(0)
+    mixing = torch.randn(128, 128) * (torch.rand(128) * 3).exp()  # correlated, uneven channels
+    x = torch.randn(2048, 128) @ mixing
+    w = torch.randn(64, 128) * 0.05
+    hessian = x.T @ x / x.shape[0]
+    scheme = resolve_scheme("GPTQ_W4A16", group_size=32)
+
+    def error(linear) -> float:
+        delta = linear.dequantize() - w
+        return ((delta @ hessian) * delta).sum().item()
+
+    gptq = gptq_quantize(w, hessian, scheme)
+    rtn = quantize_int4(w, scheme)
+    assert error(gptq) < 0.7 * error(rtn), (error(gptq), error(rtn))
+    assert gptq.zero_point is None and int(gptq.codes.min()) >= -8 and int(gptq.codes.max()) <= 7
+
+
+def test_gptq_is_deterministic_and_beats_rtn_end_to_end(tiny, calibration, tmp_path):
+    scheme = resolve_scheme("GPTQ_W4A16", group_size=64, dtype="float32")
+    runs = [quantize_checkpoint(tiny, scheme, "gptq", calibration) for _ in range(2)]
+    for run, q in zip("ab", runs, strict=True):
+        save_quantized(q, tmp_path / run)
+    assert (tmp_path / "a/quantized.safetensors").read_bytes() == (tmp_path / "b/quantized.safetensors").read_bytes()
+    held_out = load_calibration(["pydoc_topics"], tiny, num_samples=4, seq_len=64, seed=7)
+    reference = last_hidden(dense_model(tiny), held_out)
+    rtn = quantize_checkpoint(tiny, scheme, "rtn", None)
+    err = {
+        name: (last_hidden(dense_model(tiny, q), held_out) - reference).pow(2).mean().item()
+        for name, q in (("gptq", runs[0]), ("rtn", rtn))
+    }
+    assert err["gptq"] < err["rtn"], err
+
+
+# ---------------------------------------------------------------- FP8 static and KV scales
+
+
+def test_fp8_static_input_scales_are_calibrated_absmax(tiny, calibration):
+    q = quantize_checkpoint(tiny, resolve_scheme("FP8"), "rtn", calibration)
+    observed = linear_io(dense_model(tiny), calibration)
+    assert set(q.linears) == set(observed)
+    for name, linear in q.linears.items():
+        assert linear.codes.dtype == torch.float8_e4m3fn and linear.scale.shape == (1,)
+        assert linear.input_scale.dtype == torch.float32 and linear.input_scale.shape == (1,)
+        expected = observed[name][0] / FP8_MAX
+        torch.testing.assert_close(linear.input_scale[0], expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "AWQ_W4A16"])
+def test_kv_cache_scales_are_post_rope_absmax(tiny, calibration, preset):
+    """RTN calibrates KV scales on the dense model; AWQ on the quantized model it serves."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    scheme = resolve_scheme(preset, group_size=64, kv_cache_dtype="fp8", dtype="float32")
+    q = quantize_checkpoint(tiny, scheme, "awq" if preset.startswith("AWQ") else "rtn", calibration)
+    assert sorted(q.kv_scales) == sorted(
+        f"model.layers.{i}.self_attn.{kv}_scale" for i in range(2) for kv in ("k", "v")
+    )
+    model = dense_model(tiny, q if preset.startswith("AWQ") else None)
+    observed = linear_io(model, calibration)
+    positions = torch.arange(calibration.shape[1]).unsqueeze(0)
+    cos, sin = model.model.rotary_emb(observed["model.layers.0.self_attn.k_proj"][1], positions)
+    for i in range(2):
+        k_scale, v_scale = (q.kv_scales[f"model.layers.{i}.self_attn.{kv}_scale"] for kv in ("k", "v"))
+        assert k_scale.dtype == torch.float32 and k_scale.shape == () and float(k_scale) > 0
+        k = observed[f"model.layers.{i}.self_attn.k_proj"][1]
+        k = k.reshape(*k.shape[:2], -1, 32).transpose(1, 2)  # 2 kv heads of 32
+        k_rope, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        torch.testing.assert_close(k_scale, k_rope.abs().amax() / FP8_MAX, rtol=1e-5, atol=0)
+        assert float(k_scale) != pytest.approx(float(k.abs().amax() / FP8_MAX), rel=1e-6)  # RoPE mattered
+        v = observed[f"model.layers.{i}.self_attn.v_proj"][1]
+        torch.testing.assert_close(v_scale, v.abs().amax() / FP8_MAX, rtol=1e-5, atol=0)
+
+
+def test_no_kv_scales_or_calibration_without_fp8_kv_cache(tiny):
+    assert quantize_checkpoint(tiny, resolve_scheme("W4A16"), "rtn", None).kv_scales == {}
+
+
+# ---------------------------------------------------------------- cross-check with llm-compressor
+
+
+def llmcompressor_codes(
+    directory: Path, preset: str, scale_dtype: torch.dtype | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """llm-compressor `oneshot` with `preset`: per linear (codes, scale, zero point)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    scheme.weights.scale_dtype = scale_dtype
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    result = {}
+    for name, module in model.named_modules():
+        if name.startswith("model.layers.") and name.endswith(LINEARS):
+            args = module.quantization_scheme.weights
+            codes = quantize(module.weight, module.weight_scale, module.weight_zero_point, args)
+            result[name] = (codes, module.weight_scale.detach(), module.weight_zero_point.detach())
+    return result
+
+
+def test_fp8_dynamic_matches_llmcompressor_exactly(tiny):
+    ours = quantize_checkpoint(tiny, resolve_scheme("FP8_DYNAMIC"), "rtn", None)
+    theirs = llmcompressor_codes(tiny, "FP8_DYNAMIC")
+    assert set(ours.linears) == set(theirs)
+    for name, (codes, scale, _) in theirs.items():
+        assert torch.equal(ours.linears[name].scale, scale)
+        assert torch.equal(ours.linears[name].codes.float(), codes.float())
+
+
+def test_int4_symmetric_rtn_matches_llmcompressor_exactly(tiny):
+    """Same rules once llm-compressor also stores fp16 scales (forge's, as AutoAWQ and TurboMind)."""
+    ours = quantize_checkpoint(tiny, resolve_scheme("W4A16"), "rtn", None)
+    for name, (codes, scale, zero) in llmcompressor_codes(tiny, "W4A16", torch.float16).items():
+        linear = ours.linears[name]
+        assert torch.equal(linear.scale.float(), scale.float())
+        assert torch.equal(linear.codes.int(), codes.int()) and not zero.any()
+
+
+def test_int4_asymmetric_rtn_matches_llmcompressor_up_to_zero_point_rounding(tiny):
+    """compressed-tensors keeps codes and zero points signed (-8..7), forge unsigned (0..15).
+
+    The one real difference: compressed-tensors derives the zero point from the scale before
+    rounding it to fp16 (`calculate_qparams`: zero point in step 1, scale_dtype rounding in
+    step 3), forge from the fp16 scale it stores. Where min / scale sits within fp16 rounding of
+    a .5 boundary the zero points differ by one, and so does every code of that group.
+    """
+    ours = quantize_checkpoint(tiny, resolve_scheme("W4A16_ASYM"), "rtn", None)
+    groups = zero_mismatch = code_mismatch_elsewhere = 0
+    for name, (codes, scale, zero) in llmcompressor_codes(tiny, "W4A16_ASYM", torch.float16).items():
+        linear = ours.linears[name]
+        assert torch.equal(linear.scale.float(), scale.float())
+        zero_diff = linear.zero_point.int() - (zero.int() + 8)
+        assert int(zero_diff.abs().max()) <= 1
+        groups += zero_diff.numel()
+        zero_mismatch += int((zero_diff != 0).sum())
+        same_zero = (zero_diff == 0).repeat_interleave(128, dim=1)
+        code_mismatch_elsewhere += int(((linear.codes.int() != codes.int() + 8) & same_zero).sum())
+    assert zero_mismatch / groups < 0.01, (zero_mismatch, groups)
+    assert code_mismatch_elsewhere <= 2, code_mismatch_elsewhere  # float ties: round(x/s + z) vs round(x/s) + z
+
+
+def test_scheme_fields_used_by_quantizers():
+    """The quantizers rely on these preset facts; a preset edit that breaks them fails here."""
+    awq, gptq = resolve_scheme("AWQ_W4A16"), resolve_scheme("GPTQ_W4A16")
+    assert isinstance(awq, Scheme) and not awq.symmetric and awq.group_size == 128
+    assert gptq.symmetric and gptq.group_size == 128 and gptq.weight_format == "int4"
