@@ -28,8 +28,10 @@ def _alive(pid: int) -> bool:
 
 
 def _check_consistent(level) -> None:
-    for stats in (level.ttft_ms, level.tpot_ms, level.itl_ms, level.e2el_ms):
+    for stats in (level.ttft_ms, level.tpot_ms, level.e2el_ms):
         assert stats.count > 0 and 0 < stats.p50 <= stats.p90 <= stats.p99
+    # Tokens that arrive in one chunk (a busy server flushes several at once) are 0 ms apart.
+    assert level.itl_ms.count > 0 and 0 <= level.itl_ms.p50 <= level.itl_ms.p90 <= level.itl_ms.p99
     assert level.ttft_ms.p50 <= level.e2el_ms.p50
     assert level.output_tok_s == pytest.approx(level.total_output_tokens / level.duration_s)
     assert level.request_throughput_rps == pytest.approx(level.completed / level.duration_s)
