@@ -92,9 +92,7 @@ def build(
     quantized: dict[str, Path] = {}
     for stage in selected("quantize"):
         variant = variant_named(plan, stage.params["variant"])
-        quantized[variant.name] = run(
-            stage, lambda out, v=variant: stage_quantize(plan, v, source_dir, out, progress)
-        )
+        quantized[variant.name] = run(stage, lambda out, v=variant: stage_quantize(plan, v, source_dir, out, progress))
 
     exports: dict[str, Path] = {}
     for stage in selected("export"):
@@ -156,7 +154,11 @@ def build(
     elif pushes:
         report["pushed"] = push_images(plan, pushes, packages, report, progress)
         for stage, pushed in zip(pushes, report["pushed"], strict=True):
-            records[stage.id] = {"status": "ran", "digest": pushed["digest"], "bytes_uploaded": pushed["bytes_uploaded"]}
+            records[stage.id] = {
+                "status": "ran",
+                "digest": pushed["digest"],
+                "bytes_uploaded": pushed["bytes_uploaded"],
+            }
     report["stages"] = [{"id": s.id, "kind": s.kind, "key": s.key, **records[s.id]} for s in plan.stages]
     report["seconds"] = round(time.monotonic() - started, 3)
     report_path = out_root / "build.json"

@@ -322,11 +322,7 @@ def k8s_jobs(
             "nodeAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": {
                     "nodeSelectorTerms": [
-                        {
-                            "matchExpressions": [
-                                {"key": GFD_PRODUCT_LABEL, "operator": "In", "values": list(products)}
-                            ]
-                        }
+                        {"matchExpressions": [{"key": GFD_PRODUCT_LABEL, "operator": "In", "values": list(products)}]}
                     ]
                 }
             }
@@ -361,13 +357,9 @@ def k8s_jobs(
                             "restartPolicy": "Never",
                             "affinity": affinity,
                             # GPU node pools are commonly tainted so that only GPU work lands there.
-                            "tolerations": [
-                                {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-                            ],
+                            "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
                             "containers": [container],
-                            "volumes": [
-                                {"name": "forge", "persistentVolumeClaim": {"claimName": cache_claim}}
-                            ],
+                            "volumes": [{"name": "forge", "persistentVolumeClaim": {"claimName": cache_claim}}],
                         },
                     },
                 },

@@ -82,8 +82,12 @@ def validate(recipe: Path) -> None:
     help="Emit CI jobs for the GPU stages instead: a GitHub Actions matrix (JSON), a GitLab child "
     "pipeline, or Kubernetes Jobs (YAML). Impossible cells are listed beside the jobs.",
 )  # fmt: skip
-@click.option("--image", default=None, help="forge container image the CI/Kubernetes jobs run [default: forge:<version>].")
-@click.option("--cache-claim", default="forge-cache", show_default=True, help="k8s: PVC holding the shared stage cache.")
+@click.option(
+    "--image", default=None, help="forge container image the CI/Kubernetes jobs run [default: forge:<version>]."
+)
+@click.option(
+    "--cache-claim", default="forge-cache", show_default=True, help="k8s: PVC holding the shared stage cache."
+)
 @click.option("--workdir", default="/forge/workspace", show_default=True, help="k8s: checkout path in the job's pod.")
 @handle_errors
 def plan(
@@ -206,7 +210,9 @@ def gpus(as_json: bool) -> None:
         return
     for p in listing["profiles"]:
         flags = " ".join(f for f in ("fp8", "fp4") if p[f])
-        click.echo(f"{p['name']:<10} {p['sm']:<7} {p['memory_gib']:>4} GiB  ${p['usd_per_hour']:5.2f}/h  {flags}".rstrip())
+        click.echo(
+            f"{p['name']:<10} {p['sm']:<7} {p['memory_gib']:>4} GiB  ${p['usd_per_hour']:5.2f}/h  {flags}".rstrip()
+        )
     detected = ", ".join(f"{g['name']} ({g['sm']}, profile {g['profile']})" for g in listing["local"])
     click.echo(f"local: {detected or listing['local_reason']}")
 
@@ -219,10 +225,12 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 
 @main.command()
-@click.option("--endpoint", required=True, help="Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000.")
+@click.option(
+    "--endpoint", required=True, help="Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000."
+)
 @click.option("--model", required=True, help="Model name the server expects in requests.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="Tokenizer directory for exact prompt lengths [default: --model when it is a directory].")  # fmt: skip
+              help="Tokenizer directory for exact prompt lengths [default: --model if a directory].")  # fmt: skip
 @click.option("--api", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
 @click.option("--flavor", type=click.Choice(["vllm", "openai", "transformers", "none"]), default="vllm",
               show_default=True, help="How to ask for a fixed output length (ignore_eos dialect).")  # fmt: skip

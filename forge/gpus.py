@@ -155,9 +155,7 @@ def _detect_with_torch() -> LocalGPUs | None:
         props = torch.cuda.get_device_properties(i)
         memory_mib = props.total_memory // (1024 * 1024)
         profile = match_profile(props.name, memory_mib)
-        gpus.append(
-            LocalGPU(i, props.name, (props.major, props.minor), memory_mib, profile.name if profile else None)
-        )
+        gpus.append(LocalGPU(i, props.name, (props.major, props.minor), memory_mib, profile.name if profile else None))
     return LocalGPUs(tuple(gpus), "torch.cuda")
 
 

@@ -101,6 +101,8 @@ def attach_documents(reference: str, documents: dict[str, bytes]) -> dict[str, s
     """Attach each document (artifact type → bytes) to the pushed image; returns their digests."""
     credentials = registry.resolve_credentials(reference.split("/", 1)[0])
     return {
-        artifact_type: registry.attach_referrer(reference, data, artifact_type=artifact_type, credentials=credentials).digest
+        artifact_type: registry.attach_referrer(
+            reference, data, artifact_type=artifact_type, credentials=credentials
+        ).digest
         for artifact_type, data in documents.items()
     }

@@ -196,6 +196,11 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
             f"source: architecture {shape.architecture} is not supported yet "
             f"(forge maps {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+    if config.get("auto_map") and not recipe.source.trust_remote_code:
+        raise InputError(
+            "source.trust_remote_code: the checkpoint's config.json names model code of its own (auto_map); forge "
+            "never runs it, but serving stacks may (LMDeploy always does) — set it to true if you trust the source"
+        )
     schemes = check_variants(recipe, shape)
     plan = Plan(
         recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus(), git_revision(recipe_dir)
@@ -292,8 +297,9 @@ def export_stage(plan: Plan, exports: dict[str, Stage], quantized: Stage, fmt: s
     return exports[export_id]
 
 
-def target_stages(plan: Plan, target: Target, mode: str | None, variant: Variant, gpu: GPUProfile,
-                  export: Stage) -> list[str]:
+def target_stages(
+    plan: Plan, target: Target, mode: str | None, variant: Variant, gpu: GPUProfile, export: Stage
+) -> list[str]:
     """The GPU-side stages of one artifact: engine build, throughput, package, push."""
     recipe, add = plan.recipe, plan.add
     ids = []
@@ -367,8 +373,7 @@ def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[
         )  # fmt: skip
 
 
-def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage,
-                 cell: str) -> Stage:
+def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str) -> Stage:
     """A TensorRT engine for one GPU architecture: run where that GPU is, else deferred with the
     exact command a GPU builder runs (`forge build RECIPE --only engine/<cell>`)."""
     scheme = plan.schemes[variant.name]

@@ -48,9 +48,7 @@ def provenance_statement(
             },
             "runDetails": {
                 "builder": {"id": f"https://forge.dev/builder/forge@{__version__}"},
-                "byproducts": [
-                    {"name": "build.json", "digest": {"sha256": hashlib.sha256(report_bytes).hexdigest()}}
-                ],
+                "byproducts": [{"name": "build.json", "digest": {"sha256": hashlib.sha256(report_bytes).hexdigest()}}],
             },
         },
     }
@@ -77,16 +75,28 @@ def verify_documents(image_digest: str, recipe: Recipe, statement: dict, report_
         report = {}
     gates = report.get("validation", {}).get("accuracy", [])
     return [
-        Check("statement type", statement.get("_type") == STATEMENT_TYPE and statement.get("predicateType")
-              == PREDICATE_TYPE, f"{statement.get('_type')} / {statement.get('predicateType')}"),  # fmt: skip
+        Check(
+            "statement type",
+            statement.get("_type") == STATEMENT_TYPE and statement.get("predicateType") == PREDICATE_TYPE,
+            f"{statement.get('_type')} / {statement.get('predicateType')}",
+        ),  # fmt: skip
         Check("subject is this image", image_digest.split(":", 1)[1] in subjects, f"image {image_digest}"),
-        Check("recipe matches", params.get("recipe", {}).get("sha256") == recipe_digest(recipe),
-              f"recipe {recipe.name} sha256 {recipe_digest(recipe)[:16]}…"),  # fmt: skip
-        Check("build report untampered", byproducts.get("build.json") == report_digest,
-              f"report sha256 {report_digest[:16]}…, provenance says {str(byproducts.get('build.json'))[:16]}…"),  # fmt: skip
+        Check(
+            "recipe matches",
+            params.get("recipe", {}).get("sha256") == recipe_digest(recipe),
+            f"recipe {recipe.name} sha256 {recipe_digest(recipe)[:16]}…",
+        ),  # fmt: skip
+        Check(
+            "build report untampered",
+            byproducts.get("build.json") == report_digest,
+            f"report sha256 {report_digest[:16]}…, provenance says {str(byproducts.get('build.json'))[:16]}…",
+        ),  # fmt: skip
         Check("report is for this recipe", report.get("recipe") == recipe.model_dump(mode="json"), "report.recipe"),
-        Check("gates passed", all(g.get("passed") for g in gates), f"{sum(g.get('passed', False) for g in gates)}"
-              f"/{len(gates)} accuracy gates"),  # fmt: skip
+        Check(
+            "gates passed",
+            all(g.get("passed") for g in gates),
+            f"{sum(g.get('passed', False) for g in gates)}/{len(gates)} accuracy gates",
+        ),  # fmt: skip
     ]
 
 
@@ -104,7 +114,9 @@ def verify_image(image_ref: str, recipe: Recipe) -> tuple[str, list[Check]]:
     statements = [d for d in referrers if d.artifact_type == PROVENANCE_TYPE]
     reports = [d for d in referrers if d.artifact_type == registry.BUILD_REPORT_TYPE]
     if not statements or not reports:
-        return digest, [Check("attestations present", False, f"{len(statements)} provenance, {len(reports)} build reports")]
+        return digest, [
+            Check("attestations present", False, f"{len(statements)} provenance, {len(reports)} build reports")
+        ]
 
     def fetch(descriptor) -> bytes:
         return registry.fetch_referrer_document(f"{name}@{digest}", descriptor.digest, credentials=credentials)

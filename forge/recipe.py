@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from forge.errors import InputError
 from forge.gpus import GPUS, lookup_gpu
@@ -76,7 +76,10 @@ class Source(Strict):
         description="Allow `.bin`/`.pt` pickle weights. Pickle can run code when loaded; safetensors only by default.",
     )
     trust_remote_code: bool = Field(
-        default=False, description="Allow model code from the checkpoint. Off unless you trust the source."
+        default=False,
+        description="Allow the serving stacks to run model code shipped in the checkpoint (`auto_map`): adds "
+        "vLLM's/TGI's `--trust-remote-code` and trtllm-serve's `--trust_remote_code`. forge itself never runs it; "
+        "a checkpoint with code of its own is refused unless this is true.",
     )
 
     @model_validator(mode="after")
@@ -90,6 +93,19 @@ class Source(Strict):
 # ---------------------------------------------------------------- variants
 
 
+def _compiles(pattern: str) -> str:
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as error:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+    return pattern
+
+
+# Validated per item, so an error names `variants[i].ignore[j]`.
+IgnorePattern = Annotated[str, AfterValidator(_compiles)]
+
+
 class Calibration(Strict):
     sources: list[str] = Field(
         default_factory=lambda: ["pydoc_topics"],
@@ -98,7 +114,9 @@ class Calibration(Strict):
     )
     num_samples: int = Field(default=16, ge=1, le=4096, description="Number of calibration sequences.")
     seq_len: int = Field(default=256, ge=16, le=32768, description="Tokens per calibration sequence.")
-    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed that picks the sequences; same seed, same bytes.")
+    seed: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="Seed that picks the sequences; same seed, same bytes."
+    )
 
 
 class AccuracyGates(Strict):
@@ -123,7 +141,7 @@ class Variant(Strict):
         default=None, description="int4 only: input columns per scale (must divide every input dimension)."
     )
     symmetric: bool | None = Field(default=None, description="int4 only: override the preset's symmetry.")
-    ignore: list[str] = Field(
+    ignore: list[IgnorePattern] = Field(
         default_factory=lambda: ["lm_head"],
         description="Modules left unquantized: names or `re:<regex>` (compressed-tensors style).",
     )
@@ -146,17 +164,6 @@ class Variant(Strict):
     def _known_preset(cls, value: str) -> str:
         if value not in PRESETS:
             raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
-        return value
-
-    @field_validator("ignore")
-    @classmethod
-    def _ignore_patterns(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as error:
-                    raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
         return value
 
     @field_validator("group_size")
@@ -188,6 +195,7 @@ class Target(Strict):
     gpus: list[str] = Field(min_length=1, description=f"GPU types to build for: {', '.join(GPUS)}.")
     variants: list[str] | None = Field(
         default=None,
+        min_length=1,  # `[]` would build nothing for the target without saying so
         description="Variants to build for this target. Unset: every variant, skipping (and listing) "
         "impossible combinations. Named explicitly: an impossible combination is an error.",
     )
@@ -274,7 +282,9 @@ class Package(Strict):
         min_length=1,
         description="Image tags; `{variant}`, `{backend}` and `{gpu}` expand per artifact.",
     )
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra OCI labels (keys: lowercase, dots, dashes).")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra OCI labels (keys: lowercase, dots, dashes)."
+    )
     builder: Literal["daemonless", "docker"] = Field(
         default="daemonless",
         description="`daemonless`: forge assembles the OCI image itself (no Docker needed); `docker`: "
@@ -361,9 +371,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
         except TypeError:
             raise yaml.constructor.ConstructorError(None, None, "found unhashable key", key_node.start_mark) from None
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -429,9 +437,23 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(text, origin=str(path))
 
 
+class _RecipeDumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # PyYAML writes NEL and the Unicode line/paragraph separators raw inside single-quoted or plain
+    # scalars, where a reader folds them like line breaks (YAML 1.1 §5.4); double quotes escape them.
+    style = '"' if any(ch in value for ch in "\x85\u2028\u2029") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_RecipeDumper.add_representer(str, _represent_str)
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """YAML that loads back into an equal Recipe (defaults written out, so the file is complete)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.dump(recipe.model_dump(mode="json"), Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
 
 
 def recipe_schema() -> dict:

@@ -63,22 +63,26 @@ def image_labels(recipe: Recipe, variant: str, backend: str, gpu: str, revision:
     return {**labels, **recipe.package.labels}
 
 
-def serve_spec(
-    recipe: Recipe, variant: str, scheme: Scheme, target: Target, gpu: str, revision: str
-) -> ServeSpec:
+def serve_spec(recipe: Recipe, variant: str, scheme: Scheme, target: Target, gpu: str, revision: str) -> ServeSpec:
     backend = BACKENDS[target.backend]
     launch_files = {}
     argv = backend.serve_command(MODEL_DIR, scheme, target)
     if target.backend == "trtllm":
         plan = trtllm_serve_plan(recipe, scheme, target, gpu)
         argv, launch_files = plan.argv, {"trtllm-serve.yaml": plan.config_yaml}
+    if recipe.source.trust_remote_code and backend.TRUST_REMOTE_CODE_FLAG:
+        argv = [*argv, backend.TRUST_REMOTE_CODE_FLAG]
     return ServeSpec(
         backend=target.backend,
         base_image=recipe.package.base_images.get(target.backend, base_image(target.backend, target)),
         argv=argv,
         port=backend.PORT,
         health_path=backend.HEALTH_PATH,
-        env={"HOME": "/tmp", "HF_HUB_OFFLINE": "1", "FORGE_MODEL_FORMAT": export_format(target.backend, scheme, target)},
+        env={
+            "HOME": "/tmp",
+            "HF_HUB_OFFLINE": "1",
+            "FORGE_MODEL_FORMAT": export_format(target.backend, scheme, target),
+        },
         labels=image_labels(recipe, variant, target.backend, gpu, revision),
         launch_files=launch_files,
     )

@@ -86,7 +86,7 @@ def pickle_to_safetensors(src: Path, out_dir: Path) -> None:
         # weights_only=True: the unpickler accepts tensors and containers, never arbitrary objects.
         try:
             state.update(torch.load(file, map_location="cpu", weights_only=True))
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        except (pickle.UnpicklingError, RuntimeError, EOFError):
             raise InputError(
                 f"source: {file.name} holds objects other than tensors; refused by torch.load(weights_only=True)"
             ) from None
@@ -136,12 +136,15 @@ def download_hub(source: Source, out_dir: Path) -> None:
     if source.allow_pickle:
         patterns += [f"*{s}" for s in PICKLE_SUFFIXES]
     try:
-        snapshot_download(
-            source.hub.repo, revision=source.hub.revision, local_dir=out_dir, allow_patterns=patterns
-        )
+        snapshot_download(source.hub.repo, revision=source.hub.revision, local_dir=out_dir, allow_patterns=patterns)
     except (HfHubHTTPError, OSError) as error:
         raise InfraError(f"source.hub: cannot download {source.hub.repo}@{source.hub.revision}: {error}") from None
     check_weights_allowed(out_dir, source.allow_pickle)
+    if not list(out_dir.glob("*.safetensors")):  # opted-in pickle weights: converted like a local source's
+        pickle_to_safetensors(out_dir, out_dir)
+        for file in out_dir.iterdir():
+            if file.name.endswith(PICKLE_SUFFIXES):
+                file.unlink()
 
 
 def materialize_source(source: Source, recipe_dir: Path, out_dir: Path) -> dict:

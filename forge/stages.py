@@ -153,7 +153,9 @@ def stage_throughput(
         flavor, gpus = "transformers", 1
     else:
         target = plan.recipe.targets[stage.params["target"]]
-        spec = serve_spec(plan.recipe, stage.params["variant"], plan.schemes[stage.params["variant"]], target, gpu_name, "")
+        spec = serve_spec(
+            plan.recipe, stage.params["variant"], plan.schemes[stage.params["variant"]], target, gpu_name, ""
+        )
         price = load.usd_per_hour.get(gpu_name, lookup_gpu(gpu_name).usd_per_hour)
         mount = (engine_dir, ENGINE_DIR) if engine_dir else (model_dir, MODEL_DIR)
         server = serve_container(spec.base_image, spec.argv, *mount, spec.port, spec.health_path, out / "server.log",
@@ -180,12 +182,16 @@ def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:
 
     params = stage.params
     target = plan.recipe.targets[params["target"]]
-    spec = serve_spec(plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision)
+    spec = serve_spec(
+        plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision
+    )
     image = package_artifact(spec, model_dir, out, params["tags"][0], stage.id, plan.recipe.package.builder)
     return {**image, "variant": params["variant"], "backend": params["backend"], "gpu": params["gpu"]}
 
 
-def push_images(plan: Plan, pushes: list[Stage], packages: dict[str, Path], report: dict, progress: Progress) -> list[dict]:
+def push_images(
+    plan: Plan, pushes: list[Stage], packages: dict[str, Path], report: dict, progress: Progress
+) -> list[dict]:
     """Push every image, then attach the build report and its SLSA provenance as referrers.
 
     The report attached is the one written to build.json minus the push results themselves
@@ -200,9 +206,8 @@ def push_images(plan: Plan, pushes: list[Stage], packages: dict[str, Path], repo
     with progress.task("push images", total=len(pushes)) as advance:
         for done, stage in enumerate(pushes, 1):
             image = json.loads((packages[stage.needs[0]] / "stage.json").read_text())
-            result = push_artifact(
-                packages[stage.needs[0]] / "layout", image["tag"], package.registry, package.repository, stage.params["tags"]
-            )  # fmt: skip
+            layout = packages[stage.needs[0]] / "layout"
+            result = push_artifact(layout, image["tag"], package.registry, package.repository, stage.params["tags"])
             name = f"{package.registry}/{package.repository}"
             statement = provenance_statement(report, plan.recipe, name, result["digest"], image, report_bytes)
             referrers = attach_documents(

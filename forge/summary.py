@@ -155,10 +155,7 @@ def render_markdown_summary(report: dict) -> str:
     if facts:
         out.append(" · ".join(facts) + "\n")
     if failed:
-        out.append(
-            f"**{len(failed)} gate(s) failed**: "
-            + ", ".join(f"`{g['artifact']}` {g['name']}" for g in failed)
-        )
+        out.append(f"**{len(failed)} gate(s) failed**: " + ", ".join(f"`{g['artifact']}` {g['name']}" for g in failed))
         out.append("")
 
     artifacts = report.get("artifacts") or []
@@ -266,18 +263,13 @@ def render_throughput(sweeps: list[dict]) -> str:
             "errors",
         ]
         out.append(_table(header, rows))
-    gates = [
-        {"suite": "throughput", **_gate(g, _artifact_name(s))} for s in sweeps for g in s.get("gates") or []
-    ]
+    gates = [{"suite": "throughput", **_gate(g, _artifact_name(s))} for s in sweeps for g in s.get("gates") or []]
     if gates:
         out.append("#### Throughput gates\n")
         out.append(
             _table(
                 ["artifact", "gate", "at level", "limit", "measured", "result"],
-                [
-                    [g["artifact"], g["name"], g["metric"] or "—", g["limit"], g["measured"], _verdict(g)]
-                    for g in gates
-                ],
+                [[g["artifact"], g["name"], g["metric"] or "—", g["limit"], g["measured"], _verdict(g)] for g in gates],
             )
         )
     costs = [(s, s["cost"]) for s in sweeps if isinstance(s.get("cost"), dict)]
@@ -307,9 +299,7 @@ def render_throughput(sweeps: list[dict]) -> str:
                 rows,
             )
         )
-    plots = [
-        (s, p) for s in sweeps for p in (s.get("files") or {}).values() if str(p).endswith((".png", ".svg"))
-    ]
+    plots = [(s, p) for s in sweeps for p in (s.get("files") or {}).values() if str(p).endswith((".png", ".svg"))]
     if plots:
         out.append("Plots: " + ", ".join(f"`{p}`" for _, p in plots) + "\n")
     return "\n".join(out)
@@ -333,9 +323,7 @@ def render_junit(report: dict) -> str:
     suites: dict[str, list[ET.Element]] = {}
 
     for g in report_gates(report):
-        case = ET.Element(
-            "testcase", classname=f"forge.{g['suite']}.{g['artifact']}", name=_case_name(g), time="0"
-        )
+        case = ET.Element("testcase", classname=f"forge.{g['suite']}.{g['artifact']}", name=_case_name(g), time="0")
         if not g["passed"]:
             message = _failure_message(g)
             failure = ET.SubElement(case, "failure", message=message, type="GateFailed")

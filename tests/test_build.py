@@ -159,8 +159,8 @@ def test_trtllm_engine_is_deferred_with_its_command(built, tiny_model, eval_text
 
 
 def test_on_missing_hardware_fail_stops_before_any_work(tiny_model, eval_text, tmp_path):
-    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "trtllm", "gpus": ["H100"],
-                                                        "trtllm": {"mode": "engine"}}], on_missing_hardware="fail")  # fmt: skip
+    engine_target = {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "engine"}}
+    data = tiny_recipe(tiny_model, eval_text, targets=[engine_target], on_missing_hardware="fail")
     code, output = run_cli("build", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
     assert code == 3 and "on_missing_hardware: fail" in output and "engine/fp8/trtllm/H100" in output
     assert not (tmp_path / "a" / ".cache" / "source").exists()

@@ -150,11 +150,7 @@ def missing_cli_pieces(args: list[str]) -> list[str]:
     command = args[0]
     if command == "report" and "report" not in main.commands:
         return ["forge report"]
-    return [
-        f"forge {command} {a}"
-        for a in args[1:]
-        if (command, a) in PROPOSED_CLI and a not in _options(command)
-    ]
+    return [f"forge {command} {a}" for a in args[1:] if (command, a) in PROPOSED_CLI and a not in _options(command)]
 
 
 def parse_forge_args(args: list[str]) -> click.Context:
@@ -254,9 +250,7 @@ def test_github_matrix_matches_the_plan(tiny_model, eval_text, tmp_path):
 
 
 def test_tensor_parallel_asks_for_that_many_gpus(tiny_model, eval_text, tmp_path):
-    data = tiny_recipe(
-        tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"], "tensor_parallel": 2}]
-    )
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"], "tensor_parallel": 2}])
     data["validation"]["throughput"] = {"enabled": True}
     plan = with_gpu_stages_deferred(plan_of(data, tmp_path))
     entries = github_matrix(plan)["matrix"]["include"]
@@ -303,9 +297,9 @@ def test_gitlab_child_pipeline_has_one_job_per_gpu_cell(tiny_model, eval_text, t
     cpu_only["targets"] = [t for t in cpu_only["targets"] if t["backend"] != "trtllm"]
     cpu_only["validation"]["throughput"] = {"enabled": False}
     empty = gitlab_pipeline(plan_of(cpu_only, tmp_path), "recipes/tiny.yaml")
-    assert [
-        k for k in empty if not k.startswith(".") and isinstance(empty[k], dict) and "script" in empty[k]
-    ] == ["no gpu work"]
+    assert [k for k in empty if not k.startswith(".") and isinstance(empty[k], dict) and "script" in empty[k]] == [
+        "no gpu work"
+    ]
 
 
 # ---------------------------------------------------------------- Kubernetes
@@ -313,9 +307,7 @@ def test_gitlab_child_pipeline_has_one_job_per_gpu_cell(tiny_model, eval_text, t
 
 def test_k8s_jobs_validate_against_the_kubernetes_api_schema(tiny_model, eval_text, tmp_path):
     plan = with_gpu_stages_deferred(plan_of(matrix_recipe(tiny_model, eval_text), tmp_path))
-    text = render_matrix(
-        plan, "k8s", "recipes/tiny.yaml", image="registry.local/forge:1", cache_claim="shared"
-    )
+    text = render_matrix(plan, "k8s", "recipes/tiny.yaml", image="registry.local/forge:1", cache_claim="shared")
     manifests = list(yaml.safe_load_all(text))
     assert len(manifests) == sum(a.status == "planned" for a in plan.artifacts)
     version = kubernetes_validate.latest_version()
@@ -333,9 +325,7 @@ def test_k8s_jobs_validate_against_the_kubernetes_api_schema(tiny_model, eval_te
         assert pod["volumes"] == [{"name": "forge", "persistentVolumeClaim": {"claimName": "shared"}}]
         assert {"name": "FORGE_CACHE_DIR", "value": "/forge/cache"} in container["env"]
         gpu = manifest["metadata"]["labels"]["forge/gpu"]
-        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-            "nodeSelectorTerms"
-        ]
+        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         assert term["matchExpressions"] == [
             {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(GFD_PRODUCTS[gpu])}
         ]
@@ -365,12 +355,8 @@ def test_k8s_schema_check_catches_a_broken_job(tiny_model, eval_text, tmp_path):
 
 
 def test_k8s_names_are_dns_labels_and_distinct():
-    long = k8s_name(
-        "forge", "a-very-long-recipe-name-for-a-model", "awq-w4a16-g64-calibrated", "trtllm", "A100-80GB"
-    )
-    other = k8s_name(
-        "forge", "a-very-long-recipe-name-for-a-model", "awq-w4a16-g64-calibrated", "trtllm", "A100-40GB"
-    )
+    long = k8s_name("forge", "a-very-long-recipe-name-for-a-model", "awq-w4a16-g64-calibrated", "trtllm", "A100-80GB")
+    other = k8s_name("forge", "a-very-long-recipe-name-for-a-model", "awq-w4a16-g64-calibrated", "trtllm", "A100-40GB")
     assert len(long) <= 63 and long != other
     assert k8s_name("forge", "tiny", "fp8", "vllm", "H100") == "forge-tiny-fp8-vllm-h100"
     assert k8s_name("forge", "Tiny.Model", "x") == "forge-tiny-model-x"
@@ -404,9 +390,7 @@ def sample_report(plan: Plan, recipe_file: str = "recipe.yaml") -> dict:
         if s.status in ("run", "cached"):
             facts = {"kind": s.kind, "key": s.key, "seconds": 0.25, **s.params}
             if s.kind == "accuracy":
-                facts.update(
-                    perplexity=21.5, baseline_perplexity=20.0, ppl_increase_pct=7.5, top1_agreement=0.82
-                )
+                facts.update(perplexity=21.5, baseline_perplexity=20.0, ppl_increase_pct=7.5, top1_agreement=0.82)
             records[s.id] = {"status": "ran", **facts}
         elif s.status in ("deferred", "not-implemented", "disabled"):
             records[s.id] = {"status": s.status, "reason": s.reason, "command": s.command}
@@ -570,10 +554,7 @@ def test_markdown_summary_has_the_gate_table(report):
         "| fp8/compressed-tensors | max_ppl_increase_pct | ppl_increase_pct | 5 | 7.5 | -2.5 "
         "| ❌ FAIL: 2.5 above the maximum |" in text
     )
-    assert (
-        "| fp8/compressed-tensors | min_top1_agreement | top1_agreement | 0.7 | 0.82 | 0.12 | ✅ pass |"
-        in text
-    )
+    assert "| fp8/compressed-tensors | min_top1_agreement | top1_agreement | 0.7 | 0.82 | 0.12 | ✅ pass |" in text
     assert "### Artifacts" in text and "### Impossible combinations" in text and "### Stages" in text
     assert "LMDeploy TurboMind takes FP8 only" in text
 
@@ -616,9 +597,7 @@ def test_markdown_summary_tolerates_missing_and_extra_sections(report):
             },
         },
     ]
-    extended["images"] = [
-        {"variant": "fp8", "backend": "vllm", "reference": "reg/x:fp8", "digest": "sha256:ab"}
-    ]
+    extended["images"] = [{"variant": "fp8", "backend": "vllm", "reference": "reg/x:fp8", "digest": "sha256:ab"}]
     report_validator().validate(extended)
     text = render_markdown_summary(extended)
     assert "### Throughput" in text and "| fp8/vllm/H100 | c16 | 3.2 | 410 | 180 | 22.5 | — | 0 |" in text

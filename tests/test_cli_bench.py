@@ -15,8 +15,25 @@ def test_bench_reports_levels_and_fails_an_unmeetable_gate(tmp_path):
     tok = tmp_path / "tok"
     make_tokenizer(512).save_pretrained(tok)
     with running_stub(StubBehavior(ttft_s=0.005, itl_s=0.001, tokens_per_chunk=2)) as stub:
-        args = ["bench", "--endpoint", stub.url, "--model", "m", "--tokenizer", str(tok), "--concurrency", "1,4",
-                "--prompt-tokens", "16", "--output-tokens", "8", "--requests", "6", "--out", str(tmp_path / "out")]
+        args = [
+            "bench",
+            "--endpoint",
+            stub.url,
+            "--model",
+            "m",
+            "--tokenizer",
+            str(tok),
+            "--concurrency",
+            "1,4",
+            "--prompt-tokens",
+            "16",
+            "--output-tokens",
+            "8",
+            "--requests",
+            "6",
+            "--out",
+            str(tmp_path / "out"),
+        ]
         ok = CliRunner().invoke(main, [*args, "--json", "--gpu-usd-per-hour", "4.5"])
         strict = CliRunner().invoke(main, [*args, "--ttft-p99-ms", "0.001"])
     assert ok.exit_code == 0, ok.output

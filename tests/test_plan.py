@@ -83,7 +83,9 @@ def test_explicit_impossible_combination_exits_2(tiny_model, eval_text, tmp_path
 def test_group_size_must_divide_model_dims(tiny_model_576, eval_text, tmp_path):
     data = tiny_recipe(tiny_model_576, eval_text)
     data["variants"] = [{"name": "g128", "scheme": "AWQ_W4A16", "group_size": 128}]
-    with pytest.raises(InputError, match=r"variants\[0\].group_size: group size 128 does not divide .* = 192; use group_size 64"):
+    with pytest.raises(
+        InputError, match=r"variants\[0\].group_size: group size 128 does not divide .* = 192; use group_size 64"
+    ):
         plan_for(data, tmp_path)
     data["variants"][0]["group_size"] = 64
     assert plan_for(data, tmp_path).artifacts[0].status == "planned"
@@ -125,6 +127,45 @@ def test_pickle_weights_need_opt_in(tiny_model, eval_text, tmp_path):
     opted_in = tiny_recipe(pickled, eval_text)
     opted_in["source"]["allow_pickle"] = True
     assert plan_for(opted_in, tmp_path).stage("source").status == "run"
+
+
+@pytest.mark.parametrize("allow_pickle", [True, False])
+def test_hub_pickle_weights_are_converted_only_when_opted_in(allow_pickle, tiny_model, tmp_path, monkeypatch):
+    """The hub cannot be reached here, so `snapshot_download` copies a local "repository" with
+    the same `allow_patterns` filtering; what forge does with the download is the real code."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    import torch
+
+    from forge.recipe import Source
+    from forge.source import download_hub
+
+    published = tmp_path / "published"
+    published.mkdir()
+    (published / "config.json").write_text((tiny_model / "config.json").read_text())
+    state = load_file(tiny_model / "model.safetensors")
+    torch.save(state, published / "pytorch_model.bin")
+
+    def snapshot_download(repo_id, revision, local_dir, allow_patterns):
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        for file in published.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, Path(local_dir) / file.name)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    source = Source(hub={"repo": "org/model", "revision": "a" * 40}, allow_pickle=allow_pickle)
+    out = tmp_path / "out"
+    if not allow_pickle:
+        with pytest.raises(InputError, match="no weight files"):  # the .bin was never downloaded
+            download_hub(source, out)
+        return
+    download_hub(source, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    converted = load_file(out / "model.safetensors")
+    assert converted.keys() == state.keys()
+    assert all(torch.equal(converted[k], state[k]) for k in state)
 
 
 def test_unsupported_architecture(tiny_model, eval_text, tmp_path):

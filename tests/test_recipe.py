@@ -101,7 +101,7 @@ SCHEMA_ERRORS = [
     ("unknown gpu", with_("targets[0].gpus", ["H1000"]), "targets[0].gpus: unknown GPU 'H1000'"),
     ("unknown backend", with_("targets[0].backend", "llamacpp"), "targets[0].backend"),
     ("target names unknown variant", with_("targets[0].variants", ["nope"]), "targets[0].variants: no variant"),
-    ("duplicate variant names", with_("variants", [{"name": "a", "scheme": "FP8"}] * 2), "variant names must be unique"),
+    ("duplicate variant names", with_("variants", [{"name": "a", "scheme": "FP8"}] * 2), "names must be unique"),
     ("input longer than sequence", with_("targets[0].max_input_len", 9000), "targets[0]: max_input_len"),
     ("zero calibration samples", with_("variants[0].calibration", {"num_samples": 0}),
      "variants[0].calibration.num_samples"),
@@ -121,8 +121,9 @@ TEXT_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("data, expected", [c[1:] for c in SCHEMA_ERRORS + TEXT_ERRORS],
-                         ids=[c[0] for c in SCHEMA_ERRORS + TEXT_ERRORS])
+@pytest.mark.parametrize(
+    "data, expected", [c[1:] for c in SCHEMA_ERRORS + TEXT_ERRORS], ids=[c[0] for c in SCHEMA_ERRORS + TEXT_ERRORS]
+)
 def test_malformed_recipe_exits_2_naming_the_key(data, expected, tmp_path: Path):
     path = write_recipe(tmp_path, data)
     artifacts = tmp_path / "artifacts"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -270,6 +271,23 @@ def test_default_options_give_up_in_bounded_time(registry: RegistryServer, image
             push(proxy, image, "down-default", RegistryOptions())
     assert 7.5 <= time.monotonic() - started < 15
     assert len(proxy.log.entries) == 5
+
+
+def test_unreachable_registry_fails_on_the_connect_timeout(image: ImageResult) -> None:
+    """A host that never completes the TCP handshake (here: a listener whose one-slot backlog is
+    full, so the kernel drops further SYNs) fails each attempt after `connect_timeout_s`, not
+    after the 300 s read timeout."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filler = socket.create_connection(listener.getsockname())  # takes the only backlog slot
+    options = RegistryOptions(retries=1, backoff_s=0.01, connect_timeout_s=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(InfraError, match="after 2 attempts"):
+            push_image(image.layout, f"127.0.0.1:{listener.getsockname()[1]}/x/y:v1", options=options)
+    finally:
+        filler.close()
+        listener.close()
+    assert time.monotonic() - started < 2 * 0.5 + 5.0
 
 
 # ---------------------------------------------------------------- random faults

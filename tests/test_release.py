@@ -58,8 +58,9 @@ def test_build_pushes_verifiable_images(registry, release, tmp_path):
     assert info["Labels"]["dev.forge.variant"] == "fp8"
     assert info["Labels"]["org.opencontainers.image.created"] == "2023-11-14T22:13:20Z"
     copy = tmp_path / "copy"
-    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", "--src-creds", registry.creds,
-                    "--dest-oci-accept-uncompressed-layers", ref, f"oci:{copy}:x"], check=True, capture_output=True)  # fmt: skip
+    skopeo_copy = ["skopeo", "copy", "--src-tls-verify=false", "--src-creds", registry.creds,
+                   "--dest-oci-accept-uncompressed-layers", ref, f"oci:{copy}:x"]  # fmt: skip
+    subprocess.run(skopeo_copy, check=True, capture_output=True)
     manifest = json.loads(layout.read_blob(copy, layout.resolve_tag(copy, "x").digest))
     found = {}
     for desc in manifest["layers"]:
@@ -91,8 +92,9 @@ def test_verify_fails_for_a_tampered_report_or_another_recipe(registry, release,
     assert code == 1 and "FAIL recipe matches" in output
 
     tampered = dict(report, validation={"accuracy": [], "throughput": []})
+    creds = Credentials(registry.username, registry.password)
     attach_referrer(f"{registry.host}/forge/tiny@{digest}", json.dumps(tampered).encode(),
-                    artifact_type=BUILD_REPORT_TYPE, credentials=Credentials(registry.username, registry.password))  # fmt: skip
+                    artifact_type=BUILD_REPORT_TYPE, credentials=creds)  # fmt: skip
     code, output = run_cli("verify", f"{registry.host}/forge/tiny@{digest}", "--recipe", str(recipe))
     assert code == 1, output
     assert "FAIL build report untampered" in output
@@ -110,8 +112,9 @@ def test_failed_gate_publishes_nothing(registry, release):
     assert "pushed" not in report
     push = next(s for s in report["stages"] if s["kind"] == "push")
     assert push["status"] == "disabled" and "gate failed" in push["reason"]
-    found = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", registry.creds,
-                            f"docker://{registry.host}/forge/never:latest"], capture_output=True, text=True)  # fmt: skip
+    inspect = ["skopeo", "inspect", "--tls-verify=false", "--creds", registry.creds,
+               f"docker://{registry.host}/forge/never:latest"]  # fmt: skip
+    found = subprocess.run(inspect, capture_output=True, text=True)
     assert found.returncode != 0
 
 

@@ -53,7 +53,9 @@ def test_launch_flags_follow_the_recipe():
     assert "--kv-cache-dtype" not in spec_for("vllm", "awq", 0).argv
     tgi = spec_for("tgi", "awq", 1).argv
     assert tgi[tgi.index("--quantize") + 1] == "awq"
-    assert spec_for("tgi", "fp8", 1).argv[spec_for("tgi", "fp8", 1).argv.index("--quantize") + 1] == "compressed-tensors"
+    assert (
+        spec_for("tgi", "fp8", 1).argv[spec_for("tgi", "fp8", 1).argv.index("--quantize") + 1] == "compressed-tensors"
+    )
     lmdeploy = spec_for("lmdeploy", "awq-kv8", 2).argv
     assert lmdeploy[lmdeploy.index("--quant-policy") + 1] == "8"
 

@@ -257,9 +257,7 @@ def test_trtllm_serve_argv_and_config_golden(scheme, gpu, mode, version):
     assert ("--config" in plan.argv) == (version == "1.3.0")
     if mode == "pytorch":
         assert options["cuda_graph_config"]["batch_sizes"][-1] == LIMITS.max_batch_size
-        assert options["kv_cache_config"]["dtype"] == (
-            "fp8" if SCHEMES[scheme].kv_cache_dtype == "fp8" else "auto"
-        )
+        assert options["kv_cache_config"]["dtype"] == ("fp8" if SCHEMES[scheme].kv_cache_dtype == "fp8" else "auto")
     else:
         assert "cuda_graph_config" not in options  # TorchLlmArgs only; TrtLlmArgs would reject it
 
@@ -280,10 +278,7 @@ def test_engine_with_fp8_kv_outside_fp8_loses_paged_context():
     assert argv[argv.index("--use_paged_context_fmha") + 1] == "disable"
     assert argv[argv.index("--use_fp8_context_fmha") + 1] == "disable"
     options = trtllm.serve_options(awq_kv8, H100, LIMITS, WORKLOAD, "engine")
-    assert (
-        options["enable_chunked_prefill"] is False
-        and options["kv_cache_config"]["enable_block_reuse"] is False
-    )
+    assert options["enable_chunked_prefill"] is False and options["kv_cache_config"]["enable_block_reuse"] is False
     long_prompts = trtllm.Limits(64, 8192, 16384, 4096)
     assert "needs chunked prefill" in trtllm.limits_problem(awq_kv8, long_prompts, "engine")
     assert trtllm.limits_problem(awq_kv8, long_prompts, "pytorch") is None
@@ -297,9 +292,7 @@ def test_support_table():
     assert "symmetric" in trtllm.check_trtllm_support(SCHEMES["w4a16-awq"], A100, "pytorch")
     assert "SM 10.x" in trtllm.check_trtllm_support(SCHEMES["w4a16-awq"], GPUS["B200"], "engine")
     assert "Ampere" in trtllm.check_trtllm_support(SCHEMES["w4a16-awq"], GPUS["T4"], "engine")
-    assert "group_size 64 or 128" in trtllm.check_trtllm_support(
-        resolve_scheme("W4A16", group_size=32), H100, "engine"
-    )
+    assert "group_size 64 or 128" in trtllm.check_trtllm_support(resolve_scheme("W4A16", group_size=32), H100, "engine")
     with pytest.raises(InputError, match="cannot run FP8"):
         trtllm.serve_plan("/m", SCHEMES["fp8"], A100, LIMITS, WORKLOAD, "pytorch", "1.3.0")
 
@@ -360,9 +353,7 @@ def test_engine_build_without_gpu_is_deferred_with_the_command(tiny_state, tmp_p
     toolchain = trtllm.probe_toolchain()
     if not toolchain.gpus:
         with pytest.raises(trtllm.EngineBuildDeferred, match="no NVIDIA GPU detected"):
-            trtllm.build_engine(
-                tmp_path / "ckpt", tmp_path / "engine", LIMITS, qm.scheme, H100, toolchain=toolchain
-            )
+            trtllm.build_engine(tmp_path / "ckpt", tmp_path / "engine", LIMITS, qm.scheme, H100, toolchain=toolchain)
     with pytest.raises(InputError, match="removed after 1.2.x"):
         trtllm.build_engine(tmp_path / "ckpt", tmp_path / "engine", LIMITS, qm.scheme, H100, "1.3.0", bare)
 
@@ -381,19 +372,13 @@ def test_engine_build_runs_in_docker_once_and_then_reuses(tiny_state, tmp_path, 
         return subprocess.CompletedProcess(argv, 0, "", "")
 
     monkeypatch.setattr(trtllm.subprocess, "run", fake_run)
-    build = trtllm.build_engine(
-        tmp_path / "ckpt", tmp_path / "engine", LIMITS, qm.scheme, H100, toolchain=toolchain
-    )
+    build = trtllm.build_engine(tmp_path / "ckpt", tmp_path / "engine", LIMITS, qm.scheme, H100, toolchain=toolchain)
     assert build.runner == "docker" and runs == [build.command] and build.command[:2] == ["docker", "run"]
-    again = trtllm.build_engine(
-        tmp_path / "ckpt", tmp_path / "engine", LIMITS, qm.scheme, H100, toolchain=toolchain
-    )
+    again = trtllm.build_engine(tmp_path / "ckpt", tmp_path / "engine", LIMITS, qm.scheme, H100, toolchain=toolchain)
     assert again.runner == "cached" and len(runs) == 1
     # An L40S (sm_89) target cannot use an H100 (sm_90) to build on.
     with pytest.raises(trtllm.EngineBuildDeferred, match="must be built on sm_89; found sm_90"):
-        trtllm.build_engine(
-            tmp_path / "ckpt", tmp_path / "l40s", LIMITS, qm.scheme, GPUS["L40S"], toolchain=toolchain
-        )
+        trtllm.build_engine(tmp_path / "ckpt", tmp_path / "l40s", LIMITS, qm.scheme, GPUS["L40S"], toolchain=toolchain)
 
 
 @pytest.mark.gpu

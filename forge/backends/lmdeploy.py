@@ -9,6 +9,9 @@ IMAGE = "openmmlab/lmdeploy:v0.10.2-cu12"
 PORT = 23333
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"
+# `lmdeploy serve api_server` has no such flag: it loads configs with trust_remote_code=True, so
+# forge refuses a checkpoint with its own code unless the recipe opts in (plan.py).
+TRUST_REMOTE_CODE_FLAG = None
 
 # LMDeploy `--quant-policy`: 0 = no KV quantization, 4 = int4 KV, 8 = int8 KV.
 QUANT_POLICY = {"auto": 0, "int4": 4, "int8": 8}

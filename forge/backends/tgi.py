@@ -9,6 +9,7 @@ IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
 PORT = 80  # the image sets PORT=80; the bare launcher defaults to 3000
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"
+TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"  # text-generation-launcher --help
 
 
 def export_format(scheme: Scheme, target: Target) -> str:

@@ -37,6 +37,7 @@ IMAGE_REPOSITORY = "nvcr.io/nvidia/tensorrt-llm/release"  # NGC tags: 1.2.1, 1.2
 PORT = 8000  # trtllm-serve --port default (commands/serve.py)
 HEALTH_PATH = "/health"
 METRICS_PATH = "/prometheus/metrics"
+TRUST_REMOTE_CODE_FLAG = "--trust_remote_code"  # trtllm-serve (commands/serve.py)
 
 # Container paths forge mounts the checkpoint / engine / model at.
 _CKPT_MOUNT = "/forge/checkpoint"
@@ -118,13 +119,9 @@ def check_trtllm_support(scheme: Scheme, gpu: GPUProfile, mode: str) -> str | No
         # builder.py: "INT8/INT4 quantization is not supported on SM>=100" and "Per-channel or
         # per-token scaling is not supported on SM>=100" (engine builds only).
         if scheme.weight_format == "int4":
-            return (
-                f"{where}: TensorRT-LLM engines have no int4 weight-only GEMMs on SM 10.x; use mode: pytorch"
-            )
+            return f"{where}: TensorRT-LLM engines have no int4 weight-only GEMMs on SM 10.x; use mode: pytorch"
         if scheme.weight_granularity == "channel":
-            return (
-                f"{where}: TensorRT-LLM engines have no per-channel FP8 on SM 10.x; use FP8 or mode: pytorch"
-            )
+            return f"{where}: TensorRT-LLM engines have no per-channel FP8 on SM 10.x; use FP8 or mode: pytorch"
     if mode == "pytorch" and scheme.weight_format == "int4" and not scheme.symmetric:
         return "the PyTorch backend takes int4 only as ModelOpt W4A16_AWQ (symmetric); set symmetric: true"
     return None
@@ -190,11 +187,7 @@ def paged_context_fmha(scheme: Scheme) -> bool:
 
 def _fp8_context_fmha(scheme: Scheme) -> bool:
     # FP8 context FMHA reads an fp8 KV cache and belongs to the FP8 (per-tensor) workflow.
-    return (
-        scheme.kv_cache_dtype == "fp8"
-        and scheme.weight_format == "fp8"
-        and scheme.weight_granularity == "tensor"
-    )
+    return scheme.kv_cache_dtype == "fp8" and scheme.weight_format == "fp8" and scheme.weight_granularity == "tensor"
 
 
 def limits_problem(scheme: Scheme, limits: Limits, mode: str) -> str | None:
@@ -209,9 +202,7 @@ def limits_problem(scheme: Scheme, limits: Limits, mode: str) -> str | None:
     return None
 
 
-def build_argv(
-    checkpoint_dir: str | Path, output_dir: str | Path, limits: Limits, scheme: Scheme
-) -> list[str]:
+def build_argv(checkpoint_dir: str | Path, output_dir: str | Path, limits: Limits, scheme: Scheme) -> list[str]:
     """The `trtllm-build` command line (flags of tensorrt_llm/commands/build.py and PluginConfig)."""
     argv = [
         "trtllm-build",
@@ -249,9 +240,7 @@ def docker_build_argv(
     checkpoint_dir: str | Path, output_dir: str | Path, limits: Limits, scheme: Scheme, version: str
 ) -> list[str]:
     inner = build_argv(_CKPT_MOUNT, _ENGINE_MOUNT, limits, scheme)
-    return docker_argv(
-        inner, {str(checkpoint_dir): f"{_CKPT_MOUNT}:ro", str(output_dir): _ENGINE_MOUNT}, version
-    )
+    return docker_argv(inner, {str(checkpoint_dir): f"{_CKPT_MOUNT}:ro", str(output_dir): _ENGINE_MOUNT}, version)
 
 
 # ---------------------------------------------------------------- engine cache key
@@ -281,9 +270,7 @@ def build_config(limits: Limits, scheme: Scheme) -> dict[str, str]:
     return flags
 
 
-def engine_cache_key(
-    checkpoint_dir: str | Path, limits: Limits, scheme: Scheme, version: str, gpu_sm: str
-) -> dict:
+def engine_cache_key(checkpoint_dir: str | Path, limits: Limits, scheme: Scheme, version: str, gpu_sm: str) -> dict:
     """What an engine is valid for. A TensorRT engine runs only on the GPU architecture and the
     exact TensorRT / TRT-LLM release that built it (TensorRT-LLM issues #222, #3031,
     tensorrtllm_backend #531), so both are part of the key next to the inputs."""
@@ -402,9 +389,7 @@ def build_engine(
     container_argv = docker_build_argv(checkpoint_dir, output_dir, limits, scheme, version)
 
     reasons = []
-    gpu = next(
-        (g for g in toolchain.gpus.gpus if g.compute_capability == target_gpu.compute_capability), None
-    )
+    gpu = next((g for g in toolchain.gpus.gpus if g.compute_capability == target_gpu.compute_capability), None)
     if not toolchain.gpus:
         reasons.append(toolchain.gpus.reason or "no NVIDIA GPU detected")
     elif gpu is None:
@@ -434,9 +419,7 @@ def build_engine(
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-        raise ForgeError(
-            f"trtllm-build failed (exit status {proc.returncode}): {shlex.join(command)}\n{tail}"
-        )
+        raise ForgeError(f"trtllm-build failed (exit status {proc.returncode}): {shlex.join(command)}\n{tail}")
     record = {**key, "runner": "local" if local_ok else "docker", "command": command, "gpu": gpu.name}
     (output_dir / _KEY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return EngineBuild(output_dir, record["runner"], command, key)
@@ -521,9 +504,7 @@ def serve_argv(
     argv = ["trtllm-serve", model_dir, "--backend", "pytorch" if mode == "pytorch" else "tensorrt"]
     if mode == "engine":
         if tokenizer_dir is None:
-            raise InputError(
-                "trtllm engine mode: the server needs the tokenizer directory next to the engine"
-            )
+            raise InputError("trtllm engine mode: the server needs the tokenizer directory next to the engine")
         argv += ["--tokenizer", tokenizer_dir]
     argv += [
         "--host", "0.0.0.0",

@@ -9,6 +9,7 @@ IMAGE = "vllm/vllm-openai:v0.11.2"
 PORT = 8000
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"
+TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"  # vllm serve --help
 
 
 def export_format(scheme: Scheme, target: Target) -> str:

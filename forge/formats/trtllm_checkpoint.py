@@ -114,9 +114,7 @@ def layout_problems(hf_config: dict, scheme: Scheme, tp_size: int) -> list[str]:
     if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
         problems.append("source: Llama with attention/MLP biases is not supported by the TRT-LLM writer")
     if scheme.dtype not in ("float16", "bfloat16"):
-        problems.append(
-            f"scheme.dtype: TensorRT-LLM quantized kernels run in float16/bfloat16, not {scheme.dtype}"
-        )
+        problems.append(f"scheme.dtype: TensorRT-LLM quantized kernels run in float16/bfloat16, not {scheme.dtype}")
     if scheme.kv_cache_dtype not in ("auto", "fp8"):
         problems.append(
             f"scheme.kv_cache_dtype: TRT-LLM checkpoints hold fp8 KV scales only, not {scheme.kv_cache_dtype}"
@@ -142,8 +140,7 @@ def layout_problems(hf_config: dict, scheme: Scheme, tp_size: int) -> list[str]:
     for layer, (width, where) in inputs.items():
         if width % group:
             problems.append(
-                f"scheme.group_size: {group} does not divide the input of transformer.layers.*.{layer}, "
-                f"{width}{where}"
+                f"scheme.group_size: {group} does not divide the input of transformer.layers.*.{layer}, {width}{where}"
             )
     # Two output rows share one int8 (ModelOpt's pack), so every rank needs an even row count.
     rows = {
@@ -246,9 +243,7 @@ def _module_kind(qm: QuantizedModel, layer: int, parts: tuple[str, ...]) -> str:
     if not any(quantized):
         return "dense"
     names = ", ".join(f"model.layers.{layer}.{p}" for p in parts)
-    raise InputError(
-        f"scheme.ignore: TensorRT-LLM fuses {names} into one layer; quantize all of them or none"
-    )
+    raise InputError(f"scheme.ignore: TensorRT-LLM fuses {names} into one layer; quantize all of them or none")
 
 
 def _fp8_tensor_requantized(linears: list[QuantizedLinear]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -558,9 +553,7 @@ def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for i in range(config["num_hidden_layers"]):
         trt, hf = f"transformer.layers.{i}", f"model.layers.{i}"
         state[f"{hf}.input_layernorm.weight"] = ranks[0][f"{trt}.input_layernorm.weight"].to(torch.float32)
-        state[f"{hf}.post_attention_layernorm.weight"] = ranks[0][f"{trt}.post_layernorm.weight"].to(
-            torch.float32
-        )
+        state[f"{hf}.post_attention_layernorm.weight"] = ranks[0][f"{trt}.post_layernorm.weight"].to(torch.float32)
         qkv = [_dense_linear(r, f"{trt}.attention.qkv", algo) for r in ranks]
         sizes = [heads // tp * head, kv_heads // tp * head, kv_heads // tp * head]
         per_rank = [torch.split(w, sizes, dim=0) for w in qkv]

@@ -138,8 +138,7 @@ def wait_healthy(
             pass
         time.sleep(0.25)
     raise InfraError(
-        f"{name} did not answer {base_url}{health_path} within {timeout_s:g} s; "
-        f"log {log_path}:\n{log_tail(log_path)}"
+        f"{name} did not answer {base_url}{health_path} within {timeout_s:g} s; log {log_path}:\n{log_tail(log_path)}"
     )
 
 

@@ -222,7 +222,32 @@ class RegistryOptions:
     mount_from: str | None = None  # repository on the same registry to mount missing blobs from
     plain_http: bool | None = None  # None: plain HTTP for loopback hosts only, as docker allows
     tls_verify: bool = True
-    timeout_s: float = 300.0  # per socket operation, not per transfer
+    timeout_s: float = 300.0  # per socket read/write once connected, not per transfer
+    connect_timeout_s: float = 30.0  # TCP connect + TLS handshake: an unreachable host fails fast
+
+
+class _ConnectDeadline:
+    """Connect (and TLS handshake) under `connect_timeout_s`, then read and write under the
+    connection's own `timeout`: http.client uses one timeout for both, so a blackholed registry
+    would otherwise hold each attempt for the whole read timeout."""
+
+    connect_timeout_s: float = 30.0
+
+    def connect(self) -> None:
+        io_timeout, self.timeout = self.timeout, self.connect_timeout_s
+        try:
+            super().connect()
+        finally:
+            self.timeout = io_timeout
+        self.sock.settimeout(io_timeout)
+
+
+class _HTTPConnection(_ConnectDeadline, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_ConnectDeadline, http.client.HTTPSConnection):
+    pass
 
 
 @dataclass(frozen=True)
@@ -349,9 +374,10 @@ class Registry:
         conn = conns.get((scheme, netloc))
         if conn is None:
             if scheme == "https":
-                conn = http.client.HTTPSConnection(netloc, timeout=self.options.timeout_s, context=self._ssl)
+                conn = _HTTPSConnection(netloc, timeout=self.options.timeout_s, context=self._ssl)
             else:
-                conn = http.client.HTTPConnection(netloc, timeout=self.options.timeout_s)
+                conn = _HTTPConnection(netloc, timeout=self.options.timeout_s)
+            conn.connect_timeout_s = self.options.connect_timeout_s
             conns[(scheme, netloc)] = conn
             with self._lock:
                 self._all_connections.append(conn)

@@ -37,9 +37,7 @@ def int4_qparams(
     return scale, zero
 
 
-def int4_codes(
-    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
-) -> torch.Tensor:
+def int4_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """Round `weight` onto the int4 grid given by `scale` / `zero` (both `[out, in / group]`)."""
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
