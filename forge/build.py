@@ -1,7 +1,7 @@
 """`forge build`: run the plan's stages in order, each cached by content, and write build.json.
 
     resolve source → accuracy baseline → quantize → export per format → accuracy per export
-    → engine → throughput → package → gates → push (only when every gate passed) → report
+    → lm-eval tasks → engine → throughput → package → gates → push (only when every gate passed) → report
 
 Each stage is a plain function in `forge.stages`; `Cache.run` skips it when its key is already
 complete, so an unchanged rebuild does no work and a change to a later stage reuses everything
@@ -28,6 +28,7 @@ from forge.progress import Progress
 from forge.recipe import dump_recipe, load_recipe
 from forge.stages import (
     evaluate_accuracy_gates,
+    evaluate_task_gates,
     gate_failure_message,
     push_images,
     stage_accuracy,
@@ -37,6 +38,7 @@ from forge.stages import (
     stage_package,
     stage_quantize,
     stage_source,
+    stage_tasks,
     stage_throughput,
     throughput_results,
     variant_named,
@@ -103,6 +105,10 @@ def build(
         export_dir = exports[stage.id.replace("accuracy/", "export/", 1)] / "model"
         run(stage, lambda out, s=stage, e=export_dir: stage_accuracy(plan, s, e, baseline_dir, out, progress))
 
+    for stage in selected("tasks"):
+        model_dir = exports[stage.needs[0]] / "model" if stage.params["variant"] else source_dir
+        run(stage, lambda out, s=stage, m=model_dir: stage_tasks(plan, s, m, out, progress))
+
     engines: dict[str, Path] = {}
     for stage in selected("engine"):
         checkpoint = exports[stage.needs[0]] / "model"
@@ -126,7 +132,8 @@ def build(
                 "reason": f"not selected ({selection_text(only, skip)})" if runnable else stage.reason,
                 "command": stage.command,
             }
-    gates = evaluate_accuracy_gates(plan, records)
+    task_gates, task_scores = evaluate_task_gates(plan, records)
+    gates = evaluate_accuracy_gates(plan, records) + task_gates
     throughput = throughput_results(plan, records)
     failed = failed_gates(gates, throughput)
     out_root = artifacts_dir / recipe.name
@@ -143,7 +150,7 @@ def build(
             for a in plan.artifacts
             if a.status == "impossible"
         ],
-        "validation": {"accuracy": gates, "throughput": throughput},
+        "validation": {"accuracy": gates, "tasks": task_scores, "throughput": throughput},
         "images": [{"stage": sid, "layout": str(path / "layout"), **records[sid]} for sid, path in packages.items()],
     }
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from forge.backends import export_format, trtllm, trtllm_mode
 from forge.cache import Cache, atomic_write_text
 from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
-from forge.digest import file_digest, json_digest
+from forge.digest import file_digest, file_digests, json_digest
 from forge.errors import InputError
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
@@ -31,7 +31,9 @@ from forge.source import read_model_config, source_identity
 # Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
 STAGE_VERSIONS = {"source": 1, "baseline": 1, "quantize": 1, "export": 1, "accuracy": 2}
 BUILTIN_CALIBRATION = ("pydoc_topics",)
-STAGE_ORDER = ("source", "baseline", "quantize", "export", "accuracy", "engine", "throughput", "package", "push")
+STAGE_ORDER = (
+    "source", "baseline", "quantize", "export", "accuracy", "tasks", "engine", "throughput", "package", "push"
+)  # fmt: skip
 
 
 @dataclass
@@ -267,6 +269,8 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
     throughput = recipe.validation.throughput
     if throughput.enabled and throughput.cpu:
         cpu_throughput_stages(plan, exports, quantize)
+    if accuracy.tasks:
+        task_stages(plan, exports, quantize, source)
     if baseline is not None:
         for export in list(exports.values()):
             plan.add(
@@ -280,7 +284,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
         atomic_write_text(memo, json.dumps(config, indent=2, sort_keys=True))
     for push in plan.of_kind("push"):  # nothing is published before its variant's gates are measured
         variant = push.params["variant"]
-        push.needs += [s.id for s in plan.stages if s.kind in ("accuracy", "throughput")
+        push.needs += [s.id for s in plan.stages if s.kind in ("accuracy", "tasks", "throughput")
                        and s.params.get("variant") == variant and s.status in ("run", "cached")]  # fmt: skip
     return plan
 
@@ -370,6 +374,38 @@ def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[
             "throughput", f"throughput/{variant.name}/cpu",
             {"export": export.key, **throughput_inputs(plan), "cpu": machine},
             needs=[export.id], params={"variant": variant.name, "gpu": "cpu"},
+        )  # fmt: skip
+
+
+def task_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage], source: Stage) -> None:
+    """lm-eval tasks against the baseline and each variant's compressed-tensors export, all served
+    on this machine by `transformers serve` (the same weights every backend's export holds)."""
+    from forge.eval.lm_eval import INSTALL_HINT, lm_eval_available
+
+    accuracy = plan.recipe.validation.accuracy
+    if not lm_eval_available():
+        raise InputError(f"validation.accuracy.tasks: lm-evaluation-harness is not installed; {INSTALL_HINT}")
+    include = None
+    if accuracy.task_include_path:
+        include = (plan.recipe_dir / accuracy.task_include_path).resolve()
+        if not include.is_dir():
+            raise InputError(f"validation.accuracy.task_include_path: {include} is not a directory")
+    inputs = {
+        "tasks": accuracy.tasks,
+        "limit": accuracy.task_limit,
+        "num_fewshot": accuracy.num_fewshot,
+        "include": file_digests(include) if include else None,
+    }
+    params = {"include_path": str(include) if include else None}
+    baseline = plan.add(
+        "tasks", "tasks/baseline", {"source": source.key, **inputs},
+        needs=["source"], params={**params, "variant": None},
+    )  # fmt: skip
+    for variant in plan.recipe.variants:
+        export = export_stage(plan, exports, quantize[variant.name], "compressed-tensors", 1)
+        plan.add(
+            "tasks", f"tasks/{variant.name}/cpu", {"export": export.key, **inputs},
+            needs=[export.id, baseline.id], params={**params, "variant": variant.name},
         )  # fmt: skip
 
 

@@ -130,7 +130,9 @@ class AccuracyGates(Strict):
         default=None, ge=0, description="Largest allowed mean KL(baseline ‖ quantized) per token, in nats."
     )
     min_recovery: dict[str, float] = Field(
-        default_factory=dict, description="Per lm-eval task: smallest allowed quantized / baseline score."
+        default_factory=dict,
+        description="Per lm-eval task (each one of `validation.accuracy.tasks`): smallest allowed quantized / "
+        "baseline score, for every metric the task reports.",
     )
 
 
@@ -235,8 +237,18 @@ class AccuracyValidation(Strict):
         default=None, ge=1, description="Evaluate only the first N windows (quick runs); unset: all."
     )
     gates: AccuracyGates = Field(default_factory=AccuracyGates, description="Default gates for every variant.")
-    tasks: list[str] = Field(
-        default_factory=list, description="lm-evaluation-harness tasks run against the served artifact."
+    tasks: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks, run over the completions API against the baseline and each "
+        "variant served on this machine (`transformers serve`); `min_recovery` gates compare the two. Needs the "
+        "`eval` extra. `transformers serve` returns no prompt log-probs, so only generation tasks run on it.",
+    )
+    task_include_path: str | None = Field(
+        default=None, description="Directory of your own lm-eval task YAMLs (`--include_path`), relative to the recipe."
+    )
+    task_limit: int | None = Field(default=None, ge=1, description="Score only the first N samples of each task.")
+    num_fewshot: int | None = Field(
+        default=None, ge=0, description="Few-shot examples per prompt (unset: the task's own)."
     )
 
 
@@ -352,6 +364,16 @@ class Recipe(Strict):
             for name in target.variants or []:
                 if name not in names:
                     raise ValueError(f"targets[{i}].variants: no variant named {name!r}")
+        tasks = self.validation.accuracy.tasks
+        gate_sets = [("validation.accuracy.gates", self.validation.accuracy.gates)]
+        gate_sets += [(f"variants[{i}].gates", v.gates) for i, v in enumerate(self.variants) if v.gates]
+        for where, gates in gate_sets:
+            for task in gates.min_recovery:
+                if task not in tasks:
+                    raise ValueError(
+                        f"{where}.min_recovery.{task}: not a task of validation.accuracy.tasks "
+                        f"({', '.join(tasks) or 'none listed'}), so it could never be measured"
+                    )
         return self
 
 

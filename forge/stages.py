@@ -119,6 +119,30 @@ def state_digest(state: dict) -> str:
     return digest.hexdigest()
 
 
+def stage_tasks(plan: Plan, stage: Stage, model_dir: Path, out: Path, progress: Progress) -> dict:
+    """lm-eval's tasks against the model served by `transformers serve`: the source checkpoint for
+    the baseline, a variant's export (re-read, served dense like the CPU throughput stage) else."""
+    from forge.eval.lm_eval import parse_scores, run_lm_eval
+    from forge.loadgen import serve_transformers
+    from forge.loadgen.server import check_serving_installed
+
+    check_serving_installed()
+    accuracy = plan.recipe.validation.accuracy
+    variant = stage.params["variant"]
+    served = model_dir if variant is None else dense_copy(model_dir, out / "served-model")
+    with progress.task(f"lm-eval {variant or 'baseline'}: {', '.join(accuracy.tasks)}", total=None):
+        with serve_transformers(served, out / "server.log") as server:
+            include = stage.params["include_path"]
+            results = run_lm_eval(
+                f"{server.base_url}/v1/completions", server.model, str(model_dir.resolve()), accuracy.tasks,
+                out / "lm_eval", cwd=include, include_path=include,
+                num_fewshot=accuracy.num_fewshot, limit=accuracy.task_limit,
+            )  # fmt: skip
+    shutil.rmtree(out / "served-model", ignore_errors=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    return {"variant": variant, "tasks": accuracy.tasks, "scores": parse_scores(results)}
+
+
 def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, progress: Progress) -> dict:
     """trtllm-build for one GPU architecture, locally or in the release container."""
     from forge.backends import trtllm
@@ -266,6 +290,37 @@ def evaluate_accuracy_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
         for gate in evaluate_gates(gates, record):
             results.append({"artifact": stage.id.removeprefix("accuracy/"), **gate.to_dict()})
     return results
+
+
+def evaluate_task_gates(plan: Plan, records: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """(gates, scores): every variant's lm-eval recovery against the baseline's run, checked
+    against its `min_recovery` gates (a variant left out by --only/--skip is not reported)."""
+    from forge.eval.gates import evaluate_gates
+    from forge.eval.lm_eval import recovery
+
+    if not plan.of_kind("tasks"):
+        return [], []
+    base_stage = plan.stage("tasks/baseline")
+
+    def results(stage: Stage) -> dict | None:
+        if records[stage.id]["status"] not in ("ran", "cached"):
+            return None
+        return json.loads((plan.cache.entry(stage.kind, stage.key) / "results.json").read_text())
+
+    baseline = results(base_stage)
+    gates, scores = [], [{"stage": base_stage.id, "variant": None, "scores": records[base_stage.id].get("scores")}]
+    for stage in plan.of_kind("tasks"):
+        measured = results(stage) if stage is not base_stage else None
+        if measured is None or baseline is None:
+            continue
+        ratios = recovery(baseline, measured)
+        scores.append({"stage": stage.id, "variant": stage.params["variant"], "scores": records[stage.id]["scores"],
+                       "recovery": ratios})  # fmt: skip
+        variant = variant_named(plan, stage.params["variant"])
+        limits = (variant.gates or plan.recipe.validation.accuracy.gates).min_recovery
+        for gate in evaluate_gates({"min_recovery": limits} if limits else {}, ratios):
+            gates.append({"artifact": stage.id.removeprefix("tasks/"), **gate.to_dict()})
+    return gates, scores
 
 
 def gate_failure_message(failed: list[dict]) -> str:

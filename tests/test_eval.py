@@ -402,3 +402,77 @@ def test_lm_eval_runs_against_a_real_completions_server(tiny, tmp_path, monkeypa
     assert 0.0 <= score <= 1.0
     assert results["n-samples"]["forge_tiny_continue"]["effective"] == 3
     assert lm_eval.recovery(results, results) == {"recovery.forge_tiny_continue.exact_match": 1.0}
+
+
+def _greedy_continuations(model_dir: Path, prompts: list[str], tokens: int = 4) -> list[str]:
+    """What the model itself continues each prompt with (greedy), cut at the first newline."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        generated = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+        answers.append(tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0])
+    return answers
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not lm_eval.lm_eval_available(), reason='lm_eval not installed (pip install "lm_eval[api]")')
+def test_build_gates_task_recovery_of_each_served_variant(tiny_model, eval_text, tmp_path):
+    """`forge build` with `validation.accuracy.tasks`: the baseline and each variant served by
+    `transformers serve`, lm_eval over the completions API, recovery gated by `min_recovery`.
+
+    The task's answers are the baseline's own greedy continuations, so the served baseline must
+    score 1.0 through the whole chain; random-weight int4 changes the argmax often enough that
+    its continuations differ, and a 0.999 recovery gate has to fail the build for it."""
+    from forge.build import build
+    from tests.conftest import tiny_recipe, write_recipe
+
+    prompts = ["The quick brown fox", "The lazy", "forge turns one recipe", "Perplexity measures", "held-out text"]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = zip(prompts, _greedy_continuations(tiny_model, prompts), strict=True)
+    (tasks / "data.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    (tasks / "forge_tiny_continue.yaml").write_text(_TASK_YAML.format(data="data.jsonl"))  # relative: cwd
+    recipe = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"]}])
+    recipe["validation"]["accuracy"].update(
+        tasks=["forge_tiny_continue"], task_include_path="tasks", gates={"min_recovery": {"forge_tiny_continue": 0.999}}
+    )
+    with pytest.raises(GateFailed) as failed:
+        build(write_recipe(tmp_path, recipe), artifacts_dir=tmp_path / "artifacts")
+    report = failed.value.result.report
+    runs = {run["stage"]: run for run in report["validation"]["tasks"]}
+    assert runs["tasks/baseline"]["scores"] == {"forge_tiny_continue": {"exact_match": 1.0}}
+    for variant in ("fp8", "int4"):
+        run = runs[f"tasks/{variant}/cpu"]
+        assert run["recovery"] == {
+            "recovery.forge_tiny_continue.exact_match": run["scores"]["forge_tiny_continue"]["exact_match"]
+        }
+    gates = {g["artifact"]: g for g in report["validation"]["accuracy"] if g["name"].startswith("min_recovery")}
+    assert set(gates) == {"fp8/cpu", "int4/cpu"}
+    assert all(g["passed"] == (g["measured"] >= 0.999) for g in gates.values())
+    assert not gates["int4/cpu"]["passed"]
+    assert "int4/cpu: min_recovery.forge_tiny_continue" in str(failed.value)
+
+
+def test_task_gates_must_name_listed_tasks(tiny_model, eval_text):
+    from forge.recipe import Recipe
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe(tiny_model, eval_text)
+    recipe["variants"][0]["gates"] = {"min_recovery": {"arc_easy": 0.95}}
+    with pytest.raises(ValueError, match=r"variants\[0\].gates.min_recovery.arc_easy: not a task"):
+        Recipe.model_validate(recipe)
+    recipe["validation"]["accuracy"]["tasks"] = ["arc_easy"]
+    Recipe.model_validate(recipe)
+
+
+def test_recovery_over_a_zero_baseline_is_nan_and_fails_its_gate():
+    zero = json.loads(json.dumps(BASELINE_LM_EVAL))
+    zero["results"]["arc_easy"]["acc,none"] = 0.0
+    ratios = lm_eval.recovery(zero, zero)
+    assert math.isnan(ratios["recovery.arc_easy.acc"])
+    (gate,) = evaluate_gates({"min_recovery.arc_easy.acc": 0.5}, ratios)
+    assert not gate.passed

@@ -177,3 +177,21 @@ def test_unsupported_architecture(tiny_model, eval_text, tmp_path):
     save_file(load_file(tiny_model / "model.safetensors"), other / "model.safetensors")
     with pytest.raises(InputError, match="source: architecture MambaForCausalLM is not supported"):
         plan_for(tiny_recipe(other, eval_text), tmp_path)
+
+
+def test_tasks_add_a_served_baseline_run_and_one_per_variant(tiny_model, eval_text, tmp_path, monkeypatch):
+    from forge.eval import lm_eval
+
+    (tmp_path / "tasks").mkdir()
+    data = tiny_recipe(tiny_model, eval_text)
+    data["validation"]["accuracy"].update(tasks=["forge_facts"], task_include_path="tasks")
+    plan = plan_for(data, tmp_path)
+    tasks = plan.of_kind("tasks")
+    assert [s.id for s in tasks] == ["tasks/baseline", "tasks/fp8/cpu", "tasks/int4/cpu"]
+    assert tasks[1].needs == ["export/fp8/compressed-tensors", "tasks/baseline"]
+    data["validation"]["accuracy"]["task_include_path"] = "missing"
+    with pytest.raises(InputError, match="task_include_path: .*missing is not a directory"):
+        plan_for(data, tmp_path)
+    monkeypatch.setattr(lm_eval, "lm_eval_available", lambda: False)
+    with pytest.raises(InputError, match="validation.accuracy.tasks: lm-evaluation-harness is not installed"):
+        plan_for(data, tmp_path)

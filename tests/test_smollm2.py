@@ -50,6 +50,8 @@ def test_default_recipe_gates_pass_on_measured_figures(cold):
     _, report = cold
     gates = report["validation"]["accuracy"]
     assert gates and all(g["passed"] for g in gates)
+    recovered = {g["artifact"] for g in gates if g["name"] == "min_recovery.forge_facts"}
+    assert recovered == {"fp8-dynamic/cpu", "awq-w4a16-g64/cpu"}  # lm-eval over transformers serve, gated
     accuracy = {s["id"]: s for s in report["stages"] if s["kind"] == "accuracy"}
     fp8 = accuracy["accuracy/fp8-dynamic/compressed-tensors"]
     awq = accuracy["accuracy/awq-w4a16-g64/compressed-tensors"]

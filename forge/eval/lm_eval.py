@@ -92,22 +92,25 @@ def run_lm_eval(
     tokenizer: str,
     tasks: Sequence[str],
     output_dir: Path | str,
+    cwd: Path | str | None = None,
     **options,
 ) -> dict:
     """Run lm_eval against a served model and return its results JSON (see `parse_scores`).
+
+    `cwd` is where lm_eval runs: local task YAMLs name their data files relative to it.
 
     Raises InputError when lm_eval is not installed (an optional extra), InfraError with the tail
     of lm_eval's log when it fails (server unreachable, task data not downloadable, ...).
     """
     if not lm_eval_available():
         raise InputError(f"accuracy.tasks: lm-evaluation-harness is not installed; {INSTALL_HINT}")
-    out = Path(output_dir)
+    out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.rglob("results_*.json"))
     argv = lm_eval_command(base_url, model, tokenizer, tasks, out, **options)
     log = out / "lm_eval.log"
     with log.open("w") as sink:
-        completed = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, check=False)
+        completed = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, check=False, cwd=cwd)
     written = sorted(set(out.rglob("results_*.json")) - before, key=lambda p: p.stat().st_mtime)
     if completed.returncode != 0 or not written:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
@@ -148,7 +151,9 @@ def recovery(baseline: Mapping, quantized: Mapping) -> dict[str, float]:
     """`{"recovery.<task>.<metric>": ratio}` for every metric both results hold.
 
     Metrics the quantized run lacks are left out, so a gate on them reports "not measured"
-    and fails instead of passing silently.
+    and fails instead of passing silently. A baseline that scores 0 (or a lower-is-better
+    metric the quantized run drives to 0) gives NaN, which fails its gate too: a task the model
+    cannot do shows no loss, so a "recovery" of 0/0 would pass without meaning anything.
     """
     base_scores, quant_scores = parse_scores(baseline), parse_scores(quantized)
     ratios: dict[str, float] = {}
@@ -158,9 +163,5 @@ def recovery(baseline: Mapping, quantized: Mapping) -> dict[str, float]:
                 continue
             quant = quant_scores[task][metric]
             better, worse = (quant, base) if _higher_is_better(baseline, task, metric) else (base, quant)
-            if worse == 0:
-                ratio = 1.0 if better == 0 else float("inf")
-            else:
-                ratio = better / worse
-            ratios[f"recovery.{task}.{metric}"] = ratio
+            ratios[f"recovery.{task}.{metric}"] = better / worse if worse else float("nan")
     return ratios
