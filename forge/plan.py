@@ -22,6 +22,7 @@ from forge.cache import Cache, atomic_write_text
 from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
 from forge.digest import file_digest, file_digests, json_digest
 from forge.errors import InputError
+from forge.eval import BASELINE_FORMAT
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
 from forge.quant.scheme import Scheme
@@ -215,7 +216,8 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
         dataset = (recipe_dir / accuracy.dataset).resolve()
         if not dataset.is_file():
             raise InputError(f"validation.accuracy.dataset: {dataset} does not exist")
-        eval_inputs = {"dataset": file_digest(dataset), "window": accuracy.window, "max_windows": accuracy.max_windows}
+        eval_inputs = {"dataset": file_digest(dataset), "window": accuracy.window, "max_windows": accuracy.max_windows,
+                       "format": BASELINE_FORMAT}  # fmt: skip
         baseline = plan.add(
             "baseline", "baseline", {"source": source.key, **eval_inputs},
             needs=["source"], params={"dataset": str(dataset)},

@@ -104,19 +104,27 @@ def test_baseline_perplexity_equals_hf_loss(tiny, windows, baseline):
     assert baseline[1]["tokens"] == 6 * (WINDOW - 1)
 
 
-def test_baseline_files_hold_fp16_logprobs_and_exact_top1(baseline, windows):
+def test_baseline_files_hold_hidden_states_the_projection_and_top1(tiny, baseline, windows):
+    """What is stored reproduces the baseline's distributions: projecting a window's states with
+    the stored head gives the same log-probs (and argmax) as the model's own forward."""
     directory, _ = baseline
-    saved = load_file(directory / "logprobs-00005.safetensors")
-    assert saved["logprobs"].dtype == torch.float16 and saved["logprobs"].shape[0] == WINDOW - 1
+    _, config, state = tiny
+    saved = load_file(directory / "hidden-00005.safetensors")
+    assert saved["hidden"].dtype == torch.float32 and saved["hidden"].shape == (WINDOW - 1, config["hidden_size"])
     assert saved["top1"].dtype == torch.int32
-    assert torch.allclose(saved["logprobs"].float().exp().sum(-1), torch.ones(WINDOW - 1), atol=1e-2)
+    head = load_file(directory / "lm_head.safetensors")["weight"]
+    with torch.inference_mode():
+        logits = build_model(config, state)(windows[5:6]).logits[0, :-1]
+    stored = torch.log_softmax(saved["hidden"] @ head.T, dim=-1)
+    assert torch.allclose(stored, torch.log_softmax(logits, dim=-1), atol=1e-4)
+    assert torch.equal(saved["top1"], logits.argmax(-1).to(torch.int32))
 
 
 def test_identical_weights_agree_fully(tiny, windows, baseline, monkeypatch):
     _, config, state = tiny
     result = _compare(config, state, windows, baseline[0], monkeypatch)
     assert result["top1_agreement"] == 1.0
-    assert result["mean_kl"] < 1e-5  # only the fp16 rounding of the stored baseline remains
+    assert result["mean_kl"] == pytest.approx(0.0, abs=1e-9)  # the stored baseline is exact
     assert result["perplexity"] == pytest.approx(baseline[1]["perplexity"], rel=1e-6)
     assert abs(result["ppl_increase_pct"]) < 1e-4
 

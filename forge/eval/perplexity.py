@@ -1,8 +1,9 @@
 """Perplexity, top-1 agreement and KL divergence of a dense model on fixed windows of text.
 
-Every quantized variant is judged against the same baseline: the baseline pass writes the
-baseline's next-token distributions once (fp16 log-probabilities, one file per window), and each
-compare pass streams them back, so KL divergence and agreement never re-run the baseline model.
+Every quantized variant is judged against the same baseline: the baseline pass writes what
+determines the baseline's next-token distributions once (its final hidden states, fp32, one file
+per window, and its output projection), and each compare pass streams them back and re-applies
+the projection, so KL divergence and agreement never re-run the baseline's decoder.
 The model is always a dense fp32 Hugging Face model built from a `(config, state)` pair, so any
 format reader (`forge/formats/*.read`) or `QuantizedModel.dequantize()` can feed it.
 
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forge.errors import InputError
+from forge.eval import BASELINE_FORMAT
 
 Progress = Callable[[int, int], None]
 
@@ -36,7 +38,7 @@ WINDOW = 1024  # vLLM's wikitext perplexity test, MAX_LENGTH (ppl_utils.py)
 TOKEN_CHUNK = 256  # positions per log-softmax: 256 x 49152 fp32 logits = 50 MB, not 200 MB a window
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value (OCP FP8 spec)
 BASELINE_FILE = "baseline.json"
-_BASELINE_VERSION = 1
+HEAD_FILE = "lm_head.safetensors"
 
 __all__ = [
     "WINDOW",
@@ -143,19 +145,18 @@ def simulate_dynamic_fp8_activations(model: torch.nn.Module, linear_names: list[
     return [modules[name].register_forward_pre_hook(round_input) for name in linear_names]
 
 
-def _next_token_logprobs(
+def _next_token_chunks(
     model: torch.nn.Module, windows: torch.Tensor, batch_size: int, progress: Progress | None
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Yield `(window, start, logprobs, targets)` for every chunk of predicted positions.
+    """Yield `(window, start, hidden, targets)` for every chunk of predicted positions.
 
-    The decoder runs on a batch of windows; the vocabulary projection and log-softmax then run
-    on `TOKEN_CHUNK` positions at a time, so peak memory is one chunk of fp32 logits instead of
-    `batch x window x vocab` (HF's forward materializes all logits: 200 MB per 1024-token window
-    at SmolLM2's 49152 vocabulary). Only positions 0..T-2 have a next token, as in HF's shifted
-    loss, so those are the ones scored.
+    The decoder runs on a batch of windows; callers project `hidden` (the decoder's final, normed
+    states) to the vocabulary `TOKEN_CHUNK` positions at a time, so peak memory is one chunk of
+    fp32 logits instead of `batch x window x vocab` (HF's forward materializes all logits: 200 MB
+    per 1024-token window at SmolLM2's 49152 vocabulary). Only positions 0..T-2 have a next token,
+    as in HF's shifted loss, so those are the ones scored.
     """
     decoder = model.get_decoder()
-    head = model.get_output_embeddings()
     total, length = windows.shape
     with torch.inference_mode():
         for first in range(0, total, batch_size):
@@ -164,10 +165,14 @@ def _next_token_logprobs(
             for row in range(batch.shape[0]):
                 for start in range(0, length - 1, TOKEN_CHUNK):
                     stop = min(start + TOKEN_CHUNK, length - 1)
-                    logprobs = torch.log_softmax(head(hidden[row, start:stop]).float(), dim=-1)
-                    yield first + row, start, logprobs, batch[row, start + 1 : stop + 1]
+                    yield first + row, start, hidden[row, start:stop], batch[row, start + 1 : stop + 1]
                 if progress is not None:
                     progress(first + row + 1, total)
+
+
+def _logprobs(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(head(hidden).float(), dim=-1)
 
 
 def _windows_digest(windows: torch.Tensor) -> str:
@@ -175,7 +180,7 @@ def _windows_digest(windows: torch.Tensor) -> str:
 
 
 def _window_file(directory: Path, index: int) -> Path:
-    return directory / f"logprobs-{index:05d}.safetensors"
+    return directory / f"hidden-{index:05d}.safetensors"
 
 
 def baseline_pass(
@@ -185,27 +190,34 @@ def baseline_pass(
     batch_size: int = 1,
     progress: Progress | None = None,
 ) -> dict:
-    """Perplexity of the reference model, and its distributions saved for every compare pass.
+    """Perplexity of the reference model, and what its distributions come from, for every compare pass.
 
-    Each window's file holds `logprobs` (fp16 log-softmax, `[T-1, vocab]`) and `top1` (int32
-    argmax taken from the fp32 values, so rounding cannot create ties). Log-probabilities rather
-    than raw logits: the probable tokens sit near 0 where fp16's absolute error is smallest, and
-    compare passes renormalize after loading so the stored rows are proper distributions.
-    1024-token windows of a 49152-token vocabulary take 100.6 MB each (8 windows: 805 MB).
+    `lm_head.safetensors` holds the output projection (fp32) and each window's file `hidden` (the
+    decoder's final states, fp32, `[T-1, hidden]`) and `top1` (int32 argmax). A compare pass
+    re-applies the projection to the stored states chunk by chunk, as this pass did, so it sees the
+    baseline's fp32 log-probabilities exactly, at 1/85 of their size: 2.4 MB per 1024-token SmolLM2
+    window (hidden 576) instead of 100.6 MB of fp16 log-probs over its 49152-token vocabulary, plus
+    113 MB once for the projection.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    head = model.get_output_embeddings()
+    projection = {"weight": head.weight.detach().float().contiguous()}
+    if getattr(head, "bias", None) is not None:
+        projection["bias"] = head.bias.detach().float().contiguous()
+    save_file(projection, out / HEAD_FILE)
     total, length = windows.shape
     nll = torch.zeros(total, dtype=torch.float64)
     parts: dict[int, list[torch.Tensor]] = {}
     tops: dict[int, list[torch.Tensor]] = {}
     began = time.perf_counter()
-    for index, _start, logprobs, targets in _next_token_logprobs(model, windows, batch_size, progress):
+    for index, _start, hidden, targets in _next_token_chunks(model, windows, batch_size, progress):
+        logprobs = _logprobs(head, hidden)
         nll[index] -= logprobs.gather(1, targets[:, None]).double().sum()
-        parts.setdefault(index, []).append(logprobs.to(torch.float16))
+        parts.setdefault(index, []).append(hidden.float())
         tops.setdefault(index, []).append(logprobs.argmax(dim=-1).to(torch.int32))
         if sum(p.shape[0] for p in parts[index]) == length - 1:
-            tensors = {"logprobs": torch.cat(parts.pop(index)), "top1": torch.cat(tops.pop(index))}
+            tensors = {"hidden": torch.cat(parts.pop(index)), "top1": torch.cat(tops.pop(index))}
             save_file(tensors, _window_file(out, index))
     seconds = time.perf_counter() - began
     tokens = total * (length - 1)
@@ -217,7 +229,7 @@ def baseline_pass(
         "window": length,
         "seconds": seconds,
     }
-    meta = {"version": _BASELINE_VERSION, "windows_sha256": _windows_digest(windows), **result}
+    meta = {"version": BASELINE_FORMAT, "windows_sha256": _windows_digest(windows), **result}
     (out / BASELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return result
 
@@ -246,6 +258,8 @@ def compare_pass(
     """
     directory = Path(baseline_dir)
     meta = load_baseline(directory)
+    if meta.get("version") != BASELINE_FORMAT:
+        raise InputError(f"{baseline_dir}: baseline format {meta.get('version')} is not {BASELINE_FORMAT}; rerun it")
     if meta.get("windows_sha256") != _windows_digest(windows):
         raise InputError(
             f"{baseline_dir}: the baseline was computed on different windows "
@@ -256,13 +270,17 @@ def compare_pass(
     agree = 0
     kl_values: list[torch.Tensor] = []
     loaded_index, reference = -1, {}
+    projection = load_file(directory / HEAD_FILE)
+    base_head = torch.nn.Linear(*projection["weight"].shape[::-1], bias="bias" in projection)
+    base_head.load_state_dict(projection)
+    head = model.get_output_embeddings()
     began = time.perf_counter()
-    for index, start, logprobs, targets in _next_token_logprobs(model, windows, batch_size, progress):
+    for index, start, hidden, targets in _next_token_chunks(model, windows, batch_size, progress):
         if index != loaded_index:
             reference, loaded_index = load_file(_window_file(directory, index)), index
+        logprobs = _logprobs(head, hidden)
         stop = start + logprobs.shape[0]
-        base = reference["logprobs"][start:stop].float()
-        base = base - torch.logsumexp(base, dim=-1, keepdim=True)  # renormalize after fp16 rounding
+        base = _logprobs(base_head, reference["hidden"][start:stop])
         kl_values.append((base.exp() * (base - logprobs)).sum(dim=-1))
         agree += int((logprobs.argmax(dim=-1) == reference["top1"][start:stop]).sum())
         nll[index] -= logprobs.gather(1, targets[:, None]).double().sum()
