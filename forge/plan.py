@@ -22,7 +22,6 @@ from forge.cache import Cache, atomic_write_text
 from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
 from forge.digest import file_digest, file_digests, json_digest
 from forge.errors import InputError
-from forge.eval import BASELINE_FORMAT
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
 from forge.quant.scheme import Scheme
@@ -30,7 +29,8 @@ from forge.recipe import Recipe, Target, Variant
 from forge.source import read_model_config, source_identity
 
 # Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
-STAGE_VERSIONS = {"source": 1, "baseline": 1, "quantize": 1, "export": 1, "accuracy": 2}
+# baseline 2: final hidden states + output projection instead of fp16 log-probs (forge/eval/perplexity.py).
+STAGE_VERSIONS = {"source": 1, "baseline": 2, "quantize": 1, "export": 1, "accuracy": 2}
 BUILTIN_CALIBRATION = ("pydoc_topics",)
 STAGE_ORDER = (
     "source", "baseline", "quantize", "export", "accuracy", "tasks", "engine", "throughput", "package", "push"
@@ -216,8 +216,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
         dataset = (recipe_dir / accuracy.dataset).resolve()
         if not dataset.is_file():
             raise InputError(f"validation.accuracy.dataset: {dataset} does not exist")
-        eval_inputs = {"dataset": file_digest(dataset), "window": accuracy.window, "max_windows": accuracy.max_windows,
-                       "format": BASELINE_FORMAT}  # fmt: skip
+        eval_inputs = {"dataset": file_digest(dataset), "window": accuracy.window, "max_windows": accuracy.max_windows}
         baseline = plan.add(
             "baseline", "baseline", {"source": source.key, **eval_inputs},
             needs=["source"], params={"dataset": str(dataset)},

@@ -9,7 +9,3 @@
 Nothing is imported here so that `forge.eval.gates` (used when planning and reporting) does not
 pull in torch.
 """
-
-# What a baseline pass stores (forge.eval.perplexity); part of the baseline stage's cache key, so a
-# new layout recomputes old baselines. 1: fp16 log-probs; 2: final hidden states + output projection.
-BASELINE_FORMAT = 2

@@ -30,7 +30,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forge.errors import InputError
-from forge.eval import BASELINE_FORMAT
 
 Progress = Callable[[int, int], None]
 
@@ -39,6 +38,7 @@ TOKEN_CHUNK = 256  # positions per log-softmax: 256 x 49152 fp32 logits = 50 MB,
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value (OCP FP8 spec)
 BASELINE_FILE = "baseline.json"
 HEAD_FILE = "lm_head.safetensors"
+BASELINE_FORMAT = 2  # 1: fp16 log-probs (100.6 MB per SmolLM2 window); 2: hidden states (2.4 MB)
 
 __all__ = [
     "WINDOW",
