@@ -200,6 +200,18 @@ def render_markdown_summary(report: dict) -> str:
         ]
         out.append(_table(["artifact", "gate", "metric", "limit", "measured", "margin", "result"], rows))
 
+    tasks = [run for run in (report.get("validation") or {}).get("tasks") or [] if isinstance(run, dict)]
+    if tasks:
+        out.append("### Task scores (lm-eval)\n")
+        rows = []
+        for run in tasks:
+            recovery = run.get("recovery") or {}
+            for task, metrics in (run.get("scores") or {}).items():
+                for metric, score in metrics.items():
+                    rows.append([run.get("variant") or "baseline", task, metric, score,
+                                 recovery.get(f"recovery.{task}.{metric}")])  # fmt: skip
+        out.append(_table(["model", "task", "metric", "score", "recovery"], rows))
+
     sweeps = _sweeps((report.get("validation") or {}).get("throughput"))
     if sweeps:
         out.append(render_throughput(sweeps))

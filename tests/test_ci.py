@@ -607,3 +607,15 @@ def test_markdown_summary_tolerates_missing_and_extra_sections(report):
     root = ET.fromstring(render_junit(extended))
     throughput = root.find("testsuite[@name='forge.throughput']")
     assert len(throughput.findall("testcase")) == 2 and len(throughput.findall("testcase/failure")) == 1
+
+
+def test_markdown_summary_lists_task_scores_with_recovery(report):
+    extended = copy.deepcopy(report)
+    extended["validation"]["tasks"] = [
+        {"stage": "tasks/baseline", "variant": None, "scores": {"facts": {"exact_match": 0.6}}},
+        {"stage": "tasks/fp8/cpu", "variant": "fp8", "scores": {"facts": {"exact_match": 0.5}},
+         "recovery": {"recovery.facts.exact_match": 0.5 / 0.6}},
+    ]  # fmt: skip
+    text = render_markdown_summary(extended)
+    assert "| baseline | facts | exact_match | 0.6 | — |" in text
+    assert "| fp8 | facts | exact_match | 0.5 | 0.8333 |" in text
