@@ -197,7 +197,6 @@ class Target(Strict):
     gpus: list[str] = Field(min_length=1, description=f"GPU types to build for: {', '.join(GPUS)}.")
     variants: list[str] | None = Field(
         default=None,
-        min_length=1,  # `[]` would build nothing for the target without saying so
         description="Variants to build for this target. Unset: every variant, skipping (and listing) "
         "impossible combinations. Named explicitly: an impossible combination is an error.",
     )
@@ -207,6 +206,13 @@ class Target(Strict):
     max_seq_len: int = Field(default=4096, ge=2, description="Longest prompt + output in tokens.")
     max_num_tokens: int = Field(default=8192, ge=1, description="Most tokens scheduled in one engine step.")
     trtllm: TRTLLMOptions = Field(default_factory=TRTLLMOptions, description="TensorRT-LLM options.")
+
+    @field_validator("variants")
+    @classmethod
+    def _some_variants(cls, value: list[str] | None) -> list[str] | None:
+        if value == []:  # would build nothing for the target without saying so
+            raise ValueError("lists no variant; name at least one, or leave the key out to build every variant")
+        return value
 
     @field_validator("gpus")
     @classmethod
@@ -359,7 +365,7 @@ class Recipe(Strict):
         names = [v.name for v in self.variants]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"variant names must be unique (repeated: {', '.join(duplicates)})")
+            raise ValueError(f"variants: names must be unique (repeated: {', '.join(duplicates)})")
         for i, target in enumerate(self.targets):
             for name in target.variants or []:
                 if name not in names:
@@ -422,7 +428,8 @@ def format_validation_error(error: ValidationError) -> str:
             message = "unknown key (check the spelling; `forge schema` lists every key)"
         elif item["type"] == "missing":
             message = "required key is missing"
-        lines.append(f"{_key_path(item['loc'])}: {message}")
+        # Recipe-level validators name the keys they check in the message itself.
+        lines.append(f"{_key_path(item['loc'])}: {message}" if item["loc"] else message)
     return "\n".join(lines)
 
 

@@ -336,7 +336,7 @@ def test_group_size_outside_the_supported_set_is_refused(size: int) -> None:
         (("targets",), [], "targets: List should have at least 1 item"),
         (("targets", 0, "gpus"), [], "targets[0].gpus"),
         (("targets", 0, "max_input_len"), 4096, "targets[0]: max_input_len must be smaller than max_seq_len"),
-        (("variants", 1, "name"), "fp8", "variant names must be unique"),
+        (("variants", 1, "name"), "fp8", "variants: names must be unique"),
         (("targets", 2, "variants"), ["nope"], "targets[2].variants: no variant named 'nope'"),
         (("source", "hub"), {"repo": "org/m", "revision": "main"}, "source.hub.revision: must be a full 40"),
         (("package", "registry"), "127.0.0.1:5000", "package.repository is required"),
