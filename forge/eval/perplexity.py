@@ -195,9 +195,9 @@ def baseline_pass(
     `lm_head.safetensors` holds the output projection (fp32) and each window's file `hidden` (the
     decoder's final states, fp32, `[T-1, hidden]`) and `top1` (int32 argmax). A compare pass
     re-applies the projection to the stored states chunk by chunk, as this pass did, so it sees the
-    baseline's fp32 log-probabilities exactly, at 1/85 of their size: 2.4 MB per 1024-token SmolLM2
-    window (hidden 576) instead of 100.6 MB of fp16 log-probs over its 49152-token vocabulary, plus
-    113 MB once for the projection.
+    baseline's fp32 log-probabilities exactly: 2.4 MB per 1024-token SmolLM2 window (hidden 576)
+    instead of 100.6 MB for fp16 log-probs over its 49152-token vocabulary, plus 113 MB once for
+    the projection.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
