@@ -1,7 +1,7 @@
 """Perplexity, top-1 agreement and KL of forge's schemes on SmolLM2-135M-Instruct, via forge.eval.
 
     .venv/bin/python bench/bench_accuracy.py --windows 8 [--append bench/RESULTS.md]
-    .venv/bin/python bench/bench_accuracy.py --full --segment 32 --append bench/RESULTS.md
+    .venv/bin/python bench/bench_accuracy.py --full --served-only --append bench/RESULTS.md
 
 Everything goes through the library's own path: `quantize_checkpoint` (RTN, and AWQ with 16 × 256
 tokens of `pydoc_topics`, seed 0, as REFERENCE §3's llm-compressor figures), the dequantized state
@@ -13,10 +13,11 @@ variants keep their embeddings, norms and tied lm_head in), i.e. the floor a ser
 starts from. `FP8_DYNAMIC` rows are weight rounding only, and weights + per-token fp8 activations
 (`simulate_dynamic_fp8_activations`), which is what an FP8_DYNAMIC engine computes.
 
-The stored baseline takes 100.6 MB per window (fp16 log-probs of 1023 × 49152), so `--full`
-(297 windows, 30 GB) runs in segments of `--segment` windows, deleting each segment's baseline
-after its compare passes; figures are aggregated over tokens (the KL 99th percentile is then the
-token-weighted mean of the segments' percentiles and marked ≈).
+The stored baseline takes 2.4 MB per window (fp32 final hidden states; it took 100.6 MB of fp16
+log-probs before forge's baseline format 2), so `--full` (297 windows) fits in one baseline.
+`--segment N` still splits the run into baselines of N windows, each deleted after its compare
+passes; figures are then aggregated over tokens (the KL 99th percentile becomes the token-weighted
+mean of the segments' percentiles, marked ≈).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/smollm2-eval-hf"))
     parser.add_argument("--windows", type=int, default=8, help="first N 1024-token windows")
     parser.add_argument("--full", action="store_true", help="the whole test split (overrides --windows)")
-    parser.add_argument("--segment", type=int, default=32, help="windows per stored baseline segment")
+    parser.add_argument("--segment", type=int, default=None, help="windows per stored baseline (default: all)")
     parser.add_argument("--no-awq", action="store_true", help="skip AWQ (its calibration takes minutes)")
     parser.add_argument(
         "--served-only",
@@ -179,8 +180,9 @@ def main() -> None:
         del state
 
         baseline, totals = Totals(), {v.name: Totals() for v in variants}
-        for first in range(0, len(windows), args.segment):
-            segment = windows[first : first + args.segment]
+        segment_size = args.segment or len(windows)
+        for first in range(0, len(windows), segment_size):
+            segment = windows[first : first + segment_size]
             baseline_dir = work / "baseline"
             model = build_model(config, load_file(args.model_dir / "model.safetensors"))
             baseline.add(baseline_pass(model, segment, baseline_dir, progress=_progress("baseline")))
