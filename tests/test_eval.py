@@ -398,7 +398,8 @@ def test_lm_eval_runs_against_a_real_completions_server(tiny, tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = tmp_path / "tasks" / "data.jsonl"
     data.parent.mkdir()
-    rows = [("The quick brown fox", " jumps"), ("The lazy", " dog"), ("forge turns one recipe", " into")]
+    prompts = ["The quick brown fox", "The lazy", "forge turns one recipe"]
+    rows = zip(prompts, _greedy_continuations(tiny[0], prompts), strict=True)  # what the model itself says
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
     (data.parent / "forge_tiny.yaml").write_text(_TASK_YAML.format(data=data))
     with serve_transformers(tiny[0], tmp_path / "serve.log") as server:
@@ -406,8 +407,7 @@ def test_lm_eval_runs_against_a_real_completions_server(tiny, tmp_path, monkeypa
             f"{server.base_url}/v1/completions", server.model, str(tiny[0]), ["forge_tiny_continue"],
             tmp_path / "lm_eval", include_path=data.parent,
         )  # fmt: skip
-    score = lm_eval.parse_scores(results)["forge_tiny_continue"]["exact_match"]
-    assert 0.0 <= score <= 1.0
+    assert lm_eval.parse_scores(results)["forge_tiny_continue"]["exact_match"] == 1.0  # served = local greedy
     assert results["n-samples"]["forge_tiny_continue"]["effective"] == 3
     assert lm_eval.recovery(results, results) == {"recovery.forge_tiny_continue.exact_match": 1.0}
 
