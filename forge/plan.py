@@ -343,9 +343,12 @@ def local_gpu(plan: Plan, gpu: GPUProfile) -> bool:
 
 
 def throughput_inputs(plan: Plan) -> dict:
-    """What a measurement depends on besides the artifact: the load, the gates (goodput counts
-    requests within the SLOs), and the machine for CPU runs."""
-    return {"load": plan.recipe.validation.throughput.model_dump(exclude={"usd_per_hour"})}
+    """What a measurement depends on besides the artifact: the load and the latency SLOs (goodput
+    counts the requests within them). The pure thresholds `min_output_tps` / `min_goodput` are
+    checked when the report is written (stages.throughput_results), so changing one re-gates the
+    cached sweep instead of measuring again."""
+    exclude = {"usd_per_hour", "min_output_tps", "min_goodput"}
+    return {"load": plan.recipe.validation.throughput.model_dump(exclude=exclude)}
 
 
 def gpu_throughput_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage,

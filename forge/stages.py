@@ -262,13 +262,21 @@ def dense_copy(export_dir: Path, out: Path) -> Path:
 
 
 def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
-    """Each measured throughput stage's levels, gates and cost, for the report."""
+    """Each measured throughput stage's levels, cost, and gates checked against the recipe as it
+    is now (a cached sweep may have been measured under other thresholds)."""
+    from forge.loadgen.metrics import evaluate_level_gates
+
+    load = plan.recipe.validation.throughput
+    slos = {"ttft_p99_ms": load.max_ttft_p99_ms, "tpot_p99_ms": load.max_tpot_p99_ms,
+            "min_output_tok_s": load.min_output_tps, "min_goodput_rps": load.min_goodput}  # fmt: skip
     results = []
     for stage in plan.of_kind("throughput"):
         record = records[stage.id]
         if "sweep" in record:
             entry = plan.cache.entry(stage.kind, stage.key)
             sweep = {**record["sweep"], "files": {k: str(entry / v) for k, v in record["sweep"]["files"].items()}}
+            sweep["gates"] = evaluate_level_gates(sweep["levels"], slos)
+            sweep["gates_passed"] = all(g["passed"] for g in sweep["gates"])
             results.append({"stage": stage.id, "variant": record["variant"], "gpu": record["gpu"], **sweep})
     return results
 

@@ -189,3 +189,13 @@ def test_throughput_serves_each_variant_on_cpu_and_defers_gpus(built, tiny_model
     assert sweep["server_argv"][1] == "serve"
     assert sweep["files"] and all(Path(f).is_file() for f in sweep["files"].values())
     assert any(f.endswith(".png") for f in sweep["files"].values())
+
+    # A stricter threshold re-gates the cached sweep: nothing is measured again, the gate fails.
+    data["validation"]["throughput"]["min_output_tps"] = 1e9
+    with pytest.raises(GateFailed) as failed:
+        build(write_recipe(root, data, name="load.yaml"), artifacts_dir=root / "artifacts")
+    stages = {s["id"]: s for s in failed.value.result.report["stages"]}
+    assert stages["throughput/int4/cpu"]["status"] == "cached"
+    [regated] = failed.value.result.report["validation"]["throughput"]
+    assert [g["passed"] for g in regated["gates"]] == [False] and regated["gates"][0]["limit"] == 1e9
+    assert regated["gates"][0]["measured"] == sweep["gates"][0]["measured"]

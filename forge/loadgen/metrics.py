@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 from forge.errors import InputError
 from forge.loadgen.client import RequestRecord
@@ -242,6 +243,16 @@ def evaluate_gates(levels: Sequence[LevelSummary], slos: SLOs) -> list[GateResul
         passed = measured is not None and (measured >= limit if at_least else measured <= limit)
         results.append(GateResult(name, limit, measured, passed, level.label))
     return results
+
+
+def evaluate_level_gates(levels: Sequence[dict], limits: dict[str, float | None]) -> list[dict]:
+    """`evaluate_gates` over levels as stored in a report (`LevelSummary` dicts); `limits` holds
+    the `SLOs` fields by name. How forge re-gates a cached sweep when only a threshold changed."""
+
+    def as_level(level: dict) -> SimpleNamespace:
+        return SimpleNamespace(**{**level, "ttft_ms": Stats(**level["ttft_ms"]), "tpot_ms": Stats(**level["tpot_ms"])})
+
+    return [asdict(gate) for gate in evaluate_gates([as_level(lv) for lv in levels], SLOs(**limits))]
 
 
 def meets_slos(level: LevelSummary, slos: SLOs | None) -> bool:
