@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import platform
 import shutil
@@ -168,6 +169,7 @@ def build(
             }
     report["stages"] = [{"id": s.id, "kind": s.kind, "key": s.key, **records[s.id]} for s in plan.stages]
     report["seconds"] = round(time.monotonic() - started, 3)
+    report = finite_json(report)  # NaN is not JSON: an undefined measurement is null (its gate says why)
     report_path = out_root / "build.json"
     atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_root / "recipe.resolved.yaml", dump_recipe(recipe))
@@ -175,6 +177,17 @@ def build(
     if failed:
         raise GateFailed(gate_failure_message(failed), result)
     return result
+
+
+def finite_json(value):
+    """`value` with every NaN or infinite float replaced by None, so build.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def failed_gates(accuracy: list[dict], throughput: list[dict]) -> list[dict]:

@@ -8,6 +8,7 @@ facts recorded in the entry's `stage.json` and the build report.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -327,14 +328,22 @@ def evaluate_task_gates(plan: Plan, records: dict[str, dict]) -> tuple[list[dict
         variant = variant_named(plan, stage.params["variant"])
         limits = (variant.gates or plan.recipe.validation.accuracy.gates).min_recovery
         for gate in evaluate_gates({"min_recovery": limits} if limits else {}, ratios):
-            gates.append({"artifact": stage.id.removeprefix("tasks/"), **gate.to_dict()})
+            entry = {"artifact": stage.id.removeprefix("tasks/"), **gate.to_dict()}
+            if gate.measured is not None and math.isnan(gate.measured):
+                entry["reason"] = "the baseline scored 0 on this metric, so recovery is undefined"
+            gates.append(entry)
     return gates, scores
 
 
 def gate_failure_message(failed: list[dict]) -> str:
     lines = ["validation gates failed:"]
     for g in failed:
-        measured = "nothing measured" if g["measured"] is None else f"measured {g['measured']:.4g}"
-        off = f" (off by {abs(g['measured'] - g['limit']):.4g})" if g["measured"] is not None else ""
-        lines.append(f"  {g['artifact']}: {g['name']} limit {g['limit']:g}, {measured}{off}")
+        measured = g.get("measured")
+        if g.get("reason"):
+            what = g["reason"]
+        elif measured is None:
+            what = "nothing measured"
+        else:
+            what = f"measured {measured:.4g} (off by {abs(measured - g['limit']):.4g})"
+        lines.append(f"  {g['artifact']}: {g['name']} limit {g['limit']:g}, {what}")
     return "\n".join(lines)

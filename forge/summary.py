@@ -49,6 +49,7 @@ def _gate(g: dict, artifact: str) -> dict:
         "measured": g.get("measured"),
         "margin": g.get("margin"),
         "passed": bool(g.get("passed")),
+        "reason": g.get("reason"),
         # forge's gate names say their direction: `max_*`/`*_p99_ms` are upper bounds, `min_*` lower.
         "direction": "min" if name.startswith("min_") else "max",
     }
@@ -123,6 +124,8 @@ def _bytes(n: int | None) -> str:
 def _verdict(gate: dict) -> str:
     if gate["passed"]:
         return PASS
+    if gate.get("reason"):
+        return f"{FAIL}: {gate['reason']}"
     if gate["measured"] is None:
         return f"{FAIL}: not measured"
     side = "above the maximum" if gate["direction"] == "max" else "below the minimum"

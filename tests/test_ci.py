@@ -619,3 +619,21 @@ def test_markdown_summary_lists_task_scores_with_recovery(report):
     text = render_markdown_summary(extended)
     assert "| baseline | facts | exact_match | 0.6 | — |" in text
     assert "| fp8 | facts | exact_match | 0.5 | 0.8333 |" in text
+
+
+def test_undefined_measurements_are_strict_json_and_say_why(report):
+    import json
+
+    from forge.build import finite_json
+    from forge.stages import gate_failure_message
+
+    gate = {"artifact": "fp8/cpu", "name": "min_recovery.facts", "metric": "recovery.facts.exact_match",
+            "limit": 0.9, "measured": float("nan"), "passed": False, "margin": float("nan"),
+            "reason": "the baseline scored 0 on this metric, so recovery is undefined"}  # fmt: skip
+    extended = copy.deepcopy(report)
+    extended["validation"]["accuracy"] = [gate]
+    strict = finite_json(extended)
+    json.loads(json.dumps(strict, allow_nan=False))  # raises on NaN/Infinity
+    assert strict["validation"]["accuracy"][0]["measured"] is None
+    assert "FAIL: the baseline scored 0" in render_markdown_summary(strict)
+    assert "fp8/cpu: min_recovery.facts limit 0.9, the baseline scored 0" in gate_failure_message([gate])
