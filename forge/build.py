@@ -1,7 +1,7 @@
 """`forge build`: run the plan's stages in order, each cached by content, and write build.json.
 
     resolve source → accuracy baseline → quantize → export per format → accuracy per export
-    → lm-eval tasks → engine → throughput → package → gates → push (only when every gate passed) → report
+    → engine → lm-eval tasks → throughput → package → gates → push (only when every gate passed) → report
 
 Each stage is a plain function in `forge.stages`; `Cache.run` skips it when its key is already
 complete, so an unchanged rebuild does no work and a change to a later stage reuses everything
@@ -106,19 +106,23 @@ def build(
         export_dir = exports[stage.id.replace("accuracy/", "export/", 1)] / "model"
         run(stage, lambda out, s=stage, e=export_dir: stage_accuracy(plan, s, e, baseline_dir, out, progress))
 
-    for stage in selected("tasks"):
-        model_dir = exports[stage.needs[0]] / "model" if stage.params["variant"] else source_dir
-        run(stage, lambda out, s=stage, m=model_dir: stage_tasks(plan, s, m, out, progress))
-
     engines: dict[str, Path] = {}
     for stage in selected("engine"):
         checkpoint = exports[stage.needs[0]] / "model"
         engines[stage.id] = run(stage, lambda out, s=stage, c=checkpoint: stage_engine(plan, s, c, out, progress))
 
+    def served(stage: Stage) -> tuple[Path, Path | None]:
+        """The model directory and TensorRT engine (if any) a serving stage loads."""
+        if stage.params["variant"] is None:  # the lm-eval baseline serves the source
+            return source_dir, None
+        engine = next((engines[n] / "engine" for n in stage.needs if n.startswith("engine/")), None)
+        return exports[stage.needs[0]] / "model", engine
+
+    for stage in selected("tasks"):
+        run(stage, lambda out, s=stage: stage_tasks(plan, s, *served(s), out, progress))
+
     for stage in selected("throughput"):
-        model_dir = exports[stage.needs[0]] / "model"
-        engine_dir = engines[stage.needs[1]] / "engine" if len(stage.needs) > 1 else None
-        run(stage, lambda out, s=stage, m=model_dir, e=engine_dir: stage_throughput(plan, s, m, e, out, progress))
+        run(stage, lambda out, s=stage: stage_throughput(plan, s, *served(s), out, progress))
 
     packages: dict[str, Path] = {}
     for stage in selected("package"):

@@ -3,7 +3,7 @@
 A release pipeline runs `forge build` once on an ordinary CPU runner (source, baseline,
 quantize, export, accuracy: every stage that needs no GPU and whose inputs are shared by many
 cells), then fans out one job per (variant, backend, GPU) cell for the stages that need that
-GPU (engine builds, throughput), each running `forge build RECIPE --only <stage>` against the
+GPU (engine builds, lm-eval tasks, throughput), each running `forge build RECIPE --only <stage>` against the
 shared stage cache. These renderers turn the plan into that fan-out; the plan stays the source
 of truth, so impossible cells are listed with their reason rather than silently dropped.
 
@@ -30,7 +30,7 @@ from forge.plan import Artifact, Plan
 FORMATS = ("github-matrix", "gitlab", "k8s")
 
 # Stage kinds that need the artifact's GPU; everything else runs on the CPU build.
-GPU_STAGE_KINDS = frozenset({"engine", "throughput"})
+GPU_STAGE_KINDS = frozenset({"engine", "tasks", "throughput"})
 DISPATCHED = frozenset({"run", "deferred"})
 
 CPU_RUNNER = "ubuntu-latest"

@@ -33,7 +33,7 @@ from forge.source import read_model_config, source_identity
 STAGE_VERSIONS = {"source": 1, "baseline": 2, "quantize": 1, "export": 1, "accuracy": 2}
 BUILTIN_CALIBRATION = ("pydoc_topics",)
 STAGE_ORDER = (
-    "source", "baseline", "quantize", "export", "accuracy", "tasks", "engine", "throughput", "package", "push"
+    "source", "baseline", "quantize", "export", "accuracy", "engine", "tasks", "throughput", "package", "push"
 )  # fmt: skip
 
 
@@ -222,6 +222,10 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
             needs=["source"], params={"dataset": str(dataset)},
         )  # fmt: skip
 
+    if accuracy.tasks:  # the source served by `transformers serve`: every task run's reference
+        plan.add("tasks", "tasks/baseline", {"source": source.key, **task_inputs(plan)}, needs=["source"],
+                 params={"variant": None, "gpu": "cpu"})  # fmt: skip
+
     quantize: dict[str, Stage] = {}
     for variant in recipe.variants:
         scheme = schemes[variant.name]
@@ -271,7 +275,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
     if throughput.enabled and throughput.cpu:
         cpu_throughput_stages(plan, exports, quantize)
     if accuracy.tasks:
-        task_stages(plan, exports, quantize, source)
+        cpu_task_stages(plan, exports, quantize)
     if baseline is not None:
         for export in list(exports.values()):
             plan.add(
@@ -305,14 +309,20 @@ def export_stage(plan: Plan, exports: dict[str, Stage], quantized: Stage, fmt: s
 def target_stages(
     plan: Plan, target: Target, mode: str | None, variant: Variant, gpu: GPUProfile, export: Stage
 ) -> list[str]:
-    """The GPU-side stages of one artifact: engine build, throughput, package, push."""
+    """The GPU-side stages of one artifact: engine build, lm-eval tasks, throughput, package, push."""
     recipe, add = plan.recipe, plan.add
     ids = []
     cell = f"{variant.name}/{target.backend}/{gpu.name}"
     if target.backend == "trtllm" and mode == "engine":
         ids.append(engine_stage(plan, target, variant, gpu, export, cell).id)
+    if recipe.validation.accuracy.tasks:  # judged against the baseline run on this machine
+        tasks = gpu_serving_stage(plan, "tasks", target, variant, gpu, export, cell, task_inputs(plan),
+                                  needs=("tasks/baseline",))  # fmt: skip
+        ids.append(tasks.id)
     if recipe.validation.throughput.enabled:
-        ids.append(gpu_throughput_stage(plan, target, variant, gpu, export, cell).id)
+        ids.append(
+            gpu_serving_stage(plan, "throughput", target, variant, gpu, export, cell, throughput_inputs(plan)).id
+        )
     if recipe.package.enabled:
         package = package_stage(plan, target, variant, gpu, export, cell)
         ids.append(package.id)
@@ -351,21 +361,25 @@ def throughput_inputs(plan: Plan) -> dict:
     return {"load": plan.recipe.validation.throughput.model_dump(exclude=exclude)}
 
 
-def gpu_throughput_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage,
-                         cell: str) -> Stage:  # fmt: skip
-    """Serve the artifact in its backend's container on the target GPU and sweep the load."""
+def gpu_serving_stage(
+    plan: Plan, kind: str, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str,
+    inputs: dict, needs: tuple[str, ...] = (),
+) -> Stage:  # fmt: skip
+    """A stage that serves the artifact in its backend's container on the target GPU (a load sweep,
+    lm-eval tasks): run where that GPU is, else deferred with the command a GPU builder runs."""
     from forge.serving import serve_spec
 
-    stage_id = f"throughput/{cell}"
-    inputs = {"export": export.key, "target": target.model_dump(), "gpu": gpu.name, **throughput_inputs(plan)}
+    stage_id = f"{kind}/{cell}"
+    inputs = {"export": export.key, "target": target.model_dump(), "gpu": gpu.name, **inputs}
     params = {"variant": variant.name, "gpu": gpu.name, "target": plan.recipe.targets.index(target)}
-    needs = [export.id] + ([f"engine/{cell}"] if any(s.id == f"engine/{cell}" for s in plan.stages) else [])
+    engine = f"engine/{cell}"
+    needs = [export.id, *([engine] if any(s.id == engine for s in plan.stages) else []), *needs]
     if local_gpu(plan, gpu):
-        return plan.add("throughput", stage_id, inputs, needs=needs, params=params)
+        return plan.add(kind, stage_id, inputs, needs=needs, params=params)
     spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, "")
     reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
     command = f"forge build {plan.recipe_file} --only {stage_id}  # serves {spec.base_image}: {shlex.join(spec.argv)}"
-    return plan.add("throughput", stage_id, inputs, deferred=(reason, command), needs=needs, params=params)
+    return plan.add(kind, stage_id, inputs, deferred=(reason, command), needs=needs, params=params)
 
 
 def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage]) -> None:
@@ -381,9 +395,8 @@ def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[
         )  # fmt: skip
 
 
-def task_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage], source: Stage) -> None:
-    """lm-eval tasks against the baseline and each variant's compressed-tensors export, all served
-    on this machine by `transformers serve` (the same weights every backend's export holds)."""
+def task_inputs(plan: Plan) -> dict:
+    """What an lm-eval run depends on besides the model: the tasks, their options and files."""
     from forge.eval.lm_eval import INSTALL_HINT, lm_eval_available
 
     accuracy = plan.recipe.validation.accuracy
@@ -394,22 +407,23 @@ def task_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage
         include = (plan.recipe_dir / accuracy.task_include_path).resolve()
         if not include.is_dir():
             raise InputError(f"validation.accuracy.task_include_path: {include} is not a directory")
-    inputs = {
+    return {
         "tasks": accuracy.tasks,
         "limit": accuracy.task_limit,
         "num_fewshot": accuracy.num_fewshot,
         "include": file_digests(include) if include else None,
     }
-    params = {"include_path": str(include) if include else None}
-    baseline = plan.add(
-        "tasks", "tasks/baseline", {"source": source.key, **inputs},
-        needs=["source"], params={**params, "variant": None},
-    )  # fmt: skip
+
+
+def cpu_task_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage]) -> None:
+    """lm-eval tasks against each variant's compressed-tensors export served on this machine by
+    `transformers serve` (the same weights every backend's export holds)."""
+    inputs = task_inputs(plan)
     for variant in plan.recipe.variants:
         export = export_stage(plan, exports, quantize[variant.name], "compressed-tensors", 1)
         plan.add(
             "tasks", f"tasks/{variant.name}/cpu", {"export": export.key, **inputs},
-            needs=[export.id, baseline.id], params={**params, "variant": variant.name},
+            needs=[export.id, "tasks/baseline"], params={"variant": variant.name, "gpu": "cpu"},
         )  # fmt: skip
 
 

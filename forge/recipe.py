@@ -246,8 +246,9 @@ class AccuracyValidation(Strict):
     tasks: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]] = Field(
         default_factory=list,
         description="lm-evaluation-harness tasks, run over the completions API against the baseline and each "
-        "variant served on this machine (`transformers serve`); `min_recovery` gates compare the two. Needs the "
-        "`eval` extra. `transformers serve` returns no prompt log-probs, so only generation tasks run on it.",
+        "variant served on this machine (`transformers serve`), and against each GPU artifact in its backend's "
+        "container on a GPU builder; `min_recovery` gates compare each run with the baseline's. Needs the `eval` "
+        "extra. `transformers serve` returns no prompt log-probs, so only generation tasks run on the CPU.",
     )
     task_include_path: str | None = Field(
         default=None, description="Directory of your own lm-eval task YAMLs (`--include_path`), relative to the recipe."

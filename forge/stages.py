@@ -120,25 +120,29 @@ def state_digest(state: dict) -> str:
     return digest.hexdigest()
 
 
-def stage_tasks(plan: Plan, stage: Stage, model_dir: Path, out: Path, progress: Progress) -> dict:
-    """lm-eval's tasks against the model served by `transformers serve`: the source checkpoint for
-    the baseline, a variant's export (re-read, served dense like the CPU throughput stage) else."""
+def stage_tasks(
+    plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, progress: Progress
+) -> dict:
+    """lm-eval's tasks against the served model: the source checkpoint (`transformers serve`) for
+    the baseline, else the artifact served like its throughput stage (`serve_artifact`)."""
     from forge.eval.lm_eval import parse_scores, run_lm_eval
     from forge.loadgen import serve_transformers
     from forge.loadgen.server import check_serving_installed
 
-    check_serving_installed()
     accuracy = plan.recipe.validation.accuracy
+    include = accuracy.task_include_path and str((plan.recipe_dir / accuracy.task_include_path).resolve())
     variant = stage.params["variant"]
-    served = model_dir if variant is None else dense_copy(model_dir, out / "served-model")
-    with progress.task(f"lm-eval {variant or 'baseline'}: {', '.join(accuracy.tasks)}", total=None):
-        with serve_transformers(served, out / "server.log") as server:
-            include = stage.params["include_path"]
-            results = run_lm_eval(
-                f"{server.base_url}/v1/completions", server.model, str(model_dir.resolve()), accuracy.tasks,
-                out / "lm_eval", cwd=include, include_path=include,
-                num_fewshot=accuracy.num_fewshot, limit=accuracy.task_limit,
-            )  # fmt: skip
+    if variant is None:
+        check_serving_installed()
+        server = serve_transformers(model_dir, out / "server.log")
+    else:
+        server = serve_artifact(plan, stage, model_dir, engine_dir, out)
+    with progress.task(f"lm-eval {stage.id}: {', '.join(accuracy.tasks)}", total=None), server as running:
+        results = run_lm_eval(
+            f"{running.base_url}/v1/completions", running.model, str(model_dir.resolve()), accuracy.tasks,
+            out / "lm_eval", cwd=include, include_path=include,
+            num_fewshot=accuracy.num_fewshot, limit=accuracy.task_limit,
+        )  # fmt: skip
     shutil.rmtree(out / "served-model", ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     return {"variant": variant, "tasks": accuracy.tasks, "scores": parse_scores(results)}
@@ -165,27 +169,19 @@ def stage_throughput(
     """Serve the artifact and sweep the recipe's load: `transformers serve` for the CPU stage, the
     backend's container on a GPU builder otherwise."""
     from forge.gpus import lookup_gpu
-    from forge.loadgen import GpuCost, SLOs, run_sweep, serve_transformers
-    from forge.loadgen.server import serve_container
-    from forge.serving import ENGINE_DIR, MODEL_DIR, serve_spec
+    from forge.loadgen import GpuCost, SLOs, run_sweep
 
     load = plan.recipe.validation.throughput
     slos = SLOs(load.max_ttft_p99_ms, load.max_tpot_p99_ms, load.min_output_tps, load.min_goodput)
     gpu_name = stage.params["gpu"]
     if gpu_name == "cpu":
         price = load.usd_per_hour.get("cpu")
-        server = serve_transformers(dense_copy(model_dir, out / "served-model"), out / "server.log")
         flavor, gpus = "transformers", 1
     else:
         target = plan.recipe.targets[stage.params["target"]]
-        spec = serve_spec(
-            plan.recipe, stage.params["variant"], plan.schemes[stage.params["variant"]], target, gpu_name, ""
-        )
         price = load.usd_per_hour.get(gpu_name, lookup_gpu(gpu_name).usd_per_hour)
-        mount = (engine_dir, ENGINE_DIR) if engine_dir else (model_dir, MODEL_DIR)
-        server = serve_container(spec.base_image, spec.argv, *mount, spec.port, spec.health_path, out / "server.log",
-                                 gpus=target.tensor_parallel)  # fmt: skip
         flavor, gpus = {"vllm": "vllm", "tgi": "none"}.get(target.backend, "openai"), target.tensor_parallel
+    server = serve_artifact(plan, stage, model_dir, engine_dir, out)
     with progress.task(f"load sweep {stage.id}", total=None), server as running:
         result = run_sweep(
             running.base_url, running.model, model_dir, load.concurrency, load.prompt_tokens, load.output_tokens,
@@ -199,6 +195,25 @@ def stage_throughput(
     for level in sweep["levels"]:
         level["records_path"] = level["records_path"] and str(Path(level["records_path"]).relative_to(out))
     return {"variant": stage.params["variant"], "gpu": gpu_name, "sweep": sweep}
+
+
+def serve_artifact(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path):
+    """The artifact's server for a measuring stage, as a context manager: on the CPU `transformers
+    serve` with the export's weights served dense (`dense_copy`), on a GPU builder the backend's
+    container with the export (or the TensorRT engine) mounted where its launch command expects."""
+    from forge.loadgen import serve_transformers
+    from forge.loadgen.server import check_serving_installed, serve_container
+    from forge.serving import ENGINE_DIR, MODEL_DIR, serve_spec
+
+    if stage.params["gpu"] == "cpu":
+        check_serving_installed()
+        return serve_transformers(dense_copy(model_dir, out / "served-model"), out / "server.log")
+    params = stage.params
+    target = plan.recipe.targets[params["target"]]
+    spec = serve_spec(plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], "")
+    mount = (engine_dir, ENGINE_DIR) if engine_dir else (model_dir, MODEL_DIR)
+    return serve_container(spec.base_image, spec.argv, *mount, spec.port, spec.health_path, out / "server.log",
+                           gpus=target.tensor_parallel)  # fmt: skip
 
 
 def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:

@@ -186,9 +186,14 @@ def test_tasks_add_a_served_baseline_run_and_one_per_variant(tiny_model, eval_te
     data = tiny_recipe(tiny_model, eval_text)
     data["validation"]["accuracy"].update(tasks=["forge_facts"], task_include_path="tasks")
     plan = plan_for(data, tmp_path)
-    tasks = plan.of_kind("tasks")
-    assert [s.id for s in tasks] == ["tasks/baseline", "tasks/fp8/cpu", "tasks/int4/cpu"]
-    assert tasks[1].needs == ["export/fp8/compressed-tensors", "tasks/baseline"]
+    tasks = {s.id: s for s in plan.of_kind("tasks")}
+    assert set(tasks) == {"tasks/baseline", "tasks/fp8/cpu", "tasks/int4/cpu", "tasks/fp8/vllm/H100",
+                          "tasks/int4/vllm/H100", "tasks/fp8/tgi/H100", "tasks/int4/tgi/H100"}  # fmt: skip
+    assert tasks["tasks/fp8/cpu"].needs == ["export/fp8/compressed-tensors", "tasks/baseline"]
+    # Each GPU artifact is measured in its backend's container on that GPU: deferred here, with the command.
+    gpu = tasks["tasks/int4/tgi/H100"]
+    assert gpu.status == "deferred" and gpu.needs[-1] == "tasks/baseline"
+    assert gpu.command.startswith("forge build RECIPE --only tasks/int4/tgi/H100") and "text-generation" in gpu.command
     data["validation"]["accuracy"]["task_include_path"] = "missing"
     with pytest.raises(InputError, match="task_include_path: .*missing is not a directory"):
         plan_for(data, tmp_path)
