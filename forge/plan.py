@@ -222,8 +222,9 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
             needs=["source"], params={"dataset": str(dataset)},
         )  # fmt: skip
 
-    if accuracy.tasks:  # the source served by `transformers serve`: every task run's reference
-        plan.add("tasks", "tasks/baseline", {"source": source.key, **task_inputs(plan)}, needs=["source"],
+    tasks = task_inputs(plan) if accuracy.tasks else None
+    if tasks:  # the source served by `transformers serve`: every task run's reference
+        plan.add("tasks", "tasks/baseline", {"source": source.key, **tasks}, needs=["source"],
                  params={"variant": None, "gpu": "cpu"})  # fmt: skip
 
     quantize: dict[str, Stage] = {}
@@ -261,7 +262,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
                 export = export_stage(plan, exports, quantize[variant.name], fmt, target.tensor_parallel)
                 artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned", export_stage=export.id,
                                     tensor_parallel=target.tensor_parallel)  # fmt: skip
-                artifact.stages += target_stages(plan, target, mode, variant, gpu, export)
+                artifact.stages += target_stages(plan, target, mode, variant, gpu, export, tasks)
                 plan.artifacts.append(artifact)
     if explicit_problems:
         raise InputError("\n".join(explicit_problems))
@@ -274,8 +275,8 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
     throughput = recipe.validation.throughput
     if throughput.enabled and throughput.cpu:
         cpu_throughput_stages(plan, exports, quantize)
-    if accuracy.tasks:
-        cpu_task_stages(plan, exports, quantize)
+    if tasks:
+        cpu_task_stages(plan, exports, quantize, tasks)
     if baseline is not None:
         for export in list(exports.values()):
             plan.add(
@@ -307,18 +308,19 @@ def export_stage(plan: Plan, exports: dict[str, Stage], quantized: Stage, fmt: s
 
 
 def target_stages(
-    plan: Plan, target: Target, mode: str | None, variant: Variant, gpu: GPUProfile, export: Stage
-) -> list[str]:
-    """The GPU-side stages of one artifact: engine build, lm-eval tasks, throughput, package, push."""
+    plan: Plan, target: Target, mode: str | None, variant: Variant, gpu: GPUProfile, export: Stage,
+    tasks: dict | None,
+) -> list[str]:  # fmt: skip
+    """The GPU-side stages of one artifact: engine build, lm-eval tasks (`tasks`: their inputs, when
+    the recipe lists any), throughput, package, push."""
     recipe, add = plan.recipe, plan.add
     ids = []
     cell = f"{variant.name}/{target.backend}/{gpu.name}"
     if target.backend == "trtllm" and mode == "engine":
         ids.append(engine_stage(plan, target, variant, gpu, export, cell).id)
-    if recipe.validation.accuracy.tasks:  # judged against the baseline run on this machine
-        tasks = gpu_serving_stage(plan, "tasks", target, variant, gpu, export, cell, task_inputs(plan),
-                                  needs=("tasks/baseline",))  # fmt: skip
-        ids.append(tasks.id)
+    if tasks:  # judged against the baseline run on this machine
+        ids.append(gpu_serving_stage(plan, "tasks", target, variant, gpu, export, cell, tasks,
+                                     needs=("tasks/baseline",)).id)  # fmt: skip
     if recipe.validation.throughput.enabled:
         ids.append(
             gpu_serving_stage(plan, "throughput", target, variant, gpu, export, cell, throughput_inputs(plan)).id
@@ -395,6 +397,12 @@ def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[
         )  # fmt: skip
 
 
+def task_include_dir(plan: Plan) -> Path | None:
+    """The recipe's own lm-eval task directory, resolved against the recipe's folder."""
+    path = plan.recipe.validation.accuracy.task_include_path
+    return (plan.recipe_dir / path).resolve() if path else None
+
+
 def task_inputs(plan: Plan) -> dict:
     """What an lm-eval run depends on besides the model: the tasks, their options and files."""
     from forge.eval.lm_eval import INSTALL_HINT, lm_eval_available
@@ -402,11 +410,9 @@ def task_inputs(plan: Plan) -> dict:
     accuracy = plan.recipe.validation.accuracy
     if not lm_eval_available():
         raise InputError(f"validation.accuracy.tasks: lm-evaluation-harness is not installed; {INSTALL_HINT}")
-    include = None
-    if accuracy.task_include_path:
-        include = (plan.recipe_dir / accuracy.task_include_path).resolve()
-        if not include.is_dir():
-            raise InputError(f"validation.accuracy.task_include_path: {include} is not a directory")
+    include = task_include_dir(plan)
+    if include and not include.is_dir():
+        raise InputError(f"validation.accuracy.task_include_path: {include} is not a directory")
     return {
         "tasks": accuracy.tasks,
         "limit": accuracy.task_limit,
@@ -415,10 +421,9 @@ def task_inputs(plan: Plan) -> dict:
     }
 
 
-def cpu_task_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage]) -> None:
+def cpu_task_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage], inputs: dict) -> None:
     """lm-eval tasks against each variant's compressed-tensors export served on this machine by
     `transformers serve` (the same weights every backend's export holds)."""
-    inputs = task_inputs(plan)
     for variant in plan.recipe.variants:
         export = export_stage(plan, exports, quantize[variant.name], "compressed-tensors", 1)
         plan.add(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from forge import __version__
 from forge.digest import file_digests
-from forge.plan import Plan, Stage, stage_key
+from forge.plan import Plan, Stage, stage_key, task_include_dir
 from forge.progress import Progress
 from forge.recipe import Variant
 from forge.source import materialize_source, read_dense
@@ -123,20 +123,12 @@ def state_digest(state: dict) -> str:
 def stage_tasks(
     plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, progress: Progress
 ) -> dict:
-    """lm-eval's tasks against the served model: the source checkpoint (`transformers serve`) for
-    the baseline, else the artifact served like its throughput stage (`serve_artifact`)."""
+    """lm-eval's tasks against the model `serve_artifact` serves (the source, for the baseline)."""
     from forge.eval.lm_eval import parse_scores, run_lm_eval
-    from forge.loadgen import serve_transformers
-    from forge.loadgen.server import check_serving_installed
 
     accuracy = plan.recipe.validation.accuracy
-    include = accuracy.task_include_path and str((plan.recipe_dir / accuracy.task_include_path).resolve())
-    variant = stage.params["variant"]
-    if variant is None:
-        check_serving_installed()
-        server = serve_transformers(model_dir, out / "server.log")
-    else:
-        server = serve_artifact(plan, stage, model_dir, engine_dir, out)
+    include = task_include_dir(plan)
+    server = serve_artifact(plan, stage, model_dir, engine_dir, out)
     with progress.task(f"lm-eval {stage.id}: {', '.join(accuracy.tasks)}", total=None), server as running:
         results = run_lm_eval(
             f"{running.base_url}/v1/completions", running.model, str(model_dir.resolve()), accuracy.tasks,
@@ -145,7 +137,7 @@ def stage_tasks(
         )  # fmt: skip
     shutil.rmtree(out / "served-model", ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-    return {"variant": variant, "tasks": accuracy.tasks, "scores": parse_scores(results)}
+    return {"variant": stage.params["variant"], "tasks": accuracy.tasks, "scores": parse_scores(results)}
 
 
 def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, progress: Progress) -> dict:
@@ -169,10 +161,10 @@ def stage_throughput(
     """Serve the artifact and sweep the recipe's load: `transformers serve` for the CPU stage, the
     backend's container on a GPU builder otherwise."""
     from forge.gpus import lookup_gpu
-    from forge.loadgen import GpuCost, SLOs, run_sweep
+    from forge.loadgen import GpuCost, run_sweep
 
     load = plan.recipe.validation.throughput
-    slos = SLOs(load.max_ttft_p99_ms, load.max_tpot_p99_ms, load.min_output_tps, load.min_goodput)
+    slos = throughput_slos(plan)
     gpu_name = stage.params["gpu"]
     if gpu_name == "cpu":
         price = load.usd_per_hour.get("cpu")
@@ -199,15 +191,17 @@ def stage_throughput(
 
 def serve_artifact(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path):
     """The artifact's server for a measuring stage, as a context manager: on the CPU `transformers
-    serve` with the export's weights served dense (`dense_copy`), on a GPU builder the backend's
-    container with the export (or the TensorRT engine) mounted where its launch command expects."""
+    serve` with the export's weights served dense (`dense_copy`; the lm-eval baseline, with no
+    variant, serves the source as it is), on a GPU builder the backend's container with the export
+    (or the TensorRT engine) mounted where its launch command expects."""
     from forge.loadgen import serve_transformers
     from forge.loadgen.server import check_serving_installed, serve_container
     from forge.serving import ENGINE_DIR, MODEL_DIR, serve_spec
 
     if stage.params["gpu"] == "cpu":
         check_serving_installed()
-        return serve_transformers(dense_copy(model_dir, out / "served-model"), out / "server.log")
+        served = model_dir if stage.params["variant"] is None else dense_copy(model_dir, out / "served-model")
+        return serve_transformers(served, out / "server.log")
     params = stage.params
     target = plan.recipe.targets[params["target"]]
     spec = serve_spec(plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], "")
@@ -277,14 +271,20 @@ def dense_copy(export_dir: Path, out: Path) -> Path:
     return out
 
 
+def throughput_slos(plan: Plan):
+    """The recipe's throughput gates as the load generator's `SLOs`."""
+    from forge.loadgen import SLOs
+
+    load = plan.recipe.validation.throughput
+    return SLOs(load.max_ttft_p99_ms, load.max_tpot_p99_ms, load.min_output_tps, load.min_goodput)
+
+
 def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
     """Each measured throughput stage's levels, cost, and gates checked against the recipe as it
     is now (a cached sweep may have been measured under other thresholds)."""
     from forge.loadgen.metrics import evaluate_level_gates
 
-    load = plan.recipe.validation.throughput
-    slos = {"ttft_p99_ms": load.max_ttft_p99_ms, "tpot_p99_ms": load.max_tpot_p99_ms,
-            "min_output_tok_s": load.min_output_tps, "min_goodput_rps": load.min_goodput}  # fmt: skip
+    slos = throughput_slos(plan)
     results = []
     for stage in plan.of_kind("throughput"):
         record = records[stage.id]

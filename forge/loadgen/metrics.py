@@ -245,14 +245,14 @@ def evaluate_gates(levels: Sequence[LevelSummary], slos: SLOs) -> list[GateResul
     return results
 
 
-def evaluate_level_gates(levels: Sequence[dict], limits: dict[str, float | None]) -> list[dict]:
-    """`evaluate_gates` over levels as stored in a report (`LevelSummary` dicts); `limits` holds
-    the `SLOs` fields by name. How forge re-gates a cached sweep when only a threshold changed."""
+def evaluate_level_gates(levels: Sequence[dict], slos: SLOs) -> list[dict]:
+    """`evaluate_gates` over levels as stored in a report (`LevelSummary` dicts): how forge
+    re-gates a cached sweep when only a threshold changed."""
 
     def as_level(level: dict) -> SimpleNamespace:
         return SimpleNamespace(**{**level, "ttft_ms": Stats(**level["ttft_ms"]), "tpot_ms": Stats(**level["tpot_ms"])})
 
-    return [asdict(gate) for gate in evaluate_gates([as_level(lv) for lv in levels], SLOs(**limits))]
+    return [asdict(gate) for gate in evaluate_gates([as_level(lv) for lv in levels], slos)]
 
 
 def meets_slos(level: LevelSummary, slos: SLOs | None) -> bool:
