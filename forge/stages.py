@@ -334,15 +334,15 @@ def evaluate_task_gates(plan: Plan, records: dict[str, dict]) -> tuple[list[dict
     baseline = results(base_stage)
     gates, scores = [], [{"stage": base_stage.id, "variant": None, "scores": records[base_stage.id].get("scores")}]
     for stage in plan.of_kind("tasks"):
-        measured = results(stage) if stage is not base_stage else None
-        if measured is None or baseline is None:
+        measured = None if stage is base_stage or baseline is None else results(stage)
+        if measured is None:
             continue
         ratios = recovery(baseline, measured)
         scores.append({"stage": stage.id, "variant": stage.params["variant"], "scores": records[stage.id]["scores"],
                        "recovery": ratios})  # fmt: skip
         variant = variant_named(plan, stage.params["variant"])
         limits = (variant.gates or plan.recipe.validation.accuracy.gates).min_recovery
-        for gate in evaluate_gates({"min_recovery": limits} if limits else {}, ratios):
+        for gate in evaluate_gates({"min_recovery": limits}, ratios):
             entry = {"artifact": stage.id.removeprefix("tasks/"), **gate.to_dict()}
             if gate.measured is not None and math.isnan(gate.measured):
                 entry["reason"] = "the baseline scored 0 on this metric, so recovery is undefined"
