@@ -83,18 +83,17 @@ def sync_tree(root: Path) -> None:
     power loss with its contents (rename alone orders nothing on ext4/xfs data=ordered)."""
     for directory, _dirs, files in os.walk(root):
         for name in files:
-            if os.path.islink(os.path.join(directory, name)):
-                continue
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not os.path.islink(os.path.join(directory, name)):
+                _fsync(os.path.join(directory, name), os.O_RDONLY)
         sync_directory(Path(directory))
 
 
 def sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(directory, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
