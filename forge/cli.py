@@ -1,19 +1,23 @@
 """The `forge` command line: each command is a thin call into the library.
 
 Exit codes: 0 success, 1 a validation gate failed, 2 bad input (recipe, arguments),
-3 infrastructure (network, registry, server, missing tool).
+3 infrastructure (network, registry, server, missing tool), 4 internal error (a bug in forge).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import click
 
-from forge.errors import EXIT_BAD_INPUT, ForgeError, GateFailed, InputError
+from forge.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, ForgeError, GateFailed, InputError
 
 RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
@@ -42,8 +46,26 @@ def handle_errors(command):
         except ForgeError as error:
             click.secho(f"forge: {error}", fg="red", err=True)
             sys.exit(error.exit_code)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as error:  # a bug: keep exit 1 for gates, say where the traceback went
+            path = write_crash_report()
+            click.secho(f"forge: internal error: {type(error).__name__}: {error}", fg="red", err=True)
+            click.secho(f"forge: this is a bug in forge; traceback written to {path}", fg="red", err=True)
+            sys.exit(EXIT_INTERNAL)
 
     return wrapper
+
+
+def write_crash_report() -> Path:
+    """Write the current exception's traceback to a file (never to the terminal) and return its path."""
+    directory = Path(os.environ.get("FORGE_CRASH_DIR") or tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"forge-crash-{time.strftime('%Y%m%dT%H%M%S')}-", suffix=".txt", dir=directory)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"forge {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exc(file=handle)
+    return Path(name)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,7 +79,7 @@ def main() -> None:
       forge plan recipes/smollm2-135m.yaml       # what would run, what is cached or impossible
       forge build recipes/smollm2-135m.yaml      # run it; report in artifacts/<name>/build.json
 
-    Exit codes: 0 ok, 1 a validation gate failed, 2 bad input, 3 infrastructure.
+    Exit codes: 0 ok, 1 a validation gate failed, 2 bad input, 3 infrastructure, 4 internal error.
     """
 
 

@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INFRA = 3
+EXIT_INTERNAL = 4  # a bug in forge: an exception that is none of the errors below
 
 
 class ForgeError(Exception):

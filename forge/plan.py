@@ -20,6 +20,7 @@ from pathlib import Path
 from forge.backends import export_format, trtllm, trtllm_mode
 from forge.cache import Cache, atomic_write_text
 from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
+from forge.datasets import resolve_dataset
 from forge.digest import file_digest, file_digests, json_digest
 from forge.errors import InputError
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
@@ -213,7 +214,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
     accuracy = recipe.validation.accuracy
     baseline = None
     if accuracy.enabled:
-        dataset = (recipe_dir / accuracy.dataset).resolve()
+        dataset = resolve_dataset(accuracy.dataset, recipe_dir)
         if not dataset.is_file():
             raise InputError(f"validation.accuracy.dataset: {dataset} does not exist")
         eval_inputs = {"dataset": file_digest(dataset), "window": accuracy.window, "max_windows": accuracy.max_windows}

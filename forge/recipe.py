@@ -235,8 +235,9 @@ class Target(Strict):
 class AccuracyValidation(Strict):
     enabled: bool = Field(default=True, description="Measure perplexity, agreement and KL of every artifact.")
     dataset: str = Field(
-        default="../../shared/data/wikitext-2-raw-v1.test.txt",
-        description="Evaluation text file, relative to the recipe (wikitext-2-raw-v1 test by default).",
+        default="wikitext-2",
+        description="Evaluation text: `wikitext-2` (the wikitext-2-raw-v1 test split, shipped with forge) or a "
+        "text file relative to the recipe.",
     )
     window: int = Field(default=1024, ge=16, description="Tokens per non-overlapping window.")
     max_windows: int | None = Field(

@@ -1,5 +1,8 @@
 """The one way forge renders Jinja: StrictUndefined, templates from `templates/`, typed context.
 
+`templates/` is the package `forge.templates` (a package-dir mapping in pyproject.toml), so the
+same lookup works from a clone, an editable install and an installed wheel.
+
 Recipe values reach templates only as data in the context (never as template source), so a
 recipe string like `{{ ... }}` is rendered literally; values placed in Dockerfile instructions
 go through the `json` filter, which quotes them.
@@ -7,12 +10,13 @@ go through the `json` filter, which quotes them.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from pathlib import Path
 
 import jinja2
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR = Path(str(importlib.resources.files("forge.templates")))
 
 
 def environment() -> jinja2.Environment:

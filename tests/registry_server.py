@@ -31,16 +31,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import missing_requirement
+
 REGISTRY_BIN = "docker-registry"
 USERNAME = "forge"
 PASSWORD = "s3cret-pw"
 
 
 def require(*programs: str) -> None:
-    """Skips the calling test when a program it needs is not installed."""
+    """Skips (fails in CI) the calling test when a program it needs is not installed."""
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (apt-get install $(cat .ci/apt-packages.txt))")
+        missing_requirement(f"needs {', '.join(missing)} (apt-get install $(cat .ci/apt-packages.txt))")
 
 
 def free_port() -> int:

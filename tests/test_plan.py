@@ -12,8 +12,7 @@ from forge.cache import Cache
 from forge.errors import InputError
 from forge.plan import make_plan
 from forge.recipe import parse_recipe
-from tests.conftest import tiny_recipe, write_recipe
-from tests.test_recipe import run_cli
+from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 
 def plan_for(data: dict, tmp_path: Path):

@@ -7,19 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from forge.cli import main
 from forge.recipe import SCHEMA_PATH, dump_recipe, load_recipe, parse_recipe, schema_text
-from tests.conftest import REPO, tiny_recipe, write_recipe
+from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, result.output
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -17,8 +17,7 @@ from forge.errors import GateFailed
 from forge.oci import layout
 from forge.oci.registry import BUILD_REPORT_TYPE, Credentials, attach_referrer
 from tests import registry_server
-from tests.conftest import tiny_recipe, write_recipe
-from tests.test_recipe import run_cli
+from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 registry = registry_server.registry
 

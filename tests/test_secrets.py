@@ -33,10 +33,9 @@ import pytest
 
 from forge.errors import EXIT_INFRA, InfraError
 from forge.oci.registry import Credentials, RegistryOptions, push_image, resolve_credentials
-from tests.conftest import REPO, tiny_recipe, write_recipe
+from tests.conftest import FORGE, tiny_recipe, write_recipe
 from tests.registry_server import RegistryServer, make_base_layout, running_registry, running_token_registry
 
-FORGE = REPO / ".venv" / "bin" / "forge"
 USER = "forge"
 # Fresh per run, so a hit can only come from this run; long and unlike anything in a model.
 PASSWORD = "pw-" + secrets.token_urlsafe(18)
@@ -130,7 +129,7 @@ def plant(tmp_path_factory, secret_registry: RegistryServer) -> dict:
 
 
 def run_forge(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(FORGE), *args], capture_output=True, text=True, env=env, check=False)
+    return subprocess.run([*FORGE, *args], capture_output=True, text=True, env=env, check=False)
 
 
 @pytest.fixture(scope="module")
