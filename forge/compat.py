@@ -7,17 +7,21 @@ Sources: ../shared/REFERENCE.md §1 (vLLM, TGI, LMDeploy TurboMind and TensorRT-
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from forge.backends.trtllm import check_trtllm_support
+from forge.errors import InputError
 from forge.gpus import GPUProfile
 from forge.quant.scheme import Scheme
+from forge.untrusted import positive_int
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions quantization and tensor parallelism must divide."""
+    """The dimensions quantization and tensor parallelism must divide, and the weights must have."""
 
     hidden_size: int
     intermediate_size: int
@@ -25,18 +29,92 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     architecture: str
+    vocab_size: int = 0
+    num_layers: int = 0
 
     @classmethod
-    def from_config(cls, config: dict) -> ModelShape:
-        heads = config["num_attention_heads"]
+    def from_config(cls, config: object, origin: str = "config.json") -> ModelShape:
+        """The shape a config.json claims, refused (naming the key) unless every size is a positive
+        integer and the attention heads fit together; checked against the weights by `check_weights`."""
+        if not isinstance(config, dict):
+            raise InputError(f"{origin}: not a JSON object")
+        names = config.get("architectures") or [config.get("model_type", "?")]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"{origin}: architectures must be a list of class names (got {names!r})")
+        architecture = names[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            supported = ", ".join(SUPPORTED_ARCHITECTURES)
+            raise InputError(f"source: architecture {architecture} is not supported yet (forge maps {supported})")
+
+        def size(key: str, default: object = None) -> int:
+            value = config.get(key)
+            value = default if value is None else value
+            if value is None:
+                raise InputError(f"{origin}: {key} is missing")
+            if not positive_int(value):
+                raise InputError(f"{origin}: {key} must be a positive integer (got {value!r})")
+            return value
+
+        hidden, heads = size("hidden_size"), size("num_attention_heads")
+        kv_heads = size("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise InputError(
+                f"{origin}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
+        head_dim = size("head_dim", hidden // heads or None)
+        if head_dim % 2:  # rotary embeddings rotate halves of each head
+            raise InputError(f"{origin}: head_dim {head_dim} must be even")
         return cls(
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
+            hidden_size=hidden,
+            intermediate_size=size("intermediate_size"),
             num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            architecture=architecture,
+            vocab_size=size("vocab_size"),
+            num_layers=size("num_hidden_layers"),
         )
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight a Llama model of this shape holds (transformers `LlamaForCausalLM`), by name."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
+            self.intermediate_size  # fmt: skip
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,),
+                  "lm_head.weight": (self.vocab_size, h)}  # fmt: skip
+        for n in range(self.num_layers):
+            layer = f"model.layers.{n}."
+            shapes.update({
+                layer + "self_attn.q_proj.weight": (q, h), layer + "self_attn.k_proj.weight": (kv, h),
+                layer + "self_attn.v_proj.weight": (kv, h), layer + "self_attn.o_proj.weight": (h, q),
+                layer + "mlp.gate_proj.weight": (i, h), layer + "mlp.up_proj.weight": (i, h),
+                layer + "mlp.down_proj.weight": (h, i),
+                layer + "input_layernorm.weight": (h,), layer + "post_attention_layernorm.weight": (h,),
+            })  # fmt: skip
+        return shapes
+
+    def check_weights(self, found: Mapping[str, tuple[int, ...]], tied: bool, origin: str) -> None:
+        """InputError unless the weights' headers have every tensor this shape implies, at its shape,
+        and no layer beyond it: run before anything is allocated from the config's sizes, so a lying
+        config.json (`hidden_size: 10000000`) is refused instead of allocating the model it describes."""
+        sizes = (
+            f"hidden_size {self.hidden_size}, intermediate_size {self.intermediate_size}, "
+            f"vocab_size {self.vocab_size}, {self.num_heads} heads of {self.head_dim}, {self.num_kv_heads} KV heads"
+        )
+        for name, shape in self.weight_shapes().items():
+            if name not in found:
+                if name == "lm_head.weight" and tied:
+                    continue
+                raise InputError(f"{origin}: tensor {name} is missing from the weights (config.json: {self.num_layers} "
+                                 f"layers{'' if tied else ', tie_word_embeddings false'})")  # fmt: skip
+            if tuple(found[name]) != shape:
+                got = list(found[name])
+                raise InputError(
+                    f"{origin}: tensor {name} has shape {got}, config.json implies {list(shape)} ({sizes})"
+                )
+        for name in found:
+            parts = name.split(".")
+            if name.startswith("model.layers.") and (not parts[2].isdigit() or int(parts[2]) >= self.num_layers):
+                raise InputError(f"{origin}: tensor {name} is beyond config.json's num_hidden_layers {self.num_layers}")
 
     def input_dims(self, tp: int = 1) -> dict[str, int]:
         """Per-rank input width of each projection kind (row-parallel layers are split by tp)."""
@@ -45,9 +123,6 @@ class ModelShape:
             "o_proj (heads × head_dim / tp)": self.num_heads * self.head_dim // tp,
             "down_proj (intermediate_size / tp)": self.intermediate_size // tp,
         }
-
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
 def group_size_problem(scheme: Scheme, shape: ModelShape, tp: int = 1) -> str | None:

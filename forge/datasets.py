@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from forge.untrusted import check_utf8, recipe_path
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # name -> file under forge/data/ (licence, source and sha256 in forge/data/README.md)
@@ -19,3 +21,13 @@ def resolve_dataset(dataset: str, recipe_dir: Path) -> Path:
     if dataset in BUILTIN_DATASETS:
         return DATA_DIR / BUILTIN_DATASETS[dataset]
     return (recipe_dir / dataset).resolve()
+
+
+def dataset_file(dataset: str, recipe_dir: Path) -> Path:
+    """`resolve_dataset`, refused at plan time (exit 2 naming `validation.accuracy.dataset`) unless
+    it is a regular UTF-8 text file reached without a symlink out of its folder (`recipe_path`)."""
+    if dataset in BUILTIN_DATASETS:
+        return DATA_DIR / BUILTIN_DATASETS[dataset]
+    path = recipe_path(recipe_dir, dataset, "validation.accuracy.dataset")
+    check_utf8(path, "validation.accuracy.dataset")
+    return path

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from forge.errors import InfraError, InputError
+from forge.untrusted import check_tree, recipe_path
 
 INSTALL_HINT = 'install the extra: .venv/bin/pip install -c .ci/constraints.txt "lm_eval[api]"'
 
@@ -80,6 +81,14 @@ def lm_eval_command(
     if include_path is not None:
         argv += ["--include_path", str(include_path)]
     return argv
+
+
+def include_dir(recipe_dir: Path, path: str) -> Path:
+    """The recipe's lm-eval task directory: lm_eval reads every YAML under it (and the files those
+    name), so no symlink in it may lead out of it and nothing in it may be a FIFO or a device."""
+    include = recipe_path(recipe_dir, path, "validation.accuracy.task_include_path", kind="directory")
+    check_tree(include, "validation.accuracy.task_include_path")
+    return include
 
 
 def lm_eval_available() -> bool:

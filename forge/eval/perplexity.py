@@ -71,7 +71,10 @@ def load_windows(
 
     if window < 2:
         raise InputError(f"window: {window} must be at least 2 tokens (one context, one target)")
-    text = Path(text_path).read_text(encoding="utf-8")
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{text_path}: not UTF-8 text (byte {error.start})") from None
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ids = tokenizer(text).input_ids
     count = len(ids) // window

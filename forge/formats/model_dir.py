@@ -30,6 +30,7 @@ from safetensors import safe_open
 from forge.errors import InputError
 from forge.quant.model import QuantizedModel, Scheme
 from forge.quant.rtn import is_ignored
+from forge.untrusted import index_weight_map, read_json, safetensors_header
 
 # transformers' long-standing `max_shard_size` default ("5GB"); it also keeps every shard well
 # under registry layer limits (GHCR 10 GB per layer), since OCI packaging puts one shard per layer.
@@ -260,9 +261,11 @@ def _write_model_dir(
 
 
 def copy_source_files(source_dir: Path, out_dir: Path) -> list[Path]:
-    """Tokenizer, chat template and generation config, unchanged, so the export chats like the source."""
+    """Tokenizer, chat template and generation config, unchanged, so the export chats like the source;
+    and the model's own code (`*.py`, in the source only when the recipe sets trust_remote_code), so
+    the `auto_map` the config and tokenizer config keep still names files that exist."""
     copied = []
-    for name in SOURCE_FILES:
+    for name in [*SOURCE_FILES, *sorted(p.name for p in Path(source_dir).glob("*.py"))]:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)
             copied.append(out_dir / name)
@@ -373,35 +376,29 @@ def read_config(directory: Path, fmt: str, quant_method: str) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise InputError(f"{fmt}: {directory} has no config.json")
-    config = json.loads(path.read_text())
-    found = (config.get("quantization_config") or {}).get("quant_method")
+    config = read_json(path, fmt)
+    quantization = config.get("quantization_config") or {}
+    found = quantization.get("quant_method") if isinstance(quantization, dict) else None
     if found != quant_method:
         raise InputError(f"{fmt}: {path} has quant_method {found!r}, expected {quant_method!r}")
     return config
 
 
 def weight_files(directory: Path, fmt: str) -> dict[str, list[str]]:
-    """Shard file → tensor names, from the index when there is one; checks the index is honest."""
+    """Shard file → tensor names, from the index when there is one; checks the index is honest and
+    every shard's header against its file (`safetensors_header`) before a tensor is mapped."""
     directory = Path(directory)
-    index = directory / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files: dict[str, list[str]] = {}
-        for name, shard in sorted(weight_map.items()):
-            files.setdefault(shard, []).append(name)
+    weight_map = index_weight_map(directory, fmt)
+    if weight_map is not None:
+        shards = sorted(set(weight_map.values()))
     elif (directory / WEIGHTS_NAME).is_file():
-        files = {WEIGHTS_NAME: []}
+        shards = [WEIGHTS_NAME]
     else:
         raise InputError(f"{fmt}: {directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    for shard, names in files.items():
-        if not (directory / shard).is_file():
-            raise InputError(f"{fmt}: {directory / shard} is named in the index but missing")
-        with safe_open(directory / shard, framework="pt") as f:
-            present = set(f.keys())
-        missing = sorted(set(names) - present)
-        if missing:
-            raise InputError(f"{fmt}: tensor {missing[0]} is missing from {shard} (the index lists it there)")
-        files[shard] = sorted(present)
+    files = {shard: sorted(safetensors_header(directory / shard, f"{fmt}: {shard}")) for shard in shards}
+    for name, shard in sorted((weight_map or {}).items()):
+        if name not in files[shard]:
+            raise InputError(f"{fmt}: tensor {name} is missing from {shard} (the index lists it there)")
     return files
 
 

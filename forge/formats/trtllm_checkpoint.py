@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from forge.errors import InputError
 from forge.formats.model_dir import copy_source_files, write_json
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
+from forge.untrusted import positive_int, read_json, safetensors_header
 
 FORMAT = "trtllm-checkpoint"
 ARCHITECTURE = "LlamaForCausalLM"
@@ -525,11 +526,16 @@ def _hf_config(config: dict) -> dict:
 
 def _load_ranks(directory: Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    mapping = config["mapping"]
+    config = read_json(directory / "config.json", f"{FORMAT}: config.json")
+    mapping = config.get("mapping")
+    if not isinstance(mapping, dict) or not positive_int(mapping.get("tp_size")):
+        raise InputError(f"{FORMAT}: config.json: mapping.tp_size must be a positive integer")
     if mapping.get("pp_size", 1) != 1:
         raise InputError(f"{directory}: pipeline-parallel checkpoints are not supported")
-    ranks = [load_file(directory / f"rank{r}.safetensors") for r in range(mapping["tp_size"])]
+    files = [directory / f"rank{r}.safetensors" for r in range(mapping["tp_size"])]
+    for file in files:
+        safetensors_header(file, f"{FORMAT}: {file.name}")
+    ranks = [load_file(file) for file in files]
     return config, ranks
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from forge.errors import InputError
+from forge.untrusted import check_utf8, recipe_path
+
+if TYPE_CHECKING:
+    import torch
 
 BUILTIN_SOURCES = ("pydoc_topics",)
 
@@ -25,6 +28,14 @@ def pydoc_topics_documents() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics)]
+
+
+def calibration_file(recipe_dir: Path, name: str, label: str) -> Path:
+    """A recipe's calibration file, checked at plan time like every recipe path (`recipe_path`:
+    no symlink out of its folder, a regular file) and decoded as UTF-8 before anything runs."""
+    path = recipe_path(recipe_dir, name, label)
+    check_utf8(path, label)
+    return path
 
 
 def read_documents(source: str | Path, text_field: str = "text") -> list[str]:
@@ -37,9 +48,13 @@ def read_documents(source: str | Path, text_field: str = "text") -> list[str]:
             f"calibration.sources: {str(source)!r} is not a file (use a .txt or .jsonl file, or one of "
             f"{', '.join(BUILTIN_SOURCES)})"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"calibration.sources: {path} is not UTF-8 text (byte {error.start})") from None
     if path.suffix == ".jsonl":
         documents = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -50,7 +65,7 @@ def read_documents(source: str | Path, text_field: str = "text") -> list[str]:
                 raise InputError(f"calibration.sources: {path}:{number} has no string field {text_field!r}")
             documents.append(record[text_field])
         return documents
-    return [path.read_text(encoding="utf-8")]
+    return [text]
 
 
 def load_calibration(
@@ -68,6 +83,7 @@ def load_calibration(
     picks which ones (a `torch.Generator` permutation, so the same seed gives the same bytes on
     every machine). Windows never overlap, so no token is counted twice in the statistics.
     """
+    import torch
     from transformers import AutoTokenizer
 
     if not sources:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from forge.quant.scheme import Scheme
+from forge.untrusted import safetensors_header
 
 __all__ = ["QuantizedLinear", "QuantizedModel", "Scheme", "load_quantized", "open_quantized", "save_quantized"]
 
@@ -99,6 +100,7 @@ def load_quantized(directory: Path) -> QuantizedModel:
     dense: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     kv: dict[str, torch.Tensor] = {}
+    safetensors_header(directory / "quantized.safetensors")
     for key, tensor in load_file(directory / "quantized.safetensors").items():
         kind, _, rest = key.partition("::")
         if kind == "dense":
@@ -158,5 +160,6 @@ def open_quantized(directory: Path) -> QuantizedModel:
     meta = json.loads((directory / "quant.json").read_text())
     scheme_fields = {**meta["scheme"], "ignore": tuple(meta["scheme"]["ignore"])}
     path = directory / "quantized.safetensors"
+    safetensors_header(path)  # checked once; LazyTensors then opens it per tensor
     kv = dict(LazyTensors(path, "kv::"))  # a few scalars
     return QuantizedModel(meta["config"], Scheme(**scheme_fields), LazyTensors(path, "dense::"), LazyLinears(path), kv)

@@ -37,6 +37,7 @@ from forge.quant.layerwise import (
 )
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 from forge.quant.rtn import quantizable_linears, quantize_rtn, quantize_weight, split_state
+from forge.untrusted import checkpoint_tensors, index_weight_map
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 Progress = Callable[[str, int, int], None]
@@ -44,13 +45,14 @@ Progress = Callable[[str, int, int], None]
 
 def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors checkpoint, single file or sharded (`*.index.json`)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = index_weight_map(model_dir, "source")
+    if weight_map is not None:
+        shards = sorted(set(weight_map.values()))
     else:
         shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not shards:
         raise InputError(f"source: {model_dir} has no *.safetensors weights")
+    checkpoint_tensors(model_dir, "source")  # every header against its file, before anything is mapped
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(load_file(model_dir / shard))
