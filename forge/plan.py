@@ -20,14 +20,14 @@ from pathlib import Path
 from forge.backends import export_format, trtllm, trtllm_mode
 from forge.cache import Cache, atomic_write_text
 from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
-from forge.datasets import resolve_dataset
+from forge.datasets import dataset_file
 from forge.digest import file_digest, file_digests, json_digest
 from forge.errors import InputError
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
 from forge.quant.scheme import Scheme
 from forge.recipe import Recipe, Target, Variant
-from forge.source import read_model_config, source_identity
+from forge.source import read_model_config, remote_code, source_identity
 
 # Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
 # baseline 2: final hidden states + output projection instead of fp16 log-probs (forge/eval/perplexity.py).
@@ -122,15 +122,15 @@ def variant_scheme(variant: Variant) -> Scheme:
     )
 
 
-def calibration_identity(variant: Variant, recipe_dir: Path) -> dict:
+def calibration_identity(variant: Variant, recipe_dir: Path, index: int) -> dict:
     """The calibration settings and the digest of every calibration file they read."""
+    from forge.quant.calibration import calibration_file
+
     files = {}
     for i, name in enumerate(variant.calibration.sources):
         if name in BUILTIN_CALIBRATION:
             continue
-        path = (recipe_dir / name).resolve()
-        if not path.is_file():
-            raise InputError(f"variants[{variant.name}].calibration.sources[{i}]: {path} does not exist")
+        path = calibration_file(recipe_dir, name, f"variants[{index}].calibration.sources[{i}]")
         files[name] = file_digest(path)
     return {**variant.calibration.model_dump(), "files": files}
 
@@ -200,9 +200,9 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
             f"source: architecture {shape.architecture} is not supported yet "
             f"(forge maps {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    if config.get("auto_map") and not recipe.source.trust_remote_code:
+    if not recipe.source.trust_remote_code and (named := remote_code(recipe.source, recipe_dir, config)):
         raise InputError(
-            "source.trust_remote_code: the checkpoint's config.json names model code of its own (auto_map); forge "
+            f"source.trust_remote_code: the checkpoint's {' and '.join(named)} name code of its own (auto_map); forge "
             "never runs it, but serving stacks may (LMDeploy always does) — set it to true if you trust the source"
         )
     schemes = check_variants(recipe, shape)
@@ -214,9 +214,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
     accuracy = recipe.validation.accuracy
     baseline = None
     if accuracy.enabled:
-        dataset = resolve_dataset(accuracy.dataset, recipe_dir)
-        if not dataset.is_file():
-            raise InputError(f"validation.accuracy.dataset: {dataset} does not exist")
+        dataset = dataset_file(accuracy.dataset, recipe_dir)
         eval_inputs = {"dataset": file_digest(dataset), "window": accuracy.window, "max_windows": accuracy.max_windows}
         baseline = plan.add(
             "baseline", "baseline", {"source": source.key, **eval_inputs},
@@ -234,7 +232,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
         preset = PRESETS[variant.scheme]
         inputs = {"source": source.key, "scheme": asdict(scheme), "algorithm": preset.algorithm}
         if preset.needs_calibration or scheme.kv_cache_dtype == "fp8":
-            inputs["calibration"] = calibration_identity(variant, recipe_dir)
+            inputs["calibration"] = calibration_identity(variant, recipe_dir, recipe.variants.index(variant))
         quantize[variant.name] = plan.add(
             "quantize", f"quantize/{variant.name}", inputs, needs=["source"],
             params={"variant": variant.name, "algorithm": preset.algorithm},
@@ -399,9 +397,11 @@ def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[
 
 
 def task_include_dir(plan: Plan) -> Path | None:
-    """The recipe's own lm-eval task directory, resolved against the recipe's folder."""
+    """The recipe's own lm-eval task directory, resolved against the recipe's folder and checked."""
+    from forge.eval.lm_eval import include_dir
+
     path = plan.recipe.validation.accuracy.task_include_path
-    return (plan.recipe_dir / path).resolve() if path else None
+    return include_dir(plan.recipe_dir, path) if path else None
 
 
 def task_inputs(plan: Plan) -> dict:
