@@ -21,7 +21,7 @@ from forge.backends import export_format, trtllm, trtllm_mode
 from forge.cache import Cache, atomic_write_text
 from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
 from forge.datasets import dataset_file
-from forge.digest import file_digest, file_digests, json_digest
+from forge.digest import bounded_file_digests, file_digest, json_digest
 from forge.errors import InputError
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
@@ -92,6 +92,11 @@ class Plan:
         self.stages.append(stage)
         return stage
 
+    @property
+    def shape_pinned(self) -> bool:
+        """Planned from the recipe's `source.hub.config` because the hub could not be reached."""
+        return bool(self.model_config.get("_forge_pinned"))
+
     def stage(self, stage_id: str) -> Stage:
         return next(s for s in self.stages if s.id == stage_id)
 
@@ -101,7 +106,10 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "recipe": self.recipe.name,
-            "model": {"architecture": ModelShape.from_config(self.model_config).architecture},
+            "model": {
+                "architecture": ModelShape.from_config(self.model_config).architecture,
+                "config": "pinned in source.hub.config (hub not reached)" if self.shape_pinned else "config.json",
+            },
             "stages": [asdict(s) for s in self.stages],
             "artifacts": [asdict(a) for a in self.artifacts],
         }
@@ -285,7 +293,7 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
             )  # fmt: skip
     plan.stages.sort(key=lambda s: STAGE_ORDER.index(s.kind))  # stable: the order they run in
     memo = model_config_memo(cache, identity)  # written only once the recipe passed every check
-    if not memo.is_file():
+    if not memo.is_file() and not config.get("_forge_pinned"):  # a pin is no config.json: check it next time
         atomic_write_text(memo, json.dumps(config, indent=2, sort_keys=True))
     for push in plan.of_kind("push"):  # nothing is published before its variant's gates are measured
         variant = push.params["variant"]
@@ -418,7 +426,7 @@ def task_inputs(plan: Plan) -> dict:
         "tasks": accuracy.tasks,
         "limit": accuracy.task_limit,
         "num_fewshot": accuracy.num_fewshot,
-        "include": file_digests(include) if include else None,
+        "include": bounded_file_digests(include, "validation.accuracy.task_include_path") if include else None,
     }
 
 

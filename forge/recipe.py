@@ -21,6 +21,19 @@ from forge.quant.presets import PRESETS
 
 BACKENDS = ("vllm", "tgi", "lmdeploy", "trtllm")
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+# Upper bounds, so a value no build can use is refused by `forge validate` naming its key instead of
+# failing late in a build. Token counts: 2^24 is past every model's context window; windows: the
+# longest common context (128 Ki tokens).
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; checked before parsing
+MAX_TOKENS = 1 << 24
+MAX_WINDOW = 1 << 17
+MAX_BATCH = 1 << 14
+MAX_CONCURRENCY = 4096
+MAX_COUNT = 1_000_000
+MAX_FEWSHOT = 128
+# An OCI tag, after `{variant}`/`{backend}`/`{gpu}` expansion:
+# https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests
+OCI_TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 
 
 class Strict(BaseModel):
@@ -37,10 +50,31 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- source
 
 
+class PinnedConfig(Strict):
+    """The shape numbers of a hub model's config.json that planning reads (group sizes, tensor
+    parallelism, sequence lengths), so a hub recipe plans offline."""
+
+    architectures: list[str] = Field(min_length=1, description="config.json `architectures`.")
+    hidden_size: int = Field(ge=1, description="config.json `hidden_size`.")
+    intermediate_size: int = Field(ge=1, description="config.json `intermediate_size`.")
+    num_attention_heads: int = Field(ge=1, description="config.json `num_attention_heads`.")
+    num_key_value_heads: int = Field(ge=1, description="config.json `num_key_value_heads`.")
+    num_hidden_layers: int = Field(ge=1, description="config.json `num_hidden_layers`.")
+    vocab_size: int = Field(ge=1, description="config.json `vocab_size`.")
+    max_position_embeddings: int = Field(ge=1, description="config.json `max_position_embeddings`.")
+    head_dim: int | None = Field(default=None, ge=1, description="config.json `head_dim`, when it has one.")
+
+
 class HubSource(Strict):
     repo: str = Field(description="Hugging Face model id, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`.")
     revision: str = Field(
         description="Pinned commit (40 hex characters); branch names are refused so builds stay reproducible."
+    )
+
+    config: PinnedConfig | None = Field(
+        default=None,
+        description="The config.json numbers planning needs, copied from that revision, so `forge plan` runs "
+        "without the hub; with the hub reachable each is checked against the downloaded config.json.",
     )
 
     @field_validator("revision")
@@ -119,20 +153,28 @@ class Calibration(Strict):
     )
 
 
+# Every gate's limit lies where the gate can fail: a finite number (`.inf` or `.nan` would pass
+# everything), a percentage or divergence ≥ 0, a share or ratio > 0 (at 0 nothing is below it).
+RecoveryLimit = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class AccuracyGates(Strict):
     max_ppl_increase_pct: float | None = Field(
-        default=None, ge=0, description="Largest allowed perplexity increase over the baseline, in percent."
-    )
+        default=None, ge=0, allow_inf_nan=False,
+        description="Largest allowed perplexity increase over the baseline, in percent (≥ 0).",
+    )  # fmt: skip
     min_top1_agreement: float | None = Field(
-        default=None, ge=0, le=1, description="Smallest allowed share of next-token argmaxes equal to the baseline's."
-    )
+        default=None, gt=0, le=1, allow_inf_nan=False,
+        description="Smallest allowed share of next-token argmaxes equal to the baseline's, in (0, 1].",
+    )  # fmt: skip
     max_kl: float | None = Field(
-        default=None, ge=0, description="Largest allowed mean KL(baseline ‖ quantized) per token, in nats."
-    )
-    min_recovery: dict[str, float] = Field(
+        default=None, ge=0, allow_inf_nan=False,
+        description="Largest allowed mean KL(baseline ‖ quantized) per token, in nats (≥ 0).",
+    )  # fmt: skip
+    min_recovery: dict[str, RecoveryLimit] = Field(
         default_factory=dict,
         description="Per lm-eval task (each one of `validation.accuracy.tasks`): smallest allowed quantized / "
-        "baseline score, for every metric the task reports.",
+        "baseline score (> 0), for every metric the task reports.",
     )
 
 
@@ -201,10 +243,14 @@ class Target(Strict):
         "impossible combinations. Named explicitly: an impossible combination is an error.",
     )
     tensor_parallel: int = Field(default=1, ge=1, le=64, description="GPUs per replica (tensor parallel size).")
-    max_batch_size: int = Field(default=64, ge=1, description="Largest batch of concurrent sequences.")
-    max_input_len: int = Field(default=2048, ge=1, description="Longest prompt in tokens.")
-    max_seq_len: int = Field(default=4096, ge=2, description="Longest prompt + output in tokens.")
-    max_num_tokens: int = Field(default=8192, ge=1, description="Most tokens scheduled in one engine step.")
+    max_batch_size: int = Field(
+        default=64, ge=1, le=MAX_BATCH, description=f"Largest batch of concurrent sequences (≤ {MAX_BATCH})."
+    )
+    max_input_len: int = Field(default=2048, ge=1, le=MAX_TOKENS, description="Longest prompt in tokens.")
+    max_seq_len: int = Field(default=4096, ge=2, le=MAX_TOKENS, description="Longest prompt + output in tokens.")
+    max_num_tokens: int = Field(
+        default=8192, ge=1, le=MAX_TOKENS, description="Most tokens scheduled in one engine step."
+    )
     trtllm: TRTLLMOptions = Field(default_factory=TRTLLMOptions, description="TensorRT-LLM options.")
 
     @field_validator("variants")
@@ -239,9 +285,11 @@ class AccuracyValidation(Strict):
         description="Evaluation text: `wikitext-2` (the wikitext-2-raw-v1 test split, shipped with forge) or a "
         "text file relative to the recipe.",
     )
-    window: int = Field(default=1024, ge=16, description="Tokens per non-overlapping window.")
+    window: int = Field(
+        default=1024, ge=16, le=MAX_WINDOW, description=f"Tokens per non-overlapping window (16 to {MAX_WINDOW})."
+    )
     max_windows: int | None = Field(
-        default=None, ge=1, description="Evaluate only the first N windows (quick runs); unset: all."
+        default=None, ge=1, le=MAX_COUNT, description="Evaluate only the first N windows (quick runs); unset: all."
     )
     gates: AccuracyGates = Field(default_factory=AccuracyGates, description="Default gates for every variant.")
     tasks: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]] = Field(
@@ -254,9 +302,11 @@ class AccuracyValidation(Strict):
     task_include_path: str | None = Field(
         default=None, description="Directory of your own lm-eval task YAMLs (`--include_path`), relative to the recipe."
     )
-    task_limit: int | None = Field(default=None, ge=1, description="Score only the first N samples of each task.")
+    task_limit: int | None = Field(
+        default=None, ge=1, le=MAX_COUNT, description="Score only the first N samples of each task."
+    )
     num_fewshot: int | None = Field(
-        default=None, ge=0, description="Few-shot examples per prompt (unset: the task's own)."
+        default=None, ge=0, le=MAX_FEWSHOT, description="Few-shot examples per prompt (unset: the task's own)."
     )
 
 
@@ -267,17 +317,47 @@ class ThroughputValidation(Strict):
         description="Also serve each variant's compressed-tensors export on this machine with `transformers "
         "serve` (CPU) and gate it; GPU targets are measured in their backend's container on a GPU builder.",
     )
-    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Closed-loop levels.")
-    prompt_tokens: int = Field(default=128, ge=1, description="Prompt length in tokens.")
-    output_tokens: int = Field(default=64, ge=1, description="Output length in tokens (ignore_eos).")
-    requests_per_level: int = Field(default=32, ge=1, description="Measured requests per level.")
-    max_ttft_p99_ms: float | None = Field(default=None, gt=0, description="Gate: p99 time to first token.")
-    max_tpot_p99_ms: float | None = Field(default=None, gt=0, description="Gate: p99 time per output token.")
-    min_output_tps: float | None = Field(default=None, gt=0, description="Gate: output tokens/s at the top level.")
-    min_goodput: float | None = Field(default=None, gt=0, description="Gate: requests/s meeting every SLO.")
-    usd_per_hour: dict[str, float] = Field(
-        default_factory=dict, description="Override GPU prices per hour for cost reports (GPU name → USD)."
+    concurrency: list[Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]] = Field(
+        default_factory=lambda: [1, 4, 16], min_length=1,
+        description=f"Closed-loop levels: concurrent requests, each 1 to {MAX_CONCURRENCY}, each listed once.",
+    )  # fmt: skip
+    prompt_tokens: int = Field(default=128, ge=1, le=MAX_TOKENS, description="Prompt length in tokens.")
+    output_tokens: int = Field(default=64, ge=1, le=MAX_TOKENS, description="Output length in tokens (ignore_eos).")
+    requests_per_level: int = Field(default=32, ge=1, le=MAX_COUNT, description="Measured requests per level.")
+    max_ttft_p99_ms: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Gate: p99 time to first token, ms (> 0)."
     )
+    max_tpot_p99_ms: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Gate: p99 time per output token, ms (> 0)."
+    )
+    min_output_tps: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Gate: output tokens/s at the top level (> 0)."
+    )
+    min_goodput: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Gate: requests/s meeting every SLO (> 0)."
+    )
+    usd_per_hour: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        description="Override prices per hour for cost reports: GPU profile name (or `cpu`) → USD (≥ 0).",
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _levels_once(cls, value: list[int]) -> list[int]:
+        repeated = sorted({c for c in value if value.count(c) > 1})
+        if repeated:  # two levels would share one label (`c4`) and one records file
+            raise ValueError(f"level {repeated[0]} is listed twice")
+        return value
+
+    @field_validator("usd_per_hour")
+    @classmethod
+    def _priced_gpus(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            if name != "cpu" and name not in GPUS:  # looked up by profile name: an alias would be ignored
+                known = lookup_gpu(name)
+                hint = f"write its profile name {known.name!r}" if known else f"choose from {', '.join(GPUS)} or cpu"
+                raise ValueError(f"{name!r} is not a GPU profile name; {hint}")
+        return value
 
 
 class Validation(Strict):
@@ -384,6 +464,42 @@ class Recipe(Strict):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _expanded_tags(self) -> Recipe:
+        """Each tag as every artifact will carry it: a long variant or GPU name can push a tag past
+        what a registry accepts, which would otherwise surface only when the image is pushed."""
+        for i, tag in enumerate(self.package.tags):
+            for target in self.targets:
+                for variant in target.variants or [v.name for v in self.variants]:
+                    for gpu in target.gpus:
+                        expanded = tag.format(variant=variant, backend=target.backend, gpu=lookup_gpu(gpu).name)
+                        if not OCI_TAG.fullmatch(expanded):
+                            raise ValueError(
+                                f"package.tags[{i}]: {tag!r} expands to {expanded!r} ({len(expanded)} characters) "
+                                f"for {variant} on {target.backend}/{gpu}; an image tag is 1 to 128 of A-Z a-z 0-9 "
+                                "_ . - and does not start with . or -"
+                            )
+        return self
+
+    @model_validator(mode="after")
+    def _load_fits_targets(self) -> Recipe:
+        """The load sweep's requests must fit the limits each GPU target's server is started with
+        (TGI's --max-input-tokens, vLLM's/LMDeploy's session length), or every request is refused."""
+        load = self.validation.throughput
+        for i, target in enumerate(self.targets if load.enabled else []):
+            if load.prompt_tokens > target.max_input_len:
+                raise ValueError(
+                    f"validation.throughput.prompt_tokens: {load.prompt_tokens} is longer than "
+                    f"targets[{i}].max_input_len ({target.max_input_len}); its server would refuse every request"
+                )
+            if load.prompt_tokens + load.output_tokens > target.max_seq_len:
+                raise ValueError(
+                    f"validation.throughput.output_tokens: prompt_tokens + output_tokens "
+                    f"({load.prompt_tokens + load.output_tokens}) is longer than targets[{i}].max_seq_len "
+                    f"({target.max_seq_len}); its server would refuse every request"
+                )
+        return self
+
 
 # ---------------------------------------------------------------- loading
 
@@ -437,6 +553,8 @@ def format_validation_error(error: ValidationError) -> str:
 
 def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
     """Parse YAML text into a Recipe, turning every problem into one InputError."""
+    if len(text) > MAX_RECIPE_BYTES:  # PyYAML takes minutes over a few hundred MB
+        raise InputError(f"{origin}: larger than {MAX_RECIPE_BYTES} bytes; a recipe is a short YAML file")
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except RecursionError:
@@ -459,8 +577,14 @@ def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: Path) -> Recipe:
+    """Read at most MAX_RECIPE_BYTES + 1 bytes (a huge file, /dev/zero, a FIFO that never ends are
+    refused by size before anything is parsed), then parse."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise InputError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes; a recipe is a short YAML file")
+        text = data.decode()
     except FileNotFoundError:
         raise InputError(f"recipe: file not found: {path}") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:

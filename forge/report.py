@@ -38,6 +38,11 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
     for a in plan.artifacts:
         matrix.add_row(a.variant, a.backend, a.gpu, a.format or "-", _status(a.status), a.reason)
     console.print(matrix)
+    if plan.shape_pinned:
+        console.print(
+            "model shape: from source.hub.config (the hub was not reached); the source stage checks it against "
+            "the downloaded config.json"
+        )
 
 
 def render_build(report: dict, report_path: Path, console: Console | None = None) -> None:

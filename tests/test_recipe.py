@@ -8,21 +8,67 @@ from pathlib import Path
 import pytest
 import yaml
 
+from forge.compat import SUPPORTED_ARCHITECTURES
 from forge.recipe import SCHEMA_PATH, dump_recipe, load_recipe, parse_recipe, schema_text
 from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
 
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes" / "examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_every_shipped_recipe_validates_plans_and_round_trips(path: Path, tmp_path: Path):
+def test_every_shipped_recipe_validates_plans_and_round_trips(path: Path, tmp_path: Path, monkeypatch):
+    """Every recipe validates and survives dump → load; it plans offline (hub recipes pin their shape),
+    unless its architecture is one forge does not quantize yet, which the plan refuses by name."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     recipe = load_recipe(path)
     assert parse_recipe(dump_recipe(recipe)) == recipe
+    code, output = run_cli("validate", str(path))
+    assert code == 0, output
     code, output = run_cli("plan", str(path), "--json", "--artifacts-dir", str(tmp_path))
+    architecture = recipe.source.hub.config.architectures[0] if recipe.source.hub else "LlamaForCausalLM"
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        assert code == 2 and f"architecture {architecture} is not supported yet" in output, output
+        return
     assert code == 0, output
     plan = json.loads(output)
     assert any(a["status"] == "planned" for a in plan["artifacts"])
+    if path.parent.name == "examples":  # written for their GPUs: every cell builds
+        assert all(a["status"] == "planned" for a in plan["artifacts"]), plan["artifacts"]
+    if recipe.source.hub:
+        assert plan["model"]["config"].startswith("pinned in source.hub.config")
     assert not list(tmp_path.glob("*/build.json"))  # planning builds nothing
+
+
+def hub_recipe(tmp_path: Path, **config) -> Path:
+    example = yaml.safe_load((REPO / "recipes" / "examples" / "llama-3.1-8b-fp8-trtllm.yaml").read_text())
+    if config:
+        example["source"]["hub"]["config"].update(config)
+    else:
+        del example["source"]["hub"]["config"]
+    return write_recipe(tmp_path, example)
+
+
+def test_hub_recipe_without_pinned_shape_fails_fast_offline_saying_how_to_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    code, output = run_cli("plan", str(hub_recipe(tmp_path)), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 3, output
+    assert "the hub is not reachable" in output and "pin the shape in source.hub.config" in output
+
+
+def test_pinned_shape_must_match_the_hub_config(tmp_path, monkeypatch):
+    """With the hub reachable (its answer stands in here: no hub on this machine), a pin that
+    disagrees with the revision's config.json is refused, naming the pinned key."""
+    import forge.source
+
+    real = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+            "max_position_embeddings": 131072}  # fmt: skip
+    monkeypatch.setattr(forge.source, "hub_json", lambda source, name, required: real if name == "config.json" else {})
+    code, output = run_cli("plan", str(hub_recipe(tmp_path, hidden_size=4096)), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 0, output
+    code, output = run_cli("plan", str(hub_recipe(tmp_path, hidden_size=2048)), "--artifacts-dir", str(tmp_path / "b"))
+    assert code == 2 and "source.hub.config.hidden_size: pinned 2048" in output and "has 4096" in output
 
 
 def test_committed_schema_is_current():
