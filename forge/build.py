@@ -4,27 +4,34 @@
     → engine → lm-eval tasks → throughput → package → gates → push (only when every gate passed) → report
 
 Each stage is a plain function in `forge.stages`; `Cache.run` skips it when its key is already
-complete, so an unchanged rebuild does no work and a change to a later stage reuses everything
-before it. Stages that need absent hardware are recorded as deferred with their command.
+complete (and its files still match the entry's manifest), so an unchanged rebuild does no work
+and a change to a later stage reuses everything before it. Stages that need absent hardware are
+recorded as deferred with their command.
+
+build.json never lies about `artifacts/<name>/`: once stages start, it is written on every exit
+path. A build that fails (a stage, writing the artifacts, a push, an interrupt) writes it with
+`status: error`, the error, the stage it stopped at, and exactly the artifacts and pushes that
+completed; it is written (as interrupted) before the artifact directories change, so even a
+killed build leaves no new artifacts beside an older report.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import platform
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from forge import __version__
-from forge.cache import Cache, atomic_write_text
+from forge.cache import Cache, atomic_write_text, lock_file, make_dirs, remove, warn_discarded
 from forge.errors import GateFailed, InfraError, InputError
-from forge.plan import Plan, Stage, make_plan
+from forge.plan import Plan, Stage, git_revision, make_plan
 from forge.progress import Progress
 from forge.recipe import dump_recipe, load_recipe
 from forge.stages import (
@@ -46,6 +53,7 @@ from forge.stages import (
 )
 
 TOOLS = ("torch", "transformers", "safetensors", "compressed-tensors", "llmcompressor", "gguf", "pydantic")
+NO_VALIDATION = {"accuracy": [], "tasks": [], "throughput": []}
 
 
 @dataclass
@@ -53,6 +61,76 @@ class BuildResult:
     report: dict
     report_path: Path
     failed_gates: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """What the build did so far: the report is made from it on every exit path."""
+
+    plan: Plan
+    recipe_path: Path
+    out_root: Path
+    started: float
+    records: dict[str, dict] = field(default_factory=dict)
+    validation: dict | None = None
+    artifacts: list[dict] = field(default_factory=list)  # materialized, in order
+    images: list[dict] = field(default_factory=list)
+    pushed: list[dict] | None = None  # None: no push was attempted
+    failed_gates: list[dict] = field(default_factory=list)
+
+    def report(self, error: dict | None = None) -> dict:
+        plan = self.plan
+        report = {
+            "forge_version": __version__,
+            "status": "error" if error else "gates-failed" if self.failed_gates else "passed",
+            "recipe": plan.recipe.model_dump(mode="json"),
+            "recipe_file": str(self.recipe_path),
+            "inputs": {"source": plan.source_identity, "model_config": plan.model_config},
+            "tools": tool_versions(),
+            "stages": [{"id": s.id, "kind": s.kind, "key": s.key, **self.records[s.id]} for s in plan.stages],
+            "artifacts": self.artifacts,
+            "impossible": [
+                {"variant": a.variant, "backend": a.backend, "gpu": a.gpu, "reason": a.reason}
+                for a in plan.artifacts
+                if a.status == "impossible"
+            ],
+            "validation": self.validation or NO_VALIDATION,
+            "images": self.images,
+        }
+        if self.pushed is not None:
+            report["pushed"] = self.pushed
+        if error:
+            report["error"] = error
+        report["seconds"] = round(time.monotonic() - self.started, 3)
+        return finite_json(report)  # NaN is not JSON: an undefined measurement is null (its gate says why)
+
+    def write(self, report: dict) -> Path:
+        path = self.out_root / "build.json"
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(self.out_root / "recipe.resolved.yaml", dump_recipe(self.plan.recipe))
+        return path
+
+    def write_failure(self, error: BaseException, chosen: set[str], only: tuple[str, ...], skip: tuple[str, ...],
+                      phase: str) -> None:  # fmt: skip
+        """The report of a build that stopped on `error`: the stage it was in is `failed` with the
+        message, the stages it never reached `not-run`. Never masks `error`."""
+        where = next((sid for sid, r in self.records.items() if r["status"] == "failed" and "error" not in r), phase)
+        message = str(error) or type(error).__name__
+        if where in self.records:
+            self.records[where]["error"] = message
+        fill_records(self.plan, self.records, chosen, only, skip, f"not reached: the build stopped at {where}")
+        for record in self.records.values():
+            if record["status"] == "not-run":
+                record["reason"] = f"not reached: the build stopped at {where}"
+        try:
+            if self.validation is None:
+                self.validation, _ = validate(self.plan, self.records)
+        except Exception:  # noqa: BLE001 - the gates are a detail of a report about another failure
+            self.validation = NO_VALIDATION
+        try:
+            self.write(self.report({"stage": where, "type": type(error).__name__, "message": message}))
+        except Exception as write_error:  # noqa: BLE001 - `error` is what the user must see
+            error.add_note(f"build.json could not be written: {write_error}")
 
 
 def build(
@@ -72,115 +150,136 @@ def build(
     started = time.monotonic()
     progress = progress or Progress(enabled=False)
     recipe = load_recipe(recipe_path)
-    cache = Cache(cache_dir or artifacts_dir / ".cache")
+    discarded: dict[tuple[str, str], str] = {}
+
+    def on_discard(kind: str, key: str, problem: str) -> None:
+        discarded[kind, key] = problem
+        warn_discarded(kind, key, problem)
+
+    cache = Cache(cache_dir or artifacts_dir / ".cache", on_discard=on_discard)
     plan = make_plan(recipe, recipe_path.parent.resolve(), cache, recipe_file=str(recipe_path))
     chosen = select_stages(plan, only, skip)
     check_hardware(plan, chosen, only)
-    records: dict[str, dict] = {}
+    outcome = Outcome(plan, recipe_path, artifacts_dir / recipe.name, started)
+    records = outcome.records
+    phase = "stages"
 
     def run(stage: Stage, produce) -> Path:
+        records[stage.id] = {"status": "failed"}  # until its entry is complete
         path, report, cached = cache.run(stage.kind, stage.key, produce)
         records[stage.id] = {"status": "cached" if cached else "ran", **report}
+        if (stage.kind, stage.key) in discarded:
+            records[stage.id]["discarded_entry"] = discarded[stage.kind, stage.key]
         return path
 
     def selected(kind: str) -> list[Stage]:
         return [s for s in plan.of_kind(kind) if s.id in chosen]
 
-    source_dir = run(plan.stage("source"), lambda out: stage_source(plan, out)) / "model"
+    try:
+        source_dir = run(plan.stage("source"), lambda out: stage_source(plan, out)) / "model"
 
-    baseline_dir = None
-    for stage in selected("baseline"):
-        baseline_dir = run(stage, lambda out, s=stage: stage_baseline(plan, s, source_dir, out, progress))
+        baseline_dir = None
+        for stage in selected("baseline"):
+            baseline_dir = run(stage, lambda out, s=stage: stage_baseline(plan, s, source_dir, out, progress))
 
-    quantized: dict[str, Path] = {}
-    for stage in selected("quantize"):
-        variant = variant_named(plan, stage.params["variant"])
-        quantized[variant.name] = run(stage, lambda out, v=variant: stage_quantize(plan, v, source_dir, out, progress))
+        quantized: dict[str, Path] = {}
+        for stage in selected("quantize"):
+            variant = variant_named(plan, stage.params["variant"])
+            quantized[variant.name] = run(
+                stage, lambda out, v=variant: stage_quantize(plan, v, source_dir, out, progress)
+            )
 
-    exports: dict[str, Path] = {}
-    for stage in selected("export"):
-        qdir = quantized[stage.params["variant"]]
-        exports[stage.id] = run(stage, lambda out, s=stage, q=qdir: stage_export(plan, s, q, source_dir, out))
+        exports: dict[str, Path] = {}
+        for stage in selected("export"):
+            qdir = quantized[stage.params["variant"]]
+            exports[stage.id] = run(stage, lambda out, s=stage, q=qdir: stage_export(plan, s, q, source_dir, out))
 
-    for stage in selected("accuracy"):
-        export_dir = exports[stage.id.replace("accuracy/", "export/", 1)] / "model"
-        run(stage, lambda out, s=stage, e=export_dir: stage_accuracy(plan, s, e, baseline_dir, out, progress))
+        for stage in selected("accuracy"):
+            export_dir = exports[stage.id.replace("accuracy/", "export/", 1)] / "model"
+            run(stage, lambda out, s=stage, e=export_dir: stage_accuracy(plan, s, e, baseline_dir, out, progress))
 
-    engines: dict[str, Path] = {}
-    for stage in selected("engine"):
-        checkpoint = exports[stage.needs[0]] / "model"
-        engines[stage.id] = run(stage, lambda out, s=stage, c=checkpoint: stage_engine(plan, s, c, out, progress))
+        engines: dict[str, Path] = {}
+        for stage in selected("engine"):
+            checkpoint = exports[stage.needs[0]] / "model"
+            engines[stage.id] = run(stage, lambda out, s=stage, c=checkpoint: stage_engine(plan, s, c, out, progress))
 
-    def served(stage: Stage) -> tuple[Path, Path | None]:
-        """The model directory and TensorRT engine (if any) a serving stage loads."""
-        if stage.params["variant"] is None:  # the lm-eval baseline serves the source
-            return source_dir, None
-        engine = next((engines[n] / "engine" for n in stage.needs if n.startswith("engine/")), None)
-        return exports[stage.needs[0]] / "model", engine
+        def served(stage: Stage) -> tuple[Path, Path | None]:
+            """The model directory and TensorRT engine (if any) a serving stage loads."""
+            if stage.params["variant"] is None:  # the lm-eval baseline serves the source
+                return source_dir, None
+            engine = next((engines[n] / "engine" for n in stage.needs if n.startswith("engine/")), None)
+            return exports[stage.needs[0]] / "model", engine
 
-    for stage in selected("tasks"):
-        run(stage, lambda out, s=stage: stage_tasks(plan, s, *served(s), out, progress))
+        for stage in selected("tasks"):
+            run(stage, lambda out, s=stage: stage_tasks(plan, s, *served(s), out, progress))
 
-    for stage in selected("throughput"):
-        run(stage, lambda out, s=stage: stage_throughput(plan, s, *served(s), out, progress))
+        for stage in selected("throughput"):
+            run(stage, lambda out, s=stage: stage_throughput(plan, s, *served(s), out, progress))
 
-    packages: dict[str, Path] = {}
-    for stage in selected("package"):
-        model_dir = exports[stage.needs[0]] / "model"
-        packages[stage.id] = run(stage, lambda out, s=stage, m=model_dir: stage_package(plan, s, m, out))
+        packages: dict[str, Path] = {}
+        for stage in selected("package"):
+            model_dir = exports[stage.needs[0]] / "model"
+            packages[stage.id] = run(stage, lambda out, s=stage, m=model_dir: stage_package(plan, s, m, out))
 
-    for stage in plan.stages:  # what did not run: deferred, not implemented, or left out by --only/--skip
-        if stage.id not in records:
-            runnable = stage.status in ("run", "cached")
-            records[stage.id] = {
-                "status": "disabled" if runnable else stage.status,
-                "reason": f"not selected ({selection_text(only, skip)})" if runnable else stage.reason,
-                "command": stage.command,
-            }
+        fill_records(plan, records, chosen, only, skip, "runs once every gate passed")
+        outcome.validation, outcome.failed_gates = validate(plan, records)
+        outcome.images = [{"stage": sid, "layout": str(p / "layout"), **records[sid]} for sid, p in packages.items()]
+
+        phase = "materialize"
+        # Said first, so a build killed while the directories change leaves a report that says so.
+        interrupted = "interrupted while writing the artifact directories; build again"
+        outcome.write(outcome.report({"stage": phase, "type": "Interrupted", "message": interrupted}))
+        materialize_artifacts(plan, exports, outcome.out_root, outcome.artifacts)
+
+        pushes = selected("push")
+        if pushes and outcome.failed_gates:
+            for stage in pushes:  # a release must never publish an artifact that failed its gates
+                records[stage.id] = {"status": "disabled", "reason": "not pushed: a validation gate failed"}
+        elif pushes:
+            attached = outcome.report()  # the report each image carries: everything but the pushes
+            outcome.pushed = []
+            for stage in pushes:
+                phase = stage.id
+                records[stage.id] = {"status": "failed"}
+                [pushed] = push_images(plan, [stage], packages, attached, progress)
+                outcome.pushed.append(pushed)
+                records[stage.id] = {"status": "ran", "digest": pushed["digest"],
+                                     "bytes_uploaded": pushed["bytes_uploaded"]}  # fmt: skip
+        phase = "report"
+        report = outcome.report()
+        report_path = outcome.write(report)
+    except BaseException as error:
+        outcome.write_failure(error, chosen, only, skip, phase)
+        raise
+    result = BuildResult(report, report_path, outcome.failed_gates)
+    if outcome.failed_gates:
+        raise GateFailed(gate_failure_message(outcome.failed_gates), result)
+    return result
+
+
+def fill_records(
+    plan: Plan, records: dict[str, dict], chosen: set[str], only: tuple[str, ...], skip: tuple[str, ...], pending: str
+) -> None:
+    """A record for every stage that has none: deferred / not implemented ones say why, those left
+    out by --only/--skip say so, chosen ones not run (yet) are `not-run` with `pending` as reason."""
+    for stage in plan.stages:
+        if stage.id in records:
+            continue
+        if stage.status not in ("run", "cached"):
+            records[stage.id] = {"status": stage.status, "reason": stage.reason, "command": stage.command}
+        elif stage.id in chosen:
+            records[stage.id] = {"status": "not-run", "reason": pending}
+        else:
+            reason = f"not selected ({selection_text(only, skip)})"
+            records[stage.id] = {"status": "disabled", "reason": reason, "command": stage.command}
+
+
+def validate(plan: Plan, records: dict[str, dict]) -> tuple[dict, list[dict]]:
+    """(report's `validation`, failed gates) from the stages' records."""
     task_gates, task_scores = evaluate_task_gates(plan, records)
     gates = evaluate_accuracy_gates(plan, records) + task_gates
     throughput = throughput_results(plan, records)
-    failed = failed_gates(gates, throughput)
-    out_root = artifacts_dir / recipe.name
-    report = {
-        "forge_version": __version__,
-        "recipe": recipe.model_dump(mode="json"),
-        "recipe_file": str(recipe_path),
-        "inputs": {"source": plan.source_identity, "model_config": plan.model_config},
-        "tools": tool_versions(),
-        "stages": [{"id": s.id, "kind": s.kind, "key": s.key, **records[s.id]} for s in plan.stages],
-        "artifacts": materialize_artifacts(plan, exports, out_root),
-        "impossible": [
-            {"variant": a.variant, "backend": a.backend, "gpu": a.gpu, "reason": a.reason}
-            for a in plan.artifacts
-            if a.status == "impossible"
-        ],
-        "validation": {"accuracy": gates, "tasks": task_scores, "throughput": throughput},
-        "images": [{"stage": sid, "layout": str(path / "layout"), **records[sid]} for sid, path in packages.items()],
-    }
-
-    pushes = selected("push")
-    if pushes and failed:
-        for stage in pushes:  # a release must never publish an artifact that failed its gates
-            records[stage.id] = {"status": "disabled", "reason": "not pushed: a validation gate failed"}
-    elif pushes:
-        report["pushed"] = push_images(plan, pushes, packages, report, progress)
-        for stage, pushed in zip(pushes, report["pushed"], strict=True):
-            records[stage.id] = {
-                "status": "ran",
-                "digest": pushed["digest"],
-                "bytes_uploaded": pushed["bytes_uploaded"],
-            }
-    report["stages"] = [{"id": s.id, "kind": s.kind, "key": s.key, **records[s.id]} for s in plan.stages]
-    report["seconds"] = round(time.monotonic() - started, 3)
-    report = finite_json(report)  # NaN is not JSON: an undefined measurement is null (its gate says why)
-    report_path = out_root / "build.json"
-    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out_root / "recipe.resolved.yaml", dump_recipe(recipe))
-    result = BuildResult(report, report_path, failed)
-    if failed:
-        raise GateFailed(gate_failure_message(failed), result)
-    return result
+    return {"accuracy": gates, "tasks": task_scores, "throughput": throughput}, failed_gates(gates, throughput)
 
 
 def finite_json(value):
@@ -241,9 +340,15 @@ def check_hardware(plan: Plan, chosen: set[str], only: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------- outputs
 
 
-def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path) -> list[dict]:
-    """`artifacts/<recipe>/<variant>/<backend>/`: hard links into the cache entries (no copies)."""
-    listed = []
+def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path, listed: list[dict]) -> None:
+    """`artifacts/<recipe>/<variant>/<backend>/`: hard links into the (verified, read-only) cache
+    entries, no copies; each artifact is appended to `listed` once its directory is in place, so
+    a failure part-way reports exactly the ones written.
+
+    Hard links rather than copies: a multi-GB checkpoint is not duplicated, and the entry's files
+    are read-only, so an in-place edit of an artifact fails instead of editing the cache; one that
+    gets through (root ignores file modes) is caught by the entry's manifest on the next build,
+    which recomputes the entry and links the artifact afresh."""
     for artifact in plan.artifacts:
         if artifact.status != "planned" or artifact.export_stage not in exports:
             continue  # impossible, or its export left out by --only/--skip
@@ -262,7 +367,6 @@ def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path) 
                 "stages": artifact.stages,
             }
         )
-    return listed
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -270,20 +374,19 @@ def link_tree(src: Path, dst: Path) -> None:
 
     Under a lock per directory, so concurrent builds of one recipe never interleave their swaps;
     leftovers of killed builds (`.<name>.*.tmp` / `.old`) are removed there too."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst.with_name(f".{dst.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    make_dirs(dst.parent)
+    with lock_file(dst.with_name(f".{dst.name}.lock")):
         for stale in [*dst.parent.glob(f".{dst.name}.*.tmp"), *dst.parent.glob(f".{dst.name}.*.old")]:
-            shutil.rmtree(stale, ignore_errors=True)
+            remove(stale)
         if same_files(src, dst):
             return
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         shutil.copytree(src, tmp, copy_function=_link_or_copy)
         old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
-        if dst.exists():
+        if os.path.lexists(dst):
             os.replace(dst, old)
         os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
 
 
 def same_files(src: Path, dst: Path) -> bool:
@@ -302,8 +405,24 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def forge_commit() -> str:
+    """The git commit of the forge code that ran, `+dirty` when its files differ from it; `unknown`
+    for an installed wheel (its version says what it is). Figures are only comparable per commit."""
+    package = Path(__file__).resolve().parent
+    git = ["git", "-C", str(package)]
+    try:
+        tracked = subprocess.run([*git, "ls-files", "--error-unmatch", "build.py"], capture_output=True, timeout=10)
+        if tracked.returncode:  # not a checkout of forge (e.g. site-packages inside some other repository)
+            return "unknown"
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    commit = git_revision(package)
+    return commit + "+dirty" if commit != "unknown" and dirty.stdout.strip() else commit
+
+
 def tool_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "forge": __version__}
+    versions = {"python": platform.python_version(), "forge": __version__, "forge_commit": forge_commit()}
     for name in TOOLS:
         try:
             versions[name] = metadata.version(name)

@@ -8,20 +8,20 @@ which must find every stage cached. Minutes of CPU: marked integration.
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import FORGE, REPO
 
 pytestmark = pytest.mark.integration
 RECIPE = REPO / "recipes" / "smollm2-135m.yaml"
 
 
 def forge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "forge"), *args], capture_output=True, text=True)
+    return subprocess.run([*FORGE, *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,19 @@ def test_identical_rebuild_is_fully_cached(cold):
     ran = [s["id"] for s in again["stages"] if s["status"] == "ran"]
     assert ran == []
     assert again["artifacts"] == first["artifacts"]
+
+
+def test_readme_figures_are_this_builds(cold):
+    """The figures the README publishes are the ones the code at HEAD measures (bench/readme_figures.py
+    regenerates them); a change that moves a figure must republish it."""
+    _, report = cold
+    figures = runpy.run_path(str(REPO / "bench" / "readme_figures.py"))
+    published = figures["parse"]((REPO / "README.md").read_text())
+    measured = figures["parse"](figures["render"](report) + "\n")
+    assert [(r["variant"], r["format"]) for r in published] == [(r["variant"], r["format"]) for r in measured]
+    tolerance = {"perplexity": 0.001, "ppl_increase_pct": 0.001, "top1_agreement": 1e-4, "mean_kl": 1e-4}
+    for old, new in zip(published, measured, strict=True):
+        for key, tol in tolerance.items():
+            assert old[key] == pytest.approx(new[key], abs=tol), (old["variant"], old["format"], key)
+        assert old["recovery"] == pytest.approx(new["recovery"], abs=0.001)
+    assert report["tools"]["forge_commit"] != "unknown"
