@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_accuracy.py --full --served-only --append bench/RESULTS.md
 
 Everything goes through the library's own path: `quantize_checkpoint` (RTN, and AWQ with 16 × 256
-tokens of `pydoc_topics`, seed 0, as REFERENCE §3's llm-compressor figures), the dequantized state
+tokens of `pydoc_topics`, seed 0, as in the llm-compressor reference runs), the dequantized state
 into `build_model`, one `baseline_pass` and a `compare_pass` per variant over the wikitext-2-raw-v1
 test split's first N non-overlapping 1024-token windows (`--full`: all of them).
 

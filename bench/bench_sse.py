@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_sse.py [--streams 128] [--tokens 256] [--requests 384] [--skip-httpx]
 
-Target (forge issue 5): ≥ 50,000 SSE chunks/s parsed on one core, < 1 ms added to TTFT, so the
+Target: ≥ 50,000 SSE chunks/s parsed on one core, < 1 ms added to TTFT, so the
 client is never the bottleneck of a fast GPU server. The peer is tests/stream_stub.py in its own
 process, driven like a GPU server: one decode step every --step-ms writes the next chunk of every
 open stream (vLLM-sized ~200-byte chunks, chunked transfer coding).

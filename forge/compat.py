@@ -2,7 +2,10 @@
 
 Checked at plan time, before any download or quantization. Each rule returns the reason a
 combination is impossible (naming what would work instead) or None when it is fine.
-Sources: ../shared/REFERENCE.md §1 (vLLM, TGI, LMDeploy TurboMind and TensorRT-LLM loaders).
+Sources: vLLM https://docs.vllm.ai/en/latest/features/quantization/supported_hardware.html, TGI
+https://huggingface.co/docs/text-generation-inference/conceptual/quantization, LMDeploy TurboMind
+https://lmdeploy.readthedocs.io/en/latest/quantization/w4a16.html, TensorRT-LLM
+https://nvidia.github.io/TensorRT-LLM/reference/support-matrix.html (and each rule's own comment).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ metric's namespace) and a limit. The validator looks the name up, finds every me
 covers and compares. Adding a gate is one line in `GATES`; nothing else knows gate names.
 Kept free of torch so planning and reporting can import it cheaply.
 
-Thresholds used in the field (see REFERENCE.md §3): vLLM accepts a quantized perplexity at most
+Thresholds used in the field: vLLM accepts a quantized perplexity at most
 1 % over the reference; llm-compressor's lm-eval checks want recovery ≥ 0.95 of the baseline's
 scores; llama.cpp and SGLang track mean KL divergence and same-top-token rates.
 """

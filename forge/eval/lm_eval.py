@@ -4,7 +4,7 @@ The model under test is the one the backend actually serves, reached through its
 completions endpoint: `lm_eval --model local-completions` sends `echo=True, logprobs=1,
 max_tokens=1` requests for log-likelihood tasks (lm_eval/models/openai_completions.py,
 `LocalCompletionsAPI._create_payload`); chat endpoints cannot return prompt log-probabilities,
-so `local-chat-completions` only runs generation tasks (REFERENCE.md §3).
+so `local-chat-completions` only runs generation tasks.
 
 lm-evaluation-harness is an optional extra (`pip install "lm_eval[api]"`; it does not depend on
 torch). It runs as a subprocess so its import time, logging and global state stay out of forge.

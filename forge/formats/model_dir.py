@@ -149,7 +149,7 @@ def check_group_size(
 
     With tensor parallelism a row-parallel layer's groups must also tile each rank's slice of
     the input (vLLM `AWQLinearMethod.create_weights` refuses `input_size_per_partition %
-    group_size`; REFERENCE §1 "GPU capability rules").
+    group_size`: vllm/model_executor/layers/quantization/awq.py).
     """
     out_features, in_features = codes.shape
     group = scheme.group_size
