@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -35,7 +34,8 @@ def main() -> None:
     assert REPO not in Path(installed.__file__).resolve().parents, (
         f"forge imported from the clone: {installed.__file__}"
     )
-    work = Path(tempfile.mkdtemp(prefix="forge-smoke-"))
+    work = Path.cwd() / "smoke"  # inside .ci/smoke-wheel's temporary directory, removed on exit
+    work.mkdir()
     print(forge("--version", cwd=work).strip())
     module = subprocess.run([sys.executable, "-m", "forge", "--version"], cwd=work, capture_output=True, text=True)
     assert module.returncode == 0 and "version" in module.stdout, module
