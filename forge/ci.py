@@ -75,22 +75,28 @@ class CellWork:
     tensor_parallel: int
     export_stage: str | None
     stages: tuple[str, ...]
+    target: int = 0  # index in recipe.targets
 
     @property
     def name(self) -> str:
         return f"{self.variant}/{self.backend}/{self.gpu}"
 
 
-def tensor_parallel_of(plan: Plan, artifact: Artifact) -> int:
-    """The GPUs per replica of the target that produced `artifact` (Artifact does not carry it)."""
-    for target in plan.recipe.targets:
+def target_of(plan: Plan, artifact: Artifact) -> int:
+    """The index of the recipe target that produced `artifact` (Artifact does not carry it)."""
+    for index, target in enumerate(plan.recipe.targets):
         if target.backend != artifact.backend:
             continue
         if target.variants is not None and artifact.variant not in target.variants:
             continue
         if any((profile := lookup_gpu(g)) is not None and profile.name == artifact.gpu for g in target.gpus):
-            return target.tensor_parallel
-    return 1
+            return index
+    raise InputError(f"targets: no target produces {artifact.variant}/{artifact.backend}/{artifact.gpu}")
+
+
+def tensor_parallel_of(plan: Plan, artifact: Artifact) -> int:
+    """The GPUs per replica of the target that produced `artifact`."""
+    return plan.recipe.targets[target_of(plan, artifact)].tensor_parallel
 
 
 def gpu_work(plan: Plan) -> list[CellWork]:
@@ -111,6 +117,7 @@ def gpu_work(plan: Plan) -> list[CellWork]:
                     tensor_parallel_of(plan, artifact),
                     artifact.export_stage,
                     run,
+                    target_of(plan, artifact),
                 )
             )
     return cells
@@ -233,17 +240,20 @@ def gitlab_pipeline(plan: Plan, recipe: str, *, image: str = DEFAULT_IMAGE, buil
         # A child pipeline without a visible job fails to be created; say why there is no GPU work.
         jobs["no gpu work"] = {
             "stage": "gpu",
-            "script": ["echo 'forge: no GPU stage to run for this recipe (see .forge-not-dispatched)'"],
+            "script": ["echo 'forge: no GPU stage to run for this recipe (forge plan RECIPE --json says why)'"],
         }
+    # Hidden keys (leading dot) are not run by GitLab (https://docs.gitlab.com/ci/jobs/#hide-a-job):
+    # they keep the plan's impossible cells and idle GPU stages visible in the file itself. GitLab
+    # refuses a hidden key whose value is blank ("config can't be blank": Entry::Hidden validates
+    # presence), so an empty list is left out rather than written as `[]`.
+    # https://gitlab.com/gitlab-org/gitlab/-/blob/master/lib/gitlab/ci/config/entry/hidden.rb
+    hidden = {".forge-excluded": excluded_cells(plan), ".forge-not-dispatched": undispatched_gpu_stages(plan)}
     return {
         "stages": ["gpu"],
         "default": {"image": image},
         "variables": {"FORGE_CACHE_DIR": "$CI_PROJECT_DIR/.forge-cache"},
         "cache": {"key": "forge-stage-cache", "paths": [".forge-cache/"]},
-        # Hidden keys (leading dot) are not run by GitLab (https://docs.gitlab.com/ci/jobs/#hide-a-job):
-        # they keep the plan's impossible cells and idle GPU stages visible in the file itself.
-        ".forge-excluded": excluded_cells(plan),
-        ".forge-not-dispatched": undispatched_gpu_stages(plan),
+        **{key: value for key, value in hidden.items() if value},
         **jobs,
     }
 
@@ -273,7 +283,7 @@ def k8s_label_value(value: str) -> str:
     return cleaned.strip("-_.")
 
 
-def k8s_jobs(
+def k8s_manifests(
     plan: Plan,
     recipe: str,
     *,
@@ -282,16 +292,31 @@ def k8s_jobs(
     workdir: str = DEFAULT_WORKDIR,
     backoff_limit: int = 2,
 ) -> list[dict]:
-    """One `batch/v1` Job per GPU cell, running that cell's GPU stages in order on one pod.
+    """One `batch/v1` Job per GPU cell (and a ConfigMap beside it for the server's launch files).
 
-    A cell's stages go in one pod because they depend on each other (the throughput of a
-    TensorRT-LLM engine needs the engine) and Jobs have no ordering between them. The shared
-    volume holds the workspace (the recipe and its relative paths), the stage cache and the
-    per-cell outputs; it must be ReadWriteMany when Jobs land on several nodes.
+    A pod has no Docker daemon, so no container runs `forge build` (whose GPU stages shell out to
+    `docker run`): each stage runs directly in the image that does the work, on the shared volume
+    where the CPU build left the stage cache (`<mount>/cache/<kind>/<key>/`):
+
+    - engine: an init container in the TensorRT-LLM image runs `trtllm-build` from the export's
+      checkpoint in the cache into `<mount>/artifacts/<job>/engine`;
+    - throughput / tasks: the backend's own image serves the artifact as a native sidecar (an init
+      container with `restartPolicy: Always`, started before and stopped after the main
+      containers; its startupProbe gates them), and forge's load generator (`forge bench`, the
+      forge image) or lm-eval measures it over 127.0.0.1. A plain second main container would keep
+      the pod, and so the Job, running after the measurement ended.
+      https://kubernetes.io/docs/concepts/workloads/pods/sidecar-containers/
+
+    A cell's stages share one pod because they depend on each other (the throughput of a
+    TensorRT-LLM engine needs the engine) and Jobs have no ordering between them. The volume must
+    be ReadWriteMany when Jobs land on several nodes. Results go to `<mount>/artifacts/<job>/`.
     Field reference: https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/job-v1/
     """
-    mount = str(PurePosixPath(workdir).parent)
-    jobs = []
+    from forge.backends import trtllm
+    from forge.serving import ENGINE_DIR, LAUNCH_DIR, MODEL_DIR, serve_spec
+
+    mount = PurePosixPath(workdir).parent
+    manifests = []
     for cell in gpu_work(plan):
         name = k8s_name("forge", plan.recipe.name, cell.variant, cell.backend, cell.gpu)
         products = GFD_PRODUCTS.get(cell.gpu)
@@ -306,18 +331,99 @@ def k8s_jobs(
             "forge/backend": k8s_label_value(cell.backend),
             "forge/gpu": k8s_label_value(cell.gpu),
         }
-        command = ["forge", "build", recipe, "--json", "--artifacts-dir", f"{mount}/artifacts/{name}"]
-        for stage in cell.stages:
-            command += ["--only", stage]
-        container = {
-            "name": "forge",
-            "image": image,
-            "command": command,
-            "workingDir": workdir,
-            "env": [{"name": "FORGE_CACHE_DIR", "value": f"{mount}/cache"}],
-            "resources": {"limits": {GPU_RESOURCE: cell.tensor_parallel}},
-            "volumeMounts": [{"name": "forge", "mountPath": mount}],
-        }
+        target = plan.recipe.targets[cell.target]
+        scheme = plan.schemes[cell.variant]
+        kinds = {plan.stage(sid).kind: sid for sid in cell.stages}
+        export = plan.stage(cell.export_stage) if cell.export_stage else None
+        if export is None:
+            raise InputError(f"targets: cell {cell.name} has GPU stages but no export to run them on")
+        # subPaths on the one volume (https://kubernetes.io/docs/concepts/storage/volumes/#using-subpath)
+        model_sub = f"cache/{export.kind}/{export.key}/model"
+        out_sub = f"artifacts/{name}"
+        gpus = {"limits": {GPU_RESOURCE: cell.tensor_parallel}}
+        init: list[dict] = []
+        main: list[dict] = []
+        config_map = None
+        if "engine" in kinds:
+            limits = trtllm.Limits.from_target(target)
+            init.append({
+                "name": "engine",
+                "image": trtllm.image(target.trtllm.version),
+                "command": trtllm.build_argv(MODEL_DIR, ENGINE_DIR, limits, scheme),
+                "resources": gpus,
+                "volumeMounts": [
+                    {"name": "forge", "mountPath": MODEL_DIR, "subPath": model_sub, "readOnly": True},
+                    {"name": "forge", "mountPath": ENGINE_DIR, "subPath": f"{out_sub}/engine"},
+                ],
+            })  # fmt: skip
+        measures = [kind for kind in ("tasks", "throughput") if kind in kinds]
+        if measures:
+            spec = serve_spec(plan.recipe, cell.variant, scheme, target, cell.gpu, plan.revision)
+            mounts = [{"name": "forge", "mountPath": MODEL_DIR, "subPath": model_sub, "readOnly": True}]
+            served = MODEL_DIR
+            if ENGINE_DIR in spec.argv:
+                # The engine this pod builds, or the one a GPU builder left in the cache.
+                built = next(s for s in plan.stages if s.id == f"engine/{cell.name}")
+                engine_sub = f"{out_sub}/engine" if "engine" in kinds else f"cache/engine/{built.key}/engine"
+                mounts.append({"name": "forge", "mountPath": ENGINE_DIR, "subPath": engine_sub, "readOnly": True})
+                served = ENGINE_DIR
+            volumes_extra = []
+            if spec.launch_files:
+                config_map = {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {"name": name, "labels": dict(labels)},
+                    "data": dict(spec.launch_files),
+                }
+                mounts.append({"name": "launch", "mountPath": LAUNCH_DIR, "readOnly": True})
+                volumes_extra.append({"name": "launch", "configMap": {"name": name}})
+            init.append({
+                "name": "server",
+                "image": spec.base_image,
+                "command": spec.argv,
+                "restartPolicy": "Always",  # a native sidecar
+                "env": [{"name": k, "value": v} for k, v in sorted(spec.env.items())],
+                "ports": [{"name": "http", "containerPort": spec.port}],
+                "securityContext": {"runAsUser": k8s_user_id(spec.user)},
+                # Loading a large model takes minutes; the probe gives it up to 30 minutes.
+                "startupProbe": {
+                    "httpGet": {"path": spec.health_path, "port": spec.port},
+                    "periodSeconds": 10,
+                    "failureThreshold": 180,
+                },
+                "resources": gpus,
+                "volumeMounts": mounts,
+            })  # fmt: skip
+            endpoint = f"http://127.0.0.1:{spec.port}"
+            tokenizer = f"{mount}/{model_sub}"
+            forge_env = [{"name": "FORGE_CACHE_DIR", "value": f"{mount}/cache"}]
+            forge_mounts = [{"name": "forge", "mountPath": str(mount)}]
+            if "tasks" in kinds:
+                step = {
+                    "name": "tasks",
+                    "image": image,
+                    "command": tasks_command(plan, recipe, workdir, endpoint, served, tokenizer,
+                                             f"{mount}/{out_sub}/tasks"),
+                    "workingDir": workdir,
+                    "env": forge_env,
+                    "volumeMounts": forge_mounts,
+                }  # fmt: skip
+                # lm-eval before the load sweep, so neither measures the server under the other's load.
+                (init if "throughput" in kinds else main).append(step)
+            if "throughput" in kinds:
+                main.append({
+                    "name": "loadgen",
+                    "image": image,
+                    "command": bench_command(plan, cell, endpoint, served, tokenizer, f"{mount}/{out_sub}/throughput"),
+                    "workingDir": workdir,
+                    "env": forge_env,
+                    "volumeMounts": forge_mounts,
+                })  # fmt: skip
+        else:
+            volumes_extra = []
+        if not main:
+            # Only an engine to build: it is the pod's one container.
+            main, init = init[-1:], init[:-1]
         affinity = {
             "nodeAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": {
@@ -327,7 +433,19 @@ def k8s_jobs(
                 }
             }
         }
-        jobs.append(
+        pod: dict = {
+            "restartPolicy": "Never",
+            "affinity": affinity,
+            # GPU node pools are commonly tainted so that only GPU work lands there.
+            "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+        }
+        if init:
+            pod["initContainers"] = init
+        pod["containers"] = main
+        pod["volumes"] = [{"name": "forge", "persistentVolumeClaim": {"claimName": cache_claim}}, *volumes_extra]
+        if config_map:
+            manifests.append(config_map)
+        manifests.append(
             {
                 "apiVersion": "batch/v1",
                 "kind": "Job",
@@ -338,34 +456,82 @@ def k8s_jobs(
                 },
                 "spec": {
                     "backoffLimit": backoff_limit,
-                    # Exit 1 (a gate failed) and 2 (bad input) fail the same way on a retry; exit 3
-                    # (infrastructure) and evictions are worth retrying. Needs restartPolicy Never.
-                    # https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy
-                    "podFailurePolicy": {
-                        "rules": [
-                            {
-                                "action": "FailJob",
-                                "onExitCodes": {"containerName": "forge", "operator": "In", "values": [1, 2]},
-                            },
-                            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                        ]
-                    },
+                    "podFailurePolicy": {"rules": pod_failure_rules([c["name"] for c in init + main])},
                     "ttlSecondsAfterFinished": 7 * 24 * 3600,
-                    "template": {
-                        "metadata": {"labels": dict(labels)},  # a copy: no YAML anchors
-                        "spec": {
-                            "restartPolicy": "Never",
-                            "affinity": affinity,
-                            # GPU node pools are commonly tainted so that only GPU work lands there.
-                            "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
-                            "containers": [container],
-                            "volumes": [{"name": "forge", "persistentVolumeClaim": {"claimName": cache_claim}}],
-                        },
-                    },
+                    "template": {"metadata": {"labels": dict(labels)}, "spec": pod},  # a copy: no YAML anchors
                 },
             }
         )
-    return jobs
+    return manifests
+
+
+def k8s_jobs(plan: Plan, recipe: str, **options) -> list[dict]:
+    """The Jobs of `k8s_manifests`, without their ConfigMaps."""
+    return [m for m in k8s_manifests(plan, recipe, **options) if m["kind"] == "Job"]
+
+
+# Exit codes that fail the same way on a retry, per container. `forge bench`: 1 a gate failed,
+# 2 bad arguments (3, no request succeeded, is worth a retry: the server may have died on a bad
+# node). trtllm-build and lm_eval are Python programs: 2 is argparse refusing the command line;
+# trtllm-build's 1 is an exception in the build (unsupported config, out of memory), which a
+# retry repeats. lm_eval's 1 also covers an unreachable server, so it is retried.
+# Needs restartPolicy Never. https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy
+FATAL_EXIT_CODES = {"loadgen": [1, 2], "engine": [1, 2], "tasks": [2]}
+
+
+def pod_failure_rules(containers: list[str]) -> list[dict]:
+    rules = [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": name, "operator": "In", "values": FATAL_EXIT_CODES[name]},
+        }
+        for name in containers
+        if name in FATAL_EXIT_CODES
+    ]
+    return [*rules, {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+
+
+def k8s_user_id(user: str) -> int:
+    """`runAsUser` for a backend's USER (`root` or `uid[:gid]`)."""
+    return 0 if user == "root" else int(user.split(":")[0])
+
+
+def bench_command(plan: Plan, cell: CellWork, endpoint: str, model: str, tokenizer: str, out: str) -> list[str]:
+    """`forge bench` with the recipe's throughput settings and gates (what the throughput stage runs)."""
+    load = plan.recipe.validation.throughput
+    flavor = {"vllm": "vllm", "tgi": "none"}.get(cell.backend, "openai")  # as stages.stage_throughput
+    argv = [
+        "forge", "bench", "--endpoint", endpoint, "--model", model, "--tokenizer", tokenizer,
+        "--flavor", flavor, "--concurrency", ",".join(map(str, load.concurrency)),
+        "--prompt-tokens", str(load.prompt_tokens), "--output-tokens", str(load.output_tokens),
+        "--requests", str(load.requests_per_level), "--gpus", str(cell.tensor_parallel), "--out", out, "--json",
+    ]  # fmt: skip
+    gates = {"--ttft-p99-ms": load.max_ttft_p99_ms, "--tpot-p99-ms": load.max_tpot_p99_ms,
+             "--min-output-tok-s": load.min_output_tps}  # fmt: skip
+    for option, value in gates.items():
+        if value is not None:
+            argv += [option, f"{value:g}"]
+    price = load.usd_per_hour.get(cell.gpu, lookup_gpu(cell.gpu).usd_per_hour)  # as stages.stage_throughput
+    if price:
+        argv += ["--gpu-usd-per-hour", f"{price:g}"]
+    return argv
+
+
+def tasks_command(
+    plan: Plan, recipe: str, workdir: str, endpoint: str, model: str, tokenizer: str, out: str
+) -> list[str]:
+    """`lm_eval` against the served artifact, as the tasks stage runs it (forge.eval.lm_eval)."""
+    from forge.eval.lm_eval import lm_eval_command
+
+    accuracy = plan.recipe.validation.accuracy
+    include = None
+    if accuracy.task_include_path:
+        include = str(PurePosixPath(workdir) / PurePosixPath(recipe).parent / accuracy.task_include_path)
+    argv = lm_eval_command(
+        f"{endpoint}/v1/completions", model, tokenizer, accuracy.tasks, out,
+        num_fewshot=accuracy.num_fewshot, limit=accuracy.task_limit, include_path=include,
+    )  # fmt: skip
+    return ["python3", *argv[1:]]  # the pod's interpreter, not this machine's sys.executable
 
 
 # ---------------------------------------------------------------- rendering
@@ -400,7 +566,7 @@ def render_matrix(
         pipeline = gitlab_pipeline(plan, recipe, image=image)
         return header + yaml.safe_dump(pipeline, sort_keys=False, width=1000, allow_unicode=True)
     if fmt == "k8s":
-        jobs = k8s_jobs(plan, recipe, image=image, cache_claim=cache_claim, workdir=workdir)
+        jobs = k8s_manifests(plan, recipe, image=image, cache_claim=cache_claim, workdir=workdir)
         if not jobs:
             return header + "# no GPU stage to run for this recipe\n"
         return header + yaml.safe_dump_all(jobs, sort_keys=False, width=1000, allow_unicode=True)

@@ -29,6 +29,7 @@ class ServeSpec:
     argv: list[str]
     port: int
     health_path: str
+    user: str  # the backend module's USER: what its official image supports, one place for both builders
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     launch_files: dict[str, str] = field(default_factory=dict)  # name → content, under LAUNCH_DIR
@@ -78,6 +79,7 @@ def serve_spec(recipe: Recipe, variant: str, scheme: Scheme, target: Target, gpu
         argv=argv,
         port=backend.PORT,
         health_path=backend.HEALTH_PATH,
+        user=backend.USER,
         env={
             "HOME": "/tmp",
             "HF_HUB_OFFLINE": "1",
@@ -116,6 +118,7 @@ def render_dockerfile(spec: ServeSpec, model_files: list[str], artifact: str) ->
             "launch_dir": LAUNCH_DIR,
             "env": spec.env,
             "port": spec.port,
+            "user": spec.user,
             "healthcheck": spec.healthcheck,
             "argv": spec.argv,
         },

@@ -257,9 +257,11 @@ def test_tensor_parallel_asks_for_that_many_gpus(tiny_model, eval_text, tmp_path
     assert [e["runs_on"] for e in entries] == [["self-hosted", "gpu", "h100", "gpus-2"]] * 2
     assert runner_labels("L40S") == ["self-hosted", "gpu", "l40s"]
     jobs = k8s_jobs(plan, "recipe.yaml")
-    assert [j["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] for j in jobs] == [
-        {"nvidia.com/gpu": 2}
-    ] * 2
+    # The GPUs go to the backend's server (a sidecar); the load generator holds none.
+    assert [
+        [c.get("resources", {}).get("limits") for c in [*pod["initContainers"], *pod["containers"]]]
+        for pod in (j["spec"]["template"]["spec"] for j in jobs)
+    ] == [[{"nvidia.com/gpu": 2}, None]] * 2
 
 
 # ---------------------------------------------------------------- GitLab child pipeline
@@ -308,37 +310,39 @@ def test_gitlab_child_pipeline_has_one_job_per_gpu_cell(tiny_model, eval_text, t
 def test_k8s_jobs_validate_against_the_kubernetes_api_schema(tiny_model, eval_text, tmp_path):
     plan = with_gpu_stages_deferred(plan_of(matrix_recipe(tiny_model, eval_text), tmp_path))
     text = render_matrix(plan, "k8s", "recipes/tiny.yaml", image="registry.local/forge:1", cache_claim="shared")
-    manifests = list(yaml.safe_load_all(text))
+    documents = list(yaml.safe_load_all(text))
+    manifests = [d for d in documents if d["kind"] == "Job"]
     assert len(manifests) == sum(a.status == "planned" for a in plan.artifacts)
     version = kubernetes_validate.latest_version()
-    for manifest in manifests:
+    for document in documents:
         # strict: the schema variant that refuses unknown fields, so a typo fails here, not in kubectl
-        kubernetes_validate.validate(manifest, version, strict=True)
+        kubernetes_validate.validate(document, version, strict=True)
+    for manifest in manifests:
         spec = manifest["spec"]
         pod = spec["template"]["spec"]
-        container = pod["containers"][0]
-        assert manifest["apiVersion"] == "batch/v1" and manifest["kind"] == "Job"
+        assert manifest["apiVersion"] == "batch/v1"
         assert len(manifest["metadata"]["name"]) <= 63
         assert pod["restartPolicy"] == "Never" and spec["backoffLimit"] == 2
-        assert container["image"] == "registry.local/forge:1"
-        assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
-        assert pod["volumes"] == [{"name": "forge", "persistentVolumeClaim": {"claimName": "shared"}}]
-        assert {"name": "FORGE_CACHE_DIR", "value": "/forge/cache"} in container["env"]
+        (server,) = [c for c in pod["initContainers"] if c["name"] == "server"]
+        assert server["resources"]["limits"] == {"nvidia.com/gpu": 1}
+        assert pod["volumes"][0] == {"name": "forge", "persistentVolumeClaim": {"claimName": "shared"}}
+        (loadgen,) = pod["containers"]
+        assert loadgen["image"] == "registry.local/forge:1"
+        assert {"name": "FORGE_CACHE_DIR", "value": "/forge/cache"} in loadgen["env"]
+        assert loadgen["command"][:2] == ["forge", "bench"]
+        argv = loadgen["command"][1:]
+        assert argv[argv.index("--tokenizer") + 1].startswith("/forge/cache/export/")
+        argv[argv.index("--tokenizer") + 1] = str(tmp_path)  # click checks the directory exists
+        check_command_lines([argv])  # the real CLI parses it
         gpu = manifest["metadata"]["labels"]["forge/gpu"]
         (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         assert term["matchExpressions"] == [
             {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(GFD_PRODUCTS[gpu])}
         ]
-        assert container["command"][:2] == ["forge", "build"]
-        check_command_lines([container["command"][1:]])  # strict once --only exists
     h100 = next(m for m in manifests if m["metadata"]["annotations"]["forge/cell"] == "awq/trtllm/H100")
     assert "NVIDIA-H100-80GB-HBM3" in json.dumps(h100)
-    assert h100["spec"]["template"]["spec"]["containers"][0]["command"][-4:] == [
-        "--only",
-        "engine/awq/trtllm/H100",
-        "--only",
-        "throughput/awq/trtllm/H100",
-    ]
+    assert h100["metadata"]["annotations"]["forge/stages"] == "engine/awq/trtllm/H100 throughput/awq/trtllm/H100"
+    assert [c["name"] for c in h100["spec"]["template"]["spec"]["initContainers"]] == ["engine", "server"]
 
 
 def test_k8s_schema_check_catches_a_broken_job(tiny_model, eval_text, tmp_path):
@@ -348,7 +352,7 @@ def test_k8s_schema_check_catches_a_broken_job(tiny_model, eval_text, tmp_path):
     typo = copy.deepcopy(job)
     typo["spec"]["backofLimit"] = typo["spec"].pop("backoffLimit")
     wrong_type = copy.deepcopy(job)
-    wrong_type["spec"]["template"]["spec"]["containers"][0]["command"] = "forge build recipe.yaml"
+    wrong_type["spec"]["template"]["spec"]["containers"][0]["command"] = "forge bench"
     for broken in (typo, wrong_type):
         with pytest.raises(kubernetes_validate.ValidationError):
             kubernetes_validate.validate(broken, version, strict=True)

@@ -1,5 +1,6 @@
 """The serving backends, registered explicitly. Each module exposes the same few names:
-`PORT`, `HEALTH_PATH`, `METRICS_PATH`, `TRUST_REMOTE_CODE_FLAG`, `export_format(scheme, target)`, `serve_command(...)`,
+`USER` (the user its official image can run the server as, from that image's Dockerfile), `PORT`,
+`HEALTH_PATH`, `METRICS_PATH`, `TRUST_REMOTE_CODE_FLAG`, `export_format(scheme, target)`, `serve_command(...)`,
 and an image (`IMAGE`, or `image(version)` for TensorRT-LLM whose tag follows the recipe)."""
 
 from __future__ import annotations

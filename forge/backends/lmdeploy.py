@@ -5,7 +5,13 @@ from __future__ import annotations
 from forge.quant.scheme import Scheme
 from forge.recipe import Target
 
-IMAGE = "openmmlab/lmdeploy:v0.10.2-cu12"
+# The newest release checked on 2026-11-30: v0.16.0 (https://github.com/InternLM/lmdeploy/releases). Since
+# v0.11 the image tags carry the CUDA minor (`<tag>-cu12.8`, `<tag>-cu13.0`: .github/workflows/docker.yml);
+# the `api_server` flags below and QuantPolicy 0/4/8 are unchanged in v0.16.0 (lmdeploy/cli/serve.py).
+IMAGE = "openmmlab/lmdeploy:v0.16.0-cu12.8"
+# docker/Dockerfile has no USER (root); Python is the /opt/py3 virtualenv.
+# https://github.com/InternLM/lmdeploy/blob/v0.16.0/docker/Dockerfile
+USER = "root"
 PORT = 23333
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"

@@ -5,8 +5,14 @@ from __future__ import annotations
 from forge.quant.scheme import Scheme
 from forge.recipe import Target
 
-IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
-PORT = 80  # the image sets PORT=80; the bare launcher defaults to 3000
+# The newest release checked on 2026-11-30: v3.3.7 (https://github.com/huggingface/text-generation-inference/releases);
+# launcher flags below checked in that tag's launcher/src/main.rs.
+IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.7"
+# The image runs as root and needs to: its virtualenv's interpreter is a uv-managed CPython under
+# /root/.local/share/uv (mode 0700), and it listens on port 80 (ENV PORT=80; the bare launcher's
+# default is 3000). https://github.com/huggingface/text-generation-inference/blob/v3.3.7/Dockerfile
+USER = "root"
+PORT = 80
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"
 TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"  # text-generation-launcher --help

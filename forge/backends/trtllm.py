@@ -34,6 +34,9 @@ from forge.quant.scheme import Scheme
 DEFAULT_VERSION = "1.2.1"
 LAST_ENGINE_RELEASE = (1, 2)  # trtllm-build exists in ≤ 1.2.x (see module docstring)
 IMAGE_REPOSITORY = "nvcr.io/nvidia/tensorrt-llm/release"  # NGC tags: 1.2.1, 1.2.0rc1, …
+# NGC TensorRT-LLM images run their MPI launcher as root; no non-root user is prepared in them
+# (https://github.com/NVIDIA/TensorRT-LLM/blob/main/docker/Dockerfile.multi).
+USER = "root"
 PORT = 8000  # trtllm-serve --port default (commands/serve.py)
 HEALTH_PATH = "/health"
 METRICS_PATH = "/prometheus/metrics"
@@ -241,6 +244,18 @@ def docker_build_argv(
 ) -> list[str]:
     inner = build_argv(_CKPT_MOUNT, _ENGINE_MOUNT, limits, scheme)
     return docker_argv(inner, {str(checkpoint_dir): f"{_CKPT_MOUNT}:ro", str(output_dir): _ENGINE_MOUNT}, version)
+
+
+def engine_build_command(checkpoint_dir: Path, engine_dir: Path, limits: Limits, scheme: Scheme, version: str) -> str:
+    """The `docker run … trtllm-build` line to paste on a GPU builder, as one shell-quoted string.
+
+    Both directories must be absolute: a relative path (or a placeholder word) would be resolved
+    against wherever the line is pasted, or read by Docker as a named volume.
+    """
+    for name, path in (("checkpoint_dir", checkpoint_dir), ("engine_dir", engine_dir)):
+        if not Path(path).is_absolute():
+            raise ValueError(f"{name}: {path} is not an absolute path")
+    return shlex.join(docker_build_argv(checkpoint_dir, engine_dir, limits, scheme, version))
 
 
 # ---------------------------------------------------------------- engine cache key

@@ -5,7 +5,14 @@ from __future__ import annotations
 from forge.quant.scheme import Scheme
 from forge.recipe import Target
 
-IMAGE = "vllm/vllm-openai:v0.11.2"
+# The newest release checked on 2026-11-30 (https://github.com/vllm-project/vllm/releases, tag v0.31.0;
+# image https://hub.docker.com/r/vllm/vllm-openai/tags). The `vllm serve` flags below are unchanged
+# from v0.11.2 to v0.31.0 (vllm/engine/arg_utils.py). From v0.30.0 the plain tag is built for CUDA 13
+# (driver ≥ 580); on an older driver set package.base_images.vllm to the `-cu129` variant.
+IMAGE = "vllm/vllm-openai:v0.31.0"
+# docker/Dockerfile (vllm-openai stage) has no USER: the server runs as root and Python lives in
+# the system site-packages (https://github.com/vllm-project/vllm/blob/main/docker/Dockerfile).
+USER = "root"
 PORT = 8000
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"

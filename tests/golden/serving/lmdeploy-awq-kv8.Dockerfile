@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Rendered by forge 0.1.0 for golden/awq-kv8/lmdeploy. Do not edit: change the recipe instead.
-FROM openmmlab/lmdeploy:v0.10.2-cu12
+FROM openmmlab/lmdeploy:v0.16.0-cu12.8
 
 LABEL dev.forge.backend="lmdeploy"
 LABEL dev.forge.gpu="H100"
@@ -26,5 +26,5 @@ ENV HOME="/tmp"
 EXPOSE 23333
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:23333/health')"]
-USER 1000:1000
+USER root
 ENTRYPOINT ["lmdeploy", "serve", "api_server", "/models/model", "--backend", "turbomind", "--model-format", "awq", "--quant-policy", "8", "--tp", "1", "--session-len", "4096", "--max-batch-size", "64", "--server-name", "0.0.0.0", "--server-port", "23333"]

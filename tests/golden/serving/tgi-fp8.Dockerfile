@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Rendered by forge 0.1.0 for golden/fp8/tgi. Do not edit: change the recipe instead.
-FROM ghcr.io/huggingface/text-generation-inference:3.3.6
+FROM ghcr.io/huggingface/text-generation-inference:3.3.7
 
 LABEL dev.forge.backend="tgi"
 LABEL dev.forge.gpu="H100"
@@ -26,5 +26,5 @@ ENV HOME="/tmp"
 EXPOSE 80
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:80/health')"]
-USER 1000:1000
+USER root
 ENTRYPOINT ["text-generation-launcher", "--model-id", "/models/model", "--port", "80", "--quantize", "compressed-tensors", "--max-input-tokens", "2048", "--max-total-tokens", "4096", "--max-batch-prefill-tokens", "8192", "--num-shard", "1", "--kv-cache-dtype", "fp8_e4m3fn"]

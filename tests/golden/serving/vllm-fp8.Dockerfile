@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Rendered by forge 0.1.0 for golden/fp8/vllm. Do not edit: change the recipe instead.
-FROM vllm/vllm-openai:v0.11.2
+FROM vllm/vllm-openai:v0.31.0
 
 LABEL dev.forge.backend="vllm"
 LABEL dev.forge.gpu="H100"
@@ -26,5 +26,5 @@ ENV HOME="/tmp"
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"]
-USER 1000:1000
+USER root
 ENTRYPOINT ["vllm", "serve", "/models/model", "--host", "0.0.0.0", "--port", "8000", "--max-model-len", "8192", "--max-num-seqs", "64", "--max-num-batched-tokens", "8192", "--tensor-parallel-size", "2", "--kv-cache-dtype", "fp8"]
