@@ -1,5 +1,13 @@
 """Serving images for artifacts: assemble without a daemon (default) or with docker buildx, and
-push them with the build report and SLSA provenance attached as OCI 1.1 referrers."""
+push them with the build report and SLSA provenance attached as OCI 1.1 referrers.
+
+Who gets which credentials: FORGE_REGISTRY_USERNAME / FORGE_REGISTRY_PASSWORD go to
+`package.registry` only (pushes, its referrers, a base image or `forge verify` on that same
+registry); every other registry (the default base images on Docker Hub or ghcr.io, a
+`forge verify` elsewhere) is asked anonymously unless docker's config.json has an entry for
+exactly that host. `package.insecure_registries` relaxes TLS per registry; SSL_CERT_FILE names a
+CA bundle to trust instead of the system's.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +15,48 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from forge.errors import InfraError
+from forge.errors import InfraError, InputError
 from forge.oci import registry
-from forge.oci.image import ImageConfig, build_image
+from forge.oci.image import ImageConfig, build_image, local_base_digest, split_oci_base
 from forge.serving import LAUNCH_DIR, MODEL_DIR, ServeSpec, render_dockerfile
 
 PROVENANCE_TYPE = "application/vnd.in-toto+json"  # in-toto attestation media type (in-toto/attestation spec)
+CREATED = "org.opencontainers.image.created"  # on each referrer, so verify can tell the newest
+
+# Resolving a base image's tag at plan time: a plan must stay fast, so one short try, and a
+# registry (or DNS) that does not answer in time leaves the stage keyed on the name.
+PLAN_RESOLVE_TIMEOUT_S = 10.0
+
+
+def _env_seconds(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InputError(f"{name}: {raw!r} is not a positive number of seconds")
+    return value
+
+
+def registry_options(host: str, insecure_registries: Iterable[str] = (), **overrides) -> registry.RegistryOptions:
+    """The options forge talks to `host` with: `package.insecure_registries` applied, and the
+    read timeout and whole-operation deadline from FORGE_REGISTRY_TIMEOUT_S /
+    FORGE_REGISTRY_DEADLINE_S when set."""
+    settings = dict(overrides)
+    timeout, deadline = _env_seconds("FORGE_REGISTRY_TIMEOUT_S"), _env_seconds("FORGE_REGISTRY_DEADLINE_S")
+    if timeout is not None:
+        settings.setdefault("timeout_s", timeout)
+    if deadline is not None:
+        settings.setdefault("deadline_s", deadline)
+    return registry.RegistryOptions(**settings).for_host(host, insecure_registries)
 
 
 def image_tag(template: str, variant: str, backend: str, gpu: str) -> str:
@@ -33,8 +75,14 @@ def write_build_context(spec: ServeSpec, model_dir: Path, out: Path, artifact: s
     return context
 
 
-def package_artifact(spec: ServeSpec, model_dir: Path, out: Path, tag: str, artifact: str, builder: str) -> dict:
-    """Build the serving image into the OCI layout `out/layout` tagged `tag`."""
+def package_artifact(
+    spec: ServeSpec, model_dir: Path, out: Path, tag: str, artifact: str, builder: str,
+    base: dict | None = None, push_registry: str | None = None, insecure_registries: Iterable[str] = (),
+) -> dict:  # fmt: skip
+    """Build the serving image into the OCI layout `out/layout` tagged `tag`. `base` is what
+    `resolve_base` found at plan time (the image to build from, pinned to its digest when it
+    resolved); `push_registry` (package.registry) is the one registry the environment's
+    credentials may be sent to."""
     context = write_build_context(spec, model_dir, out, artifact)
     layout_dir = out / "layout"
     if builder == "docker":
@@ -55,15 +103,25 @@ def package_artifact(spec: ServeSpec, model_dir: Path, out: Path, tag: str, arti
         launch_path=LAUNCH_DIR,
     )
     launch = context / "launch" if spec.launch_files else None
-    result = build_image(spec.base_image, model_dir, launch, config, layout_dir, tag)
-    return {
+    source = (base or {}).get("image") or spec.base_image
+    credentials = options = None
+    if not source.startswith("oci:"):
+        host = registry.parse_reference(source).host
+        credentials = registry.credentials_for(host, push_registry)
+        options = registry_options(host, insecure_registries)
+    result = build_image(source, model_dir, launch, config, layout_dir, tag, credentials=credentials,
+                         registry_options=options)  # fmt: skip
+    facts = {
         "builder": "daemonless",
         "tag": tag,
         "digest": result.manifest.digest,
-        "base": result.base,
+        "base": spec.base_image,
         "base_digest": result.base_digest,
         "layers": len(result.layers),
     }
+    if base and base.get("digest"):
+        facts["base_resolved"] = base["digest"]  # what the tag (or layout) named at plan time
+    return facts
 
 
 def buildx_image(context: Path, layout_dir: Path, tag: str) -> dict:
@@ -82,11 +140,17 @@ def buildx_image(context: Path, layout_dir: Path, tag: str) -> dict:
     return {"builder": "docker", "tag": tag, "digest": index["manifests"][0]["digest"]}
 
 
-def push_artifact(layout_dir: Path, source_tag: str, registry_host: str, repository: str, tags: list[str]) -> dict:
-    """Push one image under every tag; credentials come from the environment or docker config."""
+def push_artifact(
+    layout_dir: Path, source_tag: str, registry_host: str, repository: str, tags: list[str],
+    insecure_registries: Iterable[str] = (),
+) -> dict:  # fmt: skip
+    """Push one image under every tag to package.registry; credentials come from the
+    environment or docker config."""
     reference = f"{registry_host}/{repository}:{tags[0]}"
-    credentials = registry.resolve_credentials(registry_host)
-    result = registry.push_image(layout_dir, reference, source_tag=source_tag, tags=tags[1:], credentials=credentials)
+    credentials = registry.credentials_for(registry_host, registry_host)
+    options = registry_options(registry_host, insecure_registries)
+    result = registry.push_image(layout_dir, reference, source_tag=source_tag, tags=tags[1:], credentials=credentials,
+                                 options=options)  # fmt: skip
     return {
         "reference": reference,
         "digest": result.digest,
@@ -97,12 +161,86 @@ def push_artifact(layout_dir: Path, source_tag: str, registry_host: str, reposit
     }
 
 
-def attach_documents(reference: str, documents: dict[str, bytes]) -> dict[str, str]:
-    """Attach each document (artifact type → bytes) to the pushed image; returns their digests."""
-    credentials = registry.resolve_credentials(reference.split("/", 1)[0])
-    return {
-        artifact_type: registry.attach_referrer(
-            reference, data, artifact_type=artifact_type, credentials=credentials
-        ).digest
-        for artifact_type, data in documents.items()
-    }
+def attach_documents(
+    reference: str, documents: dict[str, bytes], insecure_registries: Iterable[str] = ()
+) -> dict[str, str]:
+    """Attach each document (artifact type → bytes) to the image pushed to package.registry, in
+    order, each annotated with when it was attached (so `forge verify` checks the newest pair
+    after a re-push); returns their digests."""
+    host = registry.parse_reference(reference).host
+    credentials = registry.credentials_for(host, host)
+    options = registry_options(host, insecure_registries)
+    attached = {}
+    for artifact_type, data in documents.items():
+        annotations = {CREATED: attach_time()}
+        attached[artifact_type] = registry.attach_referrer(
+            reference, data, artifact_type=artifact_type, annotations=annotations, credentials=credentials,
+            options=options,
+        ).digest  # fmt: skip
+    return attached
+
+
+def attach_time() -> str:
+    """RFC 3339 UTC with microseconds: sorts as text, and two attachments never tie."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
+# ---------------------------------------------------------------- the base image, at plan time
+
+
+def resolve_base(
+    base_image: str, recipe_dir: Path, push_registry: str | None = None, insecure_registries: Iterable[str] = ()
+) -> dict:
+    """What the package stage builds from and is keyed on, decided at plan time.
+
+    `oci:PATH[:TAG]`: PATH relative to the recipe's directory; keyed on the manifest digest of
+    the layout's image (so changing the layout rebuilds the image). A registry reference: its
+    tag resolved to a manifest digest, built from `name@digest`, so a re-tagged base is noticed
+    by the next plan. When the registry cannot be reached within PLAN_RESOLVE_TIMEOUT_S (or
+    FORGE_OFFLINE=1) the stage is keyed on the name, and `note` says so.
+
+    Returns {"image": what build_image pulls, "digest": the key (or None), "note": …}."""
+    if base_image.startswith("oci:"):
+        path, tag = split_oci_base(base_image)
+        root = path if path.is_absolute() else (Path(recipe_dir) / path).resolve()
+        image = f"oci:{root}" + (f":{tag}" if tag else "")
+        return {"image": image, "digest": local_base_digest(root, tag), "note": None}
+    reference = registry.parse_reference(base_image)
+    if reference.digest:
+        return {"image": base_image, "digest": reference.digest, "note": None}
+    if os.environ.get("FORGE_OFFLINE", "").strip() not in ("", "0"):
+        why = "FORGE_OFFLINE is set"
+    else:
+        digest, why = _resolve_tag(base_image, reference.host, push_registry, insecure_registries)
+        if digest:
+            return {"image": f"{base_image}@{digest}", "digest": digest, "note": None}
+    note = (f"base {base_image} keyed on its name, not its digest ({why}); a re-tagged base is not noticed "
+            "until it resolves")  # fmt: skip
+    return {"image": base_image, "digest": None, "note": note}
+
+
+def _resolve_tag(
+    ref: str, host: str, push_registry: str | None, insecure_registries: Iterable[str]
+) -> tuple[str | None, str]:
+    """(digest, None) or (None, why not), within PLAN_RESOLVE_TIMEOUT_S whatever DNS does: the
+    lookup runs on a daemon thread that is abandoned when late."""
+    answer: dict = {}
+    options = registry_options(
+        host, insecure_registries, retries=0, connect_timeout_s=PLAN_RESOLVE_TIMEOUT_S / 2,
+        timeout_s=PLAN_RESOLVE_TIMEOUT_S / 2, deadline_s=PLAN_RESOLVE_TIMEOUT_S,
+    )  # fmt: skip
+
+    def work() -> None:
+        try:
+            credentials = registry.credentials_for(host, push_registry)
+            answer["digest"] = registry.resolve_image(ref, credentials=credentials, options=options)
+        except (InfraError, InputError) as error:
+            answer["why"] = str(error)
+
+    worker = threading.Thread(target=work, name=f"resolve {ref}", daemon=True)
+    worker.start()
+    worker.join(PLAN_RESOLVE_TIMEOUT_S + 1.0)
+    if "digest" in answer:
+        return answer["digest"], ""
+    return None, answer.get("why") or f"no answer from {host} within {PLAN_RESOLVE_TIMEOUT_S:g} s"

@@ -343,18 +343,29 @@ def target_stages(
 
 
 def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str) -> Stage:
-    """The serving image of one artifact, as an OCI layout in the cache."""
+    """The serving image of one artifact, as an OCI layout in the cache. Keyed on the base
+    image's digest, resolved here (once per base per plan; `forge.package.resolve_base`)."""
+    from forge.package import resolve_base
     from forge.serving import serve_spec
 
     spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, plan.revision)
     tags = [t.format(variant=variant.name, backend=target.backend, gpu=gpu.name) for t in plan.recipe.package.tags]
     engine = next((s for s in plan.stages if s.id == f"engine/{cell}"), None)
+    package = plan.recipe.package
+    bases = vars(plan).setdefault("_package_bases", {})
+    if spec.base_image not in bases:
+        bases[spec.base_image] = resolve_base(spec.base_image, plan.recipe_dir, package.registry,
+                                              package.insecure_registries)  # fmt: skip
+    base = bases[spec.base_image]
     inputs = {"export": export.key, "engine": engine.key if engine else None, "spec": asdict(spec),
-              "builder": plan.recipe.package.builder, "tag": tags[0]}  # fmt: skip
+              "builder": plan.recipe.package.builder, "tag": tags[0], "base_digest": base["digest"]}  # fmt: skip
     params = {"variant": variant.name, "backend": target.backend, "gpu": gpu.name, "tags": tags,
-              "target": plan.recipe.targets.index(target)}  # fmt: skip
+              "target": plan.recipe.targets.index(target), "base": base}  # fmt: skip
     needs = [export.id] + ([engine.id] if engine else [])
-    return plan.add("package", f"package/{cell}", inputs, needs=needs, params=params)
+    stage = plan.add("package", f"package/{cell}", inputs, needs=needs, params=params)
+    if base["note"] and stage.status in ("run", "cached"):
+        stage.reason = base["note"]
+    return stage
 
 
 def local_gpu(plan: Plan, gpu: GPUProfile) -> bool:

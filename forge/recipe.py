@@ -390,6 +390,20 @@ class Package(Strict):
         description="`daemonless`: forge assembles the OCI image itself (no Docker needed); `docker`: "
         "`docker buildx build` of the rendered Dockerfile.",
     )
+    insecure_registries: list[str] = Field(
+        default_factory=list,
+        description="Registries (push target or base image hosts) spoken to without TLS verification: "
+        "`host[:port]` accepts any certificate, `http://host[:port]` speaks plain HTTP (credentials included). "
+        "For test registries; to trust a private CA instead, set SSL_CERT_FILE to its PEM bundle.",
+    )
+
+    @field_validator("insecure_registries")
+    @classmethod
+    def _insecure(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not re.fullmatch(r"(https?://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?", entry):
+                raise ValueError(f"{entry!r} is not host[:port], http://host[:port] or https://host[:port]")
+        return value
 
     @field_validator("tags")
     @classmethod

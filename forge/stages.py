@@ -219,7 +219,9 @@ def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:
     spec = serve_spec(
         plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision
     )
-    image = package_artifact(spec, model_dir, out, params["tags"][0], stage.id, plan.recipe.package.builder)
+    package = plan.recipe.package
+    image = package_artifact(spec, model_dir, out, params["tags"][0], stage.id, package.builder, params.get("base"),
+                             package.registry, package.insecure_registries)  # fmt: skip
     return {**image, "variant": params["variant"], "backend": params["backend"], "gpu": params["gpu"]}
 
 
@@ -241,12 +243,14 @@ def push_images(
         for done, stage in enumerate(pushes, 1):
             image = json.loads((packages[stage.needs[0]] / "stage.json").read_text())
             layout = packages[stage.needs[0]] / "layout"
-            result = push_artifact(layout, image["tag"], package.registry, package.repository, stage.params["tags"])
+            result = push_artifact(layout, image["tag"], package.registry, package.repository, stage.params["tags"],
+                                   package.insecure_registries)  # fmt: skip
             name = f"{package.registry}/{package.repository}"
             statement = provenance_statement(report, plan.recipe, name, result["digest"], image, report_bytes)
             referrers = attach_documents(
                 f"{name}@{result['digest']}",
                 {BUILD_REPORT_TYPE: report_bytes, PROVENANCE_TYPE: json.dumps(statement, indent=2).encode()},
+                package.insecure_registries,
             )
             pushed.append({"stage": stage.id, **result, "referrers": referrers})
             advance(done, len(pushes))

@@ -98,8 +98,9 @@ def rfc3339(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def _split_oci_base(base: str) -> tuple[Path, str | None]:
-    """`oci:PATH[:TAG]`, split at the last colon when what follows is a tag (skopeo's rule)."""
+def split_oci_base(base: str) -> tuple[Path, str | None]:
+    """`oci:PATH[:TAG]`, split at the last colon when what follows is a tag (skopeo's rule). A
+    relative PATH is the caller's to anchor (forge's package stage: the recipe's directory)."""
     rest = base.removeprefix("oci:")
     path, sep, tag = rest.rpartition(":")
     if sep and path and layout.TAG_PATTERN.match(tag):
@@ -118,6 +119,12 @@ def _platform_manifest(root: Path, desc: Descriptor, platform: str) -> Descripto
     raise InputError(f"{root}: image indexes nested too deeply")
 
 
+def local_base_digest(root: Path, tag: str | None, platform: str = DEFAULT_PLATFORM) -> str:
+    """The manifest digest of `platform`'s image tagged `tag` in the layout at `root`: what a
+    base given as `oci:` is keyed on."""
+    return _platform_manifest(Path(root), layout.resolve_tag(Path(root), tag), platform).digest
+
+
 def _manifest_blobs(manifest: Mapping) -> list[Descriptor]:
     return [Descriptor.from_json(manifest["config"])] + [Descriptor.from_json(d) for d in manifest["layers"]]
 
@@ -133,7 +140,7 @@ def _resolve_base(
     manifest's descriptor and the name to record as `base.name` (None for a local layout: its
     path means nothing elsewhere and would make the digest depend on the build directory)."""
     if base.startswith("oci:"):
-        root, tag = _split_oci_base(base)
+        root, tag = split_oci_base(base)
         desc = _platform_manifest(root, layout.resolve_tag(root, tag), platform)
         if root.resolve() != Path(out_layout).resolve():
             manifest = layout.read_json_blob(root, desc.digest)
@@ -241,9 +248,15 @@ def build_image(
     layout.init_layout(out_layout)
     created = rfc3339(source_date_epoch())
     base_desc, base_name = _resolve_base(base, out_layout, config.platform, credentials, registry_options)
-    base_manifest = layout.read_json_blob(out_layout, base_desc.digest)
-    base_config_desc = Descriptor.from_json(base_manifest["config"])
-    base_config = layout.read_json_blob(out_layout, base_config_desc.digest)
+    try:
+        base_manifest = layout.read_json_blob(out_layout, base_desc.digest)
+        base_config_desc = Descriptor.from_json(base_manifest["config"])
+        base_config = layout.read_json_blob(out_layout, base_config_desc.digest)
+        if not isinstance(base_config, dict) or not isinstance(base_manifest.get("layers"), list):
+            raise TypeError("not an image config and manifest")
+    except (KeyError, TypeError, AttributeError, InputError) as e:
+        # pull_image checked what a registry served; a local layout is the user's input.
+        raise InputError(f"base image {base}: malformed manifest or config ({e})") from None
     os_name, _, arch = config.platform.partition("/")
     if (base_config.get("os"), base_config.get("architecture")) != (os_name, arch.split("/")[0]):
         raise InputError(

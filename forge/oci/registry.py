@@ -28,9 +28,10 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -60,6 +61,10 @@ _MANIFEST_ACCEPT = ", ".join([*layout.MANIFEST_TYPES, *layout.INDEX_TYPES])
 # Read/write unit for downloads and TLS uploads: large enough that per-call overhead vanishes,
 # small enough that memory stays flat with several blobs in flight.
 _IO_CHUNK = 1 << 20
+# Image configs are a few KiB; anything this large is not one.
+_MAX_CONFIG = 16 << 20
+# A referrer's document (build report, provenance) is read whole: refuse absurd sizes up front.
+_MAX_DOCUMENT = 64 << 20
 
 
 # ---------------------------------------------------------------- references and credentials
@@ -127,23 +132,52 @@ def docker_config_path() -> Path:
     return Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
 
 
+def canonical_host(host: str) -> str:
+    """`docker.io`, `index.docker.io` … → `registry-1.docker.io`; other hosts lower-cased. Two
+    names are the same registry only when these are equal (host and port)."""
+    host = host.strip().lower()
+    return _HUB_HOST if host in _HUB_ALIASES else host
+
+
+def same_registry(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and canonical_host(a) == canonical_host(b)
+
+
 def resolve_credentials(
-    host: str, username: str | None = None, password: str | None = None, docker_config: Path | None = None
+    host: str,
+    username: str | None = None,
+    password: str | None = None,
+    docker_config: Path | None = None,
+    *,
+    use_env: bool = True,
 ) -> Credentials | None:
     """Credentials for `host`, first found wins: explicit arguments, then FORGE_REGISTRY_USERNAME /
-    FORGE_REGISTRY_PASSWORD, then docker's config.json (`auths` entries, then `credHelpers` /
-    `credsStore` via `docker-credential-<name> get`). None means anonymous."""
+    FORGE_REGISTRY_PASSWORD, then docker's config.json entry for exactly this host (`auths`
+    entries, then `credHelpers` / `credsStore` via `docker-credential-<name> get`). None means
+    anonymous.
+
+    The environment variables are one login for one registry, the one forge pushes to
+    (`package.registry`): callers asking for any other host (a base image's, the image of a
+    `forge verify` elsewhere) pass `use_env=False`, so that password never leaves for a third
+    party. The registry client itself only reads them for the registry it pushes to."""
     if username is not None or password is not None:
         if not (username and password):
             raise InputError("registry credentials: give both a username and a password")
         return Credentials(username, password)
-    env_user = os.environ.get("FORGE_REGISTRY_USERNAME")
-    env_password = os.environ.get("FORGE_REGISTRY_PASSWORD")
-    if env_user or env_password:
-        if not (env_user and env_password):
-            raise InputError("FORGE_REGISTRY_USERNAME and FORGE_REGISTRY_PASSWORD must be set together")
-        return Credentials(env_user, env_password)
+    if use_env:
+        env_user = os.environ.get("FORGE_REGISTRY_USERNAME")
+        env_password = os.environ.get("FORGE_REGISTRY_PASSWORD")
+        if env_user or env_password:
+            if not (env_user and env_password):
+                raise InputError("FORGE_REGISTRY_USERNAME and FORGE_REGISTRY_PASSWORD must be set together")
+            return Credentials(env_user, env_password)
     return _docker_config_credentials(host, docker_config or docker_config_path())
+
+
+def credentials_for(host: str, push_registry: str | None) -> Credentials | None:
+    """What forge sends to `host` when `push_registry` is the recipe's `package.registry`: the
+    environment's login only there, docker's config.json entry for exactly `host` everywhere."""
+    return resolve_credentials(host, use_env=same_registry(host, push_registry))
 
 
 def _config_key_host(key: str) -> str:
@@ -212,18 +246,47 @@ class RegistryOptions:
     registry syncing the upload file; bench/bench_push.py). Chunked uploads let a dropped
     connection resume from the registry's `Range` instead of starting the blob over, so after a
     first drop the blob is retried in `resume_chunk_size` chunks; `chunk_size` chunks from the
-    start (for registries or proxies that cap request bodies)."""
+    start (for registries or proxies that cap request bodies).
+
+    Every wait is bounded: `connect_timeout_s` for TCP + TLS, `timeout_s` for any silence once
+    connected, and `deadline_s` for the whole operation (a push, a pull, a referrer) across all
+    its requests and retries. A timed-out request is retried like a dropped one; once the
+    deadline has passed nothing more is tried, and the error names the deadline and what forge
+    was doing (authenticating, uploading blob …, pushing manifest …)."""
 
     chunk_size: int = 0  # blobs larger than this go up in PATCH chunks this big; 0: one PUT per blob
     resume_chunk_size: int = 64 << 20  # chunk size once a blob's upload has been dropped; 0: keep PUT
     parallel: int = 4  # blobs transferred at once
-    retries: int = 4  # further attempts after a dropped connection, a 5xx or a 429
+    retries: int = 4  # further attempts after a dropped connection, a timeout, a 5xx or a 429
     backoff_s: float = 0.5  # first wait between attempts; doubles each time, capped at 30 s
     mount_from: str | None = None  # repository on the same registry to mount missing blobs from
     plain_http: bool | None = None  # None: plain HTTP for loopback hosts only, as docker allows
-    tls_verify: bool = True
-    timeout_s: float = 300.0  # per socket read/write once connected, not per transfer
+    tls_verify: bool = True  # False: accept any certificate (see `for_host` and package.insecure_registries)
+    ca_file: str | None = None  # PEM file of CAs to trust besides the system's (SSL_CERT_FILE works too)
+    timeout_s: float = 60.0  # read/write timeout: the longest silence tolerated once connected
     connect_timeout_s: float = 30.0  # TCP connect + TLS handshake: an unreachable host fails fast
+    deadline_s: float | None = None  # whole operation; None: 300 s plus 1 s per MiB it moves
+
+    def for_host(self, host: str, insecure_registries: Iterable[str] = ()) -> RegistryOptions:
+        """These options for `host`, with the recipe's `package.insecure_registries` applied:
+        an entry `host[:port]` (or `https://host[:port]`) turns certificate verification off for
+        that registry only; `http://host[:port]` speaks plain HTTP to it (and so allows its
+        credentials over plain HTTP, which forge otherwise sends only to loopback registries)."""
+        for entry in insecure_registries:
+            scheme, sep, name = entry.strip().rpartition("://")
+            if not same_registry(name.rstrip("/"), host):
+                continue
+            if sep and scheme == "http":
+                return replace(self, plain_http=True)
+            return replace(self, plain_http=False, tls_verify=False)
+        return self
+
+
+# An operation's deadline when `deadline_s` is None: a fixed allowance for the API calls plus a
+# floor of 1 MiB/s for the bytes it moves, so a hung registry is given up on within minutes
+# while a 100 GB push over a slow link is not cut short.
+_BASE_DEADLINE_S = 300.0
+_DEADLINE_S_PER_BYTE = 1.0 / (1 << 20)
 
 
 class _ConnectDeadline:
@@ -237,6 +300,8 @@ class _ConnectDeadline:
         io_timeout, self.timeout = self.timeout, self.connect_timeout_s
         try:
             super().connect()
+        except TimeoutError as e:
+            raise TimeoutError(f"no connection within {self.connect_timeout_s:g} s (connect timeout)") from e
         finally:
             self.timeout = io_timeout
         self.sock.settimeout(io_timeout)
@@ -266,7 +331,7 @@ class _Response:
 
 
 class _Transient(Exception):
-    """A failure worth another attempt: a dropped connection, a 5xx, a 429."""
+    """A failure worth another attempt: a dropped connection, a timeout, a 5xx, a 429."""
 
     def __init__(self, message: str, retry_after: float = 0.0) -> None:
         super().__init__(message)
@@ -281,18 +346,54 @@ class RegistryError(InfraError):
         self.status = status
 
 
+def _hostname(host: str) -> str:
+    """`127.0.0.1:5000` → `127.0.0.1`, `[::1]:5000` → `::1`, `ghcr.io` → `ghcr.io`."""
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower()
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).lower()
+
+
 def _is_loopback(host: str) -> bool:
     """`localhost`, `127.0.0.1:5000`, `[::1]:5000`: hosts docker lets speak plain HTTP."""
-    if host.startswith("["):
-        name = host[1 : host.find("]")]
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = _hostname(host)
     if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def realm_belongs_to(realm_host: str, registry_host: str) -> bool:
+    """Whether a token service at `realm_host` is part of the registry `registry_host`, and so may
+    see that registry's credentials: the same host name (any port: distribution's token service
+    often listens beside the registry), Docker Hub's auth.docker.io, or the registry's own parent
+    domain (registry.gitlab.com → gitlab.com, auth.gitlab.com). A parent that could be a public
+    suffix (`co.uk`, `com.au`: two labels, the first of three letters or fewer) does not count,
+    nor does anything for a registry addressed by IP address."""
+    realm, registry = _hostname(realm_host), _hostname(canonical_host(registry_host))
+    if not realm or not registry:
+        return False
+    if realm == registry:
+        return True
+    if registry == _hostname(_HUB_HOST):
+        return realm == "auth.docker.io"
+    if _is_ip(registry) or _is_ip(realm):
+        return False
+    labels = registry.split(".")
+    parent = labels[1:]
+    if len(parent) < 2 or (len(parent) == 2 and len(parent[0]) <= 3):
+        return False
+    parent_name = ".".join(parent)
+    return realm == parent_name or realm.endswith("." + parent_name)
 
 
 def _redact(url: str) -> str:
@@ -306,7 +407,7 @@ def _error_detail(resp: _Response) -> str:
     try:
         errors = json.loads(resp.body)["errors"]
         return "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}".strip() for e in errors)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         text = resp.body[:200].decode("utf-8", "replace").strip()
         return text or http.client.responses.get(resp.status, "")
 
@@ -329,16 +430,40 @@ def _send_file(sock: socket.socket, part: _FileSlice) -> None:
 
 class Registry:
     """One registry host: per-thread keep-alive connections, the current Authorization header,
-    and the retry policy. Thread-safe; use as a context manager to close its connections."""
+    the retry policy and the operation's deadline. Thread-safe; use as a context manager to
+    close its connections.
 
-    def __init__(self, host: str, *, credentials: Credentials | None = None, options: RegistryOptions) -> None:
+    Credentials go to this host only, and never in clear: the Authorization header is attached
+    to requests for exactly `host`, over HTTPS (or over HTTP when the registry itself is spoken
+    to over HTTP: loopback, or `plain_http`), so a redirect or an upload `Location` to another
+    host or down to `http://` carries none. A token service gets them only when it belongs to
+    this registry (`realm_belongs_to`). When no credentials are given they are looked up lazily
+    in docker's config.json for exactly this host, and also in FORGE_REGISTRY_USERNAME /
+    PASSWORD when `env_credentials` (the registry forge pushes to)."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        credentials: Credentials | None = None,
+        options: RegistryOptions,
+        env_credentials: bool = False,
+        operation: str | None = None,
+    ) -> None:
         self.host = host
         self.options = options
         plain = options.plain_http if options.plain_http is not None else _is_loopback(host)
         self.scheme = "http" if plain else "https"
+        self.operation = operation or f"talking to {host}"
         self._credentials = credentials
         self._credentials_resolved = credentials is not None
+        self._env_credentials = env_credentials
         self._ssl = ssl.create_default_context()
+        if options.ca_file:
+            try:
+                self._ssl.load_verify_locations(options.ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise InputError(f"CA bundle {options.ca_file}: cannot be loaded ({e})") from None
         if not options.tls_verify:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE
@@ -347,6 +472,10 @@ class Registry:
         self._lock = threading.Lock()
         self._authorization: str | None = None
         self._scopes: set[str] = set()
+        self._withheld_realm: str | None = None
+        self._started = time.monotonic()
+        self._deadline_s = options.deadline_s if options.deadline_s is not None else _BASE_DEADLINE_S
+        self._deadline = self._started + self._deadline_s
 
     def __enter__(self) -> Registry:
         return self
@@ -364,8 +493,42 @@ class Registry:
         """Absolute URL; upload `Location`s may be relative (dist-spec "Pushing blobs")."""
         return urljoin(f"{self.scheme}://{self.host}/", path_or_url)
 
-    def backoff(self, attempt: int, retry_after: float = 0.0) -> None:
-        time.sleep(min(30.0, max(retry_after, self.options.backoff_s * 2**attempt)))
+    # -- deadline
+
+    def expect_bytes(self, size: int) -> None:
+        """Sizes the default deadline (`deadline_s` None) for an operation moving `size` bytes."""
+        if self.options.deadline_s is None:
+            self._deadline_s = _BASE_DEADLINE_S + size * _DEADLINE_S_PER_BYTE
+            self._deadline = self._started + self._deadline_s
+
+    def remaining(self) -> float:
+        return self._deadline - time.monotonic()
+
+    @contextmanager
+    def phase(self, text: str) -> Iterator[None]:
+        """Names what this thread is doing, for the deadline's error message."""
+        previous = getattr(self._local, "phase", None)
+        self._local.phase = text
+        try:
+            yield
+        finally:
+            self._local.phase = previous
+
+    def deadline_error(self, last: object = None, doing: str | None = None) -> InfraError:
+        doing = getattr(self._local, "phase", None) or doing or "waiting"
+        detail = f" (last: {last})" if last else ""
+        return InfraError(
+            f"registry {self.host}: {self.operation} gave up at its {self._deadline_s:g} s deadline "
+            f"while {doing}{detail}"
+        )
+
+    def backoff(self, attempt: int, retry_after: float = 0.0, error: object = None) -> None:
+        """Waits before another attempt; raises the deadline's error when that attempt could not
+        start before the deadline."""
+        wait = min(30.0, max(retry_after, self.options.backoff_s * 2**attempt))
+        if self.remaining() <= wait:
+            raise self.deadline_error(error)
+        time.sleep(wait)
 
     # -- transport
 
@@ -375,9 +538,10 @@ class Registry:
         if conn is None:
             if scheme == "https":
                 conn = _HTTPSConnection(netloc, timeout=self.options.timeout_s, context=self._ssl)
-            else:
+            elif scheme == "http":
                 conn = _HTTPConnection(netloc, timeout=self.options.timeout_s)
-            conn.connect_timeout_s = self.options.connect_timeout_s
+            else:
+                raise InfraError(f"registry {self.host}: refusing a {scheme or 'scheme-less'} URL it sent")
             conns[(scheme, netloc)] = conn
             with self._lock:
                 self._all_connections.append(conn)
@@ -397,7 +561,15 @@ class Registry:
         download_to: Path | None,
     ) -> _Response:
         parts = urlsplit(url)
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise self.deadline_error(doing=f"{method} {_redact(url)}")
+        io_timeout = min(self.options.timeout_s, remaining)
         conn = self._connection(parts.scheme, parts.netloc)
+        conn.timeout = io_timeout
+        conn.connect_timeout_s = min(self.options.connect_timeout_s, remaining)
+        if conn.sock is not None:
+            conn.sock.settimeout(io_timeout)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         try:
             conn.putrequest(method, target, skip_accept_encoding=True)
@@ -419,12 +591,25 @@ class Registry:
         except ssl.SSLCertVerificationError as e:
             self._drop_connection(parts.scheme, parts.netloc)
             raise InfraError(
-                f"registry {parts.netloc}: TLS certificate not trusted ({e.verify_message}); "
-                "for a test registry set tls_verify=False"
+                f"registry {parts.netloc}: TLS certificate not trusted ({e.verify_message}); trust its CA with "
+                f"SSL_CERT_FILE=/path/to/ca.pem, or for a test registry list {parts.netloc!r} in the recipe's "
+                "package.insecure_registries"
             ) from None
+        except TimeoutError as e:
+            self._drop_connection(parts.scheme, parts.netloc)
+            if "connect timeout" not in str(e):
+                limit = "read/write timeout" if io_timeout == self.options.timeout_s else "operation deadline"
+                e = f"no progress for {io_timeout:g} s ({limit})"
+            raise _Transient(f"{method} {_redact(url)}: {e}") from None
         except (OSError, http.client.HTTPException) as e:
             self._drop_connection(parts.scheme, parts.netloc)
             raise _Transient(f"{method} {_redact(url)}: {type(e).__name__}: {e}") from None
+
+    def may_authorize(self, url: str) -> bool:
+        """Whether `url` may carry this registry's Authorization: exactly this host, and over
+        HTTPS unless the registry itself is spoken to over plain HTTP."""
+        parts = urlsplit(url)
+        return parts.netloc == self.host and (parts.scheme == "https" or parts.scheme == self.scheme)
 
     def request(
         self,
@@ -448,8 +633,8 @@ class Registry:
         redirects = 0
         while True:
             send_headers = dict(headers or {})
-            same_host = urlsplit(url).netloc == self.host
-            if same_host and self._authorization:
+            authorize = self.may_authorize(url)
+            if authorize and self._authorization:
                 send_headers["Authorization"] = self._authorization
             try:
                 resp = self._send_once(method, url, send_headers, body, download_to)
@@ -465,17 +650,27 @@ class Registry:
                 if attempt >= self.options.retries:
                     raise InfraError(f"registry {self.host}: {e} (gave up after {attempt + 1} attempts)") from None
                 log.debug("registry %s: %s; retrying", self.host, e)
-                self.backoff(attempt, e.retry_after)
+                self.backoff(attempt, e.retry_after, e)
                 attempt += 1
                 continue
-            if resp.status == 401 and same_host and not reauthorized:
-                self._answer_challenge(resp)
-                reauthorized = True
-                continue
+            if resp.status == 401 and not reauthorized:
+                if authorize:
+                    self._answer_challenge(resp)
+                    reauthorized = True
+                    continue
+                if urlsplit(url).netloc == self.host:
+                    raise InfraError(
+                        f"registry {self.host}: {method} {_redact(url)} was sent to plain HTTP, which asked for "
+                        "credentials; forge never sends them in clear (for a registry without TLS, list "
+                        f"'http://{self.host}' in package.insecure_registries)"
+                    )
             if resp.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD") and redirects < 5:
                 # Blob GETs are often redirected to object storage (S3, GCS) on another host; the
-                # Authorization header is only ever sent to the registry itself (see above).
-                url = urljoin(url, resp.headers["Location"])
+                # Authorization header only ever goes to the registry itself (see may_authorize).
+                location = resp.headers.get("Location")
+                if not location:
+                    raise InfraError(f"registry {self.host}: {method} {_redact(url)}: redirect without a Location")
+                url = urljoin(url, location)
                 redirects += 1
                 continue
             if resp.status not in ok:
@@ -491,16 +686,27 @@ class Registry:
 
     def _credentials_for_challenge(self) -> Credentials | None:
         if not self._credentials_resolved:
-            self._credentials = resolve_credentials(self.host)
+            self._credentials = resolve_credentials(self.host, use_env=self._env_credentials)
             self._credentials_resolved = True
         return self._credentials
 
     def _auth_failed(self, status: int) -> InfraError:
         creds = self._credentials_for_challenge()
-        if creds is None:
+        if creds is not None and self._withheld_realm:
+            return InfraError(
+                f"registry {self.host}: authentication failed ({status}): its token service "
+                f"{self._withheld_realm} is not part of {self.host} (or not HTTPS), so forge did not send it "
+                f"the credentials for {self.host}"
+            )
+        if creds is None and self._env_credentials:
             return InfraError(
                 f"registry {self.host}: authentication required ({status}); set FORGE_REGISTRY_USERNAME "
                 "and FORGE_REGISTRY_PASSWORD, or log in with docker/skopeo"
+            )
+        if creds is None:
+            return InfraError(
+                f"registry {self.host}: authentication required ({status}); log in to {self.host} with "
+                "docker/skopeo (FORGE_REGISTRY_USERNAME/PASSWORD are only sent to package.registry)"
             )
         return InfraError(f"registry {self.host}: authentication failed for user {creds.username!r} ({status})")
 
@@ -510,10 +716,11 @@ class Registry:
         (dist-spec "Determining support")."""
         with self._lock:
             self._scopes.update(scopes)
-        resp = self.request("GET", "/v2/", ok=(200, 401))
-        if resp.status == 401:
-            self._answer_challenge(resp)
-            self.request("GET", "/v2/")
+        with self.phase("authenticating (GET /v2/)"):
+            resp = self.request("GET", "/v2/", ok=(200, 401))
+            if resp.status == 401:
+                self._answer_challenge(resp)
+                self.request("GET", "/v2/")
 
     def _answer_challenge(self, resp: _Response) -> None:
         header = resp.headers.get("WWW-Authenticate", "")
@@ -531,9 +738,24 @@ class Registry:
                 if params.get("scope"):
                     self._scopes.update(params["scope"].split(" "))
                 scopes = sorted(self._scopes)
-            self._authorization = "Bearer " + self._fetch_token(params["realm"], params.get("service"), scopes, creds)
+            realm = params["realm"]
+            if creds is not None and not self._realm_may_see_credentials(realm):
+                self._withheld_realm = _redact_realm(realm)
+                log.info("registry %s: token service %s is not part of it; asking it anonymously",
+                         self.host, self._withheld_realm)  # fmt: skip
+                creds = None
+            token = self._fetch_token(realm, params.get("service"), scopes, creds)
+            self._authorization = "Bearer " + token
         else:
             raise InfraError(f"registry {self.host}: unsupported authentication challenge {scheme or '(none)'!r}")
+
+    def _realm_may_see_credentials(self, realm: str) -> bool:
+        """A token realm gets this registry's credentials only when it belongs to the registry
+        and is reached over HTTPS (plain HTTP only when the registry itself is plain HTTP)."""
+        parts = urlsplit(realm)
+        if parts.scheme not in ("https", self.scheme):
+            return False
+        return realm_belongs_to(parts.netloc, self.host)
 
     def _fetch_token(self, realm: str, service: str | None, scopes: list[str], creds: Credentials | None) -> str:
         """GET the realm with service and scopes, Basic-authenticated when we have credentials
@@ -543,17 +765,18 @@ class Registry:
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
         headers = {"Authorization": "Basic " + _basic(creds)} if creds else {}
         attempt = 0
-        while True:
-            try:
-                resp = self._send_once("GET", url, headers, None, None)
-                if resp.status >= 500:
-                    raise _Transient(f"token service {urlsplit(realm).netloc}: {resp.status}")
-                break
-            except _Transient as e:
-                if attempt >= self.options.retries:
-                    raise InfraError(f"registry {self.host}: {e}") from None
-                self.backoff(attempt)
-                attempt += 1
+        with self.phase(f"requesting a token from {_redact_realm(realm)}"):
+            while True:
+                try:
+                    resp = self._send_once("GET", url, headers, None, None)
+                    if resp.status >= 500:
+                        raise _Transient(f"token service {urlsplit(realm).netloc}: {resp.status}")
+                    break
+                except _Transient as e:
+                    if attempt >= self.options.retries:
+                        raise InfraError(f"registry {self.host}: {e}") from None
+                    self.backoff(attempt, 0.0, e)
+                    attempt += 1
         if resp.status in (401, 403):
             raise self._auth_failed(resp.status)
         if resp.status != 200:
@@ -561,8 +784,13 @@ class Registry:
         try:
             answer = json.loads(resp.body)
             return answer.get("token") or answer["access_token"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise InfraError(f"registry {self.host}: token service answered without a token") from None
+
+
+def _redact_realm(realm: str) -> str:
+    parts = urlsplit(realm)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def _basic(creds: Credentials) -> str:
@@ -613,18 +841,48 @@ class FetchedManifest:
         return json.loads(self.data)
 
 
+def _remote_json(reg: Registry, data: bytes, what: str) -> dict:
+    """A JSON object the registry served: anything else (HTML from a proxy, a truncated or junk
+    body) is the registry's failure, exit 3, never a traceback."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict):
+        start = data[:40].decode("utf-8", "replace").strip()
+        raise InfraError(f"registry {reg.host}: {what} is not a JSON object (starts {start!r})")
+    return doc
+
+
+def _remote_descriptor(reg: Registry, entry: object, what: str) -> Descriptor:
+    if not isinstance(entry, Mapping):
+        raise InfraError(f"registry {reg.host}: {what}: malformed descriptor {entry!r:.80}")
+    try:
+        return Descriptor.from_json(entry)
+    except InputError as e:
+        raise InfraError(f"registry {reg.host}: {what}: {e}") from None
+
+
 def fetch_manifest(reg: Registry, repository: str, reference: str) -> FetchedManifest:
-    """GET a manifest or index by tag or digest; a digest reference is verified against the body."""
-    resp = reg.request("GET", f"/v2/{repository}/manifests/{reference}", headers={"Accept": _MANIFEST_ACCEPT})
+    """GET a manifest or index by tag or digest; a digest reference is verified against the body.
+    A body that is not a manifest (junk, HTML, a wrong media type) is an InfraError naming the
+    registry and image."""
+    name = f"{repository}{'@' if reference.startswith('sha256:') else ':'}{reference}"
+    with reg.phase(f"fetching manifest {name}"):
+        resp = reg.request("GET", f"/v2/{repository}/manifests/{reference}", headers={"Accept": _MANIFEST_ACCEPT})
     digest = layout.sha256_digest(resp.body)
     expected = reference if reference.startswith("sha256:") else resp.headers.get("Docker-Content-Digest")
     if expected and expected != digest:
-        raise InfraError(f"registry {reg.host}: manifest {repository}:{reference} does not match digest {expected}")
+        raise InfraError(f"registry {reg.host}: manifest {name} does not match digest {expected}")
+    doc = _remote_json(reg, resp.body, f"manifest {name}")
     media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-    if not media_type or media_type == "application/json":
-        media_type = json.loads(resp.body).get("mediaType", "")
+    if not media_type or media_type in ("application/json", "application/octet-stream", "text/plain"):
+        media_type = doc.get("mediaType", "") if isinstance(doc.get("mediaType"), str) else ""
     if media_type not in (*layout.MANIFEST_TYPES, *layout.INDEX_TYPES):
-        raise InputError(f"{reg.host}/{repository}:{reference}: unsupported manifest type {media_type!r}")
+        raise InfraError(f"registry {reg.host}: {name} is not an image manifest or index (type {media_type!r})")
+    key = "manifests" if media_type in layout.INDEX_TYPES else "layers"
+    if not isinstance(doc.get(key), list) or (key == "layers" and not isinstance(doc.get("config"), Mapping)):
+        raise InfraError(f"registry {reg.host}: manifest {name} has no valid {key!r}")
     return FetchedManifest(resp.body, media_type, digest)
 
 
@@ -636,7 +894,8 @@ def fetch_blob(reg: Registry, repository: str, digest: str, dest: Path) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        resp = reg.request("GET", f"/v2/{repository}/blobs/{digest}", download_to=tmp)
+        with reg.phase(f"downloading blob {digest[:19]}…"):
+            resp = reg.request("GET", f"/v2/{repository}/blobs/{digest}", download_to=tmp)
         if f"sha256:{resp.body_sha256}" != digest:
             raise InfraError(f"registry {reg.host}: blob {digest} arrived with a different digest")
         os.replace(tmp, dest)
@@ -669,27 +928,41 @@ def pull_image(
 ) -> Descriptor:
     """Copies one platform's image (manifest, config, layers) from a registry into an OCI layout,
     skipping blobs already there. Returns the manifest's descriptor; the layout's index.json is
-    left alone (the caller decides what to tag)."""
+    left alone (the caller decides what to tag).
+
+    Anonymous unless `credentials` are given or docker's config.json has an entry for exactly
+    this registry: FORGE_REGISTRY_USERNAME/PASSWORD are not read here (a base image's registry is
+    not the one forge pushes to). A registry serving junk raises InfraError naming it."""
     options = options or RegistryOptions()
     reference = parse_reference(ref)
     layout.init_layout(out_layout)
-    with Registry(reference.host, credentials=credentials, options=options) as reg:
+    with Registry(reference.host, credentials=credentials, options=options, operation=f"pull of {ref}") as reg:
         reg.authenticate([_repository_scope(reference.repository, "pull")])
         fetched = fetch_manifest(reg, reference.repository, reference.reference)
         if fetched.media_type in layout.INDEX_TYPES:
+            index = fetched.json()
+            for entry in index["manifests"]:
+                _remote_descriptor(reg, entry, f"index of {ref}")
             layout.write_blob(out_layout, fetched.data)
-            chosen = select_platform(fetched.json(), platform)
+            chosen = select_platform(index, platform)
             fetched = fetch_manifest(reg, reference.repository, chosen.digest)
             if fetched.media_type not in layout.MANIFEST_TYPES:
-                raise InputError(f"{ref}: {platform} entry is a {fetched.media_type}, not an image manifest")
+                kind = fetched.media_type
+                raise InfraError(f"registry {reg.host}: {ref}: its {platform} entry is a {kind}, not a manifest")
         manifest = fetched.json()
-        blobs = [Descriptor.from_json(manifest["config"])] + [Descriptor.from_json(d) for d in manifest["layers"]]
+        what = f"manifest of {ref}"
+        config = _remote_descriptor(reg, manifest["config"], what)
+        blobs = [config] + [_remote_descriptor(reg, d, what) for d in manifest["layers"]]
+        reg.expect_bytes(sum(d.size for d in blobs))
         missing = [d for d in blobs if not layout.blob_path(out_layout, d.digest).exists()]
         _run_parallel(
             lambda d: fetch_blob(reg, reference.repository, d.digest, layout.blob_path(out_layout, d.digest)),
             missing,
             options.parallel,
         )
+        if config.size > _MAX_CONFIG:
+            raise InfraError(f"registry {reg.host}: {ref}: image config of {config.size} bytes is not an image config")
+        _remote_json(reg, layout.blob_path(out_layout, config.digest).read_bytes(), f"image config of {ref}")
         layout.write_blob(out_layout, fetched.data)
         os_name, _, arch = platform.partition("/")
         return Descriptor(
@@ -850,7 +1123,9 @@ def _send_blob(reg: Registry, repository: str, upload: _Upload, blob: _Blob) -> 
             _put_chunked(reg, upload, blob)
             return
         except RegistryError as e:
-            # Some registries refuse chunked uploads (REFERENCE §4); fall back to one PUT.
+            # Some registries refuse chunked uploads (the distribution spec makes PATCH optional:
+            # https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pushing-blobs);
+            # fall back to one PUT.
             if upload.offset or e.status not in (400, 405, 416, 501):
                 raise
             log.info("registry %s refused a chunked upload (%s); sending blobs whole", reg.host, e)
@@ -876,12 +1151,17 @@ def _after_drop(reg: Registry, upload: _Upload, blob: _Blob, options: RegistryOp
 def _push_blob(reg: Registry, repository: str, blob: _Blob, options: RegistryOptions) -> _BlobOutcome:
     """HEAD (skip if present) → mount attempt → upload, with bounded retries and exponential
     backoff for dropped connections, 5xx and 429 (see `_after_drop` for where a retry resumes)."""
+    with reg.phase(f"uploading blob {blob.digest[:19]}…"):
+        return _push_blob_attempts(reg, repository, blob, options)
+
+
+def _push_blob_attempts(reg: Registry, repository: str, blob: _Blob, options: RegistryOptions) -> _BlobOutcome:
     upload = _Upload(chunk_size=options.chunk_size)
     error: _Transient | None = None
     for attempt in range(options.retries + 1):
         try:
             if attempt:
-                reg.backoff(attempt - 1, error.retry_after if error else 0.0)
+                reg.backoff(attempt - 1, error.retry_after if error else 0.0, error)
                 if _blob_exists(reg, repository, blob.digest):
                     # The drop came after the registry had committed the blob.
                     how = "uploaded" if upload.location or upload.sent else "skipped"
@@ -915,13 +1195,14 @@ def _push_blob(reg: Registry, repository: str, blob: _Blob, options: RegistryOpt
 def put_manifest(reg: Registry, repository: str, reference: str, data: bytes, media_type: str) -> _Response:
     """PUT a manifest with its media type as Content-Type (dist-spec "Pushing Manifests") and
     check the digest the registry computed against ours."""
-    resp = reg.request(
-        "PUT",
-        f"/v2/{repository}/manifests/{reference}",
-        headers={"Content-Type": media_type},
-        body=data,
-        ok=(201,),
-    )
+    with reg.phase(f"pushing manifest {reference}"):
+        resp = reg.request(
+            "PUT",
+            f"/v2/{repository}/manifests/{reference}",
+            headers={"Content-Type": media_type},
+            body=data,
+            ok=(201,),
+        )
     returned = resp.headers.get("Docker-Content-Digest")
     if returned and returned != layout.sha256_digest(data):
         raise InfraError(f"registry {reg.host}: stored manifest {reference} under digest {returned}, not ours")
@@ -975,7 +1256,10 @@ def push_image(
     """Pushes the image tagged `source_tag` in an OCI layout to `ref` (`host/repo[:tag]`) and to
     each extra tag in `tags`. Blobs go first, several at once; the manifest (for an index, the
     children and then the index) goes last, once per tag. Raises InfraError for anything the
-    registry or network refuses, InputError for a broken layout or reference."""
+    registry or network refuses, InputError for a broken layout or reference.
+
+    Without `credentials`, FORGE_REGISTRY_USERNAME/PASSWORD are used (this is the registry forge
+    pushes to), else docker's config.json entry for exactly this host."""
     options = options or RegistryOptions()
     started = time.monotonic()
     reference = parse_reference(ref)
@@ -989,7 +1273,10 @@ def push_image(
     scopes = [_repository_scope(reference.repository, "pull,push")]
     if options.mount_from:
         scopes.append(_repository_scope(options.mount_from, "pull"))
-    with Registry(reference.host, credentials=credentials, options=options) as reg:
+    operation = f"push of {reference.host}/{reference.repository}"
+    with Registry(reference.host, credentials=credentials, options=options, env_credentials=True,
+                  operation=operation) as reg:  # fmt: skip
+        reg.expect_bytes(sum(b.size for b in blobs) + sum(len(data) for data, _ in manifests))
         reg.authenticate(scopes)
         outcomes = _run_parallel(lambda b: _push_blob(reg, reference.repository, b, options), blobs, options.parallel)
         for data, desc in manifests[:-1]:
@@ -1063,7 +1350,8 @@ def attach_referrer(
     extended and re-pushed so clients following the fallback still find it."""
     options = options or RegistryOptions()
     reference = parse_reference(ref)
-    with Registry(reference.host, credentials=credentials, options=options) as reg:
+    with Registry(reference.host, credentials=credentials, options=options, env_credentials=True,
+                  operation=f"attaching a referrer to {ref}") as reg:  # fmt: skip
         reg.authenticate([_repository_scope(reference.repository, "pull,push")])
         subject = subject or _subject_descriptor(reg, reference)
         subject_ref = Descriptor(subject.media_type, subject.digest, subject.size)
@@ -1098,10 +1386,18 @@ def attach_referrer(
 
 
 def _fallback_index(reg: Registry, repository: str, tag: str) -> list[Descriptor]:
-    resp = reg.request("GET", f"/v2/{repository}/manifests/{tag}", headers={"Accept": layout.INDEX}, ok=(200, 404))
+    with reg.phase(f"reading referrers tag {tag[:19]}…"):
+        resp = reg.request("GET", f"/v2/{repository}/manifests/{tag}", headers={"Accept": layout.INDEX}, ok=(200, 404))
     if resp.status == 404:
         return []
-    return [Descriptor.from_json(d) for d in json.loads(resp.body).get("manifests", [])]
+    return _index_entries(reg, resp.body, f"referrers of {repository} ({tag})")
+
+
+def _index_entries(reg: Registry, body: bytes, what: str) -> list[Descriptor]:
+    entries = _remote_json(reg, body, what).get("manifests") or []
+    if not isinstance(entries, list):
+        raise InfraError(f"registry {reg.host}: {what}: 'manifests' is not a list")
+    return [_remote_descriptor(reg, d, what) for d in entries]
 
 
 def list_referrers(
@@ -1118,14 +1414,16 @@ def list_referrers(
     options = options or RegistryOptions()
     reference = parse_reference(ref)
     layout.check_digest(subject_digest)
-    with Registry(reference.host, credentials=credentials, options=options) as reg:
+    with Registry(reference.host, credentials=credentials, options=options,
+                  operation=f"listing referrers of {ref}") as reg:  # fmt: skip
         reg.authenticate([_repository_scope(reference.repository, "pull")])
         path = f"/v2/{reference.repository}/referrers/{subject_digest}"
         if artifact_type:
             path += "?" + urlencode({"artifactType": artifact_type})
-        resp = reg.request("GET", path, headers={"Accept": layout.INDEX}, ok=(200, 404))
+        with reg.phase("listing referrers"):
+            resp = reg.request("GET", path, headers={"Accept": layout.INDEX}, ok=(200, 404))
         if resp.status == 200:
-            found = [Descriptor.from_json(d) for d in json.loads(resp.body).get("manifests", [])]
+            found = _index_entries(reg, resp.body, f"referrers of {ref}")
         else:
             found = _fallback_index(reg, reference.repository, referrers_tag(subject_digest))
     if artifact_type:
@@ -1136,7 +1434,8 @@ def list_referrers(
 def resolve_image(ref: str, *, credentials: Credentials | None = None, options: RegistryOptions | None = None) -> str:
     """The manifest digest a tag (or digest) reference points at now."""
     reference = parse_reference(ref)
-    with Registry(reference.host, credentials=credentials, options=options or RegistryOptions()) as reg:
+    with Registry(reference.host, credentials=credentials, options=options or RegistryOptions(),
+                  operation=f"resolving {ref}") as reg:  # fmt: skip
         reg.authenticate([_repository_scope(reference.repository, "pull")])
         return fetch_manifest(reg, reference.repository, reference.reference).digest
 
@@ -1147,14 +1446,19 @@ def fetch_referrer_document(
     """The single document an artifact manifest (as written by `attach_referrer`) carries,
     verified against the digest its manifest names."""
     reference = parse_reference(ref)
-    with Registry(reference.host, credentials=credentials, options=options or RegistryOptions()) as reg:
+    with Registry(reference.host, credentials=credentials, options=options or RegistryOptions(),
+                  operation=f"fetching referrer {manifest_digest[:19]}… of {ref}") as reg:  # fmt: skip
         reg.authenticate([_repository_scope(reference.repository, "pull")])
-        manifest = json.loads(fetch_manifest(reg, reference.repository, manifest_digest).data)
+        manifest = fetch_manifest(reg, reference.repository, manifest_digest).json()
         layers = manifest.get("layers") or []
         if len(layers) != 1:
-            raise InputError(f"{ref}: referrer {manifest_digest} carries {len(layers)} documents, expected 1")
-        digest = layout.check_digest(layers[0]["digest"])
-        body = reg.request("GET", f"/v2/{reference.repository}/blobs/{digest}").body
+            raise InfraError(f"{ref}: referrer {manifest_digest} carries {len(layers)} documents, expected 1")
+        document = _remote_descriptor(reg, layers[0], f"referrer {manifest_digest}")
+        if document.size > _MAX_DOCUMENT:
+            raise InfraError(f"{ref}: referrer {manifest_digest} carries a {document.size}-byte document")
+        digest = document.digest
+        with reg.phase(f"downloading document {digest[:19]}…"):
+            body = reg.request("GET", f"/v2/{reference.repository}/blobs/{digest}").body
         if layout.sha256_digest(body) != digest:
             raise InfraError(f"registry {reg.host}: referrer document {digest} arrived with a different digest")
         return body
