@@ -77,6 +77,7 @@ class Outcome:
     images: list[dict] = field(default_factory=list)
     pushed: list[dict] | None = None  # None: no push was attempted
     failed_gates: list[dict] = field(default_factory=list)
+    tools: dict[str, str] = field(default_factory=lambda: tool_versions())  # asked once: it runs git
 
     def report(self, error: dict | None = None) -> dict:
         plan = self.plan
@@ -86,7 +87,7 @@ class Outcome:
             "recipe": plan.recipe.model_dump(mode="json"),
             "recipe_file": str(self.recipe_path),
             "inputs": {"source": plan.source_identity, "model_config": plan.model_config},
-            "tools": tool_versions(),
+            "tools": self.tools,
             "stages": [{"id": s.id, "kind": s.kind, "key": s.key, **self.records[s.id]} for s in plan.stages],
             "artifacts": self.artifacts,
             "impossible": [

@@ -21,7 +21,7 @@ from forge.backends import export_format, trtllm, trtllm_mode
 from forge.cache import Cache, atomic_write_text
 from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
 from forge.datasets import dataset_file
-from forge.digest import bounded_file_digests, file_digest, json_digest
+from forge.digest import bounded_file_digests, file_digest, json_digest, refuse_system_directory
 from forge.errors import InputError
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
@@ -420,6 +420,8 @@ def task_include_dir(plan: Plan) -> Path | None:
     from forge.eval.lm_eval import include_dir
 
     path = plan.recipe.validation.accuracy.task_include_path
+    if path:  # before anything walks it: `/` would mean the whole filesystem
+        refuse_system_directory(plan.recipe_dir / path, "validation.accuracy.task_include_path")
     return include_dir(plan.recipe_dir, path) if path else None
 
 

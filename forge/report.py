@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forge.plan import Plan
+from forge.summary import build_error, stage_note
 
 STATUS_STYLE = {
     "run": "cyan",
@@ -17,6 +18,8 @@ STATUS_STYLE = {
     "not-implemented": "magenta",
     "impossible": "red",
     "disabled": "dim",
+    "not-run": "dim",
+    "failed": "red",
 }
 
 
@@ -52,7 +55,7 @@ def render_build(report: dict, report_path: Path, console: Console | None = None
         stages.add_column(column)
     for stage in report["stages"]:
         seconds = f"{stage['seconds']:.1f}" if "seconds" in stage and stage["status"] == "ran" else ""
-        note = stage.get("command") or stage.get("reason") or ""
+        note = stage_note(stage)
         stages.add_row(stage["id"], _status(stage.get("status", "?")), seconds, note)
     console.print(stages)
     accuracy = report["validation"]["accuracy"]
@@ -64,6 +67,8 @@ def render_build(report: dict, report_path: Path, console: Console | None = None
             verdict = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
             gates.add_row(g["artifact"], g["name"], f"{g['limit']:g}", f"{g['measured']:.4g}", verdict)
         console.print(gates)
+    if stopped := build_error(report):
+        console.print(f"[red]{stopped}[/]")
     console.print(f"report: {report_path}")
 
 

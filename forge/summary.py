@@ -17,7 +17,7 @@ PASS = "✅ pass"
 FAIL = "❌ FAIL"
 
 # Stage statuses that mean "nothing ran here": JUnit `<skipped>` with the reason.
-SKIPPED_STATUSES = ("deferred", "not-implemented", "disabled")
+SKIPPED_STATUSES = ("deferred", "not-implemented", "disabled", "not-run")
 
 
 # ---------------------------------------------------------------- reading the report
@@ -71,6 +71,24 @@ def _artifact_name(entry: dict) -> str:
         return str(entry["artifact"])
     parts = [entry.get(k) for k in ("variant", "backend", "gpu") if entry.get(k)]
     return "/".join(map(str, parts)) or str(entry.get("model") or entry.get("endpoint") or "?")
+
+
+def stage_note(stage: dict) -> str:
+    """What to say beside a stage: its error, the command to run it later, why it did not run,
+    or that its cached entry failed verification and was recomputed."""
+    if stage.get("status") == "failed":
+        return f"failed: {stage.get('error') or 'no message'}"
+    if stage.get("discarded_entry"):
+        return f"recomputed: the cached entry failed verification ({stage['discarded_entry']})"
+    return stage.get("command") or stage.get("reason") or ""
+
+
+def build_error(report: dict) -> str | None:
+    """One line for a build that stopped on an error (`status: error`), else None."""
+    error = report.get("error")
+    if report.get("status") != "error" or not isinstance(error, dict):
+        return None
+    return f"build stopped at {error.get('stage', '?')}: {error.get('type', 'error')}: {error.get('message', '')}"
 
 
 def _images(report: dict) -> list[dict]:
@@ -157,6 +175,8 @@ def render_markdown_summary(report: dict) -> str:
         facts.append(f"{len(gates) - len(failed)}/{len(gates)} gates passed")
     if facts:
         out.append(" · ".join(facts) + "\n")
+    if stopped := build_error(report):
+        out.append(f"**{FAIL}: {_cell(stopped)}**\n")
     if failed:
         out.append(f"**{len(failed)} gate(s) failed**: " + ", ".join(f"`{g['artifact']}` {g['name']}" for g in failed))
         out.append("")
@@ -236,7 +256,7 @@ def render_markdown_summary(report: dict) -> str:
             status = s.get("status", "—")
             seconds = s.get("seconds") if status == "ran" else None
             seconds = f"{seconds:.2f}" if isinstance(seconds, int | float) else seconds
-            note = s.get("command") or s.get("reason") or ""
+            note = stage_note(s)
             rows.append([f"`{s.get('id', '?')}`", status, seconds, f"`{note}`" if s.get("command") else note])
         out.append(_table(["stage", "status", "seconds", "note / command to run it"], rows))
     return "\n".join(out)
@@ -345,35 +365,41 @@ def render_junit(report: dict) -> str:
             failure.text = message
         suites.setdefault(f"forge.{g['suite']}", []).append(case)
 
-    for s in report.get("stages") or []:
-        if s.get("status") not in SKIPPED_STATUSES:
+    stages = [s for s in report.get("stages") or [] if isinstance(s, dict)]
+    for s in stages:
+        if s.get("status") not in (*SKIPPED_STATUSES, "failed"):
             continue
         case = ET.Element(
             "testcase", classname=f"forge.stages.{s.get('kind', 'stage')}", name=str(s.get("id")), time="0"
         )
-        reason = f"{s['status']}: {s.get('reason') or 'no reason given'}"
-        skipped = ET.SubElement(case, "skipped", message=reason)
-        if s.get("command"):
-            skipped.text = f"run later with: {s['command']}"
+        if s["status"] == "failed":
+            ET.SubElement(case, "error", message=stage_note(s), type="StageFailed").text = stage_note(s)
+        else:
+            reason = f"{s['status']}: {s.get('reason') or 'no reason given'}"
+            skipped = ET.SubElement(case, "skipped", message=reason)
+            if s.get("command"):
+                skipped.text = f"run later with: {s['command']}"
         suites.setdefault("forge.stages", []).append(case)
+    stopped, error = build_error(report), report.get("error") or {}
+    if stopped and not any(s.get("id") == error.get("stage") and s.get("status") == "failed" for s in stages):
+        case = ET.Element("testcase", classname="forge.build", name=str(error.get("stage", "build")), time="0")
+        ET.SubElement(case, "error", message=stopped, type=str(error.get("type", "Error"))).text = stopped
+        suites.setdefault("forge.build", []).append(case)
 
-    totals = {"tests": 0, "failures": 0, "skipped": 0}
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     for suite_name, cases in suites.items():
         counts = {
             "tests": len(cases),
             "failures": sum(c.find("failure") is not None for c in cases),
+            "errors": sum(c.find("error") is not None for c in cases),
             "skipped": sum(c.find("skipped") is not None for c in cases),
         }
-        suite = ET.SubElement(
-            root, "testsuite", name=suite_name, errors="0", time="0", **{k: str(v) for k, v in counts.items()}
-        )
+        suite = ET.SubElement(root, "testsuite", name=suite_name, time="0", **{k: str(v) for k, v in counts.items()})
         suite.extend(cases)
         for key, value in counts.items():
             totals[key] += value
-    root.set("tests", str(totals["tests"]))
-    root.set("failures", str(totals["failures"]))
-    root.set("skipped", str(totals["skipped"]))
-    root.set("errors", "0")
+    for key, value in totals.items():
+        root.set(key, str(value))
     root.set("time", _number(report.get("seconds") or 0, 6))
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -34,7 +34,17 @@ from hypothesis import strategies as st
 from forge.cli import main
 from forge.gpus import GPUS, lookup_gpu
 from forge.quant.presets import PRESETS
-from forge.recipe import BACKENDS, Recipe, dump_recipe, parse_recipe
+from forge.recipe import (
+    BACKENDS,
+    MAX_BATCH,
+    MAX_CONCURRENCY,
+    MAX_COUNT,
+    MAX_TOKENS,
+    MAX_WINDOW,
+    Recipe,
+    dump_recipe,
+    parse_recipe,
+)
 from tests.conftest import REPO, tiny_recipe, write_recipe
 
 # Hypothesis runs many examples through one test call; the autouse digest-memo fixture is
@@ -144,16 +154,19 @@ BOUNDS: list[tuple[KeyPath, float | None, float | None, type]] = [
     (("variants", 1, "calibration", "num_samples"), 1, 4096, int),
     (("variants", 1, "calibration", "seq_len"), 16, 32768, int),
     (("targets", 0, "tensor_parallel"), 1, 64, int),
-    (("targets", 0, "max_batch_size"), 1, None, int),
-    (("targets", 1, "max_num_tokens"), 1, None, int),
-    (("validation", "accuracy", "window"), 16, None, int),
-    (("validation", "accuracy", "max_windows"), 1, None, int),
+    (("targets", 0, "max_batch_size"), 1, MAX_BATCH, int),
+    (("targets", 1, "max_num_tokens"), 1, MAX_TOKENS, int),
+    (("targets", 1, "max_seq_len"), 2, MAX_TOKENS, int),
+    (("validation", "accuracy", "window"), 16, MAX_WINDOW, int),
+    (("validation", "accuracy", "max_windows"), 1, MAX_COUNT, int),
     (("validation", "accuracy", "gates", "max_ppl_increase_pct"), 0, None, float),
     (("validation", "accuracy", "gates", "min_top1_agreement"), 0, 1, float),
     (("validation", "accuracy", "gates", "max_kl"), 0, None, float),
-    (("validation", "throughput", "prompt_tokens"), 1, None, int),
-    (("validation", "throughput", "output_tokens"), 1, None, int),
-    (("validation", "throughput", "requests_per_level"), 1, None, int),
+    (("validation", "throughput", "prompt_tokens"), 1, MAX_TOKENS, int),
+    (("validation", "throughput", "output_tokens"), 1, MAX_TOKENS, int),
+    (("validation", "throughput", "requests_per_level"), 1, MAX_COUNT, int),
+    (("validation", "throughput", "concurrency", 0), 1, MAX_CONCURRENCY, int),
+    (("validation", "throughput", "usd_per_hour", "H100"), 0, None, float),
 ]
 
 # Text that is valid YAML when dumped: no surrogates (PyYAML cannot encode them).
@@ -305,8 +318,8 @@ def out_of_range(low: float | None, high: float | None, kind: type) -> st.Search
     if high is not None:
         above = st.integers(min_value=int(high) + 1) if kind is int else st.floats(min_value=high, exclude_min=True)
         choices += [above, st.just(10**30)]
-    if kind is float:
-        choices.append(st.just(float("nan")))
+    if kind is float:  # every float limit is finite: `.inf` would make a gate that cannot fail
+        choices += [st.just(float("nan")), st.just(float("inf"))]
     else:
         choices.append(st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: f != int(f)))
     return st.one_of(choices)
