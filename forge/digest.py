@@ -12,6 +12,7 @@ would leave its whole stamp unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -92,10 +93,14 @@ def memoized_digests(paths: list[Path]) -> dict[Path, str]:
         memo[str(path)] = {"stamp": _stamp(st), "sha256": digests[path]}
         changed = True
     if changed:
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
-        os.replace(tmp, memo_file)
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
+            os.replace(tmp, memo_file)
+        except OSError:  # a read-only home: the digests stand, they are just computed again next time
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return digests
 
 

@@ -176,6 +176,10 @@ def test_verification_reads_only_what_changed(tmp_path: Path, monkeypatch) -> No
     read_to_verify = []
     _, _, cached = cache.run("export", KEY, lambda out: read_to_verify.extend(hashed) or produce_two_files(out))
     assert not cached and read_to_verify == ["a.bin"]
+    # A memo that cannot be written (a read-only home in CI) costs hashing, never a good entry.
+    (tmp_path / "blocked").write_text("a file where the memo's directory should be")
+    monkeypatch.setenv("FORGE_DIGEST_MEMO", str(tmp_path / "blocked" / "digests.json"))
+    assert cache.run("export", KEY, produce_two_files)[2]
 
 
 def layer_files(layout: Path) -> dict[str, str]:
