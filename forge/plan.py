@@ -470,8 +470,12 @@ def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, 
     if local_gpu(plan, gpu):
         return plan.add("engine", stage_id, inputs, needs=[export.id], params=params)
     reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
-    build = trtllm.docker_build_argv("CHECKPOINT_DIR", "ENGINE_DIR", limits, scheme, target.trtllm.version)
-    command = f"forge build {plan.recipe_file} --only {stage_id}  # runs: {shlex.join(build)}"
+    # Paste-ready: absolute paths of the export this machine caches and of an engine directory beside
+    # the artifacts (a relative path would resolve against wherever the line is pasted).
+    checkpoint = plan.cache.entry("export", export.key).resolve() / "model"
+    engine_dir = plan.cache.root.resolve().parent / plan.recipe.name / "engines" / cell
+    build = trtllm.engine_build_command(checkpoint, engine_dir, limits, scheme, target.trtllm.version)
+    command = f"forge build {plan.recipe_file} --only {stage_id}  # or run: {build}"
     return plan.add(
         "engine", stage_id, inputs, status=None, deferred=(reason, command), needs=[export.id], params=params
     )

@@ -11,7 +11,6 @@ import copy
 import json
 import shlex
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -21,7 +20,6 @@ import pytest
 import yaml
 
 from forge.build import build, tool_versions
-from forge.cache import Cache
 from forge.ci import (
     GFD_PRODUCTS,
     GPU_STAGE_KINDS,
@@ -33,9 +31,10 @@ from forge.ci import (
     runner_labels,
 )
 from forge.cli import main
-from forge.plan import Plan, make_plan
-from forge.recipe import SCHEMA_PATH, parse_recipe
+from forge.plan import Plan
+from forge.recipe import SCHEMA_PATH
 from forge.summary import render_junit, render_markdown_summary
+from tests.ci_helpers import matrix_recipe, plan_of, with_gpu_stages_deferred
 from tests.conftest import REPO, tiny_recipe
 
 TEMPLATES = REPO / "templates" / "ci"
@@ -44,47 +43,6 @@ BACKENDS = ("vllm", "tgi", "lmdeploy", "trtllm")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def matrix_recipe(model: Path, eval_text: Path) -> dict:
-    """2 variants × 4 backends × 2 GPUs, throughput on: FP8 cannot run on the A100, nor on LMDeploy."""
-    data = tiny_recipe(
-        model,
-        eval_text,
-        variants=[
-            {"name": "fp8", "scheme": "FP8_DYNAMIC"},
-            {"name": "awq", "scheme": "AWQ_W4A16", "group_size": 128},
-        ],
-        targets=[
-            {
-                "backend": b,
-                "gpus": ["H100", "A100"],
-                **({"trtllm": {"mode": "engine"}} if b == "trtllm" else {}),
-            }
-            for b in BACKENDS
-        ],
-    )
-    data["validation"]["throughput"] = {"enabled": True}
-    return data
-
-
-def plan_of(data: dict, tmp_path: Path) -> Plan:
-    return make_plan(parse_recipe(json.dumps(data)), tmp_path, Cache(tmp_path / "cache"))
-
-
-def with_gpu_stages_deferred(plan: Plan) -> Plan:
-    """The plan as it reads once engine/throughput are wired in: GPU stages deferred on a CPU host.
-
-    plan.py marks them `not-implemented` today (its engine branch already computes the deferral
-    reason); flipping the status is the only thing this changes.
-    """
-    stages = [
-        replace(s, status="deferred", reason="needs a GPU", command=f"forge build recipe.yaml --only {s.id}")
-        if s.kind in GPU_STAGE_KINDS
-        else s
-        for s in plan.stages
-    ]
-    return replace(plan, stages=stages)
 
 
 SHELL_OPERATORS = {">", ">>", "<", "|", "||", "&&", ";", "&", "2>", "2>&1"}

@@ -19,8 +19,8 @@ from forge.backends import BACKENDS, trtllm
 from forge.ci import FATAL_EXIT_CODES, gitlab_pipeline, render_matrix
 from forge.quant.presets import resolve_scheme
 from forge.serving import ENGINE_DIR, LAUNCH_DIR, MODEL_DIR, render_dockerfile, serve_spec
+from tests.ci_helpers import matrix_recipe, plan_of, with_gpu_stages_deferred
 from tests.conftest import REPO, tiny_recipe
-from tests.test_ci import matrix_recipe, plan_of, with_gpu_stages_deferred
 
 TEMPLATES = REPO / "templates" / "ci"
 
@@ -240,6 +240,22 @@ def test_deferred_trtllm_build_command_is_paste_ready(tmp_path, monkeypatch):
     assert argv[argv.index("trtllm-build") + 2] == "/forge/checkpoint"
     with pytest.raises(ValueError, match="absolute"):
         trtllm.engine_build_command(Path("CHECKPOINT_DIR"), engine, limits, scheme, "1.2.1")
+
+
+def test_the_plans_deferred_engine_command_is_paste_ready(tiny_model, eval_text, tmp_path, monkeypatch):
+    """The line `forge plan` prints for a deferred engine names the cached export and an engine
+    directory by absolute path, so it means the same wherever it is pasted."""
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "trtllm", "gpus": ["H100"],
+                                                        "trtllm": {"mode": "engine"}}])  # fmt: skip
+    plan = plan_of(data, tmp_path)
+    [engine] = [s for s in plan.stages if s.kind == "engine" and s.params["variant"] == "fp8"]
+    export = plan.stage(engine.needs[0])
+    line = engine.command.split("# or run: ", 1)[1]
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(line)
+    mounts = [argv[i + 1].split(":")[0] for i, a in enumerate(argv) if a == "-v"]
+    assert mounts[0] == str((tmp_path / "cache" / "export" / export.key / "model").resolve())
+    assert all(Path(m).is_absolute() for m in mounts) and "CHECKPOINT_DIR" not in line
 
 
 # ---------------------------------------------------------------- item 5 / 11: backend records
