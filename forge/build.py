@@ -35,6 +35,7 @@ from forge.plan import Plan, Stage, git_revision, make_plan
 from forge.progress import Progress
 from forge.recipe import dump_recipe, load_recipe
 from forge.stages import (
+    deferred_gates,
     evaluate_accuracy_gates,
     evaluate_task_gates,
     gate_failure_message,
@@ -43,6 +44,7 @@ from forge.stages import (
     stage_baseline,
     stage_engine,
     stage_export,
+    stage_model_image,
     stage_package,
     stage_quantize,
     stage_source,
@@ -53,7 +55,7 @@ from forge.stages import (
 )
 
 TOOLS = ("torch", "transformers", "safetensors", "compressed-tensors", "llmcompressor", "gguf", "pydantic")
-NO_VALIDATION = {"accuracy": [], "tasks": [], "throughput": []}
+NO_VALIDATION = {"accuracy": [], "tasks": [], "throughput": [], "deferred": []}
 
 
 @dataclass
@@ -75,15 +77,19 @@ class Outcome:
     validation: dict | None = None
     artifacts: list[dict] = field(default_factory=list)  # materialized, in order
     images: list[dict] = field(default_factory=list)
+    model_images: list[dict] = field(default_factory=list)
     pushed: list[dict] | None = None  # None: no push was attempted
     failed_gates: list[dict] = field(default_factory=list)
     tools: dict[str, str] = field(default_factory=lambda: tool_versions())  # asked once: it runs git
 
     def report(self, error: dict | None = None) -> dict:
         plan = self.plan
+        validation = self.validation or NO_VALIDATION
+        gates = gate_counts(validation)
+        status = "gates-failed" if gates["failed"] else "gates-deferred" if gates["deferred"] else "passed"
         report = {
             "forge_version": __version__,
-            "status": "error" if error else "gates-failed" if self.failed_gates else "passed",
+            "status": "error" if error else status,
             "recipe": plan.recipe.model_dump(mode="json"),
             "recipe_file": str(self.recipe_path),
             "inputs": {"source": plan.source_identity, "model_config": plan.model_config},
@@ -95,9 +101,13 @@ class Outcome:
                 for a in plan.artifacts
                 if a.status == "impossible"
             ],
-            "validation": self.validation or NO_VALIDATION,
+            "validation": validation,
+            "gates": gates,
             "images": self.images,
+            "model_images": self.model_images,
         }
+        if plan.allow_deferred_gates:
+            report["allow_deferred_gates"] = True
         if self.pushed is not None:
             report["pushed"] = self.pushed
         if error:
@@ -142,11 +152,13 @@ def build(
     only: tuple[str, ...] = (),
     skip: tuple[str, ...] = (),
     progress: Progress | None = None,
+    allow_deferred_gates: bool = False,
 ) -> BuildResult:
     """Build every artifact of the recipe; raises GateFailed (exit 1) after writing the report.
 
     `only` / `skip` take stage ids, id prefixes or kinds (`engine`, `export/fp8`): `only` runs
-    the named stages and what they need (from the cache when present), even deferred ones.
+    the named stages and what they need (from the cache when present), even deferred ones, except
+    a push: one whose image or gates are deferred is refused before any work (`refuse_deferred_pushes`).
     """
     started = time.monotonic()
     progress = progress or Progress(enabled=False)
@@ -158,8 +170,10 @@ def build(
         warn_discarded(kind, key, problem)
 
     cache = Cache(cache_dir or artifacts_dir / ".cache", on_discard=on_discard)
-    plan = make_plan(recipe, recipe_path.parent.resolve(), cache, recipe_file=str(recipe_path))
+    plan = make_plan(recipe, recipe_path.parent.resolve(), cache, recipe_file=str(recipe_path),
+                     allow_deferred_gates=allow_deferred_gates)  # fmt: skip
     chosen = select_stages(plan, only, skip)
+    refuse_deferred_pushes(plan, chosen)
     check_hardware(plan, chosen, only)
     outcome = Outcome(plan, recipe_path, artifacts_dir / recipe.name, started)
     records = outcome.records
@@ -204,6 +218,14 @@ def build(
             checkpoint = exports[stage.needs[0]] / "model"
             engines[stage.id] = run(stage, lambda out, s=stage, c=checkpoint: stage_engine(plan, s, c, out, progress))
 
+        model_images: dict[str, Path] = {}
+        for stage in selected("model-image"):
+            model_dir = exports[stage.needs[0]] / "model"
+            engine = next((engines[n] / "engine" for n in stage.needs if n in engines), None)
+            model_images[stage.id] = run(
+                stage, lambda out, s=stage, m=model_dir, e=engine: stage_model_image(plan, s, m, e, out)
+            )
+
         def served(stage: Stage) -> tuple[Path, Path | None]:
             """The model directory and TensorRT engine (if any) a serving stage loads."""
             if stage.params["variant"] is None:  # the lm-eval baseline serves the source
@@ -225,6 +247,10 @@ def build(
         fill_records(plan, records, chosen, only, skip, "runs once every gate passed")
         outcome.validation, outcome.failed_gates = validate(plan, records)
         outcome.images = [{"stage": sid, "layout": str(p / "layout"), **records[sid]} for sid, p in packages.items()]
+        outcome.model_images = [
+            {"stage": sid, "layout": str(p / "layout"), "deploy": str(p / "deploy"), **records[sid]}
+            for sid, p in model_images.items()
+        ]
 
         phase = "materialize"
         # Said first, so a build killed while the directories change leaves a report that says so.
@@ -246,6 +272,8 @@ def build(
                 outcome.pushed.append(pushed)
                 records[stage.id] = {"status": "ran", "digest": pushed["digest"],
                                      "bytes_uploaded": pushed["bytes_uploaded"]}  # fmt: skip
+                if stage.params["deferred_gates"]:  # allowed explicitly: the record says what was not measured
+                    records[stage.id]["deferred_gates"] = stage.params["deferred_gates"]
         phase = "report"
         report = outcome.report()
         report_path = outcome.write(report)
@@ -276,11 +304,35 @@ def fill_records(
 
 
 def validate(plan: Plan, records: dict[str, dict]) -> tuple[dict, list[dict]]:
-    """(report's `validation`, failed gates) from the stages' records."""
+    """(report's `validation`, failed gates) from the stages' records; `deferred` lists the gates of
+    stages deferred to a GPU builder, which are neither passed nor failed."""
     task_gates, task_scores = evaluate_task_gates(plan, records)
     gates = evaluate_accuracy_gates(plan, records) + task_gates
     throughput = throughput_results(plan, records)
-    return {"accuracy": gates, "tasks": task_scores, "throughput": throughput}, failed_gates(gates, throughput)
+    validation = {"accuracy": gates, "tasks": task_scores, "throughput": throughput,
+                  "deferred": deferred_gates(plan, records)}  # fmt: skip
+    return validation, failed_gates(gates, throughput)
+
+
+def gate_counts(validation: dict) -> dict[str, int]:
+    """Gates passed, failed and deferred (to a GPU builder: not measured, so never counted as passed)."""
+    measured = [g["passed"] for g in validation["accuracy"]]
+    measured += [g["passed"] for sweep in validation["throughput"] for g in sweep["gates"]]
+    return {"passed": sum(measured), "failed": measured.count(False), "deferred": len(validation["deferred"])}
+
+
+def refuse_deferred_pushes(plan: Plan, chosen: set[str]) -> None:
+    """`forge push` / `--only push` of a push the plan deferred: refused before any work, instead of
+    building a deferred engine or publishing unmeasured gates. Exit 1 when gates are deferred (the
+    image has not passed them), 3 when only the image waits for GPU hardware."""
+    refused = [s for s in plan.of_kind("push") if s.id in chosen and s.status == "deferred"]
+    if not refused:
+        return
+    lines = "\n".join(f"  {s.id}: {s.reason}" for s in refused)
+    message = f"push: refused, these pushes are deferred:\n{lines}"
+    if any(s.params["deferred_gates"] for s in refused):
+        raise GateFailed(message + "\n(--allow-deferred-gates or package.allow_deferred_gates: true pushes anyway)")
+    raise InfraError(message)
 
 
 def finite_json(value):

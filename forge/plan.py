@@ -34,7 +34,8 @@ from forge.source import read_model_config, remote_code, source_identity
 STAGE_VERSIONS = {"source": 1, "baseline": 2, "quantize": 1, "export": 1, "accuracy": 2}
 BUILTIN_CALIBRATION = ("pydoc_topics",)
 STAGE_ORDER = (
-    "source", "baseline", "quantize", "export", "accuracy", "engine", "tasks", "throughput", "package", "push"
+    "source", "baseline", "quantize", "export", "accuracy", "engine", "model-image", "tasks", "throughput", "package",
+    "push",
 )  # fmt: skip
 
 
@@ -77,6 +78,7 @@ class Plan:
     local_gpus: LocalGPUs
     revision: str  # git commit of the recipe's repository, for image labels ("unknown" outside git)
     stages: list[Stage] = field(default_factory=list)
+    allow_deferred_gates: bool = False  # package.allow_deferred_gates or `forge push --allow-deferred-gates`
     artifacts: list[Artifact] = field(default_factory=list)
 
     def add(self, kind: str, stage_id: str, inputs: dict | None, *, status: str | None = None,
@@ -198,7 +200,9 @@ def check_tags(plan: Plan) -> None:
             seen[tag] = cell
 
 
-def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str = "RECIPE") -> Plan:
+def make_plan(
+    recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str = "RECIPE", allow_deferred_gates: bool = False
+) -> Plan:
     """Expand the recipe into stages with keys and statuses; raise InputError for impossible asks."""
     identity = source_identity(recipe.source, recipe_dir)
     config = model_config_cached(recipe, recipe_dir, identity, cache)
@@ -215,8 +219,9 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
         )
     schemes = check_variants(recipe, shape)
     plan = Plan(
-        recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus(), git_revision(recipe_dir)
-    )
+        recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus(), git_revision(recipe_dir),
+        allow_deferred_gates=allow_deferred_gates or recipe.package.allow_deferred_gates,
+    )  # fmt: skip
     source = plan.add("source", "source", identity)
 
     accuracy = recipe.validation.accuracy
@@ -299,7 +304,35 @@ def make_plan(recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str =
         variant = push.params["variant"]
         push.needs += [s.id for s in plan.stages if s.kind in ("accuracy", "tasks", "throughput")
                        and s.params.get("variant") == variant and s.status in ("run", "cached")]  # fmt: skip
+        defer_push(plan, push)
     return plan
+
+
+def cell_of(stage: Stage) -> str:
+    """`<variant>/<backend>/<gpu>` of a per-artifact stage (`throughput/fp8/vllm/H100` → `fp8/vllm/H100`)."""
+    return stage.id.split("/", 1)[1]
+
+
+def defer_push(plan: Plan, push: Stage) -> None:
+    """A push is deferred while its image is (an engine not built yet), and while the gates measured on
+    its GPU (lm-eval tasks, throughput) are deferred, unless `allow_deferred_gates` says to publish
+    unmeasured; `forge push` refuses a deferred push (build.refuse_deferred_pushes)."""
+    package = plan.stage(push.needs[0])
+    gates = [s.id for s in plan.stages if s.kind in ("tasks", "throughput") and s.status == "deferred"
+             and cell_of(s) == cell_of(push)]  # fmt: skip
+    push.params = {**push.params, "deferred_gates": gates}
+    command = f"forge push {plan.recipe_file}  # once the stages above ran on a GPU builder"
+    if package.status == "deferred":
+        push.status, push.command = "deferred", command
+        push.reason = f"its image is deferred ({package.id}: {package.reason})"
+    elif gates and not plan.allow_deferred_gates:
+        push.status, push.command = "deferred", command
+        push.reason = (
+            f"its gates are deferred to a GPU builder ({', '.join(gates)}): nothing is published unmeasured; "
+            "run them there, or set package.allow_deferred_gates: true"
+        )
+    elif gates:
+        push.reason = f"allow_deferred_gates: pushed with {len(gates)} gate stage(s) not measured ({', '.join(gates)})"
 
 
 def export_stage(plan: Plan, exports: dict[str, Stage], quantized: Stage, fmt: str, tp: int) -> Stage:
@@ -332,6 +365,8 @@ def target_stages(
         ids.append(
             gpu_serving_stage(plan, "throughput", target, variant, gpu, export, cell, throughput_inputs(plan)).id
         )
+    if recipe.package.model_images:
+        ids.append(model_image_stage(plan, target, variant, gpu, export, cell).id)
     if recipe.package.enabled:
         package = package_stage(plan, target, variant, gpu, export, cell)
         ids.append(package.id)
@@ -340,6 +375,34 @@ def target_stages(
             # the blobs the registry lacks), and only after every gate passed.
             ids.append(add("push", f"push/{cell}", None, status="run", needs=[package.id], params=package.params).id)
     return ids
+
+
+def model_image_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str) -> Stage:
+    """The artifact as a data-only model image plus its deploy manifests (`forge.model_image`):
+    no base image, so it builds offline; an engine-mode cell waits for its engine."""
+    from forge.package import resolve_base
+    from forge.serving import serve_spec
+
+    package = plan.recipe.package
+    spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, plan.revision)
+    tag = package.tags[0].format(variant=variant.name, backend=target.backend, gpu=gpu.name) + "-model"
+    reference = f"{package.registry or 'localhost:5000'}/{package.repository or plan.recipe.name}:{tag}"
+    engine = next((s for s in plan.stages if s.id == f"engine/{cell}"), None)
+    base = None
+    if package.modelcar_base:
+        base = resolve_base(package.modelcar_base, plan.recipe_dir, package.registry, package.insecure_registries)
+    inputs = {"export": export.key, "engine": engine.key if engine else None, "spec": asdict(spec), "tag": tag,
+              "reference": reference, "gpus": target.tensor_parallel,
+              "modelcar_base": base and base["digest"]}  # fmt: skip
+    params = {"variant": variant.name, "backend": target.backend, "gpu": gpu.name, "tag": tag, "reference": reference,
+              "target": plan.recipe.targets.index(target), "base": base}  # fmt: skip
+    needs = [export.id] + ([engine.id] if engine else [])
+    stage_id = f"model-image/{cell}"
+    if engine and engine.status not in ("run", "cached"):
+        reason = f"needs {engine.id} ({engine.status}): the image must hold the engine"
+        return plan.add("model-image", stage_id, inputs, needs=needs, params=params,
+                        deferred=(reason, f"forge build {plan.recipe_file} --only {stage_id}"))  # fmt: skip
+    return plan.add("model-image", stage_id, inputs, needs=needs, params=params)
 
 
 def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str) -> Stage:
@@ -362,7 +425,11 @@ def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile,
     params = {"variant": variant.name, "backend": target.backend, "gpu": gpu.name, "tags": tags,
               "target": plan.recipe.targets.index(target), "base": base}  # fmt: skip
     needs = [export.id] + ([engine.id] if engine else [])
-    stage = plan.add("package", f"package/{cell}", inputs, needs=needs, params=params)
+    deferred = None
+    if engine and engine.status == "deferred":  # the image carries the engine: it waits for it
+        deferred = (f"its engine is deferred ({engine.id}: {engine.reason})",
+                    f"forge build {plan.recipe_file} --only package/{cell}  # on the GPU builder, after {engine.id}")
+    stage = plan.add("package", f"package/{cell}", inputs, needs=needs, params=params, deferred=deferred)
     if base["note"] and stage.status in ("run", "cached"):
         stage.reason = base["note"]
     return stage

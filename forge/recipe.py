@@ -372,6 +372,17 @@ class Validation(Strict):
 
 class Package(Strict):
     enabled: bool = Field(default=False, description="Assemble a serving image per artifact.")
+    model_images: bool = Field(
+        default=False,
+        description="Build a data-only OCI model image per servable artifact (model files under /models, no base "
+        "image, so it builds offline) with a Kubernetes Deployment + Service (image volume) and a KServe "
+        "InferenceService (modelcar) that run it on the backend's official image.",
+    )
+    modelcar_base: str | None = Field(
+        default=None,
+        description="A small image with `sh`, `ln` and `sleep` (busybox; `oci:PATH[:TAG]` or a registry reference) "
+        "under each model image, which KServe's modelcar needs; unset: data-only images (Kubernetes image volumes).",
+    )
     base_images: dict[str, str] = Field(
         default_factory=dict, description="Per backend base image, overriding forge's defaults."
     )
@@ -389,6 +400,12 @@ class Package(Strict):
         default="daemonless",
         description="`daemonless`: forge assembles the OCI image itself (no Docker needed); `docker`: "
         "`docker buildx build` of the rendered Dockerfile.",
+    )
+    allow_deferred_gates: bool = Field(
+        default=False,
+        description="Push an image whose GPU gates (throughput, lm-eval tasks on its GPU) are deferred to a GPU "
+        "builder, i.e. not measured. Off: such a push is deferred in `forge build` and refused by `forge push` "
+        "(exit 1) until those stages ran; `forge push --allow-deferred-gates` allows it once.",
     )
     insecure_registries: list[str] = Field(
         default_factory=list,

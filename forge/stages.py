@@ -210,6 +210,33 @@ def serve_artifact(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path |
                            gpus=target.tensor_parallel)  # fmt: skip
 
 
+def stage_model_image(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path) -> dict:
+    """The artifact's data-only model image (`out/layout`) and the manifests that serve it (`out/deploy/`)."""
+    import shutil
+
+    import yaml
+
+    from forge.model_image import build_model_image, deployment_manifests, inference_service
+    from forge.serving import serve_spec
+
+    params = stage.params
+    target = plan.recipe.targets[params["target"]]
+    spec = serve_spec(
+        plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision
+    )
+    base = params["base"]["image"] if params["base"] else None
+    image = build_model_image(spec, model_dir, engine_dir, out, params["tag"], params["reference"], base)
+    shutil.rmtree(out / "staged")  # hard links of the export: the layout holds the layers
+    name = f"{plan.recipe.name}-{params['variant']}-{params['backend']}-{params['gpu']}".lower().replace(".", "-")
+    deploy = out / "deploy"
+    deploy.mkdir()
+    manifests = deployment_manifests(spec, params["reference"], name, params["gpu"], target.tensor_parallel)
+    (deploy / "kubernetes.yaml").write_text(yaml.safe_dump_all(manifests, sort_keys=False))
+    isvc = inference_service(spec, params["reference"], name, target.tensor_parallel, image["modelcar_ready"])
+    (deploy / "kserve.yaml").write_text(yaml.safe_dump(isvc, sort_keys=False))
+    return {**image, "variant": params["variant"], "backend": params["backend"], "gpu": params["gpu"]}
+
+
 def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:
     from forge.package import package_artifact
     from forge.serving import serve_spec
@@ -302,6 +329,29 @@ def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------- gates
+
+
+def deferred_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
+    """The gates of every measuring stage deferred to a GPU builder: neither passed nor failed, each
+    with the stage and the command that measures it (a report must never count them as passed)."""
+    slos = throughput_slos(plan)
+    throughput = [("ttft_p99_ms", None, slos.ttft_p99_ms), ("tpot_p99_ms", None, slos.tpot_p99_ms),
+                  ("min_output_tok_s", None, slos.min_output_tok_s), ("min_goodput_rps", None, slos.min_goodput_rps)]  # fmt: skip
+    gates = []
+    for stage in plan.stages:
+        if stage.kind not in ("tasks", "throughput") or records[stage.id]["status"] != "deferred":
+            continue
+        limits = throughput
+        if stage.kind == "tasks":
+            variant = variant_named(plan, stage.params["variant"])
+            recovery = (variant.gates or plan.recipe.validation.accuracy.gates).min_recovery
+            limits = [("min_recovery", f"recovery.{task}", limit) for task, limit in recovery.items()]
+        for name, metric, limit in limits:
+            if limit is not None:
+                gates.append({"suite": stage.kind, "artifact": stage.id.split("/", 1)[1], "name": name,
+                              "metric": metric, "limit": limit, "state": "deferred", "stage": stage.id,
+                              "reason": stage.reason, "command": stage.command})  # fmt: skip
+    return gates
 
 
 def evaluate_accuracy_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:

@@ -67,6 +67,7 @@ class ImageConfig:
     url: str | None = None
     licenses: str | None = None
     vendor: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)  # extra manifest annotations
     model_path: str = "/models/model"
     launch_path: str = "/opt/forge"
     platform: str = DEFAULT_PLATFORM
@@ -85,8 +86,8 @@ class ImageResult:
     tag: str
     manifest: Descriptor
     config_digest: str
-    base: str
-    base_digest: str
+    base: str | None
+    base_digest: str | None
     layers: tuple[Layer, ...]
 
     @property
@@ -227,8 +228,22 @@ def _image_config(
     return out
 
 
+def _read_base(out_layout: Path, base_desc: Descriptor, base: str) -> tuple[dict, dict]:
+    """The base image's manifest and config, checked for shape."""
+    try:
+        base_manifest = layout.read_json_blob(out_layout, base_desc.digest)
+        base_config_desc = Descriptor.from_json(base_manifest["config"])
+        base_config = layout.read_json_blob(out_layout, base_config_desc.digest)
+        if not isinstance(base_config, dict) or not isinstance(base_manifest.get("layers"), list):
+            raise TypeError("not an image config and manifest")
+    except (KeyError, TypeError, AttributeError, InputError) as e:
+        # pull_image checked what a registry served; a local layout is the user's input.
+        raise InputError(f"base image {base}: malformed manifest or config ({e})") from None
+    return base_manifest, base_config
+
+
 def build_image(
-    base: str,
+    base: str | None,
     model_dir: Path,
     launch_dir: Path | None,
     config: ImageConfig,
@@ -241,23 +256,22 @@ def build_image(
     """Builds base + model + launch files into the OCI layout `out_layout`, tagged `tag`.
 
     `base` is `oci:PATH[:TAG]` or a registry reference (`credentials` / `registry_options` are
-    used to pull it). Raises InputError for bad paths, references or base images, InfraError when
+    used to pull it), or None for an image of forge's layers alone (a data-only model image: no
+    shell, no OS). Raises InputError for bad paths, references or base images, InfraError when
     the base cannot be pulled."""
     layout.check_tag(tag)
     out_layout = Path(out_layout)
     layout.init_layout(out_layout)
     created = rfc3339(source_date_epoch())
-    base_desc, base_name = _resolve_base(base, out_layout, config.platform, credentials, registry_options)
-    try:
-        base_manifest = layout.read_json_blob(out_layout, base_desc.digest)
-        base_config_desc = Descriptor.from_json(base_manifest["config"])
-        base_config = layout.read_json_blob(out_layout, base_config_desc.digest)
-        if not isinstance(base_config, dict) or not isinstance(base_manifest.get("layers"), list):
-            raise TypeError("not an image config and manifest")
-    except (KeyError, TypeError, AttributeError, InputError) as e:
-        # pull_image checked what a registry served; a local layout is the user's input.
-        raise InputError(f"base image {base}: malformed manifest or config ({e})") from None
     os_name, _, arch = config.platform.partition("/")
+    if base is None:
+        base_desc, base_name = None, None
+        base_config = {"architecture": arch.split("/")[0], "os": os_name, "config": {},
+                       "rootfs": {"type": "layers", "diff_ids": []}}  # fmt: skip
+        base_manifest = {"layers": []}
+    else:
+        base_desc, base_name = _resolve_base(base, out_layout, config.platform, credentials, registry_options)
+        base_manifest, base_config = _read_base(out_layout, base_desc, base)
     if (base_config.get("os"), base_config.get("architecture")) != (os_name, arch.split("/")[0]):
         raise InputError(
             f"base image {base} is {base_config.get('os')}/{base_config.get('architecture')}, not {config.platform}"
@@ -281,8 +295,9 @@ def build_image(
     image_config = _image_config(base_config, layers, history, config, created)
     config_data = layout.canonical_json(image_config)
     config_digest = layout.write_blob(out_layout, config_data)
-    annotations = {**config.oci_annotations(), "org.opencontainers.image.created": created}
-    annotations[BASE_DIGEST] = base_desc.digest
+    annotations = {**config.annotations, **config.oci_annotations(), "org.opencontainers.image.created": created}
+    if base_desc is not None:
+        annotations[BASE_DIGEST] = base_desc.digest
     if base_name:
         annotations[BASE_NAME] = base_name
     manifest = {
@@ -306,7 +321,7 @@ def build_image(
         manifest=descriptor,
         config_digest=config_digest,
         base=base,
-        base_digest=base_desc.digest,
+        base_digest=base_desc.digest if base_desc else None,
         layers=tuple(layers),
     )
 
