@@ -241,22 +241,27 @@ def build(
 
         packages: dict[str, Path] = {}
         for stage in selected("package"):
-            model_dir = exports[stage.needs[0]] / "model"
-            packages[stage.id] = run(stage, lambda out, s=stage, m=model_dir: stage_package(plan, s, m, out))
+            model_dir, engine = served(stage)
+            packages[stage.id] = run(
+                stage, lambda out, s=stage, m=model_dir, e=engine: stage_package(plan, s, m, e, out)
+            )
 
         fill_records(plan, records, chosen, only, skip, "runs once every gate passed")
         outcome.validation, outcome.failed_gates = validate(plan, records)
         outcome.images = [{"stage": sid, "layout": str(p / "layout"), **records[sid]} for sid, p in packages.items()]
-        outcome.model_images = [
-            {"stage": sid, "layout": str(p / "layout"), "deploy": str(p / "deploy"), **records[sid]}
-            for sid, p in model_images.items()
-        ]
 
         phase = "materialize"
         # Said first, so a build killed while the directories change leaves a report that says so.
         interrupted = "interrupted while writing the artifact directories; build again"
         outcome.write(outcome.report({"stage": phase, "type": "Interrupted", "message": interrupted}))
         materialize_artifacts(plan, exports, outcome.out_root, outcome.artifacts)
+        for sid, entry in model_images.items():  # artifacts/<recipe>/images/<variant>/<backend>/<gpu>/
+            target = outcome.out_root / "images" / sid.removeprefix("model-image/")
+            link_tree(entry / "layout", target / "layout")
+            link_tree(entry / "deploy", target / "deploy")
+            outcome.model_images.append(
+                {"stage": sid, "layout": str(target / "layout"), "deploy": str(target / "deploy"), **records[sid]}
+            )
 
         pushes = selected("push")
         if pushes and outcome.failed_gates:

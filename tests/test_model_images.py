@@ -53,6 +53,8 @@ def test_each_servable_artifact_gets_a_data_only_image(built):
     engine_image = stages["model-image/fp8/trtllm/H100"]
     assert engine_image["status"] == "deferred" and "engine/fp8/trtllm/H100" in engine_image["reason"]
     assert [m["stage"] for m in report["model_images"]] == ["model-image/fp8/vllm/H100"]
+    layout = Path(image_of(report, "model-image/fp8/vllm/H100")["layout"])
+    assert layout == built[0] / "a" / "tiny" / "images" / "fp8" / "vllm" / "H100" / "layout"
     manifest, config = read_image(Path(image_of(report, "model-image/fp8/vllm/H100")["layout"]))
     assert "Entrypoint" not in config["config"] and "Cmd" not in config["config"]
     assert "org.opencontainers.image.base.digest" not in manifest["annotations"]  # no base at all

@@ -12,7 +12,9 @@ import runpy
 import subprocess
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
+import yaml
 
 from tests.conftest import FORGE, REPO
 
@@ -103,3 +105,19 @@ def test_readme_figures_are_this_builds(cold):
             assert old[key] == pytest.approx(new[key], abs=tol), (old["variant"], old["format"], key)
         assert old["recovery"] == pytest.approx(new["recovery"], abs=0.001)
     assert report["tools"]["forge_commit"] != "unknown"
+
+
+def test_default_build_leaves_a_model_image_per_servable_artifact(cold):
+    """Offline, with no base image: one data-only image per artifact that needs no engine, which
+    skopeo reads, and Kubernetes manifests that validate against the 1.35 API."""
+    _, report = cold
+    servable = {f"model-image/{a['variant']}/{a['backend']}/{a['gpu']}" for a in report["artifacts"]}
+    built = {m["stage"]: m for m in report["model_images"]}
+    deferred = {s["id"] for s in report["stages"] if s["kind"] == "model-image" and s["status"] == "deferred"}
+    assert built and set(built) | deferred == servable and all("/trtllm/" in d for d in deferred)
+    for image in built.values():
+        done = subprocess.run(["skopeo", "inspect", f"oci:{image['layout']}:{image['tag']}"], capture_output=True,
+                              text=True)  # fmt: skip
+        assert done.returncode == 0 and json.loads(done.stdout)["Digest"] == image["digest"], done.stderr
+        for document in yaml.safe_load_all((Path(image["deploy"]) / "kubernetes.yaml").read_text()):
+            kubernetes_validate.validate(document, "1.35.0", strict=True)
