@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -17,7 +18,15 @@ from pathlib import Path
 
 import click
 
-from forge.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, ForgeError, GateFailed, InputError
+from forge.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, ForgeError, GateFailed, InfraError, InputError
+from forge.loadgen.workload import (
+    MAX_CONCURRENCY,
+    MAX_LEVELS,
+    MAX_OUTPUT_TOKENS,
+    MAX_PROMPT_TOKENS,
+    MAX_PROMPT_TOKENS_TOTAL,
+    MAX_REQUESTS,
+)
 
 RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
@@ -239,61 +248,138 @@ def gpus(as_json: bool) -> None:
     click.echo(f"local: {detected or listing['local_reason']}")
 
 
-def _int_list(ctx, param, value: str) -> list[int]:
+def _concurrency_levels(ctx, param, value: str) -> list[int]:
+    """`--concurrency 1,4,16`: distinct closed-loop levels within the load generator's bounds."""
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        levels = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not 1 <= len(levels) <= MAX_LEVELS:
+        raise click.BadParameter(f"give 1 to {MAX_LEVELS} levels, got {len(levels)}")
+    if bad := [n for n in levels if not 1 <= n <= MAX_CONCURRENCY]:
+        raise click.BadParameter(f"each level must be in 1..{MAX_CONCURRENCY}, got {bad[0]}")
+    if len(set(levels)) != len(levels):
+        raise click.BadParameter(f"{value!r} repeats a level")
+    return levels
+
+
+def _finite(ctx, param, value: float | None) -> float | None:
+    """click's FloatRange lets `nan` through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _endpoint(ctx, param, value: str) -> str:
+    from forge.loadgen.client import Endpoint
+
+    try:
+        Endpoint.parse(value)
+    except InputError as error:
+        raise click.BadParameter(str(error).removeprefix("endpoint: ")) from None
+    return value
+
+
+# run_sweep names its arguments in messages; `forge bench` users know the options.
+_BENCH_OPTIONS = {
+    "endpoint": "--endpoint",
+    "tokenizer_dir": "--tokenizer",
+    "api": "--api",
+    "flavor": "--flavor",
+    "prompt_tokens": "--prompt-tokens",
+    "output_tokens": "--output-tokens",
+    "requests_per_level": "--requests",
+    "levels": "--concurrency",
+    "out_dir": "--out",
+}
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+_SECONDS = click.FloatRange(min=0, min_open=True, max=7 * 24 * 3600)
 
 
 @main.command()
-@click.option(
-    "--endpoint", required=True, help="Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000."
-)
+@click.option("--endpoint", required=True, callback=_endpoint,
+              help="Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000.")  # fmt: skip
 @click.option("--model", required=True, help="Model name the server expects in requests.")
-@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Tokenizer directory for exact prompt lengths [default: --model if a directory].")  # fmt: skip
 @click.option("--api", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
 @click.option("--flavor", type=click.Choice(["vllm", "openai", "transformers", "none"]), default="vllm",
               show_default=True, help="How to ask for a fixed output length (ignore_eos dialect).")  # fmt: skip
-@click.option("--concurrency", default="1,4,16", show_default=True, callback=_int_list,
-              help="Closed-loop concurrency levels.")  # fmt: skip
-@click.option("--prompt-tokens", type=int, default=128, show_default=True)
-@click.option("--output-tokens", type=int, default=64, show_default=True)
-@click.option("--requests", type=int, default=32, show_default=True, help="Measured requests per level.")
-@click.option("--ttft-p99-ms", type=float, default=None, help="Gate: p99 time to first token.")
-@click.option("--tpot-p99-ms", type=float, default=None, help="Gate: p99 time per output token.")
-@click.option("--min-output-tok-s", type=float, default=None, help="Gate: output tokens/s at the top level.")
-@click.option("--gpu-usd-per-hour", type=float, default=None, help="Price per GPU-hour for the cost figure.")
-@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs behind the endpoint.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/bench"), show_default=True,
-              help="Directory for per-request JSONL, summary.json and plots.")  # fmt: skip
+@click.option(
+    "--concurrency", default="1,4,16", show_default=True, callback=_concurrency_levels,
+    help=f"Closed-loop concurrencies: distinct, each 1..{MAX_CONCURRENCY}, at most {MAX_LEVELS} levels.",
+)  # fmt: skip
+@click.option("--prompt-tokens", type=click.IntRange(1, MAX_PROMPT_TOKENS), default=128, show_default=True,
+              help=f"Prompt length. Tokens × (requests + 2) × levels ≤ {MAX_PROMPT_TOKENS_TOTAL:,}.")  # fmt: skip
+@click.option("--output-tokens", type=click.IntRange(1, MAX_OUTPUT_TOKENS), default=64, show_default=True)
+@click.option("--requests", type=click.IntRange(1, MAX_REQUESTS), default=32, show_default=True,
+              help="Measured requests per level (after 2 warm-up requests).")  # fmt: skip
+@click.option("--request-timeout", type=_SECONDS, default=120.0, show_default=True, callback=_finite,
+              help="Seconds one request may take, from sending it to its last token; past it, it fails.")  # fmt: skip
+@click.option("--timeout", "run_timeout", type=_SECONDS, default=3600.0, show_default=True, callback=_finite,
+              help="Seconds the whole run may take; requests cut or not sent by then fail.")  # fmt: skip
+@click.option("--max-failed-pct", type=click.FloatRange(0, 100), default=0.0, show_default=True, callback=_finite,
+              help="Gate: percent of the measured requests (all levels together) allowed to fail.")  # fmt: skip
+@click.option("--ttft-p99-ms", type=_POSITIVE, default=None, callback=_finite, help="Gate: p99 time to first token.")
+@click.option("--tpot-p99-ms", type=_POSITIVE, default=None, callback=_finite, help="Gate: p99 time per output token.")
+@click.option("--min-output-tok-s", type=_POSITIVE, default=None, callback=_finite,
+              help="Gate: output tokens/s at the top level.")  # fmt: skip
+@click.option("--gpu-usd-per-hour", type=_POSITIVE, default=None, callback=_finite,
+              help="Price per GPU-hour for the cost figure.")  # fmt: skip
+@click.option("--gpus", type=click.IntRange(1, 1024), default=1, show_default=True, help="GPUs behind the endpoint.")
+@click.option("--out", type=click.Path(file_okay=False, writable=True, path_type=Path), default=Path("artifacts/bench"),
+              show_default=True, help="Directory for per-request JSONL, summary.json and plots.")  # fmt: skip
 @JSON
 @handle_errors
 def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, output_tokens, requests,
-          ttft_p99_ms, tpot_p99_ms, min_output_tok_s, gpu_usd_per_hour, gpus, out, as_json) -> None:  # fmt: skip
+          request_timeout, run_timeout, max_failed_pct, ttft_p99_ms, tpot_p99_ms, min_output_tok_s,
+          gpu_usd_per_hour, gpus, out, as_json) -> None:  # fmt: skip
     """Measure any running OpenAI-compatible server: throughput, TTFT, TPOT, ITL, E2E latency
     (mean, p50, p90, p99) per concurrency level, gates, and cost per 1M output tokens.
-    Exit 1 when a gate fails."""
+
+    Every failed request (HTTP error, refused or dropped connection, timeout, malformed stream) is
+    counted per level and overall, in the table and in summary.json. If the server answers none of
+    a level's requests, the later levels are not sent (they count as failed).
+
+    \b
+    Exit codes:
+      0  every gate passed and at most --max-failed-pct of the requests failed
+      1  a gate failed: an SLO, or more than --max-failed-pct of the requests failed
+      2  bad arguments
+      3  no request succeeded: the server is down, hung, or failed every request
+    """
     from forge.loadgen import GpuCost, SLOs, run_sweep
 
     slos = SLOs(ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, min_output_tok_s=min_output_tok_s)
     cost = GpuCost(gpu_usd_per_hour, gpus) if gpu_usd_per_hour else None
-    result = run_sweep(
-        endpoint, model, tokenizer, concurrency, prompt_tokens, output_tokens, requests, out, slos,
-        api=api, flavor=flavor, gpu_cost=cost,
-    )  # fmt: skip
+    try:
+        result = run_sweep(
+            endpoint, model, tokenizer, concurrency, prompt_tokens, output_tokens, requests, out, slos,
+            api=api, flavor=flavor, gpu_cost=cost, request_timeout_s=request_timeout, run_timeout_s=run_timeout,
+            max_failed_pct=max_failed_pct,
+        )  # fmt: skip
+    except InputError as error:
+        key, _, detail = str(error).partition(":")
+        if key in _BENCH_OPTIONS:
+            raise InputError(f"{_BENCH_OPTIONS[key]}:{detail}") from None
+        raise
     summary = result.to_dict()
+    kinds = "".join(f", {kind}: {n}" for kind, n in sorted(result.failed_kinds.items()))
+    failed = f"{result.requests_failed} of {result.requests_total} requests failed ({result.failed_pct:.1f}%{kinds})"
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         from forge.report import render_sweep
 
         render_sweep(summary)
+        click.echo(failed)
         click.echo(f"records and plots: {out}")
+    if result.requests_completed == 0:
+        errors = sorted({e for level in summary["levels"] for e in level["first_errors"]})
+        raise InfraError(f"bench: {failed}: " + (result.aborted or "; ".join(errors)[:500]))
     if not result.gates_passed:
         raise GateFailed("throughput gates failed: " + ", ".join(
-            g["name"] for g in summary["gates"] if not g["passed"]))  # fmt: skip
+            g["name"] for g in summary["gates"] if not g["passed"]) + f"; {failed}")  # fmt: skip
 
 
 @main.command()

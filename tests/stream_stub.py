@@ -24,6 +24,7 @@ class StubBehavior:
     `tokens` defaults to the request's `max_tokens`. `stop_after` ends generation early whatever
     `ignore_eos` says (a server that ignores it). With `batch_step_s` set, one shared loop emits a
     chunk to every open stream per step, like a GPU decode step, instead of a sleep per stream.
+    `fail_every` answers every n-th request (counted from 1, in arrival order) with HTTP 503.
     """
 
     tokens: int | None = None
@@ -38,6 +39,7 @@ class StubBehavior:
     done_marker: bool = True
     drop_after_chunks: int | None = None
     status: int = 200
+    fail_every: int | None = None
     hang: bool = False
     stop_after: int | None = None
     chunked: bool = True
@@ -72,6 +74,7 @@ class StreamStub:
         self._server: asyncio.Server | None = None
         self._streams: set[_Stream] = set()
         self._ticker: asyncio.Task | None = None
+        self._handlers: set[asyncio.Task] = set()
         self.port = 0
 
     @property
@@ -91,6 +94,10 @@ class StreamStub:
             self._server.close()
             for s in list(self._streams):
                 s.writer.close()
+            # Handlers still inside a `hang` or a stream: end them here, not when the loop closes.
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
@@ -149,6 +156,8 @@ class StreamStub:
     # --- connection handling ------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
         try:
             while True:
                 try:
@@ -171,6 +180,7 @@ class StreamStub:
                 if not await self._respond(path, body, seen, writer):
                     return
         finally:
+            self._handlers.discard(task)
             writer.close()
 
     async def _respond(self, path: str, body: dict, seen: StubRequest, writer: asyncio.StreamWriter) -> bool:
@@ -178,10 +188,13 @@ class StreamStub:
         b = self.behavior
         if b.hang:
             await asyncio.sleep(3600)
-        if b.status != 200:
-            payload = json.dumps({"error": {"message": "stub failure", "code": b.status}}).encode()
+        status = b.status
+        if b.fail_every and len(self.requests) % b.fail_every == 0:
+            status = 503
+        if status != 200:
+            payload = json.dumps({"error": {"message": "stub failure", "code": status}}).encode()
             writer.write(
-                f"HTTP/1.1 {b.status} Error\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(payload)}\r\n\r\n".encode()
                 + payload
             )

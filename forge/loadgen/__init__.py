@@ -1,46 +1,47 @@
-"""Throughput and latency measurement of OpenAI-compatible servers (forge issue 5).
+"""Throughput and latency measurement of OpenAI-compatible servers.
 
 `run_sweep` drives closed- or open-loop load with exact-length prompts and fixed-length outputs,
 and returns per-level metrics defined as `vllm bench serve` defines them, SLO gates and cost.
 `serve_transformers` starts the real CPU server used here and in tests. Plots live in
 `forge.loadgen.plots` (imported lazily: matplotlib is only needed when plotting).
+
+The names below load their module on first use (PEP 562 `__getattr__`), so that the CLI can read
+`forge.loadgen.workload`'s bounds for its options without importing asyncio and the HTTP client.
 """
 
-from forge.loadgen.client import Endpoint, RequestRecord
-from forge.loadgen.metrics import (
-    CostEstimate,
-    GateResult,
-    GpuCost,
-    LevelSummary,
-    SLOs,
-    Stats,
-    cost_per_million_output_tokens,
-    estimate_cost,
-    evaluate_gates,
-    summarize_level,
-)
-from forge.loadgen.runner import SweepResult, run_level, run_sweep
-from forge.loadgen.server import RunningServer, launch_argv, serve_transformers
-from forge.loadgen.workload import LoadLevel
+from __future__ import annotations
 
-__all__ = [
-    "CostEstimate",
-    "Endpoint",
-    "GateResult",
-    "GpuCost",
-    "LevelSummary",
-    "LoadLevel",
-    "RequestRecord",
-    "RunningServer",
-    "SLOs",
-    "Stats",
-    "SweepResult",
-    "cost_per_million_output_tokens",
-    "estimate_cost",
-    "evaluate_gates",
-    "launch_argv",
-    "run_level",
-    "run_sweep",
-    "serve_transformers",
-    "summarize_level",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Endpoint": "client",
+    "RequestRecord": "client",
+    "CostEstimate": "metrics",
+    "GateResult": "metrics",
+    "GpuCost": "metrics",
+    "LevelSummary": "metrics",
+    "SLOs": "metrics",
+    "Stats": "metrics",
+    "cost_per_million_output_tokens": "metrics",
+    "estimate_cost": "metrics",
+    "evaluate_gates": "metrics",
+    "summarize_level": "metrics",
+    "SweepResult": "runner",
+    "run_level": "runner",
+    "run_sweep": "runner",
+    "RunningServer": "server",
+    "launch_argv": "server",
+    "serve_transformers": "server",
+    "LoadLevel": "workload",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,13 @@ from forge.errors import InputError
 
 # A response head larger than this is not an OpenAI-compatible server.
 _MAX_HEAD_BYTES = 64 * 1024
+# One SSE line, and one SSE event (its `data:` lines together), may not exceed this: a real chunk is
+# ~200 bytes, and a server that never ends a line must not grow a buffer per connection without end.
+MAX_LINE_BYTES = 1024 * 1024
+# A chunk-size line is a hex number and optional extensions (RFC 9112 §7.1.1); servers send a few
+# bytes. Kept small because the decoder re-joins a partial line with each read.
+MAX_CHUNK_LINE_BYTES = 4096
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # How much of an error body to keep in the record.
 _ERROR_BODY_CHARS = 300
 # `json.loads` on bytes sniffs the encoding and regex-skips whitespace around the document; SSE is
@@ -46,6 +54,10 @@ def _decode_json(data: bytes) -> dict:
     return _json.decode(text)
 
 
+class ProtocolError(ValueError):
+    """The server broke HTTP/1.1 or SSE framing (or a size cap): the request fails, the connection closes."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the server listens; `base_path` is whatever precedes `/v1` in the URL."""
@@ -57,17 +69,35 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str) -> Endpoint:
-        """Accept `http://host:port`, `http://host:port/v1` or a full `.../v1/completions` URL."""
-        parts = urlsplit(url)
+        """Accept `http://host:port`, `http://host:port/v1` or a full `.../v1/completions` URL.
+
+        Anything else is refused here rather than failing every request later: a port outside
+        1-65535, a query or fragment (never sent), credentials (never sent; use OPENAI_API_KEY),
+        and whitespace or control characters, which would break the request line.
+        """
+        problem = f"endpoint: {url!r} is not an http(s)://host[:port][/path] URL"
+        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+            raise InputError(f"{problem}: it contains whitespace or control characters")
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # raises ValueError for a port that is not a number in 0-65535
+        except ValueError as exc:
+            raise InputError(f"{problem}: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InputError(f"endpoint: {url!r} is not an http(s)://host[:port] URL")
+            raise InputError(problem)
+        if port == 0:
+            raise InputError(f"{problem}: port 0 cannot be connected to")
+        if parts.query or parts.fragment or "?" in url or "#" in url:
+            raise InputError(f"{problem}: a query or fragment would not be sent")
+        if parts.username is not None or parts.password is not None:
+            raise InputError(f"{problem}: credentials in the URL are not sent; set OPENAI_API_KEY")
         path = parts.path.rstrip("/")
         for suffix in ("/v1/chat/completions", "/v1/completions", "/v1"):
             if path.endswith(suffix):
                 path = path[: -len(suffix)]
                 break
         tls = parts.scheme == "https"
-        return cls(parts.hostname, parts.port or (443 if tls else 80), path, tls)
+        return cls(parts.hostname, port if port is not None else (443 if tls else 80), path, tls)
 
     @property
     def url(self) -> str:
@@ -139,12 +169,21 @@ class _ChunkedDecoder:
             if self._need_crlf:
                 if n - pos < 2:
                     break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise ProtocolError("chunk data not followed by CRLF")
                 pos += 2
                 self._need_crlf = False
             end = buf.find(b"\r\n", pos)
             if end < 0:
+                if n - pos > MAX_CHUNK_LINE_BYTES:
+                    raise ProtocolError(f"chunk-size line longer than {MAX_CHUNK_LINE_BYTES} bytes")
                 break
-            size = int(buf[pos:end].split(b";", 1)[0], 16)
+            if end - pos > MAX_CHUNK_LINE_BYTES:
+                raise ProtocolError(f"chunk-size line longer than {MAX_CHUNK_LINE_BYTES} bytes")
+            size_text = buf[pos:end].split(b";", 1)[0].strip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise ProtocolError(f"bad chunk size {size_text[:40]!r}")
+            size = int(size_text, 16)
             pos = end + 2
             if size == 0:
                 self.done = True
@@ -161,32 +200,63 @@ class _ChunkedDecoder:
 class _StreamParser:
     """Splits an SSE byte stream into events and folds them into a RequestRecord.
 
-    SSE framing per the WHATWG spec: lines end in LF or CRLF, `data:` lines (one optional space
-    after the colon) accumulate, a blank line dispatches; comments (`:`) and other fields are
-    ignored. TGI writes `data:{...}` without the space, sse-starlette uses CRLF; both parse.
+    SSE framing per the WHATWG spec (https://html.spec.whatwg.org/multipage/server-sent-events.html):
+    lines end in LF or CRLF, `data:` lines (one optional space after the colon) accumulate, a blank
+    line dispatches; comments (`:`) and other fields are ignored. TGI writes `data:{...}` without the
+    space, sse-starlette uses CRLF; both parse.
+
+    An unfinished line is kept as a list of pieces and joined only once its newline arrives, so a
+    line trickled in many reads costs linear time; a line or event over `MAX_LINE_BYTES` fails the
+    request. So does a stream with more token chunks than `max_chunks` (each chunk carries at least
+    one token, so more than the tokens asked for means a broken or hostile server).
     """
 
-    __slots__ = ("_record", "_tail", "_data", "done")
+    __slots__ = ("_record", "_tail", "_tail_bytes", "_data", "_data_bytes", "_max_chunks", "done")
 
     def __init__(self, record: RequestRecord) -> None:
         self._record = record
-        self._tail = b""
+        self._tail: list[bytes] = []
+        self._tail_bytes = 0
         self._data: list[bytes] = []
+        self._data_bytes = 0
+        # Slack for servers that split a multi-byte character or a tool call over two chunks.
+        self._max_chunks = 2 * record.output_tokens_requested + 16 if record.output_tokens_requested > 0 else None
         self.done = False
 
     def feed(self, payload: bytes, t: float) -> None:
-        buf = self._tail + payload if self._tail else payload
-        lines = buf.split(b"\n")
-        self._tail = lines.pop()
+        if b"\n" not in payload:
+            if payload:
+                self._tail_bytes += len(payload)
+                if self._tail_bytes > MAX_LINE_BYTES:
+                    raise ProtocolError(f"SSE line longer than {MAX_LINE_BYTES} bytes")
+                self._tail.append(payload)
+            return
+        if self._tail:
+            self._tail.append(payload)
+            payload = b"".join(self._tail)
+            self._tail.clear()
+        lines = payload.split(b"\n")
+        tail = lines.pop()
+        self._tail_bytes = len(tail)
+        if tail:
+            if self._tail_bytes > MAX_LINE_BYTES:
+                raise ProtocolError(f"SSE line longer than {MAX_LINE_BYTES} bytes")
+            self._tail.append(tail)
         data = self._data
         for line in lines:
             if line[-1:] == b"\r":
                 line = line[:-1]
             if not line:
                 if data:
+                    self._data_bytes = 0
                     self._event(data[0] if len(data) == 1 else b"\n".join(data), t)
                     data.clear()
             elif line[:5] == b"data:":
+                if len(line) > MAX_LINE_BYTES:
+                    raise ProtocolError(f"SSE line longer than {MAX_LINE_BYTES} bytes")
+                self._data_bytes += len(line)
+                if self._data_bytes > MAX_LINE_BYTES:
+                    raise ProtocolError(f"SSE event larger than {MAX_LINE_BYTES} bytes")
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
 
     def finish(self, t: float) -> None:
@@ -221,6 +291,10 @@ class _StreamParser:
             if text:
                 record.chunk_times_s.append(t)
                 record.text_parts.append(text)
+                if self._max_chunks is not None and len(record.chunk_times_s) > self._max_chunks:
+                    raise ProtocolError(
+                        f"more than {self._max_chunks} token chunks for {record.output_tokens_requested} tokens asked"
+                    )
             if choice.get("finish_reason"):
                 record.finish_reason = choice["finish_reason"]
         elif obj.get("error") is not None:
@@ -291,7 +365,13 @@ class _ResponseProtocol(asyncio.Protocol):
             return
         t = time.perf_counter()
         if self._parser is not None:
-            self._parser.finish(t)
+            try:
+                self._parser.finish(t)
+            except (ValueError, AttributeError, TypeError, KeyError, IndexError) as exc:
+                # Raised here, the exception would only be logged by asyncio and the request would
+                # wait for its timeout.
+                self._fail(exc if isinstance(exc, ValueError) else ValueError(f"unexpected response: {exc!r}"))
+                return
         if self._reused and not self._received_any:
             self._fail(_StaleConnection())
         elif self._status is not None and self._status != 200:
@@ -439,24 +519,38 @@ def build_request_head(endpoint: Endpoint, path: str, body_len: int, request_id:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+# How a request that the run's time limit kept from being sent, or cut short, is recorded.
+NOT_SENT_RUN_LIMIT = "not sent: the run's time limit was reached"
+TIMEOUT_RUN_LIMIT = "timeout: the run's time limit was reached mid-request"
+
+
 async def send_streaming_request(
     pool: ConnectionPool,
     path: str,
     body: bytes,
     record: RequestRecord,
     timeout_s: float,
+    deadline: float | None = None,
 ) -> RequestRecord:
     """POST `body` to `path`, stream the SSE response into `record`, never raise.
 
     Every failure — a non-200 status, a dropped connection, a stalled server past `timeout_s`, a
-    mid-stream error event — ends up in `record.error` so the sweep counts it and moves on.
+    mid-stream error event, a framing violation — ends up in `record.error` so the sweep counts it
+    and moves on. `deadline` (a `time.perf_counter()` instant) is the whole run's limit: a request
+    is not sent after it, and one in flight is cut at it.
     """
+    budget = timeout_s
+    if deadline is not None:
+        budget = min(timeout_s, deadline - time.perf_counter())
+        if budget <= 0:
+            record.error = NOT_SENT_RUN_LIMIT
+            return record
     record.sent_s = time.perf_counter()
     head = build_request_head(pool.endpoint, path, len(body), str(record.index))
     conn: _ResponseProtocol | None = None
     reusable = False
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(budget):
             for _attempt in range(2):
                 conn, reused = await pool.acquire()
                 done = conn.begin(record, reused)
@@ -467,7 +561,7 @@ async def send_streaming_request(
                 except _StaleConnection:
                     conn = None
     except TimeoutError:
-        record.error = f"timeout after {timeout_s:g} s"
+        record.error = f"timeout after {timeout_s:g} s" if budget == timeout_s else TIMEOUT_RUN_LIMIT
     except (OSError, ConnectionError, ValueError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"[:_ERROR_BODY_CHARS]
     finally:

@@ -110,6 +110,10 @@ def error_kind(error: str) -> str:
         return "timeout"
     if error.startswith("server error event"):
         return "server_error_event"
+    if error.startswith("not sent"):
+        return "not_sent"
+    if error.startswith(("ProtocolError", "bad SSE payload", "ValueError")):
+        return "protocol"
     if "mid-stream" in error or "closed" in error or "Connection" in error or "OSError" in error:
         return "connection"
     return "other"
@@ -286,7 +290,7 @@ class CostEstimate:
 
 
 def cost_per_million_output_tokens(usd_per_gpu_hour: float, gpus: int, output_tok_s: float) -> float:
-    """GPU $/h × GPUs / (output tok/s × 3600) × 1e6 (REFERENCE §3)."""
+    """GPU $/h × GPUs / (output tok/s × 3600) × 1e6: dollars per million output tokens at the measured rate."""
     if output_tok_s <= 0:
         raise ValueError("output throughput must be positive to price it")
     return usd_per_gpu_hour * gpus / (output_tok_s * 3600.0) * 1e6

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from forge.errors import InputError
-from forge.loadgen.client import ConnectionPool, Endpoint, RequestRecord, send_streaming_request
+from forge.loadgen.client import (
+    NOT_SENT_RUN_LIMIT,
+    TIMEOUT_RUN_LIMIT,
+    ConnectionPool,
+    Endpoint,
+    RequestRecord,
+    send_streaming_request,
+)
 from forge.loadgen.metrics import (
     CostEstimate,
     GateResult,
@@ -33,6 +42,11 @@ from forge.loadgen.metrics import (
 )
 from forge.loadgen.workload import (
     FLAVORS,
+    MAX_LEVELS,
+    MAX_OUTPUT_TOKENS,
+    MAX_PROMPT_TOKENS,
+    MAX_PROMPT_TOKENS_TOTAL,
+    MAX_REQUESTS,
     Api,
     LoadLevel,
     Prompt,
@@ -49,7 +63,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SweepResult:
-    """Everything a report needs about one sweep; `to_dict()` is JSON-ready."""
+    """Everything a report needs about one sweep; `to_dict()` is JSON-ready.
+
+    `requests_total` counts the measured requests of every level (warm-ups excluded), including
+    those never sent because the run stopped early (`aborted` says why); `requests_failed` and
+    `failed_kinds` count every one that did not complete. With `max_failed_pct` set, a
+    `max_failed_pct` gate fails when more than that share of the requests failed.
+    """
 
     endpoint: str
     model: str
@@ -67,14 +87,25 @@ class SweepResult:
     warnings: list[str]
     server_argv: list[str] | None = None
     files: dict[str, str] = field(default_factory=dict)
+    requests_total: int = 0
+    requests_failed: int = 0
+    failed_pct: float = 0.0
+    failed_kinds: dict[str, int] = field(default_factory=dict)
+    max_failed_pct: float | None = None
+    aborted: str | None = None
 
     @property
     def gates_passed(self) -> bool:
         return all(g.passed for g in self.gates)
 
+    @property
+    def requests_completed(self) -> int:
+        return self.requests_total - self.requests_failed
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["gates_passed"] = self.gates_passed
+        data["requests_completed"] = self.requests_completed
         return data
 
 
@@ -86,6 +117,18 @@ class LevelRun:
     records: list[RequestRecord]
     start_s: float
     duration_s: float
+    warmup: list[RequestRecord] = field(default_factory=list)
+
+    @property
+    def silent(self) -> bool:
+        return answered_none([*self.warmup, *self.records])
+
+
+def answered_none(records: Sequence[RequestRecord]) -> bool:
+    """Requests were sent and the server answered none of them with an HTTP status (refused,
+    reset, hung): the server is down, not merely failing requests."""
+    tried = [r for r in records if not (r.error or "").startswith("not sent")]
+    return bool(tried) and all(r.status is None for r in tried)
 
 
 async def _closed_loop(
@@ -95,6 +138,7 @@ async def _closed_loop(
     records: list[RequestRecord],
     concurrency: int,
     timeout_s: float,
+    deadline: float | None = None,
 ) -> None:
     """`concurrency` users, each sending its next request as soon as the previous one ends.
 
@@ -105,7 +149,7 @@ async def _closed_loop(
     async def user() -> None:
         for i in pending:  # one shared iterator: each index goes to exactly one user
             records[i].scheduled_s = time.perf_counter()
-            await send_streaming_request(pool, path, bodies[i], records[i], timeout_s)
+            await send_streaming_request(pool, path, bodies[i], records[i], timeout_s, deadline)
 
     await asyncio.gather(*(user() for _ in range(min(concurrency, len(records)))))
 
@@ -119,6 +163,7 @@ async def _open_loop(
     timeout_s: float,
     rng: random.Random,
     start_s: float,
+    deadline: float | None = None,
 ) -> None:
     """Requests arrive on a precomputed schedule whatever the server does; a concurrency cap makes
     late ones wait, and that wait stays inside their TTFT (scheduled_s is the arrival time)."""
@@ -127,14 +172,17 @@ async def _open_loop(
 
     async def arrive(i: int) -> None:
         if slots is None:
-            await send_streaming_request(pool, path, bodies[i], records[i], timeout_s)
+            await send_streaming_request(pool, path, bodies[i], records[i], timeout_s, deadline)
             return
         async with slots:
-            await send_streaming_request(pool, path, bodies[i], records[i], timeout_s)
+            await send_streaming_request(pool, path, bodies[i], records[i], timeout_s, deadline)
 
     tasks = []
     for i, offset in enumerate(offsets):
         records[i].scheduled_s = start_s + offset
+        if deadline is not None and records[i].scheduled_s >= deadline:
+            records[i].error = NOT_SENT_RUN_LIMIT  # no sleeping past the run's limit
+            continue
         delay = records[i].scheduled_s - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -153,24 +201,47 @@ async def run_level(
     output_tokens: int = 0,
     timeout_s: float = 300.0,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> LevelRun:
-    """Warm up (results discarded), then measure one level. Never raises for request failures."""
+    """Warm up (results discarded), then measure one level. Never raises for request failures.
+
+    When the server answers none of the warm-up requests (refused, reset, hung: no HTTP status at
+    all), the measured requests are not sent: each would only wait out its own timeout.
+    `deadline` (a `time.perf_counter()` instant) stops sending at the run's time limit.
+    """
     pool = ConnectionPool(endpoint)
     path = endpoint.api_path(api)
     try:
-        if warmup_bodies:
-            warm = [RequestRecord(-1 - i, prompt_tokens, output_tokens) for i in range(len(warmup_bodies))]
-            await _closed_loop(pool, path, warmup_bodies, warm, level.concurrency or 1, timeout_s)
+        warm = [RequestRecord(-1 - i, prompt_tokens, output_tokens) for i in range(len(warmup_bodies))]
+        if warm:
+            await _closed_loop(pool, path, warmup_bodies, warm, level.concurrency or 1, timeout_s, deadline)
         records = [RequestRecord(i, prompt_tokens, output_tokens) for i in range(len(bodies))]
         start = time.perf_counter()
+        if answered_none(warm):
+            for record in records:
+                record.error = f"not sent: the server answered none of {len(warm)} warm-up requests"
+            return LevelRun(level, records, start, 0.0, warm)
         if level.request_rate is None:
-            await _closed_loop(pool, path, bodies, records, level.concurrency or 1, timeout_s)
+            await _closed_loop(pool, path, bodies, records, level.concurrency or 1, timeout_s, deadline)
         else:
-            await _open_loop(pool, path, bodies, records, level, timeout_s, random.Random(seed), start)
+            rng = random.Random(seed)
+            await _open_loop(pool, path, bodies, records, level, timeout_s, rng, start, deadline)
         # Duration runs from the first arrival to the last response, as in vLLM serve.py.
-        return LevelRun(level, records, start, time.perf_counter() - start)
+        return LevelRun(level, records, start, time.perf_counter() - start, warm)
     finally:
         await pool.aclose()
+
+
+def not_sent_level(level: LoadLevel, n: int, prompt_tokens: int, output_tokens: int, why: str) -> LevelRun:
+    """A level skipped after the server went silent: its requests count as failed, never sent."""
+    records = [RequestRecord(i, prompt_tokens, output_tokens, error=f"not sent: {why}") for i in range(n)]
+    return LevelRun(level, records, time.perf_counter(), 0.0)
+
+
+def first_errors(records: Sequence[RequestRecord]) -> str:
+    """The distinct errors of some records, most frequent first, for one-line messages."""
+    counts = Counter(r.error for r in records if r.error)
+    return "; ".join(f"{n}× {error}" for error, n in counts.most_common(3))
 
 
 def fill_missing_output_tokens(records: Sequence[RequestRecord], tokenizer: Any) -> None:
@@ -192,7 +263,7 @@ def record_line(record: RequestRecord, level: str, start_s: float) -> dict[str, 
         "level": level,
         "index": record.index,
         "scheduled_s": record.scheduled_s - start_s,
-        "sent_s": record.sent_s - start_s,
+        "sent_s": record.sent_s - start_s if record.sent_s else None,  # None: never sent
         "prompt_tokens_requested": record.prompt_tokens_requested,
         "output_tokens_requested": record.output_tokens_requested,
         "prompt_tokens": record.prompt_tokens,
@@ -244,6 +315,31 @@ def level_warnings(summary: LevelSummary, records: Sequence[RequestRecord], outp
     return out
 
 
+def check_sweep_size(
+    levels: Sequence[int | LoadLevel], prompt_tokens: int, output_tokens: int, requests: int, warmup: int
+) -> None:
+    """Refuse a sweep too large to finish: the bounds are in `forge.loadgen.workload`."""
+    for name, value, high in (
+        ("prompt_tokens", prompt_tokens, MAX_PROMPT_TOKENS),
+        ("output_tokens", output_tokens, MAX_OUTPUT_TOKENS),
+        ("requests_per_level", requests, MAX_REQUESTS),
+    ):
+        if not 1 <= value <= high:
+            raise InputError(f"{name}: must be in 1..{high}, got {value}")
+    if not 0 <= warmup <= MAX_REQUESTS:
+        raise InputError(f"warmup_requests: must be in 0..{MAX_REQUESTS}, got {warmup}")
+    if not 1 <= len(levels) <= MAX_LEVELS:
+        raise InputError(f"levels: give 1 to {MAX_LEVELS} load levels, got {len(levels)}")
+    for level in levels:
+        as_level(level)  # concurrency, rate and burstiness within bounds
+    built = prompt_tokens * (requests + warmup) * len(levels)
+    if built > MAX_PROMPT_TOKENS_TOTAL:
+        raise InputError(
+            f"prompt_tokens: {prompt_tokens} tokens × {requests + warmup} requests × {len(levels)} levels is "
+            f"{built:,} prompt tokens to build; the limit is {MAX_PROMPT_TOKENS_TOTAL:,}"
+        )
+
+
 def build_prompts(
     tokenizer: Any, api: Api, n: int, prompt_tokens: int, dataset: Path | None, seed: int
 ) -> list[Prompt]:
@@ -268,6 +364,8 @@ def run_sweep(
     warmup_requests: int = 2,
     dataset: Path | None = None,
     request_timeout_s: float = 300.0,
+    run_timeout_s: float | None = None,
+    max_failed_pct: float | None = None,
     gpu_cost: GpuCost | None = None,
     server_argv: list[str] | None = None,
     plots: bool = True,
@@ -280,50 +378,74 @@ def run_sweep(
     for exactly `output_tokens` output tokens. `tokenizer_dir` defaults to `model` when that is a
     local directory (transformers serve names models by path). Writes `requests-<level>.jsonl`,
     `summary.json` and the plots into `out_dir`.
+
+    Each request may take `request_timeout_s`; with `run_timeout_s` the whole sweep stops sending at
+    that limit (prompt building included) and what was not sent counts as failed. After a level in
+    which the server answered no request at all, the later levels are not sent either.
     """
+    started = time.perf_counter()
+    deadline = None if run_timeout_s is None else started + run_timeout_s
+    check_sweep_size(levels, prompt_tokens, output_tokens, requests_per_level, warmup_requests)
     if api not in ("completions", "chat"):
         raise InputError(f"api: {api!r} is not 'completions' or 'chat'")
     if flavor not in FLAVORS:
         raise InputError(f"flavor: {flavor!r} is not one of {', '.join(FLAVORS)}")
-    if prompt_tokens < 1 or output_tokens < 1 or requests_per_level < 1:
-        raise InputError("prompt_tokens, output_tokens and requests_per_level must all be ≥ 1")
+    for name, value in (("request_timeout_s", request_timeout_s), ("run_timeout_s", run_timeout_s)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise InputError(f"{name}: must be a finite number of seconds > 0, got {value}")
+    if max_failed_pct is not None and not 0 <= max_failed_pct <= 100:
+        raise InputError(f"max_failed_pct: must be a percentage in 0..100, got {max_failed_pct}")
     if tokenizer_dir is None:
         if not Path(model).is_dir():
             raise InputError(f"tokenizer_dir: model {model!r} is not a local directory; pass the tokenizer directory")
         tokenizer_dir = Path(model)
     parsed = Endpoint.parse(endpoint)
     load_levels = [as_level(lv) for lv in levels]
-    if not load_levels:
-        raise InputError("levels: give at least one load level")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    try:  # only once the arguments are known good, so a refused sweep leaves nothing behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"out_dir: cannot create {out_dir}: {exc.strerror or exc}") from None
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
 
-    tokenizer = load_tokenizer(tokenizer_dir)
     per_level = requests_per_level + warmup_requests
     prompts = build_prompts(tokenizer, api, per_level * len(load_levels), prompt_tokens, dataset, seed)
     bodies = [request_body(api, model, p, output_tokens, flavor) for p in prompts]
 
+    aborted = None
+
     async def sweep() -> list[LevelRun]:
-        runs = []
+        nonlocal aborted
+        runs: list[LevelRun] = []
         for i, level in enumerate(load_levels):
+            if aborted:
+                runs.append(not_sent_level(level, requests_per_level, prompt_tokens, output_tokens, aborted))
+                continue
             chunk = bodies[i * per_level : (i + 1) * per_level]
             logger.info("level %s: %d requests after %d warm-up", level.label, requests_per_level, warmup_requests)
-            runs.append(
-                await run_level(
-                    parsed,
-                    api,
-                    level,
-                    chunk[warmup_requests:],
-                    chunk[:warmup_requests],
-                    prompt_tokens=prompt_tokens,
-                    output_tokens=output_tokens,
-                    timeout_s=request_timeout_s,
-                    seed=seed + i,
-                )
+            run = await run_level(
+                parsed,
+                api,
+                level,
+                chunk[warmup_requests:],
+                chunk[:warmup_requests],
+                prompt_tokens=prompt_tokens,
+                output_tokens=output_tokens,
+                timeout_s=request_timeout_s,
+                seed=seed + i,
+                deadline=deadline,
             )
+            runs.append(run)
+            if run.silent:
+                sent = [r for r in (*run.warmup, *run.records) if not (r.error or "").startswith("not sent")]
+                aborted = f"the server answered none of the {len(sent)} requests of level {level.label}"
+                logger.warning("%s (%s): not sending the later levels", aborted, first_errors(sent))
+                aborted += f" ({first_errors(sent)})"
         return runs
 
     runs = asyncio.run(sweep())
+    if any(r.error in (NOT_SENT_RUN_LIMIT, TIMEOUT_RUN_LIMIT) for run in runs for r in (*run.warmup, *run.records)):
+        aborted = f"the run's time limit of {run_timeout_s:g} s was reached" + (f"; {aborted}" if aborted else "")
 
     summaries, warnings, files = [], [], {}
     for run in runs:
@@ -336,6 +458,13 @@ def run_sweep(
         warnings += level_warnings(summary, run.records, output_tokens)
 
     gates = evaluate_gates(summaries, slos) if slos is not None else []
+    total = sum(lv.requests for lv in summaries)
+    failed = sum(lv.errors for lv in summaries)
+    failed_pct = 100.0 * failed / total if total else 0.0
+    if max_failed_pct is not None:
+        gates.append(GateResult("max_failed_pct", max_failed_pct, failed_pct, failed_pct <= max_failed_pct, "all"))
+    if aborted:
+        warnings.insert(0, f"stopped early: {aborted}")
     cost = estimate_cost(summaries, slos, gpu_cost) if gpu_cost is not None else None
     if gpu_cost is not None and cost is None:
         warnings.append("cost: no load level met the SLOs without errors, so none is priced")
@@ -357,6 +486,12 @@ def run_sweep(
         warnings=warnings,
         server_argv=server_argv,
         files=files,
+        requests_total=total,
+        requests_failed=failed,
+        failed_pct=failed_pct,
+        failed_kinds=dict(sum((Counter(lv.error_kinds) for lv in summaries), Counter())),
+        max_failed_pct=max_failed_pct,
+        aborted=aborted,
     )
     if plots:
         from forge.loadgen.plots import plot_latency, plot_throughput

@@ -8,6 +8,7 @@ chat template for chat requests) and outputs are pinned with the server's own ig
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,15 @@ Api = Literal["completions", "chat"]
 # servers without `min_tokens`); "none" sends only `max_tokens`. A server that still stops early
 # is reported as ignoring ignore_eos (see metrics.summarize_level).
 FLAVORS = ("vllm", "openai", "transformers", "none")
+
+# Upper bounds on a sweep's size. Beyond them a typo (`1e8` prompt tokens) runs for days: building
+# exact-length prompts costs ~50-100 µs per token on one core, and every level is a full run.
+MAX_PROMPT_TOKENS = 131_072  # the longest context windows served today
+MAX_OUTPUT_TOKENS = 131_072
+MAX_REQUESTS = 10_000  # measured requests per level (warm-up requests too)
+MAX_CONCURRENCY = 1024  # one connection each
+MAX_LEVELS = 32
+MAX_PROMPT_TOKENS_TOTAL = 2**23  # prompt tokens built for the whole sweep, about 10 minutes
 
 
 @dataclass(frozen=True)
@@ -51,12 +61,12 @@ class LoadLevel:
     def __post_init__(self) -> None:
         if self.concurrency is None and self.request_rate is None:
             raise InputError("levels: a level needs a concurrency, a request_rate, or both")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise InputError(f"levels: concurrency must be ≥ 1, got {self.concurrency}")
-        if self.request_rate is not None and self.request_rate <= 0:
-            raise InputError(f"levels: request_rate must be > 0, got {self.request_rate}")
-        if self.burstiness <= 0:
-            raise InputError(f"levels: burstiness must be > 0, got {self.burstiness}")
+        if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise InputError(f"levels: concurrency must be in 1..{MAX_CONCURRENCY}, got {self.concurrency}")
+        if self.request_rate is not None and not (self.request_rate > 0 and math.isfinite(self.request_rate)):
+            raise InputError(f"levels: request_rate must be a finite number > 0, got {self.request_rate}")
+        if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
+            raise InputError(f"levels: burstiness must be a finite number > 0, got {self.burstiness}")
 
     @property
     def label(self) -> str:
