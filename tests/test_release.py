@@ -4,6 +4,7 @@ referrers (build report, SLSA provenance) → `forge verify`; checked with skope
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -22,6 +23,12 @@ from tests.conftest import run_cli, tiny_recipe, write_recipe
 registry = registry_server.registry
 
 
+def repository_of(tmp_path) -> str:
+    """One repository per test: tests share the module's registry and run in any order, so a
+    test that counts uploaded bytes must not find another test's blobs there."""
+    return "forge/" + re.sub(r"[^a-z0-9]+", "-", tmp_path.name.lower()).strip("-")
+
+
 @pytest.fixture()
 def release(registry, tiny_model, eval_text, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_REGISTRY_USERNAME", registry.username)
@@ -34,7 +41,7 @@ def release(registry, tiny_model, eval_text, tmp_path, monkeypatch):
         "enabled": True,
         "base_images": {"vllm": f"oci:{base}:latest"},
         "registry": registry.host,
-        "repository": "forge/tiny",
+        "repository": repository_of(tmp_path),
         "tags": ["{variant}-{backend}-{gpu}", "latest"],
     }
     return write_recipe(tmp_path, data), tmp_path / "artifacts"
@@ -50,7 +57,7 @@ def test_build_pushes_verifiable_images(registry, release, tmp_path):
     assert image["digest"] == pushed["digest"] and image["builder"] == "daemonless"
 
     # skopeo (code forge did not write) reads the image back; every model file is the artifact's.
-    ref = f"docker://{registry.host}/forge/tiny:fp8-vllm-H100"
+    ref = f"docker://{registry.host}/{repository_of(tmp_path)}:fp8-vllm-H100"
     info = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", registry.creds, ref],
                                      capture_output=True, text=True, check=True).stdout)  # fmt: skip
     assert info["Digest"] == pushed["digest"]
@@ -73,7 +80,7 @@ def test_build_pushes_verifiable_images(registry, release, tmp_path):
     assert found == {name: f["sha256"] for name, f in artifact["files"].items()}
 
     # Provenance and report verify against the recipe; a second build re-uploads nothing.
-    code, output = run_cli("verify", f"{registry.host}/forge/tiny:latest", "--recipe", str(recipe))
+    code, output = run_cli("verify", f"{registry.host}/{repository_of(tmp_path)}:latest", "--recipe", str(recipe))
     assert code == 0, output
     assert "ok   build report untampered" in output
     code, output = run_cli("push", str(recipe), "--json", "--artifacts-dir", str(artifacts))
@@ -87,14 +94,14 @@ def test_verify_fails_for_a_tampered_report_or_another_recipe(registry, release,
     report = build(recipe, artifacts_dir=artifacts).report
     digest = report["pushed"][0]["digest"]
     other = write_recipe(tmp_path / "other", tiny_recipe(tiny_model, eval_text))
-    code, output = run_cli("verify", f"{registry.host}/forge/tiny@{digest}", "--recipe", str(other))
+    code, output = run_cli("verify", f"{registry.host}/{repository_of(tmp_path)}@{digest}", "--recipe", str(other))
     assert code == 1 and "FAIL recipe matches" in output
 
     tampered = dict(report, validation={"accuracy": [], "throughput": []})
     creds = Credentials(registry.username, registry.password)
-    attach_referrer(f"{registry.host}/forge/tiny@{digest}", json.dumps(tampered).encode(),
+    attach_referrer(f"{registry.host}/{repository_of(tmp_path)}@{digest}", json.dumps(tampered).encode(),
                     artifact_type=BUILD_REPORT_TYPE, credentials=creds)  # fmt: skip
-    code, output = run_cli("verify", f"{registry.host}/forge/tiny@{digest}", "--recipe", str(recipe))
+    code, output = run_cli("verify", f"{registry.host}/{repository_of(tmp_path)}@{digest}", "--recipe", str(recipe))
     assert code == 1, output
     assert "FAIL build report untampered" in output
 
