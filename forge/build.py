@@ -173,6 +173,10 @@ def build(
     plan = make_plan(recipe, recipe_path.parent.resolve(), cache, recipe_file=str(recipe_path),
                      allow_deferred_gates=allow_deferred_gates)  # fmt: skip
     chosen = select_stages(plan, only, skip)
+    if any(s.kind == "push" for s in plan.stages if s.id in chosen):
+        from forge.oci.signing import signing_key_from_env
+
+        signing_key_from_env()  # a bad FORGE_SIGNING_KEY is exit 2 before any work, not after the build
     refuse_deferred_pushes(plan, chosen)
     check_hardware(plan, chosen, only)
     outcome = Outcome(plan, recipe_path, artifacts_dir / recipe.name, started)

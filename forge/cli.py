@@ -386,17 +386,38 @@ def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, o
 @click.argument("image")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), required=True,
               help="The recipe the image must have been built from.")  # fmt: skip
+@click.option("--key", "key_path", type=click.Path(path_type=Path), default=None,
+              help="PEM public key: also require a cosign-compatible signature of the image made with its "
+              "private key (forge push signs when FORGE_SIGNING_KEY names one).")  # fmt: skip
 @JSON
 @handle_errors
-def verify(image: str, recipe_path: Path, as_json: bool) -> None:
-    """Check a pushed image's SLSA provenance and build report against a recipe.
+def verify(image: str, recipe_path: Path, key_path: Path | None, as_json: bool) -> None:
+    """Check a pushed image's SLSA provenance and build report against a recipe, and with --key
+    its signature, all three about the same manifest digest.
 
     IMAGE is `host/repository:tag` or `host/repository@sha256:…`. Exit 1 when any check fails
-    (wrong recipe, tampered build report, failed gates), 3 when the registry is unreachable."""
-    from forge.provenance import verify_image
+    (wrong recipe, tampered build report, failed gates, no valid signature), 3 when the registry
+    is unreachable. Keyless (Fulcio/Rekor) signatures are not checked: they need the public
+    Sigstore services."""
+    from forge.provenance import Check, verify_image
     from forge.recipe import load_recipe
 
-    digest, checks = verify_image(image, load_recipe(recipe_path))
+    recipe = load_recipe(recipe_path)
+    public_key = None
+    if key_path is not None:
+        from forge.oci.signing import load_public_key
+
+        public_key = load_public_key(key_path)  # a bad key is exit 2 before any network
+    digest, checks = verify_image(image, recipe)
+    if public_key is not None:
+        from forge.oci.signing import verify_signature
+        from forge.package import registry_options
+
+        host = image.split("/", 1)[0]
+        with tempfile.TemporaryDirectory(prefix="forge-verify-") as work:
+            signed = verify_signature(image, digest, public_key, Path(work),
+                                      options=registry_options(host, recipe.package.insecure_registries))  # fmt: skip
+        checks.append(Check("signature", signed.passed, signed.detail))
     if as_json:
         click.echo(json.dumps({"image": image, "digest": digest, "checks": [c.__dict__ for c in checks]}, indent=2))
     else:
@@ -411,12 +432,19 @@ def verify(image: str, recipe_path: Path, as_json: bool) -> None:
 @JSON
 @ARTIFACTS
 @CACHE
+@click.option(
+    "--allow-deferred-gates", is_flag=True,
+    help="Push even where the GPU gates (throughput, lm-eval on the target GPU) are deferred, i.e. not measured; "
+    "the report attached to the image says so. Same as package.allow_deferred_gates: true.",
+)  # fmt: skip
 @handle_errors
-def push(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None) -> None:
+def push(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None, allow_deferred_gates: bool) -> None:
     """Push the recipe's serving images to `package.registry` (building whatever is not cached).
 
     Same as `forge build RECIPE --only push`. Credentials: FORGE_REGISTRY_USERNAME /
-    FORGE_REGISTRY_PASSWORD, else ~/.docker/config.json. Nothing is pushed when a gate fails.
+    FORGE_REGISTRY_PASSWORD, else ~/.docker/config.json. Nothing is pushed when a gate fails, and
+    an image whose image or GPU gates are deferred to a GPU builder is refused (exit 1 for deferred
+    gates unless --allow-deferred-gates, exit 3 for an image that needs a GPU to build) before any work.
     """
     from forge.build import build as run_build
     from forge.progress import Progress
@@ -426,7 +454,7 @@ def push(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | Non
     if not (package.enabled and package.registry):
         raise InputError("package.registry: nothing to push (set package.enabled: true and package.registry)")
     result = run_build(recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, only=("push",),
-                       progress=Progress(enabled=not as_json))  # fmt: skip
+                       progress=Progress(enabled=not as_json), allow_deferred_gates=allow_deferred_gates)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.report.get("pushed", []), indent=2))
         return

@@ -11,6 +11,7 @@ CA bundle to trust instead of the system's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,12 +19,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from forge.errors import InfraError, InputError
 from forge.oci import registry
 from forge.oci.image import ImageConfig, build_image, local_base_digest, split_oci_base
-from forge.serving import LAUNCH_DIR, MODEL_DIR, ServeSpec, render_dockerfile
+from forge.serving import ENGINE_DIR, LAUNCH_DIR, MODEL_DIR, ServeSpec, render_dockerfile
 
 PROVENANCE_TYPE = "application/vnd.in-toto+json"  # in-toto attestation media type (in-toto/attestation spec)
 CREATED = "org.opencontainers.image.created"  # on each referrer, so verify can tell the newest
@@ -63,27 +64,36 @@ def image_tag(template: str, variant: str, backend: str, gpu: str) -> str:
     return template.format(variant=variant, backend=backend, gpu=gpu)
 
 
-def write_build_context(spec: ServeSpec, model_dir: Path, out: Path, artifact: str) -> Path:
-    """`out/context/`: Dockerfile, `model/` (hard links) and `launch/` files, ready for buildx."""
+def write_build_context(
+    spec: ServeSpec, model_dir: Path, out: Path, artifact: str, engine_dir: Path | None = None
+) -> Path:
+    """`out/context/`: Dockerfile, `model/` and `engine/` (hard links) and `launch/` files, ready for buildx."""
     context = out / "context"
     (context / "launch").mkdir(parents=True)
     shutil.copytree(model_dir, context / "model", copy_function=os.link)
+    if engine_dir is not None:
+        shutil.copytree(engine_dir, context / "engine", copy_function=os.link)
     for name, text in spec.launch_files.items():
         (context / "launch" / name).write_text(text)
     model_files = sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file())
-    (context / "Dockerfile").write_text(render_dockerfile(spec, model_files, artifact))
+    engine_files = (
+        sorted(str(p.relative_to(engine_dir)) for p in engine_dir.rglob("*") if p.is_file()) if engine_dir else []
+    )
+    (context / "Dockerfile").write_text(render_dockerfile(spec, model_files, artifact, engine_files))
     return context
 
 
 def package_artifact(
     spec: ServeSpec, model_dir: Path, out: Path, tag: str, artifact: str, builder: str,
     base: dict | None = None, push_registry: str | None = None, insecure_registries: Iterable[str] = (),
+    engine_dir: Path | None = None,
 ) -> dict:  # fmt: skip
     """Build the serving image into the OCI layout `out/layout` tagged `tag`. `base` is what
     `resolve_base` found at plan time (the image to build from, pinned to its digest when it
     resolved); `push_registry` (package.registry) is the one registry the environment's
-    credentials may be sent to."""
-    context = write_build_context(spec, model_dir, out, artifact)
+    credentials may be sent to. `engine_dir`: a TensorRT-LLM engine, one layer per file under
+    ENGINE_DIR, where the image's trtllm-serve loads it."""
+    context = write_build_context(spec, model_dir, out, artifact, engine_dir)
     layout_dir = out / "layout"
     if builder == "docker":
         return buildx_image(context, layout_dir, tag)
@@ -93,7 +103,7 @@ def package_artifact(
         env=spec.env,
         exposed_ports=[spec.port],
         labels=spec.labels,
-        user="root" if spec.backend == "trtllm" else "1000:1000",
+        user=spec.user,
         title=spec.labels.get("org.opencontainers.image.title"),
         description=spec.labels.get("org.opencontainers.image.description"),
         version=spec.labels.get("org.opencontainers.image.version"),
@@ -103,13 +113,20 @@ def package_artifact(
         launch_path=LAUNCH_DIR,
     )
     launch = context / "launch" if spec.launch_files else None
+    files_root, files_path = model_dir, MODEL_DIR
+    if engine_dir is not None:  # model/ and engine/ side by side under /models, each file its own layer
+        files_root, files_path = out / "files", str(PurePosixPath(MODEL_DIR).parent)
+        files_root.mkdir()
+        for name, path in ((PurePosixPath(MODEL_DIR).name, model_dir), (PurePosixPath(ENGINE_DIR).name, engine_dir)):
+            shutil.copytree(path, files_root / name, copy_function=os.link)
+        config = dataclasses.replace(config, model_path=files_path)
     source = (base or {}).get("image") or spec.base_image
     credentials = options = None
     if not source.startswith("oci:"):
         host = registry.parse_reference(source).host
         credentials = registry.credentials_for(host, push_registry)
         options = registry_options(host, insecure_registries)
-    result = build_image(source, model_dir, launch, config, layout_dir, tag, credentials=credentials,
+    result = build_image(source, files_root, launch, config, layout_dir, tag, credentials=credentials,
                          registry_options=options)  # fmt: skip
     facts = {
         "builder": "daemonless",
@@ -244,3 +261,12 @@ def _resolve_tag(
     if "digest" in answer:
         return answer["digest"], ""
     return None, answer.get("why") or f"no answer from {host} within {PLAN_RESOLVE_TIMEOUT_S:g} s"
+
+
+def sign_pushed(reference: str, key, insecure_registries: Iterable[str] = ()) -> dict:
+    """Sign the image pushed to package.registry (`host/repository@sha256:…`), cosign's way."""
+    from forge.oci.signing import sign_image
+
+    host = registry.parse_reference(reference).host
+    return sign_image(reference, key, credentials=registry.credentials_for(host, host),
+                      options=registry_options(host, insecure_registries))  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 
@@ -152,7 +153,9 @@ def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, prog
             checkpoint_dir, out / "engine", trtllm.Limits.from_target(target), scheme,
             lookup_gpu(stage.params["gpu"]), target.trtllm.version,
         )  # fmt: skip
-    return {"runner": built.runner, "command": built.command, "engine_key": built.key, "files": file_digests(out)}
+    # The command as one shell line, as every other stage record's `command` is (reports print it).
+    return {"runner": built.runner, "command": shlex.join(built.command), "engine_key": built.key,
+            "files": file_digests(out)}  # fmt: skip
 
 
 def stage_throughput(
@@ -237,7 +240,8 @@ def stage_model_image(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Pat
     return {**image, "variant": params["variant"], "backend": params["backend"], "gpu": params["gpu"]}
 
 
-def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:
+def stage_package(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path) -> dict:
+    """The serving image of one artifact: its export, and its TensorRT-LLM engine when it has one."""
     from forge.package import package_artifact
     from forge.serving import serve_spec
 
@@ -248,7 +252,7 @@ def stage_package(plan: Plan, stage: Stage, model_dir: Path, out: Path) -> dict:
     )
     package = plan.recipe.package
     image = package_artifact(spec, model_dir, out, params["tags"][0], stage.id, package.builder, params.get("base"),
-                             package.registry, package.insecure_registries)  # fmt: skip
+                             package.registry, package.insecure_registries, engine_dir)  # fmt: skip
     return {**image, "variant": params["variant"], "backend": params["backend"], "gpu": params["gpu"]}
 
 
@@ -260,11 +264,13 @@ def push_images(
     The report attached is the one written to build.json minus the push results themselves
     (those only exist afterwards); provenance names that document's digest."""
     from forge.oci.registry import BUILD_REPORT_TYPE
-    from forge.package import PROVENANCE_TYPE, attach_documents, push_artifact
+    from forge.oci.signing import signing_key_from_env
+    from forge.package import PROVENANCE_TYPE, attach_documents, push_artifact, sign_pushed
     from forge.provenance import provenance_statement
 
     package = plan.recipe.package
     report_bytes = json.dumps(report, indent=2).encode()
+    key = signing_key_from_env()  # FORGE_SIGNING_KEY: read before the first upload, so a bad key pushes nothing
     pushed = []
     with progress.task("push images", total=len(pushes)) as advance:
         for done, stage in enumerate(pushes, 1):
@@ -279,7 +285,8 @@ def push_images(
                 {BUILD_REPORT_TYPE: report_bytes, PROVENANCE_TYPE: json.dumps(statement, indent=2).encode()},
                 package.insecure_registries,
             )
-            pushed.append({"stage": stage.id, **result, "referrers": referrers})
+            signature = sign_pushed(f"{name}@{result['digest']}", key, package.insecure_registries) if key else None
+            pushed.append({"stage": stage.id, **result, "referrers": referrers, "signature": signature})
             advance(done, len(pushes))
     return pushed
 
@@ -336,7 +343,8 @@ def deferred_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
     with the stage and the command that measures it (a report must never count them as passed)."""
     slos = throughput_slos(plan)
     throughput = [("ttft_p99_ms", None, slos.ttft_p99_ms), ("tpot_p99_ms", None, slos.tpot_p99_ms),
-                  ("min_output_tok_s", None, slos.min_output_tok_s), ("min_goodput_rps", None, slos.min_goodput_rps)]  # fmt: skip
+                  ("min_output_tok_s", None, slos.min_output_tok_s),
+                  ("min_goodput_rps", None, slos.min_goodput_rps)]  # fmt: skip
     gates = []
     for stage in plan.stages:
         if stage.kind not in ("tasks", "throughput") or records[stage.id]["status"] != "deferred":
