@@ -1,5 +1,6 @@
 """Launch `transformers serve` for a local model directory: the real OpenAI-compatible server that
-runs on a CPU-only machine (REFERENCE §2), so sweeps and tests exercise a real stack.
+runs on a CPU-only machine (https://huggingface.co/docs/transformers/main/en/serving), so sweeps
+and tests exercise a real stack.
 
 Facts from transformers 5.17 `transformers/cli/serve.py` and `cli/serving/`:
 - `transformers serve [FORCE_MODEL]`: a local directory works as FORCE_MODEL and is preloaded
