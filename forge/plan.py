@@ -219,8 +219,8 @@ def make_plan(
         )
     schemes = check_variants(recipe, shape)
     plan = Plan(
-        recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus(), git_revision(recipe_dir),
-        allow_deferred_gates=allow_deferred_gates or recipe.package.allow_deferred_gates,
+        recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus(),
+        git_revision(recipe_dir), allow_deferred_gates=allow_deferred_gates or recipe.package.allow_deferred_gates,
     )  # fmt: skip
     source = plan.add("source", "source", identity)
 
@@ -427,8 +427,10 @@ def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile,
     needs = [export.id] + ([engine.id] if engine else [])
     deferred = None
     if engine and engine.status == "deferred":  # the image carries the engine: it waits for it
-        deferred = (f"its engine is deferred ({engine.id}: {engine.reason})",
-                    f"forge build {plan.recipe_file} --only package/{cell}  # on the GPU builder, after {engine.id}")
+        deferred = (
+            f"its engine is deferred ({engine.id}: {engine.reason})",
+            f"forge build {plan.recipe_file} --only package/{cell}  # on the GPU builder, after {engine.id}",
+        )
     stage = plan.add("package", f"package/{cell}", inputs, needs=needs, params=params, deferred=deferred)
     if base["note"] and stage.status in ("run", "cached"):
         stage.reason = base["note"]

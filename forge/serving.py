@@ -102,9 +102,10 @@ def trtllm_serve_plan(recipe: Recipe, scheme: Scheme, target: Target, gpu: str) 
     )  # fmt: skip
 
 
-def render_dockerfile(spec: ServeSpec, model_files: list[str], artifact: str) -> str:
+def render_dockerfile(spec: ServeSpec, model_files: list[str], artifact: str, engine_files: list[str] = ()) -> str:
     """The Dockerfile `docker buildx build` would use, with the build context laid out as
-    `model/<files>` and `launch/<files>` (what `forge package --builder docker` writes)."""
+    `model/<files>`, `engine/<files>` (a TensorRT-LLM engine, served from ENGINE_DIR) and
+    `launch/<files>` (what `forge package --builder docker` writes)."""
     return render(
         f"serving/{spec.backend}.Dockerfile.j2",
         {
@@ -114,6 +115,8 @@ def render_dockerfile(spec: ServeSpec, model_files: list[str], artifact: str) ->
             "labels": spec.labels,
             "model_files": sorted(model_files),
             "model_dir": MODEL_DIR,
+            "engine_files": sorted(engine_files),
+            "engine_dir": ENGINE_DIR,
             "launch_files": sorted(spec.launch_files),
             "launch_dir": LAUNCH_DIR,
             "env": spec.env,

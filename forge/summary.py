@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 PASS = "✅ pass"
 FAIL = "❌ FAIL"
+DEFERRED = "⏸ deferred to a GPU builder"
 
 # Stage statuses that mean "nothing ran here": JUnit `<skipped>` with the reason.
 SKIPPED_STATUSES = ("deferred", "not-implemented", "disabled", "not-run")
@@ -24,19 +25,36 @@ SKIPPED_STATUSES = ("deferred", "not-implemented", "disabled", "not-run")
 
 
 def report_gates(report: dict) -> list[dict]:
-    """Every gate of the report in one shape: suite, artifact, name, metric, limit, measured, passed.
+    """Every gate of the report in one shape: suite, artifact, name, metric, limit, measured, passed,
+    state (passed / failed / deferred).
 
     Accuracy gates come from `validation.accuracy` (forge/build.py); throughput gates from each
-    sweep in `validation.throughput` (forge/loadgen: `gates` with `level`), when present.
+    sweep in `validation.throughput` (forge/loadgen: `gates` with `level`), when present; gates of
+    stages deferred to a GPU builder from `validation.deferred` (never passed: not measured).
     """
-    validation = report.get("validation") or {}
+    validation = report.get("validation")
+    validation = validation if isinstance(validation, dict) else {}  # reports from registries are untrusted
     gates = []
-    for g in validation.get("accuracy") or []:
+    for g in _dicts(validation.get("accuracy")):
         gates.append({"suite": "accuracy", **_gate(g, g.get("artifact", "?"))})
     for sweep in _sweeps(validation.get("throughput")):
-        for g in sweep.get("gates") or []:
+        for g in _dicts(sweep.get("gates")):
             gates.append({"suite": "throughput", **_gate(g, _artifact_name(sweep))})
+    for g in _dicts(validation.get("deferred")):
+        gate = {**_gate(g, g.get("artifact", "?")), "passed": False, "state": "deferred"}
+        gates.append({"suite": str(g.get("suite", "gpu")), **gate, "command": g.get("command")})
     return gates
+
+
+def _dicts(items) -> list[dict]:
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def gate_headline(gates: list[dict]) -> str:
+    """`17 passed, 18 deferred to a GPU builder`: deferred gates are their own count, never passes."""
+    counts = {state: sum(g["state"] == state for g in gates) for state in ("passed", "failed", "deferred")}
+    parts = [f"{counts['passed']} passed"] + [f"{counts['failed']} failed"] * bool(counts["failed"])
+    return ", ".join(parts + [f"{counts['deferred']} deferred to a GPU builder"] * bool(counts["deferred"]))
 
 
 def _gate(g: dict, artifact: str) -> dict:
@@ -49,6 +67,7 @@ def _gate(g: dict, artifact: str) -> dict:
         "measured": g.get("measured"),
         "margin": g.get("margin"),
         "passed": bool(g.get("passed")),
+        "state": "passed" if g.get("passed") else "failed",
         "reason": g.get("reason"),
         # forge's gate names say their direction: `max_*`/`*_p99_ms` are upper bounds, `min_*` lower.
         "direction": "min" if name.startswith("min_") else "max",
@@ -140,6 +159,8 @@ def _bytes(n: int | None) -> str:
 
 
 def _verdict(gate: dict) -> str:
+    if gate["state"] == "deferred":
+        return DEFERRED
     if gate["passed"]:
         return PASS
     if gate.get("reason"):
@@ -164,7 +185,8 @@ def render_markdown_summary(report: dict) -> str:
     recipe = report.get("recipe") or {}
     name = recipe.get("name") if isinstance(recipe, dict) else str(recipe)
     gates = report_gates(report)
-    failed = [g for g in gates if not g["passed"]]
+    failed = [g for g in gates if g["state"] == "failed"]
+    deferred = [g for g in gates if g["state"] == "deferred"]
     out = [f"## forge build: {name or '?'}\n"]
     facts = []
     if report.get("forge_version"):
@@ -172,7 +194,7 @@ def render_markdown_summary(report: dict) -> str:
     if report.get("seconds") is not None:
         facts.append(f"{_number(report['seconds'], 3)} s")
     if gates:
-        facts.append(f"{len(gates) - len(failed)}/{len(gates)} gates passed")
+        facts.append(f"gates: {gate_headline(gates)}")
     if facts:
         out.append(" · ".join(facts) + "\n")
     if stopped := build_error(report):
@@ -205,6 +227,12 @@ def render_markdown_summary(report: dict) -> str:
         out.append("### Impossible combinations (not built)\n")
         rows = [[i.get("variant"), i.get("backend"), i.get("gpu"), i.get("reason", "")] for i in impossible]
         out.append(_table(["variant", "backend", "GPU", "why"], rows))
+
+    if deferred:
+        out.append("### Gates deferred to a GPU builder (not measured)\n")
+        rows = [[g["artifact"], g["name"], g["metric"] or "—", g["limit"], f"`{g['command']}`" if g.get("command")
+                 else g.get("reason") or "—"] for g in deferred]  # fmt: skip
+        out.append(_table(["artifact", "gate", "metric", "limit", "command to measure it"], rows))
 
     accuracy = [g for g in gates if g["suite"] == "accuracy"]
     if accuracy:
@@ -359,7 +387,10 @@ def render_junit(report: dict) -> str:
 
     for g in report_gates(report):
         case = ET.Element("testcase", classname=f"forge.{g['suite']}.{g['artifact']}", name=_case_name(g), time="0")
-        if not g["passed"]:
+        if g["state"] == "deferred":  # not measured: skipped, with what would measure it
+            skipped = ET.SubElement(case, "skipped", message=f"deferred to a GPU builder: {g.get('reason') or ''}")
+            skipped.text = f"run later with: {g.get('command')}"
+        elif not g["passed"]:
             message = _failure_message(g)
             failure = ET.SubElement(case, "failure", message=message, type="GateFailed")
             failure.text = message
@@ -407,7 +438,7 @@ def render_junit(report: dict) -> str:
 
 def _case_name(g: dict) -> str:
     # One gate can cover several metrics (min_recovery covers every task), so the metric names the case.
-    if g["metric"] and g["suite"] == "accuracy":
+    if g["metric"] and g["suite"] in ("accuracy", "tasks"):
         return f"{g['name']} [{g['metric']}]"
     return g["name"]
 

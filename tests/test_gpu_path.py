@@ -1,0 +1,242 @@
+"""The GPU release path, end to end as far as a CPU machine can prove it: deferred gates are their own
+state (report, Markdown, JUnit, verify, push), a TensorRT-LLM image waits for its engine and carries
+it, serving limits fit the model, and the GPU serving stages run exactly the image that is released.
+
+No GPU or Docker engine exists here: where a test needs one, a stand-in `nvidia-smi` / `docker` /
+`skopeo` script on PATH reports a GPU or records its argv, so the test inspects the exact commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from forge.provenance import recipe_digest, verify_documents
+from forge.recipe import parse_recipe
+from forge.serving import ENGINE_DIR, MODEL_DIR
+from forge.summary import render_junit, render_markdown_summary
+from tests import registry_server
+from tests.ci_helpers import plan_of
+from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
+
+
+def fast_recipe(model: Path, eval_text: Path, **overrides) -> dict:
+    """One FP8 variant, accuracy on 2 windows: the quickest CPU build that still has gates."""
+    data = tiny_recipe(model, eval_text, variants=[{"name": "fp8", "scheme": "FP8_DYNAMIC"}], **overrides)
+    data["validation"]["accuracy"]["max_windows"] = 2
+    return data
+
+
+def base_layout(root: Path) -> str:
+    """A small base image as an OCI layout (tests/registry_server.py), so packaging needs no network."""
+    return f"oci:{registry_server.make_base_layout(root / 'base')}:latest"
+
+
+def gpu_gated_recipe(model: Path, eval_text: Path, root: Path) -> dict:
+    """vLLM on an H100 with GPU throughput gates, packaged and pushed: the gates cannot run here."""
+    data = fast_recipe(model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"]}])
+    data["validation"]["throughput"] = {"enabled": True, "cpu": False, "max_ttft_p99_ms": 500, "min_output_tps": 100}
+    data["package"] = {"enabled": True, "registry": "127.0.0.1:9", "repository": "ml/tiny",
+                       "base_images": {"vllm": base_layout(root)}}  # fmt: skip
+    return data
+
+
+# ---------------------------------------------------------------- deferred gates are their own state
+
+
+@pytest.fixture(scope="module")
+def deferred_build(tiny_model, eval_text, tmp_path_factory):
+    """A build whose GPU throughput gates are all deferred (built once: it quantizes and measures)."""
+    root = tmp_path_factory.mktemp("deferred")
+    recipe = write_recipe(root, gpu_gated_recipe(tiny_model, eval_text, root))
+    code, output = run_cli("build", str(recipe), "--artifacts-dir", str(root / "artifacts"))
+    return root, recipe, code, output
+
+
+def test_build_reports_deferred_gates_as_deferred_not_passed(deferred_build):
+    root, _, code, output = deferred_build
+    assert code == 0, output  # deferring is what a CPU build does; it is not a failure
+    report = json.loads((root / "artifacts" / "tiny" / "build.json").read_text())
+    assert report["status"] == "gates-deferred"
+    schema = json.loads((REPO / "forge" / "build_report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(report)  # the published schema knows the state
+    deferred = report["validation"]["deferred"]
+    assert {g["name"] for g in deferred} == {"ttft_p99_ms", "min_output_tok_s"}
+    assert all(g["state"] == "deferred" and "--only throughput/fp8/vllm/H100" in g["command"] for g in deferred)
+    passed = sum(g["passed"] for g in report["validation"]["accuracy"])
+    assert report["gates"] == {"passed": passed, "failed": 0, "deferred": 2}
+    # Nothing is published unmeasured: the push is deferred, with why.
+    [push] = [s for s in report["stages"] if s["kind"] == "push"]
+    assert push["status"] == "deferred" and "throughput/fp8/vllm/H100" in push["reason"]
+    assert "pushed" not in report
+
+    markdown = render_markdown_summary(report)
+    assert f"gates: {passed} passed, 2 deferred to a GPU builder" in markdown
+    assert f"{passed + 2}/{passed + 2} gates passed" not in markdown and "gates passed" not in markdown
+    assert "### Gates deferred to a GPU builder" in markdown
+
+    junit = ET.fromstring(render_junit(report))
+    cases = [c for c in junit.iter("testcase") if c.get("classname") == "forge.throughput.fp8/vllm/H100"]
+    assert len(cases) == 2
+    for case in cases:
+        skipped = case.find("skipped")
+        assert skipped is not None and case.find("failure") is None
+        assert "forge build" in skipped.text and "--only throughput/fp8/vllm/H100" in skipped.text
+
+
+def test_push_refuses_deferred_gates_before_any_work(deferred_build, tmp_path):
+    root, recipe, _, _ = deferred_build
+    code, output = run_cli("push", str(recipe), "--artifacts-dir", str(tmp_path / "artifacts"))
+    assert code == 1, output
+    assert "push/fp8/vllm/H100" in output and "allow-deferred-gates" in output
+    assert not list((tmp_path / "artifacts").rglob("stage.json"))  # refused before any stage ran
+
+
+def test_verify_counts_deferred_gates_and_fails_them_unless_allowed(deferred_build):
+    root, recipe_path, _, _ = deferred_build
+    report = json.loads((root / "artifacts" / "tiny" / "build.json").read_text())
+    recipe = parse_recipe(recipe_path.read_text())
+    digest = "sha256:" + "a" * 64
+
+    def gates_check(report: dict):
+        data = json.dumps(report).encode()
+        import hashlib
+
+        statement = {
+            "_type": "https://in-toto.io/Statement/v1",
+            "predicateType": "https://slsa.dev/provenance/v1",
+            "subject": [{"digest": {"sha256": "a" * 64}}],
+            "predicate": {
+                "buildDefinition": {"externalParameters": {"recipe": {"sha256": recipe_digest(recipe)}}},
+                "runDetails": {
+                    "byproducts": [{"name": "build.json", "digest": {"sha256": hashlib.sha256(data).hexdigest()}}]
+                },
+            },
+        }
+        return next(c for c in verify_documents(digest, recipe, statement, data) if c.name == "gates passed")
+
+    check = gates_check(report)
+    assert not check.passed and "2 deferred to a GPU builder" in check.detail and "0/0" not in check.detail
+    allowed = gates_check({**report, "allow_deferred_gates": True})
+    assert allowed.passed and "allow_deferred_gates" in allowed.detail
+
+
+# ---------------------------------------------------------------- item 1: engine-mode images wait for the engine
+
+
+def engine_recipe(model: Path, eval_text: Path, root: Path, **package) -> dict:
+    data = fast_recipe(
+        model, eval_text, targets=[{"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "engine"}}]
+    )
+    data["package"] = {"enabled": True, "base_images": {"trtllm": base_layout(root)}, **package}
+    return data
+
+
+def test_engine_mode_package_is_deferred_with_its_engine(tiny_model, eval_text, tmp_path):
+    plan = plan_of(engine_recipe(tiny_model, eval_text, tmp_path), tmp_path)
+    [engine] = plan.of_kind("engine")
+    [package] = plan.of_kind("package")
+    assert engine.status == "deferred"
+    assert package.status == "deferred" and engine.id in package.reason and engine.id in package.needs
+    assert f"--only {package.id}" in package.command
+
+
+def test_push_of_an_engine_image_is_refused_without_building_the_engine(tiny_model, eval_text, tmp_path):
+    """`forge push` used to try the deferred engine build and exit 3 from trtllm; it now refuses up front."""
+    data = engine_recipe(tiny_model, eval_text, tmp_path, registry="127.0.0.1:9", repository="ml/t")
+    recipe = write_recipe(tmp_path, data)
+    code, output = run_cli("push", str(recipe), "--artifacts-dir", str(tmp_path / "artifacts"))
+    assert code == 3, output
+    assert "its image is deferred" in output and "engine/" in output and "trtllm-build failed" not in output
+    assert not list((tmp_path / "artifacts").rglob("stage.json"))
+
+
+# ---------------------------------------------------------------- stand-ins for a GPU builder's tools
+
+FAKE_DOCKER = r'''#!/usr/bin/env python3
+"""Stand-in for docker: records its argv; `info` answers; `run … trtllm-build` writes an engine into
+the host directory mounted at --output_dir; any other `run` (a server) exits 1 at once."""
+import json, os, sys
+from pathlib import Path
+argv = sys.argv[1:]
+with open(os.environ["FAKE_TOOLS_LOG"], "a") as log:
+    log.write(json.dumps(["docker", *argv]) + "\n")
+if argv[:1] == ["info"]:
+    print("27.0.0")
+    sys.exit(0)
+if argv[:1] == ["run"] and "trtllm-build" in argv:
+    mounts = dict(reversed(a.split(":")[:2]) for a in (argv[i + 1] for i, x in enumerate(argv) if x == "-v"))
+    engine = Path(mounts[argv[argv.index("--output_dir") + 1]])
+    (engine / "rank0.engine").write_bytes(b"engine bytes")
+    (engine / "config.json").write_text(json.dumps({"version": "1.2.1"}))
+    sys.exit(0)
+print("no GPU here: a stand-in docker", file=sys.stderr)
+sys.exit(1)
+'''
+
+FAKE_SKOPEO = r"""#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["FAKE_TOOLS_LOG"], "a") as log:
+    log.write(json.dumps(["skopeo", *sys.argv[1:]]) + "\n")
+"""
+
+
+@pytest.fixture
+def gpu_host(tmp_path, monkeypatch) -> Path:
+    """PATH with an `nvidia-smi` that reports one H100, and recording `docker` / `skopeo`; returns the log."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    scripts = {
+        "nvidia-smi": "#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 9.0, 81559'\n",
+        "docker": FAKE_DOCKER,
+        "skopeo": FAKE_SKOPEO,
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "tools.log"
+    log.touch()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_TOOLS_LOG", str(log))
+    return log
+
+
+def recorded(log: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def layer_members(layout: Path) -> set[str]:
+    """Every path the image's forge layers add (the base's layers are gzip; forge's are tar)."""
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    members = set()
+    for layer in manifest["layers"]:
+        path = blobs / layer["digest"].split(":")[1]
+        with tarfile.open(path) as tar:
+            members |= {"/" + m.name.lstrip("/") for m in tar.getmembers() if m.isfile()}
+    return members
+
+
+def test_engine_mode_image_carries_the_engine_as_layers(tiny_model, eval_text, tmp_path, gpu_host):
+    data = engine_recipe(tiny_model, eval_text, tmp_path)
+    data["validation"]["accuracy"]["enabled"] = False
+    code, output = run_cli("build", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "a" / "tiny" / "build.json").read_text())
+    [image] = report["images"]
+    members = layer_members(Path(image["layout"]))
+    assert {f"{ENGINE_DIR}/rank0.engine", f"{ENGINE_DIR}/config.json"} <= members
+    assert f"{MODEL_DIR}/config.json" in members  # the tokenizer side beside it
+    assert [c for c in recorded(gpu_host) if "trtllm-build" in c]  # built here, by the (stand-in) release image
+    dockerfile = (Path(image["layout"]).parent / "context" / "Dockerfile").read_text()
+    copied = {line.split()[2] for line in dockerfile.splitlines() if line.startswith("COPY engine/")}
+    assert copied == {m for m in members if m.startswith(ENGINE_DIR + "/")}  # buildx gets the same engine
+    entrypoint = json.loads(dockerfile.split("ENTRYPOINT ")[1])
+    assert entrypoint[1] == ENGINE_DIR  # trtllm-serve loads what the image holds
