@@ -6,9 +6,9 @@ The format is cosign's "simple signing" one
 repository, the tag `sha256-<hex>.sig` names an OCI manifest whose layers are JSON payloads
 (`application/vnd.dev.cosign.simplesigning.v1+json`) that state the image's name and manifest
 digest; each layer's annotation `dev.cosignproject.cosign/signature` holds the base64 ECDSA P-256
-/ SHA-256 signature (ASN.1 DER) of that payload. `cosign verify --key pub.pem
---insecure-ignore-tlog IMAGE` reads what forge writes, and forge reads what cosign writes with a
-key.
+/ SHA-256 signature (ASN.1 DER) of that payload: what `cosign verify --key pub.pem
+--insecure-ignore-tlog IMAGE` checks (not run here: no cosign binary on these machines; the
+tests verify with openssl).
 
 Keys: a PEM EC P-256 private key (PKCS#8 or SEC1, `openssl ecparam -name prime256v1 -genkey`),
 optionally encrypted with FORGE_SIGNING_KEY_PASSWORD; cosign's own encrypted key file format is
