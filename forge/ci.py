@@ -331,7 +331,7 @@ def k8s_manifests(
             "forge/backend": k8s_label_value(cell.backend),
             "forge/gpu": k8s_label_value(cell.gpu),
         }
-        target = plan.recipe.targets[cell.target]
+        target = plan.targets[cell.target]  # limits fitted to the model (plan.fit_targets)
         scheme = plan.schemes[cell.variant]
         kinds = {plan.stage(sid).kind: sid for sid in cell.stages}
         export = plan.stage(cell.export_stage) if cell.export_stage else None

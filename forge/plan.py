@@ -78,6 +78,8 @@ class Plan:
     local_gpus: LocalGPUs
     revision: str  # git commit of the recipe's repository, for image labels ("unknown" outside git)
     stages: list[Stage] = field(default_factory=list)
+    # recipe.targets with the serving limits fitted to the model (`fit_targets`): what every GPU stage uses
+    targets: list[Target] = field(default_factory=list)
     allow_deferred_gates: bool = False  # package.allow_deferred_gates or `forge push --allow-deferred-gates`
     artifacts: list[Artifact] = field(default_factory=list)
 
@@ -222,6 +224,7 @@ def make_plan(
         recipe, recipe_dir, recipe_file, config, identity, schemes, cache, detect_local_gpus(),
         git_revision(recipe_dir), allow_deferred_gates=allow_deferred_gates or recipe.package.allow_deferred_gates,
     )  # fmt: skip
+    plan.targets = fit_targets(recipe, config)
     source = plan.add("source", "source", identity)
 
     accuracy = recipe.validation.accuracy
@@ -253,7 +256,7 @@ def make_plan(
 
     exports: dict[str, Stage] = {}
     explicit_problems: list[str] = []
-    for t, target in enumerate(recipe.targets):
+    for t, target in enumerate(plan.targets):
         mode = trtllm_mode(target) if target.backend == "trtllm" else None
         for variant in recipe.variants:
             if target.variants is not None and variant.name not in target.variants:
@@ -306,6 +309,51 @@ def make_plan(
                        and s.params.get("variant") == variant and s.status in ("run", "cached")]  # fmt: skip
         defer_push(plan, push)
     return plan
+
+
+def position_limit(config: dict) -> int | None:
+    """The longest sequence the model's positions allow, as vLLM derives it (`_get_and_verify_max_len` in
+    https://github.com/vllm-project/vllm/blob/main/vllm/config/model.py): max_position_embeddings, times
+    rope_scaling.factor for the types that stretch the positions (yarn stretches
+    original_max_position_embeddings); llama3 / longrope / su already state the stretched length."""
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        return None
+    rope = config.get("rope_scaling")
+    if isinstance(rope, dict) and isinstance(rope.get("factor"), int | float):
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in ("su", "longrope", "llama3", "default", None):
+            original = rope.get("original_max_position_embeddings") if kind == "yarn" else None
+            limit = int((original if isinstance(original, int) else limit) * rope["factor"])
+    return limit
+
+
+def fit_targets(recipe: Recipe, config: dict) -> list[Target]:
+    """recipe.targets with max_seq_len / max_input_len checked against the model's positions: a value the
+    recipe sets beyond them is an InputError naming its key (every server refuses it: vLLM's
+    --max-model-len, TGI's --max-total-tokens, LMDeploy's --session-len, trtllm-build's --max_seq_len);
+    a default beyond them is lowered to fit (max_input_len to half of it, the defaults' ratio)."""
+    limit = position_limit(config)
+    if limit is None:
+        return list(recipe.targets)
+    fitted, problems = [], []
+    for i, target in enumerate(recipe.targets):
+        explicit = target.model_fields_set
+        seq, prompt = target.max_seq_len, target.max_input_len
+        if seq > limit:
+            if "max_seq_len" in explicit:
+                problems.append(f"targets[{i}].max_seq_len: {seq} exceeds the model's {limit} positions "
+                                f"(max_position_embeddings, rope_scaling); use at most {limit}")  # fmt: skip
+            seq = limit
+        if prompt >= seq:
+            if "max_input_len" in explicit:
+                problems.append(f"targets[{i}].max_input_len: {prompt} must be below max_seq_len {seq} (the model "
+                                f"has {limit} positions)")  # fmt: skip
+            prompt = seq // 2
+        fitted.append(target.model_copy(update={"max_seq_len": seq, "max_input_len": prompt}))
+    if problems:
+        raise InputError("\n".join(problems))
+    return fitted
 
 
 def cell_of(stage: Stage) -> str:
@@ -395,7 +443,7 @@ def model_image_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProf
               "reference": reference, "gpus": target.tensor_parallel,
               "modelcar_base": base and base["digest"]}  # fmt: skip
     params = {"variant": variant.name, "backend": target.backend, "gpu": gpu.name, "tag": tag, "reference": reference,
-              "target": plan.recipe.targets.index(target), "base": base}  # fmt: skip
+              "target": plan.targets.index(target), "base": base}  # fmt: skip
     needs = [export.id] + ([engine.id] if engine else [])
     stage_id = f"model-image/{cell}"
     if engine and engine.status not in ("run", "cached"):
@@ -423,7 +471,7 @@ def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile,
     inputs = {"export": export.key, "engine": engine.key if engine else None, "spec": asdict(spec),
               "builder": plan.recipe.package.builder, "tag": tags[0], "base_digest": base["digest"]}  # fmt: skip
     params = {"variant": variant.name, "backend": target.backend, "gpu": gpu.name, "tags": tags,
-              "target": plan.recipe.targets.index(target), "base": base}  # fmt: skip
+              "target": plan.targets.index(target), "base": base}  # fmt: skip
     needs = [export.id] + ([engine.id] if engine else [])
     deferred = None
     if engine and engine.status == "deferred":  # the image carries the engine: it waits for it
@@ -460,7 +508,7 @@ def gpu_serving_stage(
 
     stage_id = f"{kind}/{cell}"
     inputs = {"export": export.key, "target": target.model_dump(), "gpu": gpu.name, **inputs}
-    params = {"variant": variant.name, "gpu": gpu.name, "target": plan.recipe.targets.index(target)}
+    params = {"variant": variant.name, "gpu": gpu.name, "target": plan.targets.index(target)}
     engine = f"engine/{cell}"
     needs = [export.id, *([engine] if any(s.id == engine for s in plan.stages) else []), *needs]
     if local_gpu(plan, gpu):
@@ -535,7 +583,7 @@ def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, 
         "gpu_sm": gpu.sm,  # an engine runs only on the architecture that built it
     }
     stage_id = f"engine/{cell}"
-    params = {"variant": variant.name, "gpu": gpu.name, "target": plan.recipe.targets.index(target)}
+    params = {"variant": variant.name, "gpu": gpu.name, "target": plan.targets.index(target)}
     if local_gpu(plan, gpu):
         return plan.add("engine", stage_id, inputs, needs=[export.id], params=params)
     reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"

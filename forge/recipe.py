@@ -246,8 +246,15 @@ class Target(Strict):
     max_batch_size: int = Field(
         default=64, ge=1, le=MAX_BATCH, description=f"Largest batch of concurrent sequences (≤ {MAX_BATCH})."
     )
-    max_input_len: int = Field(default=2048, ge=1, le=MAX_TOKENS, description="Longest prompt in tokens.")
-    max_seq_len: int = Field(default=4096, ge=2, le=MAX_TOKENS, description="Longest prompt + output in tokens.")
+    max_input_len: int = Field(
+        default=2048, ge=1, le=MAX_TOKENS,
+        description="Longest prompt in tokens. Unset on a model with fewer positions: half of max_seq_len.",
+    )  # fmt: skip
+    max_seq_len: int = Field(
+        default=4096, ge=2, le=MAX_TOKENS,
+        description="Longest prompt + output in tokens; at most the model's positions (max_position_embeddings, "
+        "rope_scaling), checked at plan time. Unset: 4096, or the model's positions when fewer.",
+    )  # fmt: skip
     max_num_tokens: int = Field(
         default=8192, ge=1, le=MAX_TOKENS, description="Most tokens scheduled in one engine step."
     )

@@ -146,7 +146,7 @@ def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, prog
     from forge.backends import trtllm
     from forge.gpus import lookup_gpu
 
-    target = plan.recipe.targets[stage.params["target"]]
+    target = plan.targets[stage.params["target"]]
     scheme = plan.schemes[stage.params["variant"]]
     with progress.task(f"trtllm-build {stage.id}", total=None):
         built = trtllm.build_engine(
@@ -173,7 +173,7 @@ def stage_throughput(
         price = load.usd_per_hour.get("cpu")
         flavor, gpus = "transformers", 1
     else:
-        target = plan.recipe.targets[stage.params["target"]]
+        target = plan.targets[stage.params["target"]]
         price = load.usd_per_hour.get(gpu_name, lookup_gpu(gpu_name).usd_per_hour)
         flavor, gpus = {"vllm": "vllm", "tgi": "none"}.get(target.backend, "openai"), target.tensor_parallel
     server = serve_artifact(plan, stage, model_dir, engine_dir, out)
@@ -206,7 +206,7 @@ def serve_artifact(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path |
         served = model_dir if stage.params["variant"] is None else dense_copy(model_dir, out / "served-model")
         return serve_transformers(served, out / "server.log")
     params = stage.params
-    target = plan.recipe.targets[params["target"]]
+    target = plan.targets[params["target"]]
     spec = serve_spec(plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], "")
     mount = (engine_dir, ENGINE_DIR) if engine_dir else (model_dir, MODEL_DIR)
     return serve_container(spec.base_image, spec.argv, *mount, spec.port, spec.health_path, out / "server.log",
@@ -223,7 +223,7 @@ def stage_model_image(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Pat
     from forge.serving import serve_spec
 
     params = stage.params
-    target = plan.recipe.targets[params["target"]]
+    target = plan.targets[params["target"]]
     spec = serve_spec(
         plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision
     )
@@ -246,7 +246,7 @@ def stage_package(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | 
     from forge.serving import serve_spec
 
     params = stage.params
-    target = plan.recipe.targets[params["target"]]
+    target = plan.targets[params["target"]]
     spec = serve_spec(
         plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision
     )

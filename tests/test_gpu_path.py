@@ -240,3 +240,54 @@ def test_engine_mode_image_carries_the_engine_as_layers(tiny_model, eval_text, t
     assert copied == {m for m in members if m.startswith(ENGINE_DIR + "/")}  # buildx gets the same engine
     entrypoint = json.loads(dockerfile.split("ENTRYPOINT ")[1])
     assert entrypoint[1] == ENGINE_DIR  # trtllm-serve loads what the image holds
+
+
+# ---------------------------------------------------------------- item 2: serving limits fit the model
+
+
+def limit_flags(backend: str, argv: list[str]) -> list[int]:
+    """The values of every flag in a backend's argv that bounds a sequence or prompt length."""
+    flags = {"vllm": ["--max-model-len"], "tgi": ["--max-input-tokens", "--max-total-tokens"],
+             "lmdeploy": ["--session-len"], "trtllm": ["--max_seq_len"]}[backend]  # fmt: skip
+    return [int(argv[argv.index(flag) + 1]) for flag in flags]
+
+
+@pytest.mark.parametrize("backend", ["vllm", "tgi", "lmdeploy", "trtllm"])
+def test_default_limits_fit_the_models_positions_for_every_backend(backend, tiny_model, eval_text, tmp_path):
+    from forge.backends import trtllm
+    from forge.serving import serve_spec
+
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": backend, "gpus": ["H100"]}])
+    data["variants"] = [{"name": "awq", "scheme": "AWQ_W4A16", "group_size": 128, "symmetric": True}]
+    plan = plan_of(data, tmp_path)
+    assert plan.model_config["max_position_embeddings"] == 512
+    [target] = plan.targets
+    spec = serve_spec(plan.recipe, "awq", plan.schemes["awq"], target, "H100", "")
+    assert limit_flags(backend, spec.argv) and all(v <= 512 for v in limit_flags(backend, spec.argv))
+    if backend == "trtllm":
+        argv = trtllm.build_argv("C", "E", trtllm.Limits.from_target(target), plan.schemes["awq"])
+        assert int(argv[argv.index("--max_seq_len") + 1]) == 512
+        assert int(argv[argv.index("--max_input_len") + 1]) < 512
+
+
+@pytest.mark.parametrize(
+    ("key", "limits"),
+    [("max_seq_len", {"max_seq_len": 1024, "max_input_len": 256}), ("max_input_len", {"max_input_len": 1024})],
+)
+def test_explicit_limits_beyond_the_model_are_refused_naming_the_key(key, limits, tiny_model, eval_text, tmp_path):
+    target = {"backend": "vllm", "gpus": ["H100"], **limits}
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "tgi", "gpus": ["H100"]}, target])
+    code, output = run_cli("plan", str(write_recipe(tmp_path, data)))
+    assert code == 2, output
+    assert output.startswith(f"forge: targets[1].{key}: 1024 "), output
+
+
+def test_rope_scaling_stretches_the_limit_as_vllm_derives_it():
+    from forge.plan import position_limit
+
+    assert position_limit({"max_position_embeddings": 4096}) == 4096
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert position_limit({"max_position_embeddings": 32768, "rope_scaling": yarn}) == 131072
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    assert position_limit({"max_position_embeddings": 131072, "rope_scaling": llama3}) == 131072
+    assert position_limit({"max_position_embeddings": 2048, "rope_scaling": {"type": "linear", "factor": 2}}) == 4096
