@@ -78,13 +78,14 @@ class ModelShape:
             num_layers=size("num_hidden_layers"),
         )
 
-    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every weight a Llama model of this shape holds (transformers `LlamaForCausalLM`), by name."""
+    def weight_shapes(self, layers: int) -> dict[str, tuple[int, ...]]:
+        """The weights of a Llama model of this shape (transformers `LlamaForCausalLM`) by name, for its
+        first `layers` decoder layers."""
         h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
             self.intermediate_size  # fmt: skip
         shapes = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,),
                   "lm_head.weight": (self.vocab_size, h)}  # fmt: skip
-        for n in range(self.num_layers):
+        for n in range(layers):
             layer = f"model.layers.{n}."
             shapes.update({
                 layer + "self_attn.q_proj.weight": (q, h), layer + "self_attn.k_proj.weight": (kv, h),
@@ -103,7 +104,16 @@ class ModelShape:
             f"hidden_size {self.hidden_size}, intermediate_size {self.intermediate_size}, "
             f"vocab_size {self.vocab_size}, {self.num_heads} heads of {self.head_dim}, {self.num_kv_heads} KV heads"
         )
-        for name, shape in self.weight_shapes().items():
+        layers = set()
+        for name in found:  # first the layer count, so that `num_hidden_layers: 10**9` enumerates nothing
+            index = name.split(".")[2] if name.startswith("model.layers.") else None
+            if index is not None and (not index.isdigit() or int(index) >= self.num_layers):
+                raise InputError(f"{origin}: tensor {name} is beyond config.json's num_hidden_layers {self.num_layers}")
+            if index is not None:
+                layers.add(int(index))
+        present = self.num_layers if len(layers) == self.num_layers else min(set(range(len(layers) + 1)) - layers)
+        expected = self.weight_shapes(min(self.num_layers, present + 1))
+        for name, shape in expected.items():
             if name not in found:
                 if name == "lm_head.weight" and tied:
                     continue
@@ -114,10 +124,6 @@ class ModelShape:
                 raise InputError(
                     f"{origin}: tensor {name} has shape {got}, config.json implies {list(shape)} ({sizes})"
                 )
-        for name in found:
-            parts = name.split(".")
-            if name.startswith("model.layers.") and (not parts[2].isdigit() or int(parts[2]) >= self.num_layers):
-                raise InputError(f"{origin}: tensor {name} is beyond config.json's num_hidden_layers {self.num_layers}")
 
     def input_dims(self, tp: int = 1) -> dict[str, int]:
         """Per-rank input width of each projection kind (row-parallel layers are split by tp)."""

@@ -210,7 +210,7 @@ def safetensors_header(path: Path, label: str | None = None) -> dict[str, Tensor
         if not isinstance(entry, dict):
             raise InputError(f"{where} is not described by an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:
             raise InputError(f"{where} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):  # fmt: skip
