@@ -223,7 +223,7 @@ def materialize_source(source: Source, recipe_dir: Path, out_dir: Path) -> dict:
 def read_model_config(source: Source, recipe_dir: Path) -> dict:
     """The model's config.json, read cheaply at plan time (GGUF metadata, local file, or hub file)."""
     if source.path:
-        return check_checkpoint(local_path(source, recipe_dir), "source.path", source)
+        return read_json(local_path(source, recipe_dir) / "config.json", "source.path: config.json")
     if source.gguf:
         return gguf_config(gguf_path(source, recipe_dir))
     return hub_config(source)
