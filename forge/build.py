@@ -237,18 +237,23 @@ def build(
             engine = next((engines[n] / "engine" for n in stage.needs if n.startswith("engine/")), None)
             return exports[stage.needs[0]] / "model", engine
 
-        for stage in selected("tasks"):
-            run(stage, lambda out, s=stage: stage_tasks(plan, s, *served(s), out, progress))
-
-        for stage in selected("throughput"):
-            run(stage, lambda out, s=stage: stage_throughput(plan, s, *served(s), out, progress))
-
+        # Images before the GPU measurements: a GPU stage serves the image that is released (stages.serve_artifact).
         packages: dict[str, Path] = {}
         for stage in selected("package"):
             model_dir, engine = served(stage)
             packages[stage.id] = run(
                 stage, lambda out, s=stage, m=model_dir, e=engine: stage_package(plan, s, m, e, out)
             )
+
+        def image(stage: Stage) -> Path | None:
+            """The OCI layout of the image a GPU stage serves, when packaging is on."""
+            return next((packages[n] / "layout" for n in stage.needs if n in packages), None)
+
+        for stage in selected("tasks"):
+            run(stage, lambda out, s=stage: stage_tasks(plan, s, *served(s), out, progress, image(s)))
+
+        for stage in selected("throughput"):
+            run(stage, lambda out, s=stage: stage_throughput(plan, s, *served(s), out, progress, image(s)))
 
         fill_records(plan, records, chosen, only, skip, "runs once every gate passed")
         outcome.validation, outcome.failed_gates = validate(plan, records)

@@ -34,7 +34,7 @@ from forge.source import read_model_config, remote_code, source_identity
 STAGE_VERSIONS = {"source": 1, "baseline": 2, "quantize": 1, "export": 1, "accuracy": 2}
 BUILTIN_CALIBRATION = ("pydoc_topics",)
 STAGE_ORDER = (
-    "source", "baseline", "quantize", "export", "accuracy", "engine", "model-image", "tasks", "throughput", "package",
+    "source", "baseline", "quantize", "export", "accuracy", "engine", "model-image", "package", "tasks", "throughput",
     "push",
 )  # fmt: skip
 
@@ -406,6 +406,8 @@ def target_stages(
     cell = f"{variant.name}/{target.backend}/{gpu.name}"
     if target.backend == "trtllm" and mode == "engine":
         ids.append(engine_stage(plan, target, variant, gpu, export, cell).id)
+    # The image first: with packaging on, the GPU stages measure it (gpu_serving_stage), not the base image.
+    package = package_stage(plan, target, variant, gpu, export, cell) if recipe.package.enabled else None
     if tasks:  # judged against the baseline run on this machine
         ids.append(gpu_serving_stage(plan, "tasks", target, variant, gpu, export, cell, tasks,
                                      needs=("tasks/baseline",)).id)  # fmt: skip
@@ -415,8 +417,7 @@ def target_stages(
         )
     if recipe.package.model_images:
         ids.append(model_image_stage(plan, target, variant, gpu, export, cell).id)
-    if recipe.package.enabled:
-        package = package_stage(plan, target, variant, gpu, export, cell)
+    if package is not None:
         ids.append(package.id)
         if recipe.package.registry:
             # A push is an effect on a registry, not content: it always runs (uploading only
@@ -511,11 +512,16 @@ def gpu_serving_stage(
     params = {"variant": variant.name, "gpu": gpu.name, "target": plan.targets.index(target)}
     engine = f"engine/{cell}"
     needs = [export.id, *([engine] if any(s.id == engine for s in plan.stages) else []), *needs]
+    package = next((s for s in plan.stages if s.id == f"package/{cell}"), None)
+    if package is not None:  # it serves the packaged image: measured is what is released
+        inputs["image"] = package.key
+        needs.append(package.id)
     if local_gpu(plan, gpu):
         return plan.add(kind, stage_id, inputs, needs=needs, params=params)
     spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, "")
     reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
-    command = f"forge build {plan.recipe_file} --only {stage_id}  # serves {spec.base_image}: {shlex.join(spec.argv)}"
+    served = f"the image of {package.id}" if package else f"{spec.base_image} with the artifact mounted"
+    command = f"forge build {plan.recipe_file} --only {stage_id}  # serves {served}: {shlex.join(spec.argv)}"
     return plan.add(kind, stage_id, inputs, deferred=(reason, command), needs=needs, params=params)
 
 

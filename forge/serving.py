@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from forge import __version__
 from forge.backends import BACKENDS, base_image, export_format, trtllm
@@ -100,6 +101,43 @@ def trtllm_serve_plan(recipe: Recipe, scheme: Scheme, target: Target, gpu: str) 
         target.trtllm.mode, target.trtllm.version, config_path=f"{LAUNCH_DIR}/trtllm-serve.yaml",
         tokenizer_dir=MODEL_DIR if engine else None,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- serving on a GPU builder
+
+
+def container_mounts(argv: list[str], directories: dict[str, Path | None]) -> list[tuple[Path, str]]:
+    """(host directory, container directory) for each of `directories` (container dir → host dir) that
+    the argv names, itself or a path under it: derived from the argv, so a file the command reads
+    (trtllm-serve's YAML under LAUNCH_DIR, the tokenizer in MODEL_DIR beside an engine) is never
+    left unmounted. A named directory with no host directory is a bug in the caller."""
+    mounts = []
+    for container, host in directories.items():
+        if any(a == container or a.startswith(container + "/") for a in argv):
+            if host is None:
+                raise ValueError(f"the serving command reads {container}, which has nothing to mount")
+            mounts.append((Path(host).resolve(), container))
+    return mounts
+
+
+def docker_run_argv(image: str, spec: ServeSpec, host_port: int, gpus: int,
+                    mounts: list[tuple[Path, str]] | None = None) -> list[str]:  # fmt: skip
+    """`docker run` of a serving container on 127.0.0.1:`host_port`. `mounts` None: `image` is the
+    packaged image, run as built (its entrypoint, USER, files and HEALTHCHECK); otherwise the backend's
+    base image with the artifact mounted read-only and `spec.argv` as the command (packaging off)."""
+    argv = ["docker", "run", "--rm", "--init", "--gpus", "all" if gpus <= 0 else str(gpus), "--ipc", "host",
+            "-p", f"127.0.0.1:{host_port}:{spec.port}"]  # fmt: skip
+    if mounts is None:
+        return [*argv, image]
+    for host, container in mounts:
+        argv += ["-v", f"{host}:{container}:ro"]
+    return [*argv, "--entrypoint", spec.argv[0], image, *spec.argv[1:]]
+
+
+def skopeo_load_argv(layout: Path, tag: str, name: str) -> list[str]:
+    """Copy the image from forge's OCI layout into the local Docker engine under `name:tag`
+    (https://github.com/containers/skopeo/blob/main/docs/skopeo-copy.1.md: transports `oci:` and `docker-daemon:`)."""
+    return ["skopeo", "copy", f"oci:{Path(layout).resolve()}:{tag}", f"docker-daemon:{name}:{tag}"]
 
 
 def render_dockerfile(spec: ServeSpec, model_files: list[str], artifact: str, engine_files: list[str] = ()) -> str:

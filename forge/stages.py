@@ -7,6 +7,7 @@ facts recorded in the entry's `stage.json` and the build report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shlex
@@ -122,14 +123,15 @@ def state_digest(state: dict) -> str:
 
 
 def stage_tasks(
-    plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, progress: Progress
-) -> dict:
+    plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, progress: Progress,
+    image: Path | None = None,
+) -> dict:  # fmt: skip
     """lm-eval's tasks against the model `serve_artifact` serves (the source, for the baseline)."""
     from forge.eval.lm_eval import parse_scores, run_lm_eval
 
     accuracy = plan.recipe.validation.accuracy
     include = task_include_dir(plan)
-    server = serve_artifact(plan, stage, model_dir, engine_dir, out)
+    server = serve_artifact(plan, stage, model_dir, engine_dir, out, image)
     with progress.task(f"lm-eval {stage.id}: {', '.join(accuracy.tasks)}", total=None), server as running:
         results = run_lm_eval(
             f"{running.base_url}/v1/completions", running.model, str(model_dir.resolve()), accuracy.tasks,
@@ -138,7 +140,8 @@ def stage_tasks(
         )  # fmt: skip
     shutil.rmtree(out / "served-model", ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-    return {"variant": stage.params["variant"], "tasks": accuracy.tasks, "scores": parse_scores(results)}
+    return {"variant": stage.params["variant"], "tasks": accuracy.tasks, "scores": parse_scores(results),
+            "served": served_as(stage, image)}  # fmt: skip
 
 
 def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, progress: Progress) -> dict:
@@ -159,8 +162,9 @@ def stage_engine(plan: Plan, stage: Stage, checkpoint_dir: Path, out: Path, prog
 
 
 def stage_throughput(
-    plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, progress: Progress
-) -> dict:
+    plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, progress: Progress,
+    image: Path | None = None,
+) -> dict:  # fmt: skip
     """Serve the artifact and sweep the recipe's load: `transformers serve` for the CPU stage, the
     backend's container on a GPU builder otherwise."""
     from forge.gpus import lookup_gpu
@@ -176,7 +180,7 @@ def stage_throughput(
         target = plan.targets[stage.params["target"]]
         price = load.usd_per_hour.get(gpu_name, lookup_gpu(gpu_name).usd_per_hour)
         flavor, gpus = {"vllm": "vllm", "tgi": "none"}.get(target.backend, "openai"), target.tensor_parallel
-    server = serve_artifact(plan, stage, model_dir, engine_dir, out)
+    server = serve_artifact(plan, stage, model_dir, engine_dir, out, image)
     with progress.task(f"load sweep {stage.id}", total=None), server as running:
         result = run_sweep(
             running.base_url, running.model, model_dir, load.concurrency, load.prompt_tokens, load.output_tokens,
@@ -189,28 +193,96 @@ def stage_throughput(
     sweep["files"] = {name: str(Path(path).relative_to(out)) for name, path in sweep["files"].items()}
     for level in sweep["levels"]:
         level["records_path"] = level["records_path"] and str(Path(level["records_path"]).relative_to(out))
-    return {"variant": stage.params["variant"], "gpu": gpu_name, "sweep": sweep}
+    return {"variant": stage.params["variant"], "gpu": gpu_name, "sweep": sweep, "served": served_as(stage, image)}
 
 
-def serve_artifact(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path):
+def serve_artifact(
+    plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path, image: Path | None = None
+):  # fmt: skip
     """The artifact's server for a measuring stage, as a context manager: on the CPU `transformers
     serve` with the export's weights served dense (`dense_copy`; the lm-eval baseline, with no
-    variant, serves the source as it is), on a GPU builder the backend's container with the export
-    (or the TensorRT engine) mounted where its launch command expects."""
+    variant, serves the source as it is); on a GPU builder the packaged image itself when packaging
+    is on (`image`: its OCI layout, loaded into the Docker engine with skopeo), so a passing gate is
+    about the artifact that is released; with packaging off, the backend's base image with every
+    directory its command names mounted (`serving.container_mounts`)."""
     from forge.loadgen import serve_transformers
-    from forge.loadgen.server import check_serving_installed, serve_container
-    from forge.serving import ENGINE_DIR, MODEL_DIR, serve_spec
+    from forge.serving import ENGINE_DIR, LAUNCH_DIR, MODEL_DIR, container_mounts, docker_run_argv, serve_spec
 
     if stage.params["gpu"] == "cpu":
+        from forge.loadgen.server import check_serving_installed
+
         check_serving_installed()
         served = model_dir if stage.params["variant"] is None else dense_copy(model_dir, out / "served-model")
         return serve_transformers(served, out / "server.log")
     params = stage.params
     target = plan.targets[params["target"]]
     spec = serve_spec(plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], "")
-    mount = (engine_dir, ENGINE_DIR) if engine_dir else (model_dir, MODEL_DIR)
-    return serve_container(spec.base_image, spec.argv, *mount, spec.port, spec.health_path, out / "server.log",
-                           gpus=target.tensor_parallel)  # fmt: skip
+    if image is not None:
+        return serve_image(plan, stage, image, spec, target.tensor_parallel, out)
+    launch = out / "launch"
+    launch.mkdir(parents=True, exist_ok=True)
+    for name, text in spec.launch_files.items():
+        (launch / name).write_text(text)
+    mounts = container_mounts(spec.argv, {MODEL_DIR: model_dir, ENGINE_DIR: engine_dir, LAUNCH_DIR: launch})
+    return serve_command(lambda port: docker_run_argv(spec.base_image, spec, port, target.tensor_parallel, mounts),
+                         spec, out / "server.log", spec.base_image)  # fmt: skip
+
+
+def served_as(stage: Stage, image: Path | None) -> str:
+    """What the measurement ran against, for the record: the gate is about the released image only then."""
+    if stage.params["gpu"] == "cpu":
+        return "transformers serve on this CPU (the export's weights)"
+    if image is not None:
+        return f"the packaged image ({next(n for n in stage.needs if n.startswith('package/'))})"
+    return "the backend's base image with the artifact mounted (package.enabled is off: no image to measure)"
+
+
+def serve_image(plan: Plan, stage: Stage, layout: Path, spec, gpus: int, out: Path):
+    """Load the packaged image into the Docker engine (skopeo) and serve it as built."""
+    import subprocess
+
+    from forge.errors import InfraError
+    from forge.serving import docker_run_argv, skopeo_load_argv
+
+    package = plan.stage(next(n for n in stage.needs if n.startswith("package/")))
+    tag = package.params["tags"][0]
+    name = f"forge.local/{plan.recipe.name}".lower()
+    load = skopeo_load_argv(layout, tag, name)
+    if shutil.which("skopeo") is None:
+        raise InfraError(f"{stage.id}: serving the packaged image {name}:{tag} needs skopeo to load it into Docker")
+    done = subprocess.run(load, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise InfraError(f"{stage.id}: skopeo could not load image {name}:{tag} ({done.returncode}): "
+                         f"{done.stderr.strip()[-500:]}")  # fmt: skip
+    return serve_command(lambda port: docker_run_argv(f"{name}:{tag}", spec, port, gpus), spec,
+                         out / "server.log", f"{name}:{tag}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def serve_command(command_for_port, spec, log_path: Path, image: str):
+    """Run `command_for_port(host_port)` (a `docker run`) until the block ends, once its health path answers."""
+    import subprocess
+
+    from forge.errors import InfraError
+    from forge.loadgen.server import RunningServer, free_port, stop_process, wait_healthy
+    from forge.serving import ENGINE_DIR, MODEL_DIR
+
+    if shutil.which("docker") is None:
+        raise InfraError(f"serving {image} on a GPU needs a Docker engine; docker CLI not found")
+    port = free_port()
+    command = command_for_port(port)
+    base_url = f"http://127.0.0.1:{port}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        try:
+            wait_healthy(base_url, proc, log_path, 1800.0, spec.health_path, name=image)
+            # Servers name the model by the path they load: the engine's, else the checkpoint's.
+            model = ENGINE_DIR if ENGINE_DIR in spec.argv else MODEL_DIR
+            yield RunningServer(base_url, model, command, log_path, proc.pid)
+        finally:
+            stop_process(proc, grace_s=60.0)
 
 
 def stage_model_image(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path) -> dict:

@@ -240,6 +240,8 @@ def test_engine_mode_image_carries_the_engine_as_layers(tiny_model, eval_text, t
     assert copied == {m for m in members if m.startswith(ENGINE_DIR + "/")}  # buildx gets the same engine
     entrypoint = json.loads(dockerfile.split("ENTRYPOINT ")[1])
     assert entrypoint[1] == ENGINE_DIR  # trtllm-serve loads what the image holds
+    for path in container_paths(entrypoint):  # the engine, its tokenizer, trtllm-serve's YAML: all in the image
+        assert any(m == path or m.startswith(path + "/") for m in members), path
 
 
 # ---------------------------------------------------------------- item 2: serving limits fit the model
@@ -291,3 +293,96 @@ def test_rope_scaling_stretches_the_limit_as_vllm_derives_it():
     llama3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
     assert position_limit({"max_position_embeddings": 131072, "rope_scaling": llama3}) == 131072
     assert position_limit({"max_position_embeddings": 2048, "rope_scaling": {"type": "linear", "factor": 2}}) == 4096
+
+
+# ---------------------------------------------------------------- items 3 and 4: what a GPU stage serves
+
+
+def container_paths(argv: list[str]) -> list[str]:
+    return [a for a in argv if a.startswith("/")]
+
+
+@pytest.mark.parametrize(("backend", "mode"), [("vllm", None), ("tgi", None), ("lmdeploy", None),
+                                               ("trtllm", "engine"), ("trtllm", "pytorch")])  # fmt: skip
+def test_every_container_path_of_every_backend_is_mounted(backend, mode, tiny_model, eval_text, tmp_path):
+    from forge.serving import LAUNCH_DIR, container_mounts, serve_spec
+
+    target = {"backend": backend, "gpus": ["H100"], **({"trtllm": {"mode": mode}} if mode else {})}
+    data = tiny_recipe(tiny_model, eval_text, targets=[target])
+    data["variants"] = [{"name": "awq", "scheme": "AWQ_W4A16", "group_size": 128, "symmetric": True}]
+    plan = plan_of(data, tmp_path)
+    spec = serve_spec(plan.recipe, "awq", plan.schemes["awq"], plan.targets[0], "H100", "")
+    dirs = {MODEL_DIR: tmp_path / "m", ENGINE_DIR: tmp_path / "e" if mode == "engine" else None, LAUNCH_DIR: tmp_path}
+    mounted = [container for _, container in container_mounts(spec.argv, dirs)]
+    for path in container_paths(spec.argv):
+        assert any(path == m or path.startswith(m + "/") for m in mounted), (path, mounted)
+    if mode == "engine":  # the engine, its tokenizer and trtllm-serve's YAML: all three
+        assert sorted(mounted) == sorted([MODEL_DIR, ENGINE_DIR, LAUNCH_DIR])
+
+
+def docker_runs(log: Path) -> list[list[str]]:
+    return [c for c in recorded(log) if c[:2] == ["docker", "run"] and "trtllm-build" not in c]
+
+
+def test_gpu_stage_with_packaging_off_mounts_what_its_command_reads(tiny_model, eval_text, tmp_path, gpu_host):
+    from forge.errors import InfraError
+    from forge.stages import serve_artifact
+
+    data = engine_recipe(tiny_model, eval_text, tmp_path)
+    data["package"] = {"enabled": False}
+    data["validation"]["throughput"] = {"enabled": True, "cpu": False}
+    plan = plan_of(data, tmp_path)
+    [stage] = plan.of_kind("throughput")
+    assert stage.status == "run"  # the stand-in nvidia-smi reports an H100
+    (tmp_path / "model").mkdir()
+    (tmp_path / "engine").mkdir()
+    with pytest.raises(InfraError, match="exited with code 1"):
+        with serve_artifact(plan, stage, tmp_path / "model", tmp_path / "engine", tmp_path / "out"):
+            pass
+    [run] = docker_runs(gpu_host)
+    volumes = {run[i + 1].rsplit(":", 2)[1]: run[i + 1].split(":")[0] for i, a in enumerate(run) if a == "-v"}
+    assert volumes == {ENGINE_DIR: str(tmp_path / "engine"), MODEL_DIR: str(tmp_path / "model"),
+                       "/models/launch": str(tmp_path / "out" / "launch")}  # fmt: skip
+    assert (tmp_path / "out" / "launch" / "trtllm-serve.yaml").is_file()  # the YAML its argv names
+    assert "--entrypoint" in run and (tmp_path / "out" / "server.log").is_file()
+
+
+def test_gpu_stage_serves_the_packaged_image_itself(tiny_model, eval_text, tmp_path, gpu_host):
+    """With packaging on, the throughput stage loads the built image with skopeo and runs it as
+    built: no bind mount, no entrypoint or user override, the image's own tag."""
+    data = fast_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"]}])
+    data["validation"]["accuracy"]["enabled"] = False
+    data["validation"]["throughput"] = {"enabled": True, "cpu": False}
+    data["package"] = {"enabled": True, "base_images": {"vllm": base_layout(tmp_path)}}
+    recipe = write_recipe(tmp_path, data)
+    plan = plan_of(data, tmp_path)
+    [throughput] = plan.of_kind("throughput")
+    assert "package/fp8/vllm/H100" in throughput.needs
+    code, output = run_cli("build", str(recipe), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 3, output  # the stand-in docker serves nothing
+    calls = recorded(gpu_host)
+    [load] = [c for c in calls if c[0] == "skopeo"]
+    [package] = plan.of_kind("package")
+    layout, tag = tmp_path / "a" / ".cache" / "package" / package.key / "layout", package.params["tags"][0]
+    assert load == ["skopeo", "copy", f"oci:{layout}:{tag}", f"docker-daemon:forge.local/tiny:{tag}"]
+    [run] = docker_runs(gpu_host)
+    assert calls.index(load) < calls.index(run)
+    assert run[-1] == f"forge.local/tiny:{tag}"  # the image as built: nothing after it, nothing mounted
+    assert "-v" not in run and "--entrypoint" not in run and "--user" not in run
+    report = json.loads((tmp_path / "a" / "tiny" / "build.json").read_text())
+    stages = {s["id"]: s for s in report["stages"]}
+    assert (
+        stages["package/fp8/vllm/H100"]["status"] == "ran" and stages["throughput/fp8/vllm/H100"]["status"] == "failed"
+    )
+
+
+def test_the_record_says_what_was_served():
+    from forge.plan import Stage
+    from forge.stages import served_as
+
+    stage = Stage("throughput/a/vllm/H100", "throughput", "run", needs=["export/x", "package/a/vllm/H100"],
+                  params={"gpu": "H100"})  # fmt: skip
+    assert "packaged image (package/a/vllm/H100)" in served_as(stage, Path("layout"))
+    assert "base image with the artifact mounted" in served_as(stage, None) and "package.enabled" in served_as(
+        stage, None
+    )
