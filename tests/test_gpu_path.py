@@ -279,7 +279,7 @@ def test_default_limits_fit_the_models_positions_for_every_backend(backend, tiny
 def test_explicit_limits_beyond_the_model_are_refused_naming_the_key(key, limits, tiny_model, eval_text, tmp_path):
     target = {"backend": "vllm", "gpus": ["H100"], **limits}
     data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "tgi", "gpus": ["H100"]}, target])
-    code, output = run_cli("plan", str(write_recipe(tmp_path, data)))
+    code, output = run_cli("plan", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
     assert code == 2, output
     assert output.startswith(f"forge: targets[1].{key}: 1024 "), output
 

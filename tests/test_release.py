@@ -137,5 +137,7 @@ def test_rendered_build_context_is_complete(release):
 
 
 def test_push_without_a_registry_is_bad_input(tiny_model, eval_text, tmp_path):
-    code, output = run_cli("push", str(write_recipe(tmp_path, tiny_recipe(tiny_model, eval_text))))
+    code, output = run_cli(
+        "push", str(write_recipe(tmp_path, tiny_recipe(tiny_model, eval_text))), "--artifacts-dir", str(tmp_path / "a")
+    )
     assert code == 2 and "package.registry: nothing to push" in output
