@@ -272,6 +272,7 @@ def build(
                 {"stage": sid, "layout": str(target / "layout"), "deploy": str(target / "deploy"), **records[sid]}
             )
 
+        packages.update(model_images)  # pushed the same way: stage.json names the tag, `layout/` the image
         pushes = selected("push")
         if pushes and outcome.failed_gates:
             for stage in pushes:  # a release must never publish an artifact that failed its gates

@@ -437,8 +437,15 @@ def verify(image: str, recipe_path: Path, key_path: Path | None, as_json: bool) 
     help="Push even where the GPU gates (throughput, lm-eval on the target GPU) are deferred, i.e. not measured; "
     "the report attached to the image says so. Same as package.allow_deferred_gates: true.",
 )  # fmt: skip
+@click.option("--to", "destination", default=None, metavar="oci:DIR",
+              help="Write every image of the build (model images and serving images) into the local OCI layout "
+              "DIR, tags kept, instead of pushing to package.registry; `skopeo copy oci:DIR:TAG docker://…` "
+              "moves one on.")  # fmt: skip
 @handle_errors
-def push(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None, allow_deferred_gates: bool) -> None:
+def push(
+    recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None, allow_deferred_gates: bool,
+    destination: str | None,
+) -> None:  # fmt: skip
     """Push the recipe's serving images to `package.registry` (building whatever is not cached).
 
     Same as `forge build RECIPE --only push`. Credentials: FORGE_REGISTRY_USERNAME /
@@ -451,8 +458,13 @@ def push(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | Non
     from forge.recipe import load_recipe
 
     package = load_recipe(recipe).package
-    if not (package.enabled and package.registry):
-        raise InputError("package.registry: nothing to push (set package.enabled: true and package.registry)")
+    if destination is not None:
+        push_to_layout(recipe, destination, artifacts_dir, cache_dir, allow_deferred_gates, as_json)
+        return
+    if not ((package.enabled or package.model_images) and package.registry):
+        raise InputError(
+            "package.registry: nothing to push (set package.registry, and package.enabled or package.model_images)"
+        )
     result = run_build(recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, only=("push",),
                        progress=Progress(enabled=not as_json), allow_deferred_gates=allow_deferred_gates)  # fmt: skip
     if as_json:
@@ -460,3 +472,36 @@ def push(recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | Non
         return
     for pushed in result.report.get("pushed", []):
         click.echo(f"{pushed['reference']} {pushed['digest']} ({pushed['bytes_uploaded']} bytes uploaded)")
+
+
+def push_to_layout(
+    recipe: Path, destination: str, artifacts_dir: Path, cache_dir: Path | None, allow_deferred_gates: bool,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """`forge push --to oci:DIR`: build (nothing is pushed to a registry), then copy every image into
+    one layout, under the same rule as a push: no failed gate, no deferred gate unless allowed."""
+    from forge.build import build as run_build
+    from forge.oci.layout import copy_image
+    from forge.progress import Progress
+    from forge.recipe import load_recipe
+
+    if not destination.startswith("oci:") or not destination[4:]:
+        raise InputError(f"--to: {destination!r} is not oci:DIR (registries come from package.registry)")
+    skip = ("push",) if load_recipe(recipe).package.registry else ()  # the layout instead of the registry
+    result = run_build(recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, skip=skip,
+                       progress=Progress(enabled=not as_json), allow_deferred_gates=allow_deferred_gates)  # fmt: skip
+    report = result.report
+    deferred = (report.get("gates") or {}).get("deferred", 0)
+    if deferred and not (allow_deferred_gates or report.get("allow_deferred_gates")):
+        raise GateFailed(f"push: refused, {deferred} gate(s) are deferred to a GPU builder (--allow-deferred-gates "
+                         "copies anyway)")  # fmt: skip
+    images = [*report.get("model_images", []), *report.get("images", [])]
+    if not images:
+        raise InputError("package: the build made no image (set package.model_images or package.enabled)")
+    root = Path(destination[4:])
+    copied = [{"tag": i["tag"], "digest": copy_image(Path(i["layout"]), i["tag"], root).digest} for i in images]
+    if as_json:
+        click.echo(json.dumps(copied, indent=2))
+        return
+    for image in copied:
+        click.echo(f"oci:{root}:{image['tag']} {image['digest']}")

@@ -416,7 +416,12 @@ def target_stages(
             gpu_serving_stage(plan, "throughput", target, variant, gpu, export, cell, throughput_inputs(plan)).id
         )
     if recipe.package.model_images:
-        ids.append(model_image_stage(plan, target, variant, gpu, export, cell).id)
+        model_image = model_image_stage(plan, target, variant, gpu, export, cell)
+        ids.append(model_image.id)
+        if recipe.package.registry:  # pushed beside the serving image, under the same gates
+            params = {**model_image.params, "tags": [model_image.params["tag"]]}
+            ids.append(add("push", f"push/{cell}/model-image", None, status="run", needs=[model_image.id],
+                           params=params).id)  # fmt: skip
     if package is not None:
         ids.append(package.id)
         if recipe.package.registry:

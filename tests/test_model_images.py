@@ -18,8 +18,11 @@ import yaml
 
 from forge.build import build
 from forge.oci.image import read_image
-from tests.conftest import REPO, tiny_recipe, write_recipe
+from tests import registry_server
+from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
 from tests.registry_server import make_base_layout, require
+
+registry = registry_server.registry
 
 KSERVE_SCHEMA = REPO / "tests" / "data" / "kserve" / "inferenceservice-v1beta1.schema.json.gz"
 KUBERNETES = "1.35.0"  # image volumes: beta and on by default from 1.35
@@ -159,3 +162,49 @@ def test_modelcar_base_adds_the_shell_kserve_runs(tiny_model, eval_text, tmp_pat
     assert len(manifest["layers"]) == image["layers"] + 1  # the base's one layer under forge's
     isvc = yaml.safe_load((Path(image["deploy"]) / "kserve.yaml").read_text())
     assert "annotations" not in isvc["metadata"]
+
+
+def test_model_images_push_to_a_registry_with_the_serving_gates(registry_for_push, tiny_model, eval_text, tmp_path):
+    """With package.registry set, every model image is pushed beside the build report's rule: after
+    the gates, to package.repository under its `-model` tag; skopeo reads it back; a second push
+    uploads nothing."""
+    registry, monkeypatch = registry_for_push
+    data = model_image_recipe(tiny_model, eval_text, registry=registry.host, repository="forge/model-images")
+    data["targets"] = data["targets"][:1]
+    recipe = write_recipe(tmp_path, data)
+    report = build(recipe, artifacts_dir=tmp_path / "a").report
+    [pushed] = report["pushed"]
+    assert pushed["stage"] == "push/fp8/vllm/H100/model-image" and pushed["bytes_uploaded"] > 0
+    assert pushed["digest"] == image_of(report, "model-image/fp8/vllm/H100")["digest"]
+    inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", registry.creds,
+                                f"docker://{registry.host}/forge/model-images:fp8-vllm-H100-model"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(inspected.stdout)["Digest"] == pushed["digest"]
+    again = build(recipe, artifacts_dir=tmp_path / "a").report
+    assert again["pushed"][0]["bytes_uploaded"] == 0
+
+
+@pytest.fixture()
+def registry_for_push(registry, monkeypatch):
+    require("skopeo")
+    monkeypatch.setenv("FORGE_REGISTRY_USERNAME", registry.username)
+    monkeypatch.setenv("FORGE_REGISTRY_PASSWORD", registry.password)
+    return registry, monkeypatch
+
+
+def test_push_to_a_local_layout_collects_every_image(tiny_model, eval_text, tmp_path):
+    require("skopeo")
+    data = model_image_recipe(tiny_model, eval_text)
+    data["targets"] = [{"backend": "vllm", "gpus": ["H100"]}, {"backend": "tgi", "gpus": ["H100"]}]
+    recipe = write_recipe(tmp_path, data)
+    code, output = run_cli("push", str(recipe), "--to", f"oci:{tmp_path / 'out'}", "--json",
+                           "--artifacts-dir", str(tmp_path / "a"))  # fmt: skip
+    assert code == 0, output
+    copied = json.loads(output[output.index("[") :])
+    assert sorted(c["tag"] for c in copied) == ["fp8-tgi-H100-model", "fp8-vllm-H100-model"]
+    for image in copied:
+        done = subprocess.run(["skopeo", "inspect", f"oci:{tmp_path / 'out'}:{image['tag']}"], capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        assert json.loads(done.stdout)["Digest"] == image["digest"]
+    code, output = run_cli("push", str(recipe), "--to", "registry.example.com", "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 2 and "--to" in output

@@ -234,3 +234,16 @@ def resolve_tag(root: Path, tag: str | None) -> Descriptor:
             return d
     names = sorted(d.annotations[REF_NAME] for d in manifests if REF_NAME in d.annotations)
     raise InputError(f"{root}: no image tagged {tag!r} (tags: {', '.join(names) or 'none'})")
+
+
+def copy_image(source: Path, tag: str, dest: Path) -> Descriptor:
+    """The image tagged `tag` in layout `source`, with its blobs, into layout `dest` under the same
+    tag (hard links where possible): many images in one layout, e.g. for `skopeo copy oci:DIR:TAG`."""
+    desc = resolve_tag(source, tag)
+    manifest = read_json_blob(source, desc.digest)
+    init_layout(dest)
+    blobs = [desc, Descriptor.from_json(manifest["config"]), *(Descriptor.from_json(d) for d in manifest["layers"])]
+    for blob in blobs:
+        import_blob(dest, blob_path(source, blob.digest), blob.digest)
+    tag_manifest(dest, desc, tag)
+    return desc
