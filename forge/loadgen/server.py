@@ -214,38 +214,3 @@ def serve_transformers(
             )
     finally:
         stop_process(proc)
-
-
-def container_argv(image: str, argv: list[str], model_dir: Path, container_model_dir: str, port: int,
-                   host_port: int, gpus: int) -> list[str]:  # fmt: skip
-    """`docker run` of a backend's serving image with the artifact mounted read-only."""
-    devices = "all" if gpus <= 0 else str(gpus)
-    return [
-        "docker", "run", "--rm", "--init", "--gpus", devices, "--ipc", "host",
-        "-p", f"127.0.0.1:{host_port}:{port}",
-        "-v", f"{Path(model_dir).resolve()}:{container_model_dir}:ro",
-        "--entrypoint", argv[0], image, *argv[1:],
-    ]  # fmt: skip
-
-
-@contextlib.contextmanager
-def serve_container(
-    image: str, argv: list[str], model_dir: Path, container_model_dir: str, port: int, health_path: str,
-    log_path: Path, *, gpus: int = 1, startup_timeout_s: float = 1800.0,
-) -> Iterator[RunningServer]:  # fmt: skip
-    """Run a backend's container on a GPU builder for the duration of the block (needs a Docker
-    engine with the NVIDIA runtime). The foreground `docker run` proxies SIGTERM to the server."""
-    if shutil.which("docker") is None:
-        raise InfraError("throughput: serving on a GPU needs a Docker engine; docker CLI not found")
-    host_port = free_port()
-    command = container_argv(image, argv, model_dir, container_model_dir, port, host_port, gpus)
-    base_url = f"http://127.0.0.1:{host_port}"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
-        try:
-            wait_healthy(base_url, proc, log_path, startup_timeout_s, health_path, name=image)
-            yield RunningServer(base_url, container_model_dir, command, log_path, proc.pid)
-        finally:
-            stop_process(proc, grace_s=60.0)
