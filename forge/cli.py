@@ -138,8 +138,30 @@ def plan(
 
     if fmt and as_json:
         raise InputError("--format and --json: choose one")
+    from forge.source import ConfigUnavailable
+
     loaded = load_recipe(recipe)
-    result = make_plan(loaded, recipe.parent.resolve(), Cache(cache_dir or artifacts_dir / ".cache"), str(recipe))
+    try:
+        result = make_plan(loaded, recipe.parent.resolve(), Cache(cache_dir or artifacts_dir / ".cache"), str(recipe))
+    except ConfigUnavailable as error:
+        if fmt:  # CI jobs need the whole plan
+            raise
+        from dataclasses import asdict
+
+        from forge.plan import SHAPE_CHECKS, recipe_only_cells
+
+        cells = recipe_only_cells(loaded)
+        if as_json:
+            click.echo(json.dumps({"recipe": loaded.name, "complete": False, "reason": str(error),
+                                   "waiting_for_config": list(SHAPE_CHECKS),
+                                   "artifacts": [asdict(c) for c in cells]}, indent=2))  # fmt: skip
+        else:
+            from forge.report import render_cells
+
+            render_cells(loaded.name, cells)
+            click.echo(f"waiting for config.json: {', '.join(SHAPE_CHECKS)}")
+            click.secho(f"forge: plan incomplete: {error}", fg="yellow", err=True)
+        return
     if fmt:
         from forge.ci import DEFAULT_IMAGE, render_matrix
 

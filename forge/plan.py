@@ -202,6 +202,37 @@ def check_tags(plan: Plan) -> None:
             seen[tag] = cell
 
 
+# What a plan cannot decide without the model's config.json.
+SHAPE_CHECKS = (
+    "the architecture", "group sizes against the projections", "tensor parallelism against the heads",
+    "max_seq_len / max_input_len against the model's positions",
+)  # fmt: skip
+
+
+def recipe_only_cells(recipe: Recipe) -> list[Artifact]:
+    """The matrix as far as the recipe alone decides it (GPU capability and backend rules), for a
+    hub recipe planned where config.json cannot be read: impossible cells are final, the others
+    are `pending` until the shape checks run."""
+    from forge.compat import BACKEND_RULES, gpu_problem
+
+    pending = "shape checks wait for config.json"
+    cells = []
+    for target in recipe.targets:
+        mode = trtllm_mode(target) if target.backend == "trtllm" else None
+        for variant in recipe.variants:
+            if target.variants is not None and variant.name not in target.variants:
+                continue
+            scheme = variant_scheme(variant)
+            for gpu_name in target.gpus:
+                gpu = lookup_gpu(gpu_name)
+                problem = gpu_problem(scheme, gpu) or BACKEND_RULES[target.backend](scheme, gpu, mode)
+                fmt = None if problem else export_format(target.backend, scheme, target)
+                cells.append(Artifact(variant.name, target.backend, gpu.name, fmt,
+                                      "impossible" if problem else "pending", problem or pending,
+                                      tensor_parallel=target.tensor_parallel))  # fmt: skip
+    return cells
+
+
 def make_plan(
     recipe: Recipe, recipe_dir: Path, cache: Cache, recipe_file: str = "RECIPE", allow_deferred_gates: bool = False
 ) -> Plan:

@@ -35,17 +35,23 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
     for stage in plan.stages:
         stages.add_row(stage.id, _status(stage.status), stage.command or stage.reason)
     console.print(stages)
-    matrix = Table(title="artifacts (variant × backend × GPU)", title_justify="left")
-    for column in ("variant", "backend", "gpu", "format", "status", "why"):
-        matrix.add_column(column)
-    for a in plan.artifacts:
-        matrix.add_row(a.variant, a.backend, a.gpu, a.format or "-", _status(a.status), a.reason)
-    console.print(matrix)
+    render_cells(plan.recipe.name, plan.artifacts, console)
     if plan.shape_pinned:
         console.print(
             "model shape: from source.hub.config (the hub was not reached); the source stage checks it against "
             "the downloaded config.json"
         )
+
+
+def render_cells(recipe_name: str, cells: list, console: Console | None = None) -> None:
+    """The artifact matrix: one row per (variant, backend, GPU) with its format, status and why."""
+    console = console or Console()
+    matrix = Table(title=f"artifacts of {recipe_name} (variant × backend × GPU)", title_justify="left")
+    for column in ("variant", "backend", "gpu", "format", "status", "why"):
+        matrix.add_column(column)
+    for a in cells:
+        matrix.add_row(a.variant, a.backend, a.gpu, a.format or "-", _status(a.status), a.reason)
+    console.print(matrix)
 
 
 def render_build(report: dict, report_path: Path, console: Console | None = None) -> None:

@@ -229,6 +229,11 @@ def read_model_config(source: Source, recipe_dir: Path) -> dict:
     return hub_config(source)
 
 
+class ConfigUnavailable(InfraError):
+    """The hub revision's config.json cannot be read here and the recipe pins no shape: `forge plan`
+    still shows what the recipe alone decides (`forge.plan.recipe_only_cells`)."""
+
+
 def hub_config(source: Source) -> dict:
     """The hub revision's config.json; without the hub (HF_HUB_OFFLINE=1, no network), the numbers the
     recipe pins in `source.hub.config`. With both, every pinned number must match the file."""
@@ -237,7 +242,7 @@ def hub_config(source: Source) -> dict:
         config = hub_json(source, "config.json", required=True)
     except InfraError as error:
         if pinned is None:
-            raise InfraError(
+            raise ConfigUnavailable(
                 f"{error} — to plan without the hub, pin the shape in source.hub.config (architectures, hidden_size, "
                 "intermediate_size, num_attention_heads, num_key_value_heads, num_hidden_layers, vocab_size, "
                 "max_position_embeddings), or plan once with the hub reachable (the config is cached)"

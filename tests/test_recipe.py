@@ -49,11 +49,24 @@ def hub_recipe(tmp_path: Path, **config) -> Path:
     return write_recipe(tmp_path, example)
 
 
-def test_hub_recipe_without_pinned_shape_fails_fast_offline_saying_how_to_plan(tmp_path, monkeypatch):
+def test_hub_recipe_without_pinned_shape_plans_what_the_recipe_decides_offline(tmp_path, monkeypatch):
+    """No hub and no pinned shape: the cells the recipe alone decides are listed (FP8 on an A100 is
+    impossible whatever the model), the rest wait for config.json, and the plan says how to finish."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    code, output = run_cli("plan", str(hub_recipe(tmp_path)), "--artifacts-dir", str(tmp_path / "a"))
-    assert code == 3, output
-    assert "the hub is not reachable" in output and "pin the shape in source.hub.config" in output
+    recipe = hub_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["targets"].append({"backend": "vllm", "gpus": ["A100-80GB", "H100"]})
+    recipe = write_recipe(tmp_path, data)
+    code, output = run_cli("plan", str(recipe), "--json", "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 0, output
+    plan = json.loads(output[output.index("{") :])
+    assert plan["complete"] is False and "pin the shape in source.hub.config" in plan["reason"]
+    cells = {(c["backend"], c["gpu"]): c for c in plan["artifacts"]}
+    assert cells["vllm", "A100-80GB"]["status"] == "impossible" and "FP8" in cells["vllm", "A100-80GB"]["reason"]
+    assert cells["vllm", "H100"]["status"] == "pending" and cells["vllm", "H100"]["format"] == "compressed-tensors"
+    assert "tensor parallelism against the heads" in plan["waiting_for_config"]
+    code, output = run_cli("plan", str(recipe), "--format", "github-matrix", "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 3 and "the hub is not reachable" in output  # CI jobs need the whole plan
 
 
 def test_pinned_shape_must_match_the_hub_config(tmp_path, monkeypatch):
