@@ -50,20 +50,29 @@ def handle_errors(command):
         except GateFailed as error:
             if kwargs.get("as_json") and error.result is not None:
                 click.echo(json.dumps(error.result.report, indent=2))
-            click.secho(f"forge: {error}", fg="red", err=True)
+            click.secho(f"forge: {terminal_safe(str(error))}", fg="red", err=True)
             sys.exit(error.exit_code)
         except ForgeError as error:
-            click.secho(f"forge: {error}", fg="red", err=True)
+            click.secho(f"forge: {terminal_safe(str(error))}", fg="red", err=True)
             sys.exit(error.exit_code)
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
             raise
         except Exception as error:  # a bug: keep exit 1 for gates, say where the traceback went
             path = write_crash_report()
-            click.secho(f"forge: internal error: {type(error).__name__}: {error}", fg="red", err=True)
+            click.secho(f"forge: internal error: {type(error).__name__}: {terminal_safe(str(error))}", fg="red",
+                        err=True)  # fmt: skip
             click.secho(f"forge: this is a bug in forge; traceback written to {path}", fg="red", err=True)
             sys.exit(EXIT_INTERNAL)
 
     return wrapper
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with control characters other than newline and tab escaped (`\\x1b`): a recipe path or a
+    registry's error body can carry escape sequences that would rewrite the user's terminal."""
+    return "".join(
+        c if c in "\n\t" or (c.isprintable() and not 0x80 <= ord(c) <= 0x9F) else repr(c)[1:-1] for c in text
+    )
 
 
 def write_crash_report() -> Path:

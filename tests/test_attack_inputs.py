@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from forge.errors import InputError
 from forge.untrusted import safetensors_header
 from tests.conftest import run_cli, tiny_recipe, write_recipe
-from tests.test_hostile import JSONISH
+from tests.strategies import JSONISH
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -622,3 +622,12 @@ def test_untrusted_build_copies_no_python(tiny_model: Path, eval_text: Path, tmp
     artifacts = tmp_path / "artifacts"
     build(write_recipe(tmp_path / "recipe-dir", recipe), artifacts_dir=artifacts, only=("export",))
     assert not list(artifacts.rglob("*.py"))
+
+
+def test_escape_sequences_in_a_message_never_reach_the_terminal_raw(tmp_path):
+    """A recipe path (or a registry's error body) carrying terminal escapes is shown escaped."""
+    hostile = tmp_path / "\x1b]0;pwned\x07\x1b[2J.yaml"
+    code, output = run_cli("validate", str(hostile))
+    assert code == 2, output
+    assert "\x1b" not in output and "\x07" not in output
+    assert "\\x1b]0;pwned\\x07\\x1b[2J.yaml" in output

@@ -46,6 +46,7 @@ from forge.recipe import (
     parse_recipe,
 )
 from tests.conftest import REPO, tiny_recipe, write_recipe
+from tests.strategies import HOSTILE_TEXT, JSONISH, SCALARS, TEMPLATE_TEXT, TEXT
 
 # Hypothesis runs many examples through one test call; the autouse digest-memo fixture is
 # function-scoped but stable across examples, so its health check does not apply.
@@ -168,35 +169,6 @@ BOUNDS: list[tuple[KeyPath, float | None, float | None, type]] = [
     (("validation", "throughput", "concurrency", 0), 1, MAX_CONCURRENCY, int),
     (("validation", "throughput", "usd_per_hour", "H100"), 0, None, float),
 ]
-
-# Text that is valid YAML when dumped: no surrogates (PyYAML cannot encode them).
-TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
-TEMPLATE_TEXT = st.sampled_from(
-    [
-        "{{ 7 * 7 }}",
-        "{% raw %}",
-        "{{ config }}",
-        "{{ ''.__class__.__mro__ }}",
-        "{#",
-        "${HOME}",
-        "$(id)",
-        "%s%n",
-        "{0}",
-        "{}",
-        "'; DROP",
-        "\x00",
-        "\u202e",
-        "名前",
-        "🦙",
-        "\r\n",
-        "../../etc/passwd",
-    ]  # fmt: skip
-)
-HOSTILE_TEXT = st.one_of(TEXT, TEMPLATE_TEXT, st.builds(lambda a, b: a + b, TEMPLATE_TEXT, TEXT))
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), HOSTILE_TEXT)
-JSONISH = st.recursive(
-    SCALARS, lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(TEXT, kids, max_size=3)), max_leaves=8
-)
 
 
 # Printable keys (letters, marks, digits, punctuation, symbols): keys with control characters or
