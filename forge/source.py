@@ -229,6 +229,11 @@ def read_model_config(source: Source, recipe_dir: Path) -> dict:
     return hub_config(source)
 
 
+class HubUnreachable(InfraError):
+    """The hub cannot be reached from here (HF_HUB_OFFLINE=1, no network), as opposed to a hub that
+    answered with an error (401, 404), which stays an error."""
+
+
 class ConfigUnavailable(InfraError):
     """The hub revision's config.json cannot be read here and the recipe pins no shape: `forge plan`
     still shows what the recipe alone decides (`forge.plan.recipe_only_cells`)."""
@@ -240,7 +245,7 @@ def hub_config(source: Source) -> dict:
     pinned = source.hub.config.model_dump(exclude_none=True) if source.hub.config else None
     try:
         config = hub_json(source, "config.json", required=True)
-    except InfraError as error:
+    except HubUnreachable as error:
         if pinned is None:
             raise ConfigUnavailable(
                 f"{error} — to plan without the hub, pin the shape in source.hub.config (architectures, hidden_size, "
@@ -288,7 +293,7 @@ def hub_json(source: Source, name: str, required: bool) -> dict:
             local_files_only=not hub_reachable(),
         )  # fmt: skip
     except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or unreachable) and not in the local hub cache
-        raise InfraError(f"source.hub: cannot read {name} of {source.hub.repo}: the hub is not reachable") from None
+        raise HubUnreachable(f"source.hub: cannot read {name} of {source.hub.repo}: the hub is not reachable") from None
     except EntryNotFoundError:
         if required:
             raise InputError(f"source.hub: {source.hub.repo}@{source.hub.revision} has no {name}") from None
