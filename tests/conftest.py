@@ -95,3 +95,10 @@ def tiny_recipe(model: Path, eval_text: Path, **overrides) -> dict:
     }
     recipe.update(overrides)
     return recipe
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Print the random order's seed even under -q, so a failing order can be replayed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"test order: pytest-randomly seed {seed} (replay: --randomly-seed={seed})")
