@@ -8,7 +8,9 @@ which must find every stage cached. Minutes of CPU: marked integration.
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,7 +18,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from forge.oci.registry import BUILD_REPORT_TYPE, Credentials, attach_referrer
+from tests import registry_server
 from tests.conftest import FORGE, REPO
+
+registry = registry_server.registry
 
 pytestmark = pytest.mark.integration
 RECIPE = REPO / "recipes" / "smollm2-135m.yaml"
@@ -121,3 +127,55 @@ def test_default_build_leaves_a_model_image_per_servable_artifact(cold):
         assert done.returncode == 0 and json.loads(done.stdout)["Digest"] == image["digest"], done.stderr
         for document in yaml.safe_load_all((Path(image["deploy"]) / "kubernetes.yaml").read_text()):
             kubernetes_validate.validate(document, "1.35.0", strict=True)
+
+
+def test_default_build_images_push_sign_and_verify(cold, registry, tmp_path):
+    """The default build's model images, pushed to a real htpasswd registry with a signing key:
+    skopeo reads each back, a second push uploads nothing, `forge verify --key` accepts a signed
+    image and refuses it once a tampered report is attached."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    registry_server.require("skopeo")
+    artifacts, _ = cold
+    recipes = tmp_path / "recipes"
+    shutil.copytree(REPO / "recipes", recipes, ignore=shutil.ignore_patterns("examples"))
+    recipe = recipes / "smollm2-135m.yaml"
+    data = yaml.safe_load(recipe.read_text())
+    # The engine-mode TensorRT-LLM images wait for their engine (a push of them is refused), and the
+    # GPU gates of the others wait for a GPU builder: publishing those says so explicitly.
+    data["targets"] = [t for t in data["targets"] if t["backend"] != "trtllm"]
+    data["package"] = {"model_images": True, "registry": registry.host, "repository": "smollm2",
+                       "allow_deferred_gates": True}  # fmt: skip
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = tmp_path / "cosign.key.pem", tmp_path / "cosign.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))  # fmt: skip
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    env = {**os.environ, "FORGE_REGISTRY_USERNAME": registry.username, "FORGE_REGISTRY_PASSWORD": registry.password,
+           "FORGE_SIGNING_KEY": str(private)}  # fmt: skip
+    push = [*FORGE, "push", str(recipe), "--json", "--artifacts-dir", str(tmp_path / "a"),
+            "--cache-dir", str(artifacts / ".cache")]  # fmt: skip
+    done = subprocess.run(push, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pushed = json.loads(done.stdout)
+    assert len(pushed) == 6 and all(p["bytes_uploaded"] > 0 and p["signature"] for p in pushed)
+    for image in pushed:
+        inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", registry.creds,
+                                    f"docker://{image['reference']}"], capture_output=True, text=True)  # fmt: skip
+        assert inspected.returncode == 0 and json.loads(inspected.stdout)["Digest"] == image["digest"]
+    again = subprocess.run(push, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and all(p["bytes_uploaded"] == 0 for p in json.loads(again.stdout))
+
+    signed = f"{registry.host}/smollm2@{pushed[0]['digest']}"
+    verify = [*FORGE, "verify", signed, "--recipe", str(recipe), "--key", str(public)]
+    checked = subprocess.run(verify, capture_output=True, text=True, env=env)
+    assert checked.returncode == 0 and "ok   signature" in checked.stdout, checked.stdout + checked.stderr
+    report = json.loads((tmp_path / "a" / "smollm2-135m" / "build.json").read_text())
+    tampered = dict(report, validation={"accuracy": [], "tasks": [], "throughput": []})
+    attach_referrer(signed, json.dumps(tampered).encode(), artifact_type=BUILD_REPORT_TYPE,
+                    credentials=Credentials(registry.username, registry.password))  # fmt: skip
+    refused = subprocess.run(verify, capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and "FAIL build report untampered" in refused.stdout, refused.stdout
