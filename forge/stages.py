@@ -287,8 +287,6 @@ def serve_command(command_for_port, spec, log_path: Path, image: str):
 
 def stage_model_image(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | None, out: Path) -> dict:
     """The artifact's data-only model image (`out/layout`) and the manifests that serve it (`out/deploy/`)."""
-    import shutil
-
     import yaml
 
     from forge.model_image import build_model_image, deployment_manifests, inference_service
