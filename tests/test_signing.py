@@ -7,11 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from forge.build import build
 from forge.oci import layout
@@ -33,18 +30,9 @@ from forge.oci.signing import (
 )
 from tests import registry_server
 from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.signing_keys import key_pair
 
 registry = registry_server.registry
-
-
-def key_pair(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / "cosign.key.pem", directory / "cosign.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))  # fmt: skip
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
-    return private, public
 
 
 @pytest.fixture()

@@ -21,6 +21,7 @@ import yaml
 from forge.oci.registry import BUILD_REPORT_TYPE, Credentials, attach_referrer
 from tests import registry_server
 from tests.conftest import FORGE, REPO
+from tests.signing_keys import key_pair
 
 registry = registry_server.registry
 
@@ -133,9 +134,6 @@ def test_default_build_images_push_sign_and_verify(cold, registry, tmp_path):
     """The default build's model images, pushed to a real htpasswd registry with a signing key:
     skopeo reads each back, a second push uploads nothing, `forge verify --key` accepts a signed
     image and refuses it once a tampered report is attached."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     registry_server.require("skopeo")
     artifacts, _ = cold
     recipes = tmp_path / "recipes"
@@ -148,12 +146,7 @@ def test_default_build_images_push_sign_and_verify(cold, registry, tmp_path):
     data["package"] = {"model_images": True, "registry": registry.host, "repository": "smollm2",
                        "allow_deferred_gates": True}  # fmt: skip
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = tmp_path / "cosign.key.pem", tmp_path / "cosign.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))  # fmt: skip
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    private, public = key_pair(tmp_path)
     env = {**os.environ, "FORGE_REGISTRY_USERNAME": registry.username, "FORGE_REGISTRY_PASSWORD": registry.password,
            "FORGE_SIGNING_KEY": str(private)}  # fmt: skip
     push = [*FORGE, "push", str(recipe), "--json", "--artifacts-dir", str(tmp_path / "a"),
