@@ -27,7 +27,7 @@ def dataset_file(dataset: str, recipe_dir: Path) -> Path:
     """`resolve_dataset`, refused at plan time (exit 2 naming `validation.accuracy.dataset`) unless
     it is a regular UTF-8 text file reached without a symlink out of its folder (`recipe_path`)."""
     if dataset in BUILTIN_DATASETS:
-        return DATA_DIR / BUILTIN_DATASETS[dataset]
+        return resolve_dataset(dataset, recipe_dir)
     path = recipe_path(recipe_dir, dataset, "validation.accuracy.dataset")
     check_utf8(path, "validation.accuracy.dataset")
     return path
