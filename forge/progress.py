@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -12,10 +13,33 @@ from rich.progress import Progress as RichProgress
 Advance = Callable[[int, int], None]  # (done, total)
 
 
+# Logged once per process by transformers' fast tokenizers when decoding with a BPE model
+# (transformers/tokenization_utils_tokenizers.py): forge decodes for the load generator and
+# lm-eval, where the cleanup it refers to is already off, so the line tells the user nothing.
+_TOKENIZER_NOISE = "Ignoring clean_up_tokenization_spaces"
+
+
+def _drop_tokenizer_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_TOKENIZER_NOISE)
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' own tqdm bars ("Writing model shards", "Loading weights") and its BPE
+    cleanup notice: forge's stages show their own progress, and a second bar of another style
+    interleaved on stderr hides it. Hub download bars (huggingface_hub's own tqdm) stay."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    noisy = logging.getLogger("transformers.tokenization_utils_tokenizers")
+    if _drop_tokenizer_noise not in noisy.filters:
+        noisy.addFilter(_drop_tokenizer_noise)
+
+
 class Progress:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.console = Console(stderr=True)
+        quiet_libraries()
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -119,6 +120,20 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(cleaned[-lines:])
 
 
+def kept_log(log_path: Path) -> Path:
+    """Where a dead server's log survives: a log inside a cache entry being made (`.tmp-…`) is
+    removed with it when the stage fails, so it is copied first to $FORGE_CRASH_DIR (default: the
+    temporary directory), where forge's crash reports go. Returns the path to name in the error."""
+    if not any(part.startswith(".tmp-") for part in log_path.parts) or not log_path.is_file():
+        return log_path
+    directory = Path(os.environ.get("FORGE_CRASH_DIR") or tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"forge-server-{time.strftime('%Y%m%dT%H%M%S')}-", suffix=".log", dir=directory)
+    with os.fdopen(fd, "wb") as kept, log_path.open("rb") as log:
+        shutil.copyfileobj(log, kept)
+    return Path(name)
+
+
 def wait_healthy(
     base_url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float,
     health_path: str = "/health", name: str = "transformers serve",
@@ -129,7 +144,7 @@ def wait_healthy(
         if proc.poll() is not None:
             raise InfraError(
                 f"{name} exited with code {proc.returncode} before becoming healthy; "
-                f"log {log_path}:\n{log_tail(log_path)}"
+                f"log {kept_log(log_path)}:\n{log_tail(log_path)}"
             )
         try:
             with urllib.request.urlopen(f"{base_url}{health_path}", timeout=2) as response:
@@ -139,7 +154,8 @@ def wait_healthy(
             pass
         time.sleep(0.25)
     raise InfraError(
-        f"{name} did not answer {base_url}{health_path} within {timeout_s:g} s; log {log_path}:\n{log_tail(log_path)}"
+        f"{name} did not answer {base_url}{health_path} within {timeout_s:g} s; "
+        f"log {kept_log(log_path)}:\n{log_tail(log_path)}"
     )
 
 
@@ -210,7 +226,7 @@ def serve_transformers(
         if proc.poll() is not None:
             raise InfraError(
                 f"transformers serve died during the run (exit {proc.returncode}); "
-                f"log {log_path}:\n{log_tail(log_path)}"
+                f"log {kept_log(log_path)}:\n{log_tail(log_path)}"
             )
     finally:
         stop_process(proc)

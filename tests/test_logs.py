@@ -1,0 +1,66 @@
+"""What a build prints and keeps: no second style of progress bar from transformers, no repeated
+tokenizer notice, and a dead server's log that outlives the cache entry it was written in."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forge.errors import InfraError
+from forge.loadgen.server import wait_healthy
+from forge.progress import Progress
+from tests.tiny import make_tiny_llama
+
+
+def test_transformers_bars_are_silenced_once_a_build_shows_progress(tmp_path: Path, capfd) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "tiny"))
+    capfd.readouterr()
+    Progress(enabled=False)  # what `forge build` creates before any stage runs
+    model.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "config.json").is_file()
+    assert "Writing model shards" not in capfd.readouterr().err
+
+
+def test_the_bpe_cleanup_notice_is_dropped_and_other_warnings_are_not(tmp_path: Path, caplog) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(make_tiny_llama(tmp_path / "tiny"))
+    Progress(enabled=False)
+    caplog.set_level(logging.WARNING, logger="transformers")
+    tokenizer.decode(tokenizer("Hello , world .")["input_ids"], clean_up_tokenization_spaces=True)
+    assert not any("clean_up_tokenization_spaces" in r.getMessage() for r in caplog.records)
+    logging.getLogger("transformers.tokenization_utils_tokenizers").warning("a real problem")
+    assert any(r.getMessage() == "a real problem" for r in caplog.records)
+
+
+def test_a_dead_servers_log_survives_its_staging_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FORGE_CRASH_DIR", str(tmp_path / "crash"))
+    staging = tmp_path / "cache" / "throughput" / ".tmp-abc123-42"  # a cache entry being made
+    staging.mkdir(parents=True)
+    log = staging / "server.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", "print('CUDA out of memory'); raise SystemExit(3)"], stdout=f)
+    with pytest.raises(InfraError) as raised:
+        wait_healthy("http://127.0.0.1:9", proc, log, timeout_s=30)
+    shutil.rmtree(staging)  # what the cache does with a failed stage's directory
+    named = Path(re.search(r"log (\S+):", str(raised.value)).group(1))
+    assert named.parent == tmp_path / "crash" and "CUDA out of memory" in named.read_text()
+
+
+def test_a_log_outside_the_cache_is_named_where_it_is(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FORGE_CRASH_DIR", str(tmp_path / "crash"))
+    log = tmp_path / "bench" / "server.log"
+    log.parent.mkdir()
+    with log.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(5)"], stdout=f)
+    with pytest.raises(InfraError, match=f"log {re.escape(str(log))}:"):
+        wait_healthy("http://127.0.0.1:9", proc, log, timeout_s=30)
+    assert not (tmp_path / "crash").exists()
