@@ -177,7 +177,8 @@ def test_awq_scale_folding_keeps_the_float_function(tmp_path, kv_heads):
     With as many kv heads as heads, v_proj → o_proj is a scale group too (AutoAWQ skips it
     under grouped-query attention, where channels do not line up).
     """
-    from forge.quant.awq import awq_layer
+    from forge.architectures import get_architecture
+    from forge.quant.awq import awq_layer, scale_groups
     from forge.quant.layerwise import (
         collect_layer_stats,
         decoder_layers,
@@ -196,7 +197,9 @@ def test_awq_scale_folding_keeps_the_float_function(tmp_path, kv_heads):
     stats, before = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False)
     norm = layer.input_layernorm.weight.clone()
     scheme = resolve_scheme("AWQ_W4A16", group_size=64)
-    linears, errors = awq_layer(layer, stats.inputs, set(names), scheme)
+    config = model.config.to_dict()
+    groups = scale_groups(layer, get_architecture(config), config)
+    linears, errors = awq_layer(layer, stats.inputs, set(names), scheme, groups)
     assert not torch.equal(layer.input_layernorm.weight, norm)  # scales were folded in
     torch.testing.assert_close(run_layer(layer, hidden, kwargs), before, rtol=1e-4, atol=1e-5)
     assert ("self_attn.v_proj" in errors) == (kv_heads == 4)

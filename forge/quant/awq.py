@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from forge.errors import InputError
+from forge.architectures import EXPERT, Architecture, fused_rows, num_experts
 from forge.quant.layerwise import InputStats
 from forge.quant.model import QuantizedLinear, Scheme
 from forge.quant.rtn import int4_codes, int4_qparams, quantize_int4
@@ -44,38 +44,61 @@ CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
 # Linears whose clipping is skipped: their outputs meet in the q·k product and softmax, which a
 # per-linear error does not see (AutoAWQ `_search_best_clip` skips ["q_", "k_"] for this reason).
-NO_CLIP = ("q_proj", "k_proj")
+NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 # Weight elements per batched candidate evaluation (4 M floats, 16 MiB per temporary: cache-sized).
 BATCH_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
 class ScaleGroup:
-    """Linears sharing one input (`balance`) and the op producing that input (`smooth`)."""
+    """Modules sharing one input (`balance`) and the op producing that input (`smooth`).
+
+    Names are the loaded model's, relative to the decoder layer. `rows`: the slice of a fused
+    `smooth` linear that produces the input (Phi-3's `up` half of `gate_up_proj`). `plus_one`:
+    the smooth op is a Gemma RMSNorm, which scales by (1 + weight). `stats`: the module whose
+    recorded input is the group's (an MoE router sees every token its experts share).
+    """
 
     smooth: str
     balance: tuple[str, ...]
+    rows: tuple[int, int] | None = None
+    plus_one: bool = False
+    stats: str | None = None
 
 
-def llama_scale_groups(layer: nn.Module) -> list[ScaleGroup]:
-    """AutoAWQ's Llama mappings, names relative to the decoder layer.
+def scale_groups(layer: nn.Module, arch: Architecture, config: dict) -> list[ScaleGroup]:
+    """The architecture's AWQ smoothing groups (`forge.architectures`), made concrete for one
+    loaded decoder layer: experts expanded, fused row ranges resolved, groups whose modules this
+    layer lacks (a dense layer of a partly-MoE model) dropped.
 
-    v_proj → o_proj only when v_proj's outputs are o_proj's inputs channel for channel: with
-    grouped-query attention (fewer kv heads) each v channel feeds several o_proj columns, so one
-    scale per channel cannot be folded (AutoAWQ llama.py; mit-han-lab/llm-awq PR 67 comment).
+    v_proj → o_proj only without grouped-query attention: with fewer kv heads each v channel
+    feeds several o_proj columns, so one scale per channel cannot be folded (AutoAWQ llama.py;
+    mit-han-lab/llm-awq PR 67 comment).
     """
-    attn, mlp = layer.self_attn, layer.mlp
-    for needed in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if not hasattr(attn, needed):
-            raise InputError(f"quantization: AWQ supports Llama-style layers; self_attn has no {needed}")
-    for needed in ("gate_proj", "up_proj", "down_proj"):
-        if not hasattr(mlp, needed):
-            raise InputError(f"quantization: AWQ supports Llama-style layers; mlp has no {needed}")
-    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
-    if attn.v_proj.out_features == attn.o_proj.in_features:
-        groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)))
-    groups.append(ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
-    groups.append(ScaleGroup("mlp.up_proj", ("mlp.down_proj",)))
+    present = {name for name, _ in layer.named_modules()}
+    experts = num_experts(config)
+    mha = (config.get("num_key_value_heads") or config["num_attention_heads"]) == config["num_attention_heads"]
+    groups = []
+    for spec in arch.smoothing:
+        if spec.needs_mha and not mha:
+            continue
+        if spec.per_expert:
+            expanded = [(spec.smooth.replace(EXPERT, str(e)), [b.replace(EXPERT, str(e)) for b in spec.balance])
+                        for e in range(experts)]  # fmt: skip
+        else:
+            balance = []
+            for b in spec.balance:
+                balance += [b.replace(EXPERT, str(e)) for e in range(experts)] if EXPERT in b else [b]
+            expanded = [(spec.smooth, balance)]
+        for smooth, balance in expanded:
+            smooth, balance = arch.to_memory(smooth), tuple(arch.to_memory(b) for b in balance)
+            if smooth not in present or not all(b in present for b in balance):
+                continue
+            rows = fused_rows(arch, config, spec.smooth)[spec.smooth_part] if spec.smooth_part else None
+            router = arch.to_memory(arch.router) if arch.router else None
+            stats = router if router in balance else balance[0]
+            plus_one = arch.norm_plus_one and not isinstance(layer.get_submodule(smooth), nn.Linear)
+            groups.append(ScaleGroup(smooth, balance, rows, plus_one, stats))
     return groups
 
 
@@ -146,15 +169,23 @@ def search_scales(
 def fold_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor, stats: InputStats) -> None:
     """W·diag(s) on the balance linears, ÷s on the op producing their input: same float function."""
     smooth = layer.get_submodule(group.smooth)
+    rows = slice(*group.rows) if group.rows else slice(None)
     if isinstance(smooth, nn.Linear):
-        smooth.weight.div_(scales.unsqueeze(1))  # the producer's output channels
+        smooth.weight[rows].div_(scales.unsqueeze(1))  # the producer's output channels
+    elif group.plus_one:  # Gemma: x̂ · (1 + w) / s = x̂ · (1 + w')
+        smooth.weight.copy_((1 + smooth.weight) / scales - 1)
     else:
         smooth.weight.div_(scales)  # RMSNorm's elementwise weight
     if getattr(smooth, "bias", None) is not None:
-        smooth.bias.div_(scales)
+        smooth.bias[rows].div_(scales)
     for name in group.balance:
         layer.get_submodule(name).weight.mul_(scales)
     # The balance linears now see x / s: keep their statistics in step for later searches.
+    rescale_stats(stats, scales)
+
+
+def rescale_stats(stats: InputStats, scales: torch.Tensor) -> None:
+    """Statistics of inputs x, made those of x / s."""
     stats.gram = stats.gram / (scales.double().unsqueeze(1) * scales.double().unsqueeze(0))
     stats.abs_sum = stats.abs_sum / scales.double()
     stats.abs_max = stats.abs_max / scales
@@ -197,27 +228,37 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> torc
 
 @torch.no_grad()
 def awq_layer(
-    layer: nn.Module, stats: dict[str, InputStats], quantized: set[str], scheme: Scheme
+    layer: nn.Module,
+    stats: dict[str, InputStats],
+    quantized: set[str],
+    scheme: Scheme,
+    groups: list[ScaleGroup],
 ) -> tuple[dict[str, QuantizedLinear], dict[str, tuple[float, float]]]:
     """Scale search and folding for each group, then clipping and int4 storage for `quantized`.
 
+    A group or linear without statistics (an MoE expert no calibration token reached) is left
+    unscaled and unclipped: plain round-to-nearest, which the caller reports.
     Returns the quantized linears (names relative to the layer) and, per scale group, the output
     error per token with s = 1 and with the chosen s (for logs and tests).
     """
     errors = {}
-    for group in llama_scale_groups(layer):
+    for group in groups:
         flags = [name in quantized for name in group.balance]
-        if not any(flags):
-            continue  # nothing to protect: leave the float weights as they are
+        group_stats = stats.get(group.stats or group.balance[0])
+        if not any(flags) or group_stats is None:
+            continue  # nothing to protect, or nothing seen: leave the float weights as they are
         weights = [layer.get_submodule(name).weight.float() for name in group.balance]
-        group_stats = stats[group.balance[0]]
         scales, rtn_error, best_error = search_scales(weights, flags, group_stats, scheme)
         fold_scales(layer, group, scales, group_stats)
+        members = {id(stats[n]): stats[n] for n in group.balance if n in stats}  # experts: own subsets
+        for member in members.values():  # ... of the same input, which now arrives as x / s too
+            if member is not group_stats:
+                rescale_stats(member, scales)
         errors[group.smooth] = (rtn_error, best_error)
     result = {}
     for name in sorted(quantized):
         weight = layer.get_submodule(name).weight.float()
-        if not name.endswith(NO_CLIP):
+        if not name.endswith(NO_CLIP) and name in stats:
             weight = search_clip(weight, stats[name], scheme)
         result[name] = quantize_int4(weight, scheme)
     return result, errors

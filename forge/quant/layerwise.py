@@ -60,25 +60,60 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
+class _Stop(Exception):
+    """Raised from a pre-hook to end a forward pass once the inputs it needs are captured."""
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, tokens: torch.LongTensor) -> tuple[torch.Tensor, list[dict]]:
+    """Layer-0 inputs of every sample and, per decoder layer, the keyword arguments the model's
+    own forward hands it (causal or sliding-window mask, rotary cos/sin, position ids).
+
+    The model runs itself, so whatever an architecture does before its first layer (Gemma's
+    √hidden embedding scale, per-layer-type masks and rotary tables) is exactly what serving does,
+    without forge re-implementing any of it. The keyword arguments are captured from one sample
+    (batch 1), which broadcasts over the calibration chunks as the inputs are causal and unpadded.
+    """
+    layers = decoder_layers(model)
+    captured: dict = {}
+
+    def first(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(first, with_kwargs=True)
+    try:
+        model.model(input_ids=tokens, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    per_layer: list[dict] = []
+
+    def keep(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            per_layer.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == len(layers) - 1:
+                raise _Stop
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model.model(input_ids=tokens[:1], use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured["hidden"].float(), per_layer
+
+
 @torch.no_grad()
 def embed(model: nn.Module, tokens: torch.LongTensor) -> tuple[torch.Tensor, dict]:
-    """Layer-0 inputs and the keyword arguments every decoder layer takes (RoPE, causal mask)."""
-    from transformers.masking_utils import create_causal_mask
-
-    hidden = model.model.embed_tokens(tokens).float()
-    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0)
-    mask = create_causal_mask(
-        config=model.config,
-        inputs_embeds=hidden[:1],
-        attention_mask=None,
-        past_key_values=None,
-        position_ids=position_ids,
-    )
-    return hidden, {
-        "attention_mask": mask,
-        "position_ids": position_ids,
-        "position_embeddings": model.model.rotary_emb(hidden[:1], position_ids=position_ids),
-    }
+    """Layer-0 inputs and layer 0's keyword arguments (every layer's, when they are all alike)."""
+    hidden, per_layer = capture_layer_inputs(model, tokens)
+    return hidden, per_layer[0]
 
 
 def _chunks(n: int) -> Iterator[slice]:
@@ -97,6 +132,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF `apply_rotary_pos_emb` on `[batch, heads, seq, head_dim]` keys; a table narrower than
+    the head (Phi-3 `partial_rotary_factor`) rotates the leading channels and passes the rest."""
+    rotary = cos.shape[-1]
+    if rotary == k.shape[-1]:
+        return k * cos + _rotate_half(k) * sin
+    k_rot, k_pass = k[..., :rotary], k[..., rotary:]
+    return torch.cat((k_rot * cos + _rotate_half(k_rot) * sin, k_pass), dim=-1)
+
+
+@dataclass(frozen=True)
+class KVSources:
+    """Where a layer's cached keys and values appear: the module whose output holds them and,
+    for a fused projection, its row range. Keys come from the q/k norm when there is one
+    (Qwen3 normalizes each key head before RoPE)."""
+
+    k_module: str = "self_attn.k_proj"
+    v_module: str = "self_attn.v_proj"
+    k_rows: tuple[int, int] | None = None
+    v_rows: tuple[int, int] | None = None
+
+
 @torch.no_grad()
 def collect_layer_stats(
     layer: nn.Module,
@@ -106,13 +163,16 @@ def collect_layer_stats(
     *,
     gram: bool,
     kv: bool,
+    kv_sources: KVSources | None = None,
 ) -> tuple[LayerStats, torch.Tensor]:
     """One pass of the calibration samples through `layer`: its input statistics and its outputs.
 
     Linears fed the same tensor (q/k/v, gate/up) share one `InputStats`, so the Gram matrix of a
-    shared input is computed once. With `kv`, the maxima of the k_proj (after RoPE, what the KV
-    cache stores) and v_proj outputs are recorded too.
+    shared input is computed once. With `kv`, the maxima of the keys (after RoPE, what the KV
+    cache stores) and values are recorded too, read where `kv_sources` says they appear.
+    Modules of `linear_names` that never run (an MoE expert no token was routed to) get no entry.
     """
+    sources = kv_sources or KVSources()
     stats = LayerStats()
     # id(tensor) -> (tensor, stats); holding the tensor keeps its id from being reused in the chunk.
     by_tensor: dict[int, tuple[torch.Tensor, InputStats]] = {}
@@ -138,21 +198,29 @@ def collect_layer_stats(
                 by_tensor[id(x)] = (x, entry)
             else:
                 stats.inputs[name] = seen[1]
-            if kv and name.endswith("k_proj"):
-                batch, seq, _ = output.shape
-                k = output.reshape(batch, seq, -1, head_dim).transpose(1, 2)
-                cos, sin = (t.unsqueeze(1) for t in rope)  # [1, 1, seq, head_dim]
-                k = k * cos + _rotate_half(k) * sin  # RoPE as in HF apply_rotary_pos_emb
-                m = k.abs().amax()
+
+        return hook
+
+    def record_kv(rows: tuple[int, int] | None, key: bool):
+        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            out = output if rows is None else output[..., rows[0] : rows[1]]
+            if key:
+                batch, seq = out.shape[:2]
+                k = out.reshape(batch, seq, -1, head_dim).transpose(1, 2)
+                cos, sin = (t.unsqueeze(1) for t in rope)  # [1, 1, seq, rotary_dim]
+                m = apply_rope(k, cos, sin).abs().amax()  # RoPE as in HF apply_rotary_pos_emb
                 stats.k_absmax = m if stats.k_absmax is None else torch.maximum(stats.k_absmax, m)
-            if kv and name.endswith("v_proj"):
-                m = output.abs().amax()
+            else:
+                m = out.abs().amax()
                 stats.v_absmax = m if stats.v_absmax is None else torch.maximum(stats.v_absmax, m)
 
         return hook
 
     for name in linear_names:
         hooks.append(layer.get_submodule(name).register_forward_hook(record_input(name)))
+    if kv:
+        hooks.append(layer.get_submodule(sources.k_module).register_forward_hook(record_kv(sources.k_rows, True)))
+        hooks.append(layer.get_submodule(sources.v_module).register_forward_hook(record_kv(sources.v_rows, False)))
     try:
         outputs = []
         for part in _chunks(hidden.shape[0]):
@@ -164,6 +232,9 @@ def collect_layer_stats(
     return stats, torch.cat(outputs)
 
 
-def layer_linear_names(layer: nn.Module) -> list[str]:
-    """Names (relative to the layer) of its nn.Linear modules, in module order."""
-    return [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+def layer_linear_names(layer: nn.Module, extra: tuple[str, ...] = ()) -> list[str]:
+    """Names (relative to the layer) of its nn.Linear modules, in module order, plus those of
+    `extra` the layer has (an MoE router, which is no nn.Linear but reads the experts' input)."""
+    names = [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+    present = {name for name, _ in layer.named_modules()}
+    return names + [name for name in extra if name in present and name not in names]

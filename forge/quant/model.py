@@ -66,6 +66,9 @@ class QuantizedModel:
     dense: dict[str, torch.Tensor]
     linears: dict[str, QuantizedLinear]
     kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    # What calibration reached: MoE per-layer expert token counts (`expert_tokens`) and the linears
+    # that fell back to round-to-nearest for want of calibration inputs (`rtn_fallback`).
+    calibration: dict = field(default_factory=dict)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The dense Hugging Face state dict these codes stand for."""
@@ -90,6 +93,8 @@ def save_quantized(model: QuantizedModel, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, directory / "quantized.safetensors")
     meta = {"config": model.config, "scheme": asdict(model.scheme)}
+    if model.calibration:
+        meta["calibration"] = model.calibration
     (directory / "quant.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
@@ -111,7 +116,7 @@ def load_quantized(directory: Path) -> QuantizedModel:
             name, _, part = rest.rpartition("::")
             parts.setdefault(name, {})[part] = tensor
     linears = {name: QuantizedLinear(**p) for name, p in parts.items()}
-    return QuantizedModel(meta["config"], Scheme(**scheme_fields), dense, linears, kv)
+    return QuantizedModel(meta["config"], Scheme(**scheme_fields), dense, linears, kv, meta.get("calibration", {}))
 
 
 class LazyTensors(Mapping):
@@ -162,4 +167,5 @@ def open_quantized(directory: Path) -> QuantizedModel:
     path = directory / "quantized.safetensors"
     safetensors_header(path)  # checked once; LazyTensors then opens it per tensor
     kv = dict(LazyTensors(path, "kv::"))  # a few scalars
-    return QuantizedModel(meta["config"], Scheme(**scheme_fields), LazyTensors(path, "dense::"), LazyLinears(path), kv)
+    dense, linears = LazyTensors(path, "dense::"), LazyLinears(path)
+    return QuantizedModel(meta["config"], Scheme(**scheme_fields), dense, linears, kv, meta.get("calibration", {}))

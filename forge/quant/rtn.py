@@ -10,6 +10,7 @@ import re
 
 import torch
 
+from forge.architectures import ANY_QUANTIZABLE, get_architecture
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value (OCP FP8 spec, E4M3)
@@ -72,19 +73,20 @@ def quantize_weight(weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
     return quantize_int4(weight, scheme)
 
 
-_LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj$")
-
-
-def quantizable_linears(state: dict[str, torch.Tensor], scheme: Scheme) -> list[str]:
+def quantizable_linears(state: dict[str, torch.Tensor], scheme: Scheme, config: dict | None = None) -> list[str]:
     """Module names of the decoder-layer projections to quantize, in checkpoint order.
 
-    Only attention and MLP projections inside decoder layers are quantized; embeddings, norms
-    and `lm_head` stay dense (lm_head is also in every preset's `ignore`).
+    Only the projections `forge.architectures` lists for the config's architecture (attention,
+    MLP, MoE experts) are quantized; embeddings, norms, MoE routers and `lm_head` stay dense
+    (lm_head is also in every preset's `ignore`). Without a config, any known architecture's
+    projection names match.
     """
+    known = config is not None and config.get("architectures")
+    pattern = get_architecture(config).quantizable() if known else ANY_QUANTIZABLE
     names = []
     for key, tensor in state.items():
         module = key.removesuffix(".weight")
-        if key.endswith(".weight") and tensor.dim() == 2 and _LAYER_LINEAR.match(module):
+        if key.endswith(".weight") and tensor.dim() == 2 and pattern.match(module):
             if not is_ignored(module, scheme.ignore):
                 names.append(module)
     return names
@@ -105,7 +107,7 @@ def split_state(
     state: dict[str, torch.Tensor], config: dict, scheme: Scheme
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors that stay dense (cast to the scheme's dtype) and the linears to quantize."""
-    names = quantizable_linears(state, scheme)
+    names = quantizable_linears(state, scheme, config)
     quantized = {f"{n}.weight" for n in names}
     dtype = getattr(torch, scheme.dtype)
     dense = {k: v.to(dtype) for k, v in state.items() if k not in quantized}

@@ -1,0 +1,71 @@
+"""Mixture-of-experts layers as one `nn.Linear` per expert projection, for calibration.
+
+transformers 5 loads MoE experts fused into 3-D parameters (`experts.gate_up_proj[E, 2I, H]`,
+`experts.down_proj[E, H, I]`, see `MixtralExperts` / `Qwen3MoeExperts` in
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/mixtral/modeling_mixtral.py)
+while checkpoints, and every format forge writes, keep one 2-D weight per expert and projection.
+Calibration needs what each expert's projections see, so the fused module is swapped for an
+equivalent one whose children carry the checkpoint's names (`experts.3.w1`): the same forward
+hooks then record per-expert statistics, only over the tokens the router actually sent there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from forge.architectures import Architecture
+
+
+class UnfusedExperts(nn.ModuleList):
+    """The fused experts module's function, one child per expert holding three `nn.Linear`."""
+
+    def __init__(self, fused: nn.Module, names: tuple[str, str, str]):
+        super().__init__()
+        self.names = names
+        self.act_fn = fused.act_fn
+        gate_name, up_name, down_name = names
+        inter = fused.down_proj.shape[-1]
+        for e in range(fused.gate_up_proj.shape[0]):
+            expert = nn.Module()
+            for name, weight in (
+                (gate_name, fused.gate_up_proj[e, :inter]),
+                (up_name, fused.gate_up_proj[e, inter:]),
+                (down_name, fused.down_proj[e]),
+            ):
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+                setattr(expert, name, linear)
+            self.append(expert)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Route each token to its top-k experts and sum their weighted outputs (as the fused
+        module does; an expert no token chose does not run, so its hooks see nothing)."""
+        gate_name, up_name, down_name = self.names
+        out = torch.zeros_like(hidden)
+        mask = torch.nn.functional.one_hot(top_k_index, num_classes=len(self)).permute(2, 1, 0)
+        for e, expert in enumerate(self):
+            top_k_pos, token_idx = torch.where(mask[e])
+            if token_idx.numel() == 0:
+                continue
+            x = hidden[token_idx]
+            h = self.act_fn(getattr(expert, gate_name)(x)) * getattr(expert, up_name)(x)
+            y = getattr(expert, down_name)(h) * top_k_weights[token_idx, top_k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+def unfuse_experts(model: nn.Module, arch: Architecture) -> None:
+    """Replace every fused experts module of `model` by an `UnfusedExperts` (in place)."""
+    if not arch.moe:
+        return
+    path = arch.to_memory(arch.experts)
+    for layer in model.model.layers:
+        try:
+            fused = layer.get_submodule(path)
+        except AttributeError:
+            continue  # a dense layer of a partly-MoE model (Qwen3-MoE `mlp_only_layers`)
+        if isinstance(fused, UnfusedExperts) or not hasattr(fused, "gate_up_proj"):
+            continue
+        parent, _, child = path.rpartition(".")
+        setattr(layer.get_submodule(parent), child, UnfusedExperts(fused, arch.expert_linears))
