@@ -217,31 +217,37 @@ def resolve_base(
     by the next plan. When the registry cannot be reached within PLAN_RESOLVE_TIMEOUT_S (or
     FORGE_OFFLINE=1) the stage is keyed on the name, and `note` says so.
 
-    Returns {"image": what build_image pulls, "digest": the key (or None), "note": …}."""
+    `unreachable` says why when no connection could be made at all (refused, DNS, timeout, or
+    FORGE_OFFLINE): the plan then defers a stage that would have to pull it (package_stage),
+    unless its entry is cached. A registry that answered badly is not unreachable: the stage runs
+    and its pull fails (exit 3).
+
+    Returns {"image": what build_image pulls, "digest": the key (or None), "note": …, "unreachable": …}."""
     if base_image.startswith("oci:"):
         path, tag = split_oci_base(base_image)
         root = path if path.is_absolute() else (Path(recipe_dir) / path).resolve()
         image = f"oci:{root}" + (f":{tag}" if tag else "")
-        return {"image": image, "digest": local_base_digest(root, tag), "note": None}
+        return {"image": image, "digest": local_base_digest(root, tag), "note": None, "unreachable": None}
     reference = registry.parse_reference(base_image)
     if reference.digest:
-        return {"image": base_image, "digest": reference.digest, "note": None}
+        return {"image": base_image, "digest": reference.digest, "note": None, "unreachable": None}
     if os.environ.get("FORGE_OFFLINE", "").strip() not in ("", "0"):
-        why = "FORGE_OFFLINE is set"
+        why, unreachable = "FORGE_OFFLINE is set", True
     else:
-        digest, why = _resolve_tag(base_image, reference.host, push_registry, insecure_registries)
+        digest, why, unreachable = _resolve_tag(base_image, reference.host, push_registry, insecure_registries)
         if digest:
-            return {"image": f"{base_image}@{digest}", "digest": digest, "note": None}
+            return {"image": f"{base_image}@{digest}", "digest": digest, "note": None, "unreachable": None}
     note = (f"base {base_image} keyed on its name, not its digest ({why}); a re-tagged base is not noticed "
             "until it resolves")  # fmt: skip
-    return {"image": base_image, "digest": None, "note": note}
+    return {"image": base_image, "digest": None, "note": note, "unreachable": why if unreachable else None}
 
 
 def _resolve_tag(
     ref: str, host: str, push_registry: str | None, insecure_registries: Iterable[str]
-) -> tuple[str | None, str]:
-    """(digest, None) or (None, why not), within PLAN_RESOLVE_TIMEOUT_S whatever DNS does: the
-    lookup runs on a daemon thread that is abandoned when late."""
+) -> tuple[str | None, str, bool]:
+    """(digest, "", False) or (None, why not, whether the registry was unreachable), within
+    PLAN_RESOLVE_TIMEOUT_S whatever DNS does: the lookup runs on a daemon thread that is abandoned
+    when late (a lookup with no answer at all counts as unreachable)."""
     answer: dict = {}
     options = registry_options(
         host, insecure_registries, retries=0, connect_timeout_s=PLAN_RESOLVE_TIMEOUT_S / 2,
@@ -252,6 +258,8 @@ def _resolve_tag(
         try:
             credentials = registry.credentials_for(host, push_registry)
             answer["digest"] = registry.resolve_image(ref, credentials=credentials, options=options)
+        except registry.RegistryUnreachable as error:
+            answer["why"], answer["unreachable"] = str(error), True
         except (InfraError, InputError) as error:
             answer["why"] = str(error)
 
@@ -259,8 +267,19 @@ def _resolve_tag(
     worker.start()
     worker.join(PLAN_RESOLVE_TIMEOUT_S + 1.0)
     if "digest" in answer:
-        return answer["digest"], ""
-    return None, answer.get("why") or f"no answer from {host} within {PLAN_RESOLVE_TIMEOUT_S:g} s"
+        return answer["digest"], "", False
+    if "why" in answer:
+        return None, answer["why"], answer.get("unreachable", False)
+    return None, f"no answer from {host} within {PLAN_RESOLVE_TIMEOUT_S:g} s", True
+
+
+def pull_base_hint(base_image: str, backend: str) -> str:
+    """How to build offline instead: copy the base into a local OCI layout once, where it can be
+    pulled, and name that layout (skopeo-copy(1): `docker://` source, `oci:PATH:TAG` destination,
+    https://github.com/containers/skopeo/blob/main/docs/skopeo-copy.1.md)."""
+    local = f"oci:bases/{backend}:{registry.parse_reference(base_image).tag or 'latest'}"
+    return (f"skopeo copy docker://{base_image} {local} (in the recipe's directory), then set "
+            f"package.base_images.{backend}: {local}")  # fmt: skip
 
 
 def sign_pushed(reference: str, key, insecure_registries: Iterable[str] = ()) -> dict:

@@ -19,7 +19,13 @@ from pathlib import Path
 
 from forge.backends import export_format, trtllm, trtllm_mode
 from forge.cache import Cache, atomic_write_text
-from forge.compat import SUPPORTED_ARCHITECTURES, ModelShape, combination_problem, group_size_problem
+from forge.compat import (
+    SUPPORTED_ARCHITECTURES,
+    ModelShape,
+    combination_note,
+    combination_problem,
+    group_size_problem,
+)
 from forge.datasets import dataset_file
 from forge.digest import bounded_file_digests, file_digest, json_digest, refuse_system_directory
 from forge.errors import InputError
@@ -225,7 +231,7 @@ def recipe_only_cells(recipe: Recipe) -> list[Artifact]:
             scheme = variant_scheme(variant)
             for gpu_name in target.gpus:
                 gpu = lookup_gpu(gpu_name)
-                problem = gpu_problem(scheme, gpu) or BACKEND_RULES[target.backend](scheme, gpu, mode)
+                problem = gpu_problem(scheme, gpu, target.backend) or BACKEND_RULES[target.backend](scheme, gpu, mode)
                 fmt = None if problem else export_format(target.backend, scheme, target)
                 cells.append(Artifact(variant.name, target.backend, gpu.name, fmt,
                                       "impossible" if problem else "pending", problem or pending,
@@ -306,7 +312,8 @@ def make_plan(
                     continue
                 fmt = export_format(target.backend, scheme, target)
                 export = export_stage(plan, exports, quantize[variant.name], fmt, target.tensor_parallel)
-                artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned", export_stage=export.id,
+                artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned",
+                                    combination_note(scheme, target.backend, gpu), export_stage=export.id,
                                     tensor_parallel=target.tensor_parallel)  # fmt: skip
                 artifact.stages += target_stages(plan, target, mode, variant, gpu, export, tasks)
                 plan.artifacts.append(artifact)
@@ -516,6 +523,14 @@ def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile,
             f"its engine is deferred ({engine.id}: {engine.reason})",
             f"forge build {plan.recipe_file} --only package/{cell}  # on the GPU builder, after {engine.id}",
         )
+    elif base.get("unreachable"):  # nothing to build on until the base can be pulled: later, not a failure
+        from forge.package import pull_base_hint
+
+        deferred = (
+            f"its base image {spec.base_image} cannot be reached ({base['unreachable']})",
+            f"forge build {plan.recipe_file} --only package/{cell}  # where {spec.base_image} can be pulled; "
+            f"or offline: {pull_base_hint(spec.base_image, target.backend)}",
+        )
     stage = plan.add("package", f"package/{cell}", inputs, needs=needs, params=params, deferred=deferred)
     if base["note"] and stage.status in ("run", "cached"):
         stage.reason = base["note"]
@@ -552,6 +567,16 @@ def gpu_serving_stage(
     if package is not None:  # it serves the packaged image: measured is what is released
         inputs["image"] = package.key
         needs.append(package.id)
+    if local_gpu(plan, gpu) and package is not None and package.status == "deferred":
+        reason = f"it serves the image of {package.id}, which is deferred ({package.reason})"
+        return plan.add(
+            kind,
+            stage_id,
+            inputs,
+            needs=needs,
+            params=params,
+            deferred=(reason, f"forge build {plan.recipe_file} --only {stage_id}  # after {package.id}"),
+        )
     if local_gpu(plan, gpu):
         return plan.add(kind, stage_id, inputs, needs=needs, params=params)
     spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, "")

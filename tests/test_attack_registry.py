@@ -36,12 +36,14 @@ from forge.oci.registry import (
     BUILD_REPORT_TYPE,
     Credentials,
     RegistryOptions,
+    RegistryUnreachable,
     credentials_for,
     list_referrers,
     pull_image,
     push_image,
     realm_belongs_to,
     resolve_credentials,
+    resolve_image,
 )
 from forge.package import registry_options, resolve_base
 from tests import registry_server
@@ -694,17 +696,84 @@ def test_a_retagged_base_changes_the_package_key(
     assert not before["reason"]
 
 
-def test_an_unreachable_base_is_keyed_on_its_name_and_the_plan_says_so(
+def closed_host() -> str:
+    """`127.0.0.1:PORT` with nothing listening: every connection is refused."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        return f"127.0.0.1:{closed.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("host", ["refused", "forge-no-such-host.invalid"])
+def test_a_registry_that_cannot_be_reached_is_told_apart_from_one_that_answers_badly(host: str) -> None:
+    """Connection refused and a DNS failure (`.invalid` never resolves: RFC 2606) are
+    RegistryUnreachable; a registry serving junk is an InfraError that is not."""
+    host = closed_host() if host == "refused" else host
+    with pytest.raises(RegistryUnreachable) as caught:
+        resolve_image(f"{host}/gone/base:v1", options=FAST)
+    assert caught.value.exit_code == EXIT_INFRA and caught.value.host == host
+    junk = (b"<html>log in</html>", "text/html")
+    with serving(FakeRegistry(junk=junk)) as fake, pytest.raises(InfraError) as answered:
+        resolve_image(f"{fake.host}/library/junk:latest", options=FAST)
+    assert not isinstance(answered.value, RegistryUnreachable), answered.value
+
+
+def test_an_unreachable_base_defers_the_package_stage_with_its_command(
     tiny_model: Path, eval_text: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as closed:
-        host = f"127.0.0.1:{closed.getsockname()[1]}"
-    recipe = write_recipe(tmp_path / "r", base_recipe(tiny_model, eval_text, f"{host}/gone/base:v1"))
+    """Nothing listens on the base's host: the plan defers the package stage (keyed on the name)
+    with the command that builds it later, and the offline way round (a local layout)."""
+    host = closed_host()
+    base = f"{host}/gone/base:v1"
+    recipe = write_recipe(tmp_path / "r", base_recipe(tiny_model, eval_text, base))
     stage = plan_stage(recipe)
+    assert stage["status"] == "deferred", stage
     assert stage["params"]["base"]["digest"] is None
-    assert "keyed on its name" in stage["reason"] and host in stage["reason"]
+    assert f"its base image {base} cannot be reached" in stage["reason"] and host in stage["reason"]
+    assert stage["command"].startswith(f"forge build {recipe} --only package/fp8/vllm/H100  # where {base}")
+    assert f"skopeo copy docker://{base} oci:bases/vllm:v1" in stage["command"]
+    assert "package.base_images.vllm: oci:bases/vllm:v1" in stage["command"]
     monkeypatch.setenv("FORGE_OFFLINE", "1")
-    assert "FORGE_OFFLINE" in plan_stage(recipe)["reason"]
+    offline = plan_stage(recipe)
+    assert offline["status"] == "deferred" and "FORGE_OFFLINE" in offline["reason"]
+
+
+def test_build_with_an_unreachable_base_defers_the_image_and_records_the_command(
+    tiny_model: Path, eval_text: Path, tmp_path: Path
+) -> None:
+    """The build goes on (exit 0: nothing failed, the GPU gates are deferred as without a base),
+    build.json says the package stage is deferred, with its command; no image is listed."""
+    base = f"{closed_host()}/gone/base:v1"
+    data = base_recipe(tiny_model, eval_text, base)
+    data["validation"]["throughput"] = {"enabled": False}
+    recipe = write_recipe(tmp_path / "r", data)
+    artifacts = tmp_path / "artifacts"
+    code, output = run_cli("build", str(recipe), "--json", "--artifacts-dir", str(artifacts))
+    assert code == 0, output
+    report = json.loads((artifacts / "tiny" / "build.json").read_text())
+    package = next(s for s in report["stages"] if s["id"] == "package/fp8/vllm/H100")
+    assert package["status"] == "deferred", package
+    assert package["command"].startswith(f"forge build {recipe} --only package/fp8/vllm/H100")
+    assert report["images"] == []
+    assert report["status"] != "error"
+
+
+def test_build_against_a_base_registry_serving_junk_fails_with_exit_3(
+    tiny_model: Path, eval_text: Path, tmp_path: Path
+) -> None:
+    """A registry that answers, badly, is no reason to defer: the package stage fails, exit 3,
+    naming the registry, and build.json records the failure."""
+    junk = (b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"}', layout.MANIFEST)
+    with serving(FakeRegistry(junk=junk)) as fake:
+        data = base_recipe(tiny_model, eval_text, f"{fake.host}/library/junk:latest")
+        data["validation"]["throughput"] = {"enabled": False}
+        recipe = write_recipe(tmp_path / "r", data)
+        assert plan_stage(recipe)["status"] == "run"
+        artifacts = tmp_path / "artifacts"
+        code, output = run_cli("build", str(recipe), "--artifacts-dir", str(artifacts))
+    assert code == EXIT_INFRA, output
+    assert f"registry {fake.host}" in output and "Traceback" not in output
+    report = json.loads((artifacts / "tiny" / "build.json").read_text())
+    assert report["status"] == "error"
+    assert next(s for s in report["stages"] if s["id"] == "package/fp8/vllm/H100")["status"] == "failed"
 
 
 def test_relative_oci_base_is_resolved_from_the_recipe_and_keyed_on_its_digest(
@@ -719,7 +788,12 @@ def test_relative_oci_base_is_resolved_from_the_recipe_and_keyed_on_its_digest(
     stage = plan_stage(recipe)
     index = json.loads(layout.read_blob(base, layout.resolve_tag(base, "latest").digest))
     amd64 = next(m["digest"] for m in index["manifests"] if m["platform"]["architecture"] == "amd64")
-    assert stage["params"]["base"] == {"image": f"oci:{base.resolve()}:latest", "digest": amd64, "note": None}
+    assert stage["params"]["base"] == {
+        "image": f"oci:{base.resolve()}:latest",
+        "digest": amd64,
+        "note": None,
+        "unreachable": None,
+    }
     # Another image in the layout under the same tag: a new digest, so a new key.
     other = next(m for m in index["manifests"] if m["platform"]["architecture"] == "arm64")
     layout.tag_manifest(base, layout.Descriptor.from_json(other), "latest")

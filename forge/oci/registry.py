@@ -331,11 +331,13 @@ class _Response:
 
 
 class _Transient(Exception):
-    """A failure worth another attempt: a dropped connection, a timeout, a 5xx, a 429."""
+    """A failure worth another attempt: a dropped connection, a timeout, a 5xx, a 429.
+    `unreachable`: no connection could be made at all (refused, DNS, no route, connect timeout)."""
 
-    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+    def __init__(self, message: str, retry_after: float = 0.0, unreachable: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.unreachable = unreachable
 
 
 class RegistryError(InfraError):
@@ -344,6 +346,17 @@ class RegistryError(InfraError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RegistryUnreachable(InfraError):
+    """No connection to the registry could be made (connection refused, DNS failure, no route,
+    connect timeout), as opposed to a registry that answered badly (`RegistryError`, junk
+    manifests: plain InfraError). Work that only needs the registry later (a base image) can be
+    deferred on this; a bad answer is an error."""
+
+    def __init__(self, message: str, host: str) -> None:
+        super().__init__(message)
+        self.host = host
 
 
 def _hostname(host: str) -> str:
@@ -517,10 +530,11 @@ class Registry:
     def deadline_error(self, last: object = None, doing: str | None = None) -> InfraError:
         doing = getattr(self._local, "phase", None) or doing or "waiting"
         detail = f" (last: {last})" if last else ""
-        return InfraError(
-            f"registry {self.host}: {self.operation} gave up at its {self._deadline_s:g} s deadline "
-            f"while {doing}{detail}"
-        )
+        message = (f"registry {self.host}: {self.operation} gave up at its {self._deadline_s:g} s deadline "
+                   f"while {doing}{detail}")  # fmt: skip
+        if getattr(last, "unreachable", False):  # every attempt failed to connect
+            return RegistryUnreachable(message, self.host)
+        return InfraError(message)
 
     def backoff(self, attempt: int, retry_after: float = 0.0, error: object = None) -> None:
         """Waits before another attempt; raises the deadline's error when that attempt could not
@@ -571,7 +585,11 @@ class Registry:
         if conn.sock is not None:
             conn.sock.settimeout(io_timeout)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
+        connecting = conn.sock is None  # connect on its own, so "never reached" is told apart from "failed"
         try:
+            if connecting:
+                conn.connect()
+                connecting = False
             conn.putrequest(method, target, skip_accept_encoding=True)
             for name, value in headers.items():
                 conn.putheader(name, value)
@@ -595,14 +613,17 @@ class Registry:
                 f"SSL_CERT_FILE=/path/to/ca.pem, or for a test registry list {parts.netloc!r} in the recipe's "
                 "package.insecure_registries"
             ) from None
-        except TimeoutError as e:
+        except ssl.SSLError as e:  # the host answered, with TLS that did not work out: not unreachable
             self._drop_connection(parts.scheme, parts.netloc)
-            if "connect timeout" not in str(e):
-                limit = "read/write timeout" if io_timeout == self.options.timeout_s else "operation deadline"
-                e = f"no progress for {io_timeout:g} s ({limit})"
-            raise _Transient(f"{method} {_redact(url)}: {e}") from None
+            raise _Transient(f"{method} {_redact(url)}: {type(e).__name__}: {e}") from None
         except (OSError, http.client.HTTPException) as e:
             self._drop_connection(parts.scheme, parts.netloc)
+            if connecting and isinstance(e, OSError):
+                # Refused, DNS failure, no route, connect timeout: no connection was ever made.
+                raise _Transient(f"{method} {_redact(url)}: {type(e).__name__}: {e}", unreachable=True) from None
+            if isinstance(e, TimeoutError):
+                limit = "read/write timeout" if io_timeout == self.options.timeout_s else "operation deadline"
+                raise _Transient(f"{method} {_redact(url)}: no progress for {io_timeout:g} s ({limit})") from None
             raise _Transient(f"{method} {_redact(url)}: {type(e).__name__}: {e}") from None
 
     def may_authorize(self, url: str) -> bool:
@@ -648,7 +669,10 @@ class Registry:
                 if not retry:
                     raise
                 if attempt >= self.options.retries:
-                    raise InfraError(f"registry {self.host}: {e} (gave up after {attempt + 1} attempts)") from None
+                    message = f"registry {self.host}: {e} (gave up after {attempt + 1} attempts)"
+                    if e.unreachable:
+                        raise RegistryUnreachable(f"{message}: it cannot be reached", self.host) from None
+                    raise InfraError(message) from None
                 log.debug("registry %s: %s; retrying", self.host, e)
                 self.backoff(attempt, e.retry_after, e)
                 attempt += 1
