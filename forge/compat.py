@@ -156,9 +156,38 @@ def tensor_parallel_problem(shape: ModelShape, tp: int) -> str | None:
     return None
 
 
-def gpu_problem(scheme: Scheme, gpu: GPUProfile) -> str | None:
+# vLLM and TGI serve an FP8 checkpoint on Ampere (compute capability ≥ 8.0) weight-only: the FP8
+# weights go through an FP8 Marlin kernel with 16-bit activations (W8A16). vLLM:
+# https://docs.vllm.ai/en/latest/features/quantization/fp8.html and `is_fp8_marlin_supported` (≥ 8.0) in
+# https://github.com/vllm-project/vllm/blob/main/vllm/model_executor/layers/quantization/utils/marlin_utils_fp8.py;
+# TGI: `GPTQMarlinFP8Linear` where the GPU has no FP8, in
+# https://github.com/huggingface/text-generation-inference/blob/main/server/text_generation_server/layers/marlin/fp8.py
+FP8_MARLIN_BACKENDS = ("vllm", "tgi")
+
+
+def fp8_weight_only(scheme: Scheme, backend: str | None, gpu: GPUProfile) -> bool:
+    """FP8 weights on a GPU without FP8 math that `backend` still serves, as W8A16."""
+    return (
+        scheme.weight_format == "fp8"
+        and not gpu.fp8
+        and backend in FP8_MARLIN_BACKENDS
+        and gpu.compute_capability >= (8, 0)
+    )
+
+
+def combination_note(scheme: Scheme, backend: str, gpu: GPUProfile) -> str:
+    """What a user should know about a combination that can be built ("" when nothing)."""
+    if fp8_weight_only(scheme, backend, gpu):
+        return (
+            f"W8A16 on Ampere: {gpu.name} has no FP8 math, so {backend} runs the FP8 weights in its FP8 Marlin "
+            "kernel with 16-bit activations (the same FP8 weights, slower than FP8 math on Ada or Hopper)"
+        )
+    return ""
+
+
+def gpu_problem(scheme: Scheme, gpu: GPUProfile, backend: str | None = None) -> str | None:
     cc = ".".join(map(str, gpu.compute_capability))
-    if scheme.weight_format == "fp8" and not gpu.fp8:
+    if scheme.weight_format == "fp8" and not gpu.fp8 and not fp8_weight_only(scheme, backend, gpu):
         return (
             f"{gpu.name} (compute capability {cc}) cannot run FP8 (needs ≥ 8.9: L4, L40S, H100, H200, B200); "
             "use an int4 preset such as AWQ_W4A16"
@@ -213,7 +242,7 @@ def combination_problem(
 ) -> str | None:
     """Why (scheme, backend, gpu, tp) cannot be built or served, or None when it can."""
     return (
-        gpu_problem(scheme, gpu)
+        gpu_problem(scheme, gpu, backend)
         or BACKEND_RULES[backend](scheme, gpu, trtllm_mode)
         or tensor_parallel_problem(shape, tp)
         or group_size_problem(scheme, shape, tp)

@@ -508,8 +508,8 @@ def test_any_combination_plans_or_is_refused_by_key(
     ("edit", "mentions"),
     [
         (lambda r, d: r["variants"][1].update(group_size=128), "variants[1].group_size: "),
-        (lambda r, d: r["targets"].append({"backend": "vllm", "gpus": ["A100-80GB"], "variants": ["fp8"]}),
-         "targets[2] (fp8 on A100-80GB): "),
+        (lambda r, d: r["targets"].append({"backend": "vllm", "gpus": ["T4"], "variants": ["fp8"]}),
+         "targets[2] (fp8 on T4): "),
         (lambda r, d: r["validation"]["accuracy"].update(dataset=str(d / "nope.txt")), "validation.accuracy.dataset: "),
         (lambda r, d: r["variants"][1].update(scheme="AWQ_W4A16", calibration={"sources": ["nope.txt"]}),
          "calibration.sources[0]: "),

@@ -45,17 +45,52 @@ def test_keys_follow_inputs(tiny_model, eval_text, tmp_path):
 
 
 def test_implicit_impossible_cells_are_listed_not_fatal(tiny_model, eval_text, tmp_path):
-    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100", "A100"]}])
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100", "T4"]}])
     plan = plan_for(data, tmp_path)
     impossible = [a for a in plan.artifacts if a.status == "impossible"]
-    assert [(a.variant, a.gpu) for a in impossible] == [("fp8", "A100-80GB")]
+    assert [(a.variant, a.gpu) for a in impossible] == [("fp8", "T4"), ("int4", "T4")]
     assert "cannot run FP8 (needs ≥ 8.9" in impossible[0].reason
+
+
+@pytest.mark.parametrize("backend", ["vllm", "tgi"])
+def test_fp8_on_ampere_is_planned_as_weight_only_where_the_backend_has_fp8_marlin(
+    tiny_model, eval_text, tmp_path, backend
+):
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": backend, "gpus": ["A100", "A10G", "H100"]}])
+    cells = {(a.variant, a.gpu): a for a in plan_for(data, tmp_path).artifacts}
+    for gpu in ("A100-80GB", "A10G"):
+        assert cells["fp8", gpu].status == "planned" and cells["fp8", gpu].reason.startswith("W8A16 on Ampere")
+    assert cells["fp8", "H100"].reason == "" and cells["int4", "A100-80GB"].reason == ""  # nothing to say
+    code, output = run_cli("plan", str(write_recipe(tmp_path, data)), "--json", "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 0, output
+    notes = {(a["variant"], a["gpu"]): a["reason"] for a in json.loads(output)["artifacts"]}
+    assert notes["fp8", "A10G"].startswith("W8A16 on Ampere") and notes["fp8", "H100"] == ""
+
+
+@pytest.mark.parametrize(
+    ("backend", "gpu", "mode"),
+    [
+        ("lmdeploy", "A100", None),  # TurboMind has no FP8 Marlin path
+        ("trtllm", "A100", "pytorch"),
+        ("trtllm", "A10G", "engine"),
+        ("vllm", "T4", None),  # FP8 Marlin needs compute capability 8.0
+        ("tgi", "T4", None),
+    ],
+)
+def test_fp8_without_fp8_math_stays_impossible_elsewhere(backend, gpu, mode):
+    from forge.compat import BACKEND_RULES, combination_note, gpu_problem
+    from forge.gpus import lookup_gpu
+    from forge.quant.presets import resolve_scheme
+
+    scheme, profile = resolve_scheme("FP8_DYNAMIC"), lookup_gpu(gpu)
+    problem = gpu_problem(scheme, profile, backend) or BACKEND_RULES[backend](scheme, profile, mode)
+    assert problem and "FP8" in problem and combination_note(scheme, backend, profile) == ""
 
 
 @pytest.mark.parametrize(
     "target, variants, expected",
     [
-        ({"backend": "vllm", "gpus": ["A100"], "variants": ["fp8"]}, None, "cannot run FP8 (needs ≥ 8.9"),
+        ({"backend": "vllm", "gpus": ["T4"], "variants": ["fp8"]}, None, "cannot run FP8 (needs ≥ 8.9"),
         ({"backend": "vllm", "gpus": ["T4"], "variants": ["int4"]}, None, "no fast int4 kernels"),
         ({"backend": "lmdeploy", "gpus": ["H100"], "variants": ["fp8"]}, None, "TurboMind takes FP8 only as 128×128"),
         ({"backend": "lmdeploy", "gpus": ["H100"], "variants": ["int4"]}, None, "group_size 128 (got 64)"),

@@ -50,19 +50,19 @@ def hub_recipe(tmp_path: Path, **config) -> Path:
 
 
 def test_hub_recipe_without_pinned_shape_plans_what_the_recipe_decides_offline(tmp_path, monkeypatch):
-    """No hub and no pinned shape: the cells the recipe alone decides are listed (FP8 on an A100 is
+    """No hub and no pinned shape: the cells the recipe alone decides are listed (FP8 on a T4 is
     impossible whatever the model), the rest wait for config.json, and the plan says how to finish."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     recipe = hub_recipe(tmp_path)
     data = yaml.safe_load(recipe.read_text())
-    data["targets"].append({"backend": "vllm", "gpus": ["A100-80GB", "H100"]})
+    data["targets"].append({"backend": "vllm", "gpus": ["T4", "H100"]})
     recipe = write_recipe(tmp_path, data)
     code, output = run_cli("plan", str(recipe), "--json", "--artifacts-dir", str(tmp_path / "a"))
     assert code == 0, output
     plan = json.loads(output[output.index("{") :])
     assert plan["complete"] is False and "pin the shape in source.hub.config" in plan["reason"]
     cells = {(c["backend"], c["gpu"]): c for c in plan["artifacts"]}
-    assert cells["vllm", "A100-80GB"]["status"] == "impossible" and "FP8" in cells["vllm", "A100-80GB"]["reason"]
+    assert cells["vllm", "T4"]["status"] == "impossible" and "FP8" in cells["vllm", "T4"]["reason"]
     assert cells["vllm", "H100"]["status"] == "pending" and cells["vllm", "H100"]["format"] == "compressed-tensors"
     assert "tensor parallelism against the heads" in plan["waiting_for_config"]
     code, output = run_cli("plan", str(recipe), "--format", "github-matrix", "--artifacts-dir", str(tmp_path / "a"))
