@@ -93,10 +93,17 @@ def package_artifact(
     resolved); `push_registry` (package.registry) is the one registry the environment's
     credentials may be sent to. `engine_dir`: a TensorRT-LLM engine, one layer per file under
     ENGINE_DIR, where the image's trtllm-serve loads it."""
-    context = write_build_context(spec, model_dir, out, artifact, engine_dir)
     layout_dir = out / "layout"
     if builder == "docker":
-        return buildx_image(context, layout_dir, tag)
+        source = (base or {}).get("image") or spec.base_image  # pinned `name@digest` when it resolved
+        contexts = {}
+        if source.startswith("oci:"):  # a Dockerfile cannot say `FROM oci:…`: a named context can
+            contexts[BASE_CONTEXT] = oci_layout_context(source, (base or {}).get("digest"))
+            source = BASE_CONTEXT
+        context = write_build_context(dataclasses.replace(spec, base_image=source), model_dir, out, artifact,
+                                      engine_dir)  # fmt: skip
+        return buildx_image(context, layout_dir, tag, contexts)
+    context = write_build_context(spec, model_dir, out, artifact, engine_dir)
     config = ImageConfig(
         entrypoint=spec.argv,
         cmd=[],
@@ -141,12 +148,29 @@ def package_artifact(
     return facts
 
 
-def buildx_image(context: Path, layout_dir: Path, tag: str) -> dict:
-    """`docker buildx build` of the rendered context into an OCI layout (needs a Docker engine)."""
+# The Dockerfile's `FROM` for a base given as a local OCI layout, bound by `--build-context`.
+BASE_CONTEXT = "forge-base"
+
+
+def oci_layout_context(source: str, digest: str | None) -> str:
+    """buildx's named-context form of `oci:PATH[:TAG]`: `oci-layout://PATH[:TAG]`, by tag when the
+    recipe names one (buildx 0.33 mis-parses a digest-only layout reference: docker/buildx#3793),
+    else by the manifest digest resolved at plan time.
+    https://docs.docker.com/reference/cli/docker/buildx/build/#build-context"""
+    path, tag = split_oci_base(source)
+    return f"oci-layout://{Path(path).resolve()}" + (f":{tag}" if tag else f"@{digest}" if digest else "")
+
+
+def buildx_image(context: Path, layout_dir: Path, tag: str, contexts: dict[str, str] | None = None) -> dict:
+    """`docker buildx build` of the rendered context into an OCI layout (needs a Docker engine);
+    `contexts`: named build contexts (`--build-context NAME=VALUE`), e.g. a base image's OCI layout."""
     if shutil.which("docker") is None:
         raise InfraError("package.builder: docker needs a Docker engine with buildx; docker CLI not found")
     archive = layout_dir.with_suffix(".tar")
-    command = ["docker", "buildx", "build", "--output", f"type=oci,dest={archive},tar=true", str(context)]
+    command = ["docker", "buildx", "build", "--output", f"type=oci,dest={archive},tar=true"]
+    for name, value in (contexts or {}).items():
+        command += ["--build-context", f"{name}={value}"]
+    command.append(str(context))
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise InfraError(f"docker buildx build failed ({done.returncode}): {done.stderr.strip()[-500:]}")
@@ -201,6 +225,27 @@ def attach_time() -> str:
     """RFC 3339 UTC with microseconds: sorts as text, and two attachments never tie."""
     now = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
+def load_into_docker(source: str, name: str, what: str) -> str:
+    """Copy the image `source` (`oci:PATH[:TAG]`) into the local Docker engine as `name` (NAME:TAG)
+    with skopeo, so `docker run` can start it: docker has no transport for OCI layouts
+    (skopeo-copy(1), transports `oci:` and `docker-daemon:`:
+    https://github.com/containers/skopeo/blob/main/docs/skopeo-copy.1.md). Returns `name`."""
+    if shutil.which("skopeo") is None:
+        raise InfraError(f"{what}: loading {source} into Docker as {name} needs skopeo; skopeo not found")
+    path, tag = split_oci_base(source)
+    argv = ["skopeo", "copy", f"oci:{Path(path).resolve()}" + (f":{tag}" if tag else ""), f"docker-daemon:{name}"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise InfraError(f"{what}: skopeo could not load {source} into Docker as {name} ({done.returncode}): "
+                         f"{done.stderr.strip()[-500:]}")  # fmt: skip
+    return name
+
+
+def daemon_name_for_base(source: str, backend: str) -> str:
+    """The name a base image given as `oci:PATH[:TAG]` gets in the Docker engine: per backend and tag."""
+    return f"forge.local/base-{backend}:{split_oci_base(source)[1] or 'latest'}"
 
 
 # ---------------------------------------------------------------- the base image, at plan time
