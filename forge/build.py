@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 from forge import __version__
+from forge.build_report import typed_report
 from forge.cache import Cache, atomic_write_text, lock_file, make_dirs, remove, warn_discarded
 from forge.errors import GateFailed, InfraError, InputError
 from forge.plan import Plan, Stage, git_revision, make_plan
@@ -113,7 +114,9 @@ class Outcome:
         if error:
             report["error"] = error
         report["seconds"] = round(time.monotonic() - self.started, 3)
-        return finite_json(report)  # NaN is not JSON: an undefined measurement is null (its gate says why)
+        # NaN is not JSON: an undefined measurement is null (its gate says why). Typed before it is
+        # written: a report that does not fit forge/build_report.schema.json is a bug caught here.
+        return typed_report(finite_json(report))
 
     def write(self, report: dict) -> Path:
         path = self.out_root / "build.json"
@@ -374,7 +377,8 @@ def matches(stage: Stage, selector: str) -> bool:
 
 
 def select_stages(plan: Plan, only: tuple[str, ...], skip: tuple[str, ...]) -> set[str]:
-    """Stage ids to execute: the plan's runnable stages, or `only` and everything they need."""
+    """Stage ids to execute: the plan's runnable stages, or `only` and everything they need, less
+    `skip`. Skipping a stage that a selected stage needs is an input error naming both."""
     for selector in (*only, *skip):
         if not any(matches(s, selector) for s in plan.stages):
             raise InputError(f"--only/--skip: {selector!r} names no stage of this plan (see `forge plan`)")
@@ -389,8 +393,17 @@ def select_stages(plan: Plan, only: tuple[str, ...], skip: tuple[str, ...]) -> s
                 todo += stage.needs
     else:
         chosen = {s.id for s in plan.stages if s.status in ("run", "cached")}
-    chosen = {sid for sid in chosen if not any(matches(by_id[sid], sel) for sel in skip)}
-    return {sid for sid in chosen if by_id[sid].status not in ("not-implemented", "impossible")}
+    skipped = {sid for sid in chosen if any(matches(by_id[sid], sel) for sel in skip)}
+    chosen -= skipped
+    for stage in plan.stages:  # plan order: the first stage left without its input is named
+        missing = [need for need in stage.needs if need in skipped]
+        if stage.id in chosen and missing:
+            selector = next(sel for sel in skip if matches(by_id[missing[0]], sel))
+            dependents = [s.id for s in plan.stages if s.id in chosen and missing[0] in s.needs]
+            more = f" and {len(dependents) - 1} more" if len(dependents) > 1 else ""
+            raise InputError(f"--skip {selector}: {missing[0]} is needed by {stage.id}{more}; skip those too, "
+                             f"or select what to run with --only")  # fmt: skip
+    return chosen
 
 
 def selection_text(only: tuple[str, ...], skip: tuple[str, ...]) -> str:

@@ -141,9 +141,9 @@ def plan(
     × model shape is checked here, before anything is downloaded.
     """
     from forge.cache import Cache
+    from forge.console import render_plan
     from forge.plan import make_plan
     from forge.recipe import load_recipe
-    from forge.report import render_plan
 
     if fmt and as_json:
         raise InputError("--format and --json: choose one")
@@ -165,7 +165,7 @@ def plan(
                                    "waiting_for_config": list(SHAPE_CHECKS),
                                    "artifacts": [asdict(c) for c in cells]}, indent=2))  # fmt: skip
         else:
-            from forge.report import render_cells
+            from forge.console import render_cells
 
             render_cells(loaded.name, cells)
             click.echo(f"waiting for config.json: {', '.join(SHAPE_CHECKS)}")
@@ -206,8 +206,8 @@ def build(
     report is still written).
     """
     from forge.build import build as run_build
+    from forge.console import render_build
     from forge.progress import Progress
-    from forge.report import render_build
 
     result = run_build(
         recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, only=only, skip=skip,
@@ -243,7 +243,7 @@ def schema(check: bool) -> None:
 @handle_errors
 def report(report: Path, fmt: str | None) -> None:
     """Render a build report (artifacts/<name>/build.json) for CI: Markdown or JUnit XML."""
-    from forge.summary import render_junit, render_markdown_summary
+    from forge.report import render_junit, render_markdown_summary
 
     if fmt is None:
         raise InputError("report: choose --markdown or --junit")
@@ -324,6 +324,26 @@ _BENCH_OPTIONS = {
     "out_dir": "--out",
 }
 _POSITIVE = click.FloatRange(min=0, min_open=True)
+# The gate options are the recipe's gate names (validation.throughput.*); these older spellings stay
+# accepted, hidden, so scripts keep working.
+_GATE_ALIAS_NAMES = {"max_ttft_p99_ms": "--ttft-p99-ms", "max_tpot_p99_ms": "--tpot-p99-ms",
+                     "min_output_tps": "--min-output-tok-s"}  # fmt: skip
+
+
+def _deprecated_gate(ctx, param, value: float | None) -> float | None:
+    value = _finite(ctx, param, value)
+    if value is not None:
+        new = next(n for n, old in _GATE_ALIAS_NAMES.items() if old == param.opts[0])
+        click.echo(f"forge: {param.opts[0]} is deprecated; use --{new.replace('_', '-')}", err=True)
+    return value
+
+
+def _gate_aliases(command):
+    for old in _GATE_ALIAS_NAMES.values():
+        command = click.option(old, type=_POSITIVE, default=None, hidden=True, callback=_deprecated_gate)(command)
+    return command
+
+
 _SECONDS = click.FloatRange(min=0, min_open=True, max=7 * 24 * 3600)
 
 
@@ -351,10 +371,15 @@ _SECONDS = click.FloatRange(min=0, min_open=True, max=7 * 24 * 3600)
               help="Seconds the whole run may take; requests cut or not sent by then fail.")  # fmt: skip
 @click.option("--max-failed-pct", type=click.FloatRange(0, 100), default=0.0, show_default=True, callback=_finite,
               help="Gate: percent of the measured requests (all levels together) allowed to fail.")  # fmt: skip
-@click.option("--ttft-p99-ms", type=_POSITIVE, default=None, callback=_finite, help="Gate: p99 time to first token.")
-@click.option("--tpot-p99-ms", type=_POSITIVE, default=None, callback=_finite, help="Gate: p99 time per output token.")
-@click.option("--min-output-tok-s", type=_POSITIVE, default=None, callback=_finite,
+@click.option("--max-ttft-p99-ms", type=_POSITIVE, default=None, callback=_finite,
+              help="Gate: p99 time to first token (ms) at the top level.")  # fmt: skip
+@click.option("--max-tpot-p99-ms", type=_POSITIVE, default=None, callback=_finite,
+              help="Gate: p99 time per output token (ms) at the top level.")  # fmt: skip
+@click.option("--min-output-tps", type=_POSITIVE, default=None, callback=_finite,
               help="Gate: output tokens/s at the top level.")  # fmt: skip
+@click.option("--min-goodput", type=_POSITIVE, default=None, callback=_finite,
+              help="Gate: requests/s within the TTFT and TPOT limits, at the top level.")  # fmt: skip
+@_gate_aliases
 @click.option("--gpu-usd-per-hour", type=_POSITIVE, default=None, callback=_finite,
               help="Price per GPU-hour for the cost figure.")  # fmt: skip
 @click.option("--gpus", type=click.IntRange(1, 1024), default=1, show_default=True, help="GPUs behind the endpoint.")
@@ -363,8 +388,8 @@ _SECONDS = click.FloatRange(min=0, min_open=True, max=7 * 24 * 3600)
 @JSON
 @handle_errors
 def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, output_tokens, requests,
-          request_timeout, run_timeout, max_failed_pct, ttft_p99_ms, tpot_p99_ms, min_output_tok_s,
-          gpu_usd_per_hour, gpus, out, as_json) -> None:  # fmt: skip
+          request_timeout, run_timeout, max_failed_pct, max_ttft_p99_ms, max_tpot_p99_ms, min_output_tps,
+          min_goodput, gpu_usd_per_hour, gpus, out, as_json, **aliases) -> None:  # fmt: skip
     """Measure any running OpenAI-compatible server: throughput, TTFT, TPOT, ITL, E2E latency
     (mean, p50, p90, p99) per concurrency level, gates, and cost per 1M output tokens.
 
@@ -381,7 +406,13 @@ def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, o
     """
     from forge.loadgen import GpuCost, SLOs, run_sweep
 
-    slos = SLOs(ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, min_output_tok_s=min_output_tok_s)
+    gates = {"max_ttft_p99_ms": max_ttft_p99_ms, "max_tpot_p99_ms": max_tpot_p99_ms, "min_output_tps": min_output_tps}
+    for new, old in _GATE_ALIAS_NAMES.items():
+        if (value := aliases[old[2:].replace("-", "_")]) is not None:
+            if gates[new] is not None:
+                raise InputError(f"{old}: give the gate once, as --{new.replace('_', '-')}")
+            gates[new] = value
+    slos = SLOs(**gates, min_goodput=min_goodput)
     cost = GpuCost(gpu_usd_per_hour, gpus) if gpu_usd_per_hour else None
     try:
         result = run_sweep(
@@ -400,7 +431,7 @@ def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, o
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        from forge.report import render_sweep
+        from forge.console import render_sweep
 
         render_sweep(summary)
         click.echo(failed)
@@ -409,8 +440,10 @@ def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, o
         errors = sorted({e for level in summary["levels"] for e in level["first_errors"]})
         raise InfraError(f"bench: {failed}: " + (result.aborted or "; ".join(errors)[:500]))
     if not result.gates_passed:
-        raise GateFailed("throughput gates failed: " + ", ".join(
-            g["name"] for g in summary["gates"] if not g["passed"]) + f"; {failed}")  # fmt: skip
+        from forge.eval.gates import gate_failure
+
+        raise GateFailed("throughput gates failed: " + "; ".join(
+            gate_failure(g) for g in summary["gates"] if not g["passed"]) + f"; {failed}")  # fmt: skip
 
 
 @main.command()

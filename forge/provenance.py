@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from forge import __version__
 from forge.digest import json_digest
 from forge.recipe import Recipe
-from forge.summary import gate_headline, report_gates
+from forge.report import gate_headline, report_gates
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"

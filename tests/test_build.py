@@ -203,3 +203,78 @@ def test_throughput_serves_each_variant_on_cpu_and_defers_gpus(built, tiny_model
     [regated] = failed.value.result.report["validation"]["throughput"]
     assert [g["passed"] for g in regated["gates"]] == [False] and regated["gates"][0]["limit"] == 1e9
     assert regated["gates"][0]["measured"] == sweep["gates"][0]["measured"]
+    assert regated["gates"][0]["name"] == "min_output_tps"  # the recipe's name for the gate
+
+    # A new price re-prices the cached sweep when the report is written: nothing is measured again.
+    data["validation"]["throughput"]["min_output_tps"] = 0.1
+    data["validation"]["throughput"]["usd_per_hour"] = {"cpu": 0.4}
+    repriced = rebuild(built, write_recipe(tmp_path, data, name="load.yaml"), tmp_path).report
+    assert {s["id"]: s["status"] for s in repriced["stages"]}["throughput/int4/cpu"] == "cached"
+    [again] = repriced["validation"]["throughput"]
+    assert again["levels"] == sweep["levels"]
+    assert again["cost"]["usd_per_gpu_hour"] == 0.4
+    assert again["cost"]["usd_per_million_output_tokens"] == pytest.approx(
+        4 * sweep["cost"]["usd_per_million_output_tokens"]
+    )
+
+
+def test_skipping_a_stage_that_a_selected_stage_needs_is_bad_input(tiny_model, eval_text, tmp_path):
+    """`--skip export` with accuracy on: the accuracy stages read the exports, so say so before any work."""
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model, eval_text))
+    code, output = run_cli("build", str(recipe), "--skip", "export", "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 2, output
+    assert "--skip export: export/fp8/compressed-tensors is needed by accuracy/fp8/compressed-tensors" in output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 1
+    assert not list((tmp_path / "a").rglob("stage.json"))  # refused before any stage ran
+    code, output = run_cli("build", str(recipe), "--only", "accuracy/fp8", "--skip", "baseline",
+                           "--artifacts-dir", str(tmp_path / "a"))  # fmt: skip
+    assert code == 2 and "--skip baseline: baseline is needed by accuracy/fp8/compressed-tensors" in output, output
+
+
+def test_accuracy_numbers_are_reported_without_gates(built, tiny_model, eval_text, tmp_path):
+    from forge.report import render_markdown_summary
+
+    data = tiny_recipe(tiny_model, eval_text)
+    data["validation"]["accuracy"]["gates"] = {}
+    recipe = write_recipe(tmp_path, data, name="ungated.yaml")
+    code, output = cli_rebuild(built, recipe, tmp_path)
+    assert code == 0, output
+    report = json.loads((tmp_path / "artifacts" / "tiny" / "build.json").read_text())
+    assert report["validation"]["accuracy"] == []  # nothing gated...
+    fp8 = next(s for s in report["stages"] if s["id"] == "accuracy/fp8/compressed-tensors")
+    markdown = render_markdown_summary(report)  # ...and still every measured number
+    assert "### Accuracy (measured on the exported weights)" in markdown
+    assert f"| fp8/compressed-tensors | {fp8['perplexity']:.4g} |" in markdown
+    assert "accuracy (measured on the exported weights)" in output and "fp8/compressed-tensors" in output
+
+
+def test_markdown_headline_shows_the_builds_own_time(built, tmp_path):
+    from forge.report import render_markdown_summary
+
+    _, recipe, first = built
+    second = rebuild(built, recipe, tmp_path).report
+    own = sum(s["seconds"] for s in first.report["stages"])
+    assert all(s["status"] == "cached" for s in second["stages"]) and second["seconds"] < own
+    headline = render_markdown_summary(second).splitlines()[2]
+    stages = len(second["stages"])
+    assert f"built in {own:.3g} s; this run {second['seconds']:.3g} s ({stages} of {stages} stages cached)" in headline
+
+
+def test_cpu_serving_keeps_every_tokenizer_file(built, tmp_path):
+    """The dense copy `transformers serve` loads on the CPU carries each side file the export has."""
+    from forge.formats.model_dir import SOURCE_FILES
+    from forge.stages import dense_copy
+
+    root, _, result = built
+    export = next(s for s in result.report["stages"] if s["id"] == "export/fp8/compressed-tensors")
+    export_dir = tmp_path / "export"
+    for path in (root / "artifacts" / ".cache" / "export" / export["key"] / "model").iterdir():
+        (export_dir / path.name).parent.mkdir(exist_ok=True)
+        (export_dir / path.name).write_bytes(path.read_bytes())
+    for name in SOURCE_FILES:  # every side file a checkpoint may carry, each with its own content
+        if not (export_dir / name).exists():
+            (export_dir / name).write_text(json.dumps({"side_file": name}) + "\n")
+    served = dense_copy(export_dir, tmp_path / "served")
+    for name in SOURCE_FILES:
+        assert (served / name).read_bytes() == (export_dir / name).read_bytes(), name
+    assert {"added_tokens.json", "chat_template.json"} <= {p.name for p in served.iterdir()}

@@ -33,7 +33,7 @@ from forge.ci import (
 from forge.cli import main
 from forge.plan import Plan
 from forge.recipe import SCHEMA_PATH
-from forge.summary import render_junit, render_markdown_summary
+from forge.report import render_junit, render_markdown_summary
 from tests.ci_helpers import matrix_recipe, plan_of, with_gpu_stages_deferred
 from tests.conftest import REPO, tiny_recipe
 
@@ -515,7 +515,7 @@ def test_markdown_summary_has_the_gate_table(report):
     assert "| artifact | gate | metric | limit | measured | margin | result |" in text
     assert (
         "| fp8/compressed-tensors | max_ppl_increase_pct | ppl_increase_pct | 5 | 7.5 | -2.5 "
-        "| ❌ FAIL: 2.5 above the maximum |" in text
+        "| ❌ FAIL: 2.5 above the maximum (50.0% of the limit) |" in text
     )
     assert "| fp8/compressed-tensors | min_top1_agreement | top1_agreement | 0.7 | 0.82 | 0.12 | ✅ pass |" in text
     assert "### Artifacts" in text and "### Impossible combinations" in text and "### Stages" in text
@@ -599,4 +599,6 @@ def test_undefined_measurements_are_strict_json_and_say_why(report):
     json.loads(json.dumps(strict, allow_nan=False))  # raises on NaN/Infinity
     assert strict["validation"]["accuracy"][0]["measured"] is None
     assert "FAIL: the baseline scored 0" in render_markdown_summary(strict)
-    assert "fp8/cpu: min_recovery.facts limit 0.9, the baseline scored 0" in gate_failure_message([gate])
+    assert "fp8/cpu: min_recovery.facts [recovery.facts.exact_match] the baseline scored 0" in gate_failure_message(
+        [gate]
+    )

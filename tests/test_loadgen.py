@@ -31,7 +31,7 @@ from forge.loadgen.metrics import (
     describe,
     error_kind,
     estimate_cost,
-    evaluate_gates,
+    evaluate_slo_gates,
     percentile,
     request_metrics,
     summarize_level,
@@ -96,7 +96,7 @@ def test_level_summary_throughput_goodput_and_errors() -> None:
     short = _record([0.1, 0.2], out=2)
     short.output_tokens_requested = 4
     records = [*good, slow, failed, short]
-    s = summarize_level(LoadLevel(concurrency=4), records, duration_s=2.0, slos=SLOs(ttft_p99_ms=1000))
+    s = summarize_level(LoadLevel(concurrency=4), records, duration_s=2.0, slos=SLOs(max_ttft_p99_ms=1000))
     assert (s.requests, s.completed, s.errors) == (6, 5, 1)
     assert s.error_kinds == {"http_5xx": 1}
     assert s.request_throughput_rps == pytest.approx(2.5)
@@ -123,14 +123,15 @@ def _level(concurrency: int, tok_s: float, ttft_p99: float, errors: int = 0):
 
 def test_gates_and_cost_at_highest_load_meeting_slos() -> None:
     levels = [_level(1, 100.0, 50), _level(8, 700.0, 200), _level(32, 1500.0, 900)]
-    slos = SLOs(ttft_p99_ms=500, min_output_tok_s=600, at_concurrency=8)
-    gates = {g.name: g for g in evaluate_gates(levels, slos)}
-    assert gates["ttft_p99_ms"].passed and gates["ttft_p99_ms"].level == "c8"
-    assert gates["min_output_tok_s"].passed and gates["min_output_tok_s"].measured == 700.0
+    slos = SLOs(max_ttft_p99_ms=500, min_output_tps=600, at_concurrency=8)
+    gates = {g.name: g for g in evaluate_slo_gates(levels, slos)}
+    assert gates["max_ttft_p99_ms"].passed and gates["max_ttft_p99_ms"].level == "c8"
+    assert gates["min_output_tps"].passed and gates["min_output_tps"].measured == 700.0
+    assert gates["min_output_tps"].metric == "output_tok_s" and gates["min_output_tps"].margin == 100.0
     # At the highest level (default) the TTFT gate fails.
-    assert not evaluate_gates(levels, SLOs(ttft_p99_ms=500))[0].passed
+    assert not evaluate_slo_gates(levels, SLOs(max_ttft_p99_ms=500))[0].passed
     with pytest.raises(InputError, match="at_concurrency"):
-        evaluate_gates(levels, SLOs(ttft_p99_ms=500, at_concurrency=3))
+        evaluate_slo_gates(levels, SLOs(max_ttft_p99_ms=500, at_concurrency=3))
 
     assert cost_per_million_output_tokens(2.0, 8, 10_000) == pytest.approx(2.0 * 8 / (10_000 * 3600) * 1e6)
     cost = estimate_cost(levels, slos, GpuCost(usd_per_gpu_hour=3.6, gpus=2))
@@ -311,7 +312,7 @@ def test_sweep_writes_records_summary_and_plots(tokenizer_dir: Path, tmp_path: P
         result = run_sweep(
             stub.url, "stub-model", tokenizer_dir, [1, 4, LoadLevel(concurrency=4, request_rate=200.0)],
             prompt_tokens=24, output_tokens=6, requests_per_level=8, out_dir=tmp_path,
-            slos=SLOs(ttft_p99_ms=5000, tpot_p99_ms=1000, min_output_tok_s=1, min_goodput_rps=0.1),
+            slos=SLOs(max_ttft_p99_ms=5000, max_tpot_p99_ms=1000, min_output_tps=1, min_goodput=0.1),
             gpu_cost=GpuCost(2.0, 1), warmup_requests=1,
         )  # fmt: skip
         sent = [s.body for s in stub.requests]
@@ -345,7 +346,7 @@ def test_sweep_counts_failures_and_finishes(tokenizer_dir: Path, tmp_path: Path)
     with running_stub(StubBehavior(drop_after_chunks=2)) as stub:
         result = run_sweep(
             stub.url, "m", tokenizer_dir, [2], prompt_tokens=16, output_tokens=8, requests_per_level=4,
-            out_dir=tmp_path, warmup_requests=0, gpu_cost=GpuCost(1.0), slos=SLOs(ttft_p99_ms=100),
+            out_dir=tmp_path, warmup_requests=0, gpu_cost=GpuCost(1.0), slos=SLOs(max_ttft_p99_ms=100),
         )  # fmt: skip
     assert result.levels[0].errors == 4 and result.levels[0].error_kinds == {"connection": 4}
     assert not result.gates_passed and result.cost is None

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from forge.errors import InputError
+from forge.eval.gates import GateResult, evaluate_gates
 from forge.loadgen.client import RequestRecord
 from forge.loadgen.workload import LoadLevel
 
@@ -87,17 +88,26 @@ def request_metrics(record: RequestRecord) -> RequestMetrics:
 
 @dataclass(frozen=True)
 class SLOs:
-    """Service-level objectives; every field is optional.
+    """Service-level objectives, named as the recipe's `validation.throughput` gates; every field is optional.
 
     The p99 limits gate the level at `at_concurrency` and are also the per-request thresholds for
     goodput (a request is "good" when its own TTFT and TPOT are within them, as vLLM `--goodput`).
     """
 
-    ttft_p99_ms: float | None = None
-    tpot_p99_ms: float | None = None
-    min_output_tok_s: float | None = None
-    min_goodput_rps: float | None = None
+    max_ttft_p99_ms: float | None = None
+    max_tpot_p99_ms: float | None = None
+    min_output_tps: float | None = None
+    min_goodput: float | None = None
     at_concurrency: int | None = None
+
+    def gates(self) -> dict[str, float | None]:
+        """The limits by gate name (`forge.eval.gates.GATES`), None where not set."""
+        return {
+            "max_ttft_p99_ms": self.max_ttft_p99_ms,
+            "max_tpot_p99_ms": self.max_tpot_p99_ms,
+            "min_output_tps": self.min_output_tps,
+            "min_goodput": self.min_goodput,
+        }
 
 
 def error_kind(error: str) -> str:
@@ -151,9 +161,9 @@ class LevelSummary:
 
 
 def _is_good(m: RequestMetrics, slos: SLOs) -> bool:
-    if slos.ttft_p99_ms is not None and m.ttft_s * 1000.0 > slos.ttft_p99_ms:
+    if slos.max_ttft_p99_ms is not None and m.ttft_s * 1000.0 > slos.max_ttft_p99_ms:
         return False
-    if slos.tpot_p99_ms is not None and m.tpot_s is not None and m.tpot_s * 1000.0 > slos.tpot_p99_ms:
+    if slos.max_tpot_p99_ms is not None and m.tpot_s is not None and m.tpot_s * 1000.0 > slos.max_tpot_p99_ms:
         return False
     return True
 
@@ -199,23 +209,31 @@ def summarize_level(
     )
 
 
-@dataclass(frozen=True)
-class GateResult:
-    """One pass/fail check against a limit, as written into reports."""
-
-    name: str
-    limit: float
-    measured: float | None
-    passed: bool
-    level: str
-
-
 def load_key(level: LevelSummary) -> tuple[float, float]:
     """Order levels by offered load: a closed loop offers unbounded rate, then more concurrency."""
     return (
         level.request_rate if level.request_rate is not None else math.inf,
         level.concurrency if level.concurrency is not None else math.inf,
     )
+
+
+def level_view(level: LevelSummary | Mapping) -> LevelSummary:
+    """A level as measured, or as stored in a report (`LevelSummary` as a dict): how forge re-gates
+    and re-prices a cached sweep when only a threshold or a price changed."""
+    if not isinstance(level, Mapping):
+        return level
+    stats = {k: Stats(**level[k]) for k in ("ttft_ms", "tpot_ms") if isinstance(level.get(k), Mapping)}
+    return SimpleNamespace(**{**level, **stats})  # type: ignore[return-value]
+
+
+def level_metrics(level: LevelSummary) -> dict[str, float | None]:
+    """The metrics a serving gate can limit (`forge.eval.gates.GATES`), None where not measured."""
+    return {
+        "ttft_ms.p99": level.ttft_ms.p99,
+        "tpot_ms.p99": level.tpot_ms.p99,
+        "output_tok_s": level.output_tok_s,
+        "goodput_rps": level.goodput_rps,
+    }
 
 
 def gate_level(levels: Sequence[LevelSummary], slos: SLOs) -> LevelSummary:
@@ -231,32 +249,13 @@ def gate_level(levels: Sequence[LevelSummary], slos: SLOs) -> LevelSummary:
     return max(matches, key=load_key)
 
 
-def evaluate_gates(levels: Sequence[LevelSummary], slos: SLOs) -> list[GateResult]:
-    """Check every SLO that is set; a metric that could not be measured fails its gate."""
-    level = gate_level(levels, slos)
-    checks: list[tuple[str, float | None, float | None, bool]] = [
-        ("ttft_p99_ms", slos.ttft_p99_ms, level.ttft_ms.p99, False),
-        ("tpot_p99_ms", slos.tpot_p99_ms, level.tpot_ms.p99, False),
-        ("min_output_tok_s", slos.min_output_tok_s, level.output_tok_s, True),
-        ("min_goodput_rps", slos.min_goodput_rps, level.goodput_rps, True),
-    ]
-    results = []
-    for name, limit, measured, at_least in checks:
-        if limit is None:
-            continue
-        passed = measured is not None and (measured >= limit if at_least else measured <= limit)
-        results.append(GateResult(name, limit, measured, passed, level.label))
-    return results
-
-
-def evaluate_level_gates(levels: Sequence[dict], slos: SLOs) -> list[dict]:
-    """`evaluate_gates` over levels as stored in a report (`LevelSummary` dicts): how forge
-    re-gates a cached sweep when only a threshold changed."""
-
-    def as_level(level: dict) -> SimpleNamespace:
-        return SimpleNamespace(**{**level, "ttft_ms": Stats(**level["ttft_ms"]), "tpot_ms": Stats(**level["tpot_ms"])})
-
-    return [asdict(gate) for gate in evaluate_gates([as_level(lv) for lv in levels], slos)]
+def evaluate_slo_gates(levels: Sequence[LevelSummary | Mapping], slos: SLOs) -> list[GateResult]:
+    """Every SLO that is set, checked by the one gate evaluator at the gate level; a metric that
+    could not be measured fails its gate."""
+    if not any(limit is not None for limit in slos.gates().values()):
+        return []
+    level = gate_level([level_view(lv) for lv in levels], slos)
+    return evaluate_gates(slos.gates(), level_metrics(level), level=level.label)
 
 
 def meets_slos(level: LevelSummary, slos: SLOs | None) -> bool:
@@ -265,9 +264,9 @@ def meets_slos(level: LevelSummary, slos: SLOs | None) -> bool:
         return False
     if slos is None:
         return True
-    if slos.ttft_p99_ms is not None and (level.ttft_ms.p99 is None or level.ttft_ms.p99 > slos.ttft_p99_ms):
+    if slos.max_ttft_p99_ms is not None and (level.ttft_ms.p99 is None or level.ttft_ms.p99 > slos.max_ttft_p99_ms):
         return False
-    if slos.tpot_p99_ms is not None and (level.tpot_ms.p99 is None or level.tpot_ms.p99 > slos.tpot_p99_ms):
+    if slos.max_tpot_p99_ms is not None and (level.tpot_ms.p99 is None or level.tpot_ms.p99 > slos.max_tpot_p99_ms):
         return False
     return True
 
@@ -296,10 +295,11 @@ def cost_per_million_output_tokens(usd_per_gpu_hour: float, gpus: int, output_to
     return usd_per_gpu_hour * gpus / (output_tok_s * 3600.0) * 1e6
 
 
-def estimate_cost(levels: Sequence[LevelSummary], slos: SLOs | None, gpu: GpuCost) -> CostEstimate | None:
+def estimate_cost(levels: Sequence[LevelSummary | Mapping], slos: SLOs | None, gpu: GpuCost) -> CostEstimate | None:
     """Price output tokens at the highest load that still met the SLOs, not at the offline peak:
-    that is the throughput a replica can actually sell. None when no level qualified."""
-    usable = [lv for lv in levels if meets_slos(lv, slos) and lv.output_tok_s > 0]
+    that is the throughput a replica can actually sell. None when no level qualified. Levels may be
+    as stored in a report, so a cached sweep is priced at today's price."""
+    usable = [lv for lv in map(level_view, levels) if meets_slos(lv, slos) and lv.output_tok_s > 0]
     if not usable:
         return None
     best = max(usable, key=load_key)

@@ -67,8 +67,8 @@ def plot_latency(
     """TTFT, TPOT and E2E latency p50/p90/p99 per level, with SLO limits drawn where set."""
     xs, label, log2 = _x_axis(levels)
     panels: list[tuple[str, list[Stats], float | None]] = [
-        ("TTFT", [lv.ttft_ms for lv in levels], slos.ttft_p99_ms if slos else None),
-        ("TPOT", [lv.tpot_ms for lv in levels], slos.tpot_p99_ms if slos else None),
+        ("TTFT", [lv.ttft_ms for lv in levels], slos.max_ttft_p99_ms if slos else None),
+        ("TPOT", [lv.tpot_ms for lv in levels], slos.max_tpot_p99_ms if slos else None),
         ("E2E latency", [lv.e2el_ms for lv in levels], None),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.errors import InputError
+from forge.eval.gates import GateResult, evaluate_gates
 from forge.loadgen.client import (
     NOT_SENT_RUN_LIMIT,
     TIMEOUT_RUN_LIMIT,
@@ -31,12 +32,11 @@ from forge.loadgen.client import (
 )
 from forge.loadgen.metrics import (
     CostEstimate,
-    GateResult,
     GpuCost,
     LevelSummary,
     SLOs,
     estimate_cost,
-    evaluate_gates,
+    evaluate_slo_gates,
     request_metrics,
     summarize_level,
 )
@@ -457,12 +457,12 @@ def run_sweep(
         summaries.append(summary)
         warnings += level_warnings(summary, run.records, output_tokens)
 
-    gates = evaluate_gates(summaries, slos) if slos is not None else []
+    gates = evaluate_slo_gates(summaries, slos) if slos is not None else []
     total = sum(lv.requests for lv in summaries)
     failed = sum(lv.errors for lv in summaries)
     failed_pct = 100.0 * failed / total if total else 0.0
-    if max_failed_pct is not None:
-        gates.append(GateResult("max_failed_pct", max_failed_pct, failed_pct, failed_pct <= max_failed_pct, "all"))
+    if max_failed_pct is not None:  # over every request of the sweep, not one level
+        gates += evaluate_gates({"max_failed_pct": max_failed_pct}, {"failed_pct": failed_pct}, level="all")
     if aborted:
         warnings.insert(0, f"stopped early: {aborted}")
     cost = estimate_cost(summaries, slos, gpu_cost) if gpu_cost is not None else None
