@@ -167,25 +167,23 @@ def stage_throughput(
 ) -> dict:  # fmt: skip
     """Serve the artifact and sweep the recipe's load: `transformers serve` for the CPU stage, the
     backend's container on a GPU builder otherwise."""
-    from forge.gpus import lookup_gpu
-    from forge.loadgen import GpuCost, run_sweep
+    from forge.loadgen import SLOs, run_sweep
 
     load = plan.recipe.validation.throughput
-    slos = throughput_slos(plan)
+    # Only the latency SLOs shape the measurement (goodput counts the requests within them); the
+    # pure thresholds and the price are applied when the report is written (`throughput_results`),
+    # so changing them re-gates and re-prices the cached sweep instead of measuring again.
+    slos = SLOs(max_ttft_p99_ms=load.max_ttft_p99_ms, max_tpot_p99_ms=load.max_tpot_p99_ms)
     gpu_name = stage.params["gpu"]
     if gpu_name == "cpu":
-        price = load.usd_per_hour.get("cpu")
-        flavor, gpus = "transformers", 1
+        flavor = "transformers"
     else:
-        target = plan.targets[stage.params["target"]]
-        price = load.usd_per_hour.get(gpu_name, lookup_gpu(gpu_name).usd_per_hour)
-        flavor, gpus = {"vllm": "vllm", "tgi": "none"}.get(target.backend, "openai"), target.tensor_parallel
+        flavor = {"vllm": "vllm", "tgi": "none"}.get(plan.targets[stage.params["target"]].backend, "openai")
     server = serve_artifact(plan, stage, model_dir, engine_dir, out, image)
     with progress.task(f"load sweep {stage.id}", total=None), server as running:
         result = run_sweep(
             running.base_url, running.model, model_dir, load.concurrency, load.prompt_tokens, load.output_tokens,
             load.requests_per_level, out / "sweep", slos, flavor=flavor, server_argv=running.argv,
-            gpu_cost=GpuCost(price, gpus) if price else None,
         )  # fmt: skip
     shutil.rmtree(out / "served-model", ignore_errors=True)
     sweep = result.to_dict()
@@ -366,28 +364,48 @@ def dense_copy(export_dir: Path, out: Path) -> Path:
     sweep therefore serves the same weights dense; GPU stages serve the export itself."""
     from forge.eval.perplexity import build_model
     from forge.formats import FORMATS
-    from forge.source import MODEL_SIDE_FILES
+    from forge.formats.model_dir import SOURCE_FILES
 
     config, state = FORMATS["compressed-tensors"].read(export_dir)
     build_model(config, state).save_pretrained(out)
-    for name in MODEL_SIDE_FILES:
-        if name != "config.json" and (export_dir / name).is_file():
+    # The export's own list of tokenizer and generation files: the server must tokenize as the export does.
+    for name in SOURCE_FILES:
+        if (export_dir / name).is_file():
             shutil.copy2(export_dir / name, out / name)
     return out
 
 
 def throughput_slos(plan: Plan):
-    """The recipe's throughput gates as the load generator's `SLOs`."""
+    """The recipe's throughput gates as the load generator's `SLOs` (same names)."""
     from forge.loadgen import SLOs
 
     load = plan.recipe.validation.throughput
-    return SLOs(load.max_ttft_p99_ms, load.max_tpot_p99_ms, load.min_output_tps, load.min_goodput)
+    return SLOs(max_ttft_p99_ms=load.max_ttft_p99_ms, max_tpot_p99_ms=load.max_tpot_p99_ms,
+                min_output_tps=load.min_output_tps, min_goodput=load.min_goodput)  # fmt: skip
+
+
+def throughput_price(plan: Plan, stage: Stage) -> tuple[float | None, int]:
+    """(USD per hour of one GPU, or of the CPU; GPUs per replica) for a throughput stage: the
+    recipe's `usd_per_hour`, else the GPU profile's list price; the CPU is priced only when set."""
+    from forge.gpus import lookup_gpu
+
+    prices = plan.recipe.validation.throughput.usd_per_hour
+    gpu = stage.params["gpu"]
+    if gpu == "cpu":
+        return prices.get("cpu"), 1
+    return prices.get(gpu, lookup_gpu(gpu).usd_per_hour), plan.targets[stage.params["target"]].tensor_parallel
+
+
+NO_COST = "cost: no load level met the SLOs without errors, so none is priced"
 
 
 def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
-    """Each measured throughput stage's levels, cost, and gates checked against the recipe as it
-    is now (a cached sweep may have been measured under other thresholds)."""
-    from forge.loadgen.metrics import evaluate_level_gates
+    """Each measured throughput stage's levels, gates and cost under the recipe as it is now: a
+    cached sweep may have been measured under other thresholds or prices, and is re-gated and
+    re-priced here, once, when the report is written (nothing is measured again)."""
+    from dataclasses import asdict
+
+    from forge.loadgen.metrics import GpuCost, estimate_cost, evaluate_slo_gates
 
     slos = throughput_slos(plan)
     results = []
@@ -396,8 +414,14 @@ def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
         if "sweep" in record:
             entry = plan.cache.entry(stage.kind, stage.key)
             sweep = {**record["sweep"], "files": {k: str(entry / v) for k, v in record["sweep"]["files"].items()}}
-            sweep["gates"] = evaluate_level_gates(sweep["levels"], slos)
+            sweep["gates"] = [g.to_dict() for g in evaluate_slo_gates(sweep["levels"], slos)]
             sweep["gates_passed"] = all(g["passed"] for g in sweep["gates"])
+            price, gpus = throughput_price(plan, stage)
+            cost = estimate_cost(sweep["levels"], slos, GpuCost(price, gpus)) if price else None
+            sweep["cost"] = asdict(cost) if cost else None
+            sweep["warnings"] = [w for w in sweep.get("warnings", []) if w != NO_COST]
+            if price and cost is None:
+                sweep["warnings"].append(NO_COST)
             results.append({"stage": stage.id, "variant": record["variant"], "gpu": record["gpu"], **sweep})
     return results
 
@@ -408,10 +432,9 @@ def throughput_results(plan: Plan, records: dict[str, dict]) -> list[dict]:
 def deferred_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
     """The gates of every measuring stage deferred to a GPU builder: neither passed nor failed, each
     with the stage and the command that measures it (a report must never count them as passed)."""
-    slos = throughput_slos(plan)
-    throughput = [("ttft_p99_ms", None, slos.ttft_p99_ms), ("tpot_p99_ms", None, slos.tpot_p99_ms),
-                  ("min_output_tok_s", None, slos.min_output_tok_s),
-                  ("min_goodput_rps", None, slos.min_goodput_rps)]  # fmt: skip
+    from forge.eval.gates import GATES, DeferredGate, flatten_gates
+
+    throughput = throughput_slos(plan).gates()
     gates = []
     for stage in plan.stages:
         if stage.kind not in ("tasks", "throughput") or records[stage.id]["status"] != "deferred":
@@ -419,14 +442,18 @@ def deferred_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
         limits = throughput
         if stage.kind == "tasks":
             variant = variant_named(plan, stage.params["variant"])
-            recovery = (variant.gates or plan.recipe.validation.accuracy.gates).min_recovery
-            limits = [("min_recovery", f"recovery.{task}", limit) for task, limit in recovery.items()]
-        for name, metric, limit in limits:
-            if limit is not None:
-                gates.append({"suite": stage.kind, "artifact": stage.id.split("/", 1)[1], "name": name,
-                              "metric": metric, "limit": limit, "state": "deferred", "stage": stage.id,
-                              "reason": stage.reason, "command": stage.command})  # fmt: skip
+            limits = {"min_recovery": (variant.gates or plan.recipe.validation.accuracy.gates).min_recovery}
+        for name, limit in flatten_gates({k: v for k, v in limits.items() if v is not None}).items():
+            base, dot, suffix = name.partition(".")
+            gate = DeferredGate(stage.kind, stage.id.split("/", 1)[1], name, GATES[base][0] + dot + suffix, limit,
+                                stage.id, stage.reason, stage.command)  # fmt: skip
+            gates.append(gate.to_dict())
     return gates
+
+
+def gates_of(plan: Plan, variant_name: str):
+    """A variant's accuracy gates: its own, else the recipe's."""
+    return variant_named(plan, variant_name).gates or plan.recipe.validation.accuracy.gates
 
 
 def evaluate_accuracy_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
@@ -437,8 +464,7 @@ def evaluate_accuracy_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
         record = records[stage.id]
         if record["status"] not in ("ran", "cached"):
             continue  # left out by --only/--skip: reported as such, never as a pass
-        variant = variant_named(plan, stage.params["variant"])
-        gates = (variant.gates or plan.recipe.validation.accuracy.gates).model_dump(exclude_none=True)
+        gates = gates_of(plan, stage.params["variant"]).model_dump(exclude_none=True)
         gates.pop("min_recovery", None)  # task recovery needs a served endpoint (lm-eval), not this stage
         for gate in evaluate_gates(gates, record):
             results.append({"artifact": stage.id.removeprefix("accuracy/"), **gate.to_dict()})
@@ -448,6 +474,8 @@ def evaluate_accuracy_gates(plan: Plan, records: dict[str, dict]) -> list[dict]:
 def evaluate_task_gates(plan: Plan, records: dict[str, dict]) -> tuple[list[dict], list[dict]]:
     """(gates, scores): every variant's lm-eval recovery against the baseline's run, checked
     against its `min_recovery` gates (a variant left out by --only/--skip is not reported)."""
+    from dataclasses import replace
+
     from forge.eval.gates import evaluate_gates
     from forge.eval.lm_eval import recovery
 
@@ -469,25 +497,16 @@ def evaluate_task_gates(plan: Plan, records: dict[str, dict]) -> tuple[list[dict
         ratios = recovery(baseline, measured)
         scores.append({"stage": stage.id, "variant": stage.params["variant"], "scores": records[stage.id]["scores"],
                        "recovery": ratios})  # fmt: skip
-        variant = variant_named(plan, stage.params["variant"])
-        limits = (variant.gates or plan.recipe.validation.accuracy.gates).min_recovery
+        limits = gates_of(plan, stage.params["variant"]).min_recovery
         for gate in evaluate_gates({"min_recovery": limits}, ratios):
-            entry = {"artifact": stage.id.removeprefix("tasks/"), **gate.to_dict()}
             if gate.measured is not None and math.isnan(gate.measured):
-                entry["reason"] = "the baseline scored 0 on this metric, so recovery is undefined"
-            gates.append(entry)
+                gate = replace(gate, reason="the baseline scored 0 on this metric, so recovery is undefined")
+            gates.append({"artifact": stage.id.removeprefix("tasks/"), **gate.to_dict()})
     return gates, scores
 
 
 def gate_failure_message(failed: list[dict]) -> str:
-    lines = ["validation gates failed:"]
-    for g in failed:
-        measured = g.get("measured")
-        if g.get("reason"):
-            what = g["reason"]
-        elif measured is None:
-            what = "nothing measured"
-        else:
-            what = f"measured {measured:.4g} (off by {abs(measured - g['limit']):.4g})"
-        lines.append(f"  {g['artifact']}: {g['name']} limit {g['limit']:g}, {what}")
-    return "\n".join(lines)
+    """The failed gates, one line each, for the error a gate failure exits 1 with."""
+    from forge.eval.gates import gate_failure
+
+    return "\n".join(["validation gates failed:", *(f"  {gate_failure(g)}" for g in failed)])
