@@ -300,11 +300,15 @@ def k8s_manifests(
 
     - engine: an init container in the TensorRT-LLM image runs `trtllm-build` from the export's
       checkpoint in the cache into `<mount>/artifacts/<job>/engine`;
-    - throughput / tasks: the backend's own image serves the artifact as a native sidecar (an init
-      container with `restartPolicy: Always`, started before and stopped after the main
-      containers; its startupProbe gates them), and forge's load generator (`forge bench`, the
-      forge image) or lm-eval measures it over 127.0.0.1. A plain second main container would keep
-      the pod, and so the Job, running after the measurement ended.
+    - throughput / tasks: a server runs as a native sidecar (an init container with
+      `restartPolicy: Always`, started before and stopped after the main containers; its
+      startupProbe gates them), and forge's load generator (`forge bench`, the forge image) or
+      lm-eval measures it over 127.0.0.1. A plain second main container would keep the pod, and so
+      the Job, running after the measurement ended. With packaging on, the server is the image
+      forge packaged for the cell, run as built, so a gate is about the released image
+      (`packaged_image`: pulled from package.registry, staged there under a `-candidate` tag by the
+      command in the Job's `forge/image-staging` annotation); with packaging off, or for an engine
+      this pod builds, it is the backend's own image with the artifact mounted from the volume.
       https://kubernetes.io/docs/concepts/workloads/pods/sidecar-containers/
 
     A cell's stages share one pod because they depend on each other (the throughput of a
@@ -357,16 +361,50 @@ def k8s_manifests(
                 ],
             })  # fmt: skip
         measures = [kind for kind in ("tasks", "throughput") if kind in kinds]
+        package = next((s for s in plan.stages if s.id == f"package/{cell.name}"), None)
+        annotations = {"forge/stages": " ".join(cell.stages), "forge/cell": cell.name}
         if measures:
             spec = serve_spec(plan.recipe, cell.variant, scheme, target, cell.gpu, plan.revision)
             mounts = [{"name": "forge", "mountPath": MODEL_DIR, "subPath": model_sub, "readOnly": True}]
-            served = MODEL_DIR
+            served = ENGINE_DIR if ENGINE_DIR in spec.argv else MODEL_DIR
+            # The image that is released, as built (entrypoint, USER, files), when packaging is on and
+            # it can exist before the pod starts (an engine this pod builds is not in any image yet).
+            image_ref = None
+            if package is not None and package.status in ("run", "cached") and "engine" not in kinds:
+                image_ref, staging = packaged_image(plan, package, mount)
+                annotations["forge/image"] = image_ref
+                annotations["forge/image-staging"] = staging
+            elif spec.base_image.startswith("oci:"):
+                instead = ("or set package.enabled: true so the Job serves the packaged image" if package is None
+                           else f"the Job serves it because {package.id} is not built before the pod runs")  # fmt: skip
+                raise InputError(
+                    f"package.base_images.{cell.backend}: {spec.base_image} is a local OCI layout, which a "
+                    f"Kubernetes node cannot pull; name a registry image ({instead})"
+                )
+            elif package is not None:
+                why = "carries the engine this pod builds" if "engine" in kinds else f"is {package.status}"
+                annotations["forge/served"] = f"{spec.base_image} with the artifact mounted: {package.id} {why}"
+        if measures and image_ref is not None:
+            init.append({
+                "name": "server",
+                "image": image_ref,
+                "restartPolicy": "Always",  # a native sidecar; no command: the image's own entrypoint
+                "ports": [{"name": "http", "containerPort": spec.port}],
+                "securityContext": {"runAsUser": k8s_user_id(spec.user)},
+                "startupProbe": {
+                    "httpGet": {"path": spec.health_path, "port": spec.port},
+                    "periodSeconds": 10,
+                    "failureThreshold": 180,
+                },
+                "resources": gpus,
+            })  # fmt: skip
+            volumes_extra = []
+        elif measures:
             if ENGINE_DIR in spec.argv:
                 # The engine this pod builds, or the one a GPU builder left in the cache.
                 built = next(s for s in plan.stages if s.id == f"engine/{cell.name}")
                 engine_sub = f"{out_sub}/engine" if "engine" in kinds else f"cache/engine/{built.key}/engine"
                 mounts.append({"name": "forge", "mountPath": ENGINE_DIR, "subPath": engine_sub, "readOnly": True})
-                served = ENGINE_DIR
             volumes_extra = []
             if spec.launch_files:
                 config_map = {
@@ -394,6 +432,7 @@ def k8s_manifests(
                 "resources": gpus,
                 "volumeMounts": mounts,
             })  # fmt: skip
+        if measures:
             endpoint = f"http://127.0.0.1:{spec.port}"
             tokenizer = f"{mount}/{model_sub}"
             forge_env = [{"name": "FORGE_CACHE_DIR", "value": f"{mount}/cache"}]
@@ -452,7 +491,7 @@ def k8s_manifests(
                 "metadata": {
                     "name": name,
                     "labels": labels,
-                    "annotations": {"forge/stages": " ".join(cell.stages), "forge/cell": cell.name},
+                    "annotations": annotations,
                 },
                 "spec": {
                     "backoffLimit": backoff_limit,
@@ -463,6 +502,31 @@ def k8s_manifests(
             }
         )
     return manifests
+
+
+def packaged_image(plan: Plan, package, mount: PurePosixPath) -> tuple[str, str]:
+    """(reference the Job's server pulls, the command that puts it there) for a cell's packaged image.
+
+    A node pulls from a registry, and `forge push` publishes only after every gate passed, so the
+    image is staged for measurement under a `-candidate` tag of package.repository, copied from the
+    layout the CPU build left in the cache with its digest preserved; the Job pins that digest once
+    the package stage is cached (its `stage.json`), else it names the candidate tag."""
+    recipe_package = plan.recipe.package
+    if not recipe_package.registry:
+        raise InputError(
+            "package.registry: Kubernetes Jobs serve the image forge packaged for each cell, which the cluster "
+            "pulls from a registry; set package.registry and package.repository (or package.enabled: false to "
+            "serve the backend's image with the artifact mounted)"
+        )
+    name = f"{recipe_package.registry}/{recipe_package.repository}"
+    tag = package.params["tags"][0]
+    facts = plan.cache.entry(package.kind, package.key) / "stage.json"
+    digest = json.loads(facts.read_text()).get("digest") if package.status == "cached" and facts.is_file() else None
+    reference = f"{name}@{digest}" if digest else f"{name}:{tag}-candidate"
+    layout = f"{mount}/cache/{package.kind}/{package.key}/layout"
+    # skopeo-copy(1): https://github.com/containers/skopeo/blob/main/docs/skopeo-copy.1.md
+    staging = f"skopeo copy --preserve-digests oci:{layout}:{tag} docker://{name}:{tag}-candidate"
+    return reference, staging
 
 
 def k8s_jobs(plan: Plan, recipe: str, **options) -> list[dict]:

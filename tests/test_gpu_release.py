@@ -290,3 +290,80 @@ def test_base_images_moved_to_releases_checked_upstream(backend, old):
     source = (REPO / "forge" / "backends" / f"{backend}.py").read_text()
     assert old not in BACKENDS[backend].IMAGE
     assert "2026-11-30" in source and "https://github.com/" in source
+
+
+# ---------------------------------------------------------------- Kubernetes Jobs serve the packaged image
+
+
+def packaged_recipe(model: Path, eval_text: Path, root: Path, **package) -> dict:
+    """vLLM and TensorRT-LLM (engine) on an H100, packaged to registry.local:5000; vLLM's base is a local
+    layout, TensorRT-LLM's the default (FORGE_OFFLINE keeps the plan from asking its registry)."""
+    from tests.registry_server import make_base_layout
+
+    data = matrix_recipe(model, eval_text)
+    data["variants"] = data["variants"][:1]
+    data["targets"] = [{"backend": "vllm", "gpus": ["H100"]},
+                       {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "engine"}}]  # fmt: skip
+    base = f"oci:{make_base_layout(root / 'base')}:latest"
+    data["package"] = {"enabled": True, "registry": "registry.local:5000", "repository": "ml/tiny",
+                       "base_images": {"vllm": base}, **package}  # fmt: skip
+    return data
+
+
+def test_k8s_jobs_serve_the_packaged_image_as_built(tiny_model, eval_text, tmp_path, monkeypatch):
+    """Packaging on: the server sidecar is the cell's packaged image from package.registry, run as
+    built (no command, no env, nothing mounted), pinned to its digest once the package stage is
+    cached; the Job says how the image gets there. An engine this pod builds is in no image yet:
+    that cell serves the TensorRT-LLM image with the engine mounted, and says so."""
+    monkeypatch.setenv("FORGE_OFFLINE", "1")
+    plan = with_gpu_stages_deferred(plan_of(packaged_recipe(tiny_model, eval_text, tmp_path), tmp_path))
+    documents = k8s_documents(plan)
+    version = kubernetes_validate.latest_version()
+    for document in documents:
+        kubernetes_validate.validate(document, version, strict=True)
+    jobs = {j["metadata"]["annotations"]["forge/cell"]: j for j in documents if j["kind"] == "Job"}
+    vllm = jobs["fp8/vllm/H100"]
+    server = next(c for c in containers_of(vllm) if c["name"] == "server")
+    assert server["image"] == "registry.local:5000/ml/tiny:fp8-vllm-H100-candidate"
+    assert "command" not in server and "volumeMounts" not in server and "env" not in server
+    assert server["startupProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    assert server["securityContext"] == {"runAsUser": 0} and server["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    package = plan.stage("package/fp8/vllm/H100")
+    annotations = vllm["metadata"]["annotations"]
+    assert annotations["forge/image"] == server["image"]
+    assert annotations["forge/image-staging"] == (
+        f"skopeo copy --preserve-digests oci:/forge/cache/package/{package.key}/layout:fp8-vllm-H100 "
+        "docker://registry.local:5000/ml/tiny:fp8-vllm-H100-candidate"
+    )
+    loadgen = next(c for c in containers_of(vllm) if c["name"] == "loadgen")
+    assert loadgen["command"][loadgen["command"].index("--model") + 1] == MODEL_DIR  # the path the image serves
+
+    trt = jobs["fp8/trtllm/H100"]
+    trt_server = next(c for c in containers_of(trt) if c["name"] == "server")
+    assert trt_server["image"] == trtllm.image(trtllm.DEFAULT_VERSION) and trt_server["command"][0] == "trtllm-serve"
+    assert "carries the engine this pod builds" in trt["metadata"]["annotations"]["forge/served"]
+
+    # Once the CPU build has made the image, the Job pins its digest.
+    digest = "sha256:" + "b" * 64
+    entry = plan.cache.entry(package.kind, package.key)
+    entry.mkdir(parents=True)
+    (entry / "stage.json").write_text(json.dumps({"digest": digest, "tag": "fp8-vllm-H100"}))
+    package.status = "cached"
+    pinned = next(j for j in k8s_documents(plan) if j["metadata"]["annotations"].get("forge/cell") == "fp8/vllm/H100")
+    pinned_server = next(c for c in containers_of(pinned) if c["name"] == "server")
+    assert pinned_server["image"] == f"registry.local:5000/ml/tiny@{digest}"
+
+
+def test_k8s_jobs_refuse_what_a_node_cannot_pull(tiny_model, eval_text, tmp_path):
+    from forge.errors import InputError
+
+    data = packaged_recipe(tiny_model, eval_text, tmp_path)
+    data["targets"] = data["targets"][:1]
+    del data["package"]["registry"], data["package"]["repository"]
+    plan = with_gpu_stages_deferred(plan_of(data, tmp_path))
+    with pytest.raises(InputError, match=r"^package.registry: Kubernetes Jobs serve the image"):
+        k8s_documents(plan)
+    data["package"]["enabled"] = False  # the base image then, which is a local layout here
+    plan = with_gpu_stages_deferred(plan_of(data, tmp_path))
+    with pytest.raises(InputError, match=r"^package.base_images.vllm: oci:.* is a local OCI layout"):
+        k8s_documents(plan)
