@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from forge.architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES, Architecture, num_experts
 from forge.backends.trtllm import check_trtllm_support
 from forge.errors import InputError
 from forge.gpus import GPUProfile
 from forge.quant.scheme import Scheme
 from forge.untrusted import positive_int
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+__all__ = ["SUPPORTED_ARCHITECTURES", "ModelShape", "architecture_problem", "combination_problem"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ModelShape:
     architecture: str
     vocab_size: int = 0
     num_layers: int = 0
+    experts: int = 0  # MoE: experts per sparse layer
+    expert_intermediate_size: int = 0  # MoE: each expert's MLP width
+    dense_layers: tuple[int, ...] = ()  # MoE: layers that keep a dense MLP (Qwen3-MoE mlp_only_layers)
 
     @classmethod
     def from_config(cls, config: object, origin: str = "config.json") -> ModelShape:
@@ -67,6 +71,20 @@ class ModelShape:
         head_dim = size("head_dim", hidden // heads or None)
         if head_dim % 2:  # rotary embeddings rotate halves of each head
             raise InputError(f"{origin}: head_dim {head_dim} must be even")
+        arch = ARCHITECTURES[architecture]
+        moe: dict = {}
+        if arch.moe:
+            layers = size("num_hidden_layers")
+            experts = num_experts(config)
+            if not positive_int(experts):
+                raise InputError(f"{origin}: num_local_experts / num_experts must be a positive integer")
+            step = config.get("decoder_sparse_step") or 1
+            only = config.get("mlp_only_layers") or []
+            if not positive_int(step) or not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+                raise InputError(f"{origin}: decoder_sparse_step / mlp_only_layers are malformed")
+            dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+            width = "moe_intermediate_size" if "moe_intermediate_size" in config else "intermediate_size"
+            moe = {"experts": experts, "expert_intermediate_size": size(width), "dense_layers": dense}
         return cls(
             hidden_size=hidden,
             intermediate_size=size("intermediate_size"),
@@ -76,24 +94,47 @@ class ModelShape:
             architecture=architecture,
             vocab_size=size("vocab_size"),
             num_layers=size("num_hidden_layers"),
+            **moe,
         )
 
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.architecture]
+
     def weight_shapes(self, layers: int) -> dict[str, tuple[int, ...]]:
-        """The weights of a Llama model of this shape (transformers `LlamaForCausalLM`) by name, for its
-        first `layers` decoder layers."""
+        """The weights a transformers model of this architecture and shape has, by checkpoint name,
+        for its first `layers` decoder layers (projections, fused parts, experts, routers, norms,
+        q/k norms and biases as `forge.architectures` describes them)."""
+        arch = self.arch
         h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
             self.intermediate_size  # fmt: skip
+        out_in = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "qkv_proj": (q + 2 * kv, h),
+                  "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i), "gate_up_proj": (2 * i, h)}  # fmt: skip
         shapes = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,),
                   "lm_head.weight": (self.vocab_size, h)}  # fmt: skip
         for n in range(layers):
             layer = f"model.layers.{n}."
-            shapes.update({
-                layer + "self_attn.q_proj.weight": (q, h), layer + "self_attn.k_proj.weight": (kv, h),
-                layer + "self_attn.v_proj.weight": (kv, h), layer + "self_attn.o_proj.weight": (h, q),
-                layer + "mlp.gate_proj.weight": (i, h), layer + "mlp.up_proj.weight": (i, h),
-                layer + "mlp.down_proj.weight": (h, i),
-                layer + "input_layernorm.weight": (h,), layer + "post_attention_layernorm.weight": (h,),
-            })  # fmt: skip
+            sparse = arch.moe and n not in self.dense_layers
+            for name in arch.linears:
+                if sparse and name.startswith("mlp."):
+                    continue  # this layer's MLP is its experts
+                shapes[f"{layer}{name}.weight"] = out_in[name.rsplit(".", 1)[-1]]
+            if sparse:
+                e_i = self.expert_intermediate_size
+                gate, up, down = arch.expert_linears
+                shapes[f"{layer}{arch.router}.weight"] = (self.experts, h)
+                for e in range(self.experts):
+                    prefix = f"{layer}{arch.experts}.{e}."
+                    shapes.update({f"{prefix}{gate}.weight": (e_i, h), f"{prefix}{up}.weight": (e_i, h),
+                                   f"{prefix}{down}.weight": (h, e_i)})  # fmt: skip
+            for norm in arch.norms:
+                shapes[f"{layer}{norm}.weight"] = (h,)
+            if arch.qkv_bias:
+                shapes.update({f"{layer}self_attn.q_proj.bias": (q,), f"{layer}self_attn.k_proj.bias": (kv,),
+                               f"{layer}self_attn.v_proj.bias": (kv,)})  # fmt: skip
+            if arch.qk_norm:
+                shapes.update({f"{layer}self_attn.q_norm.weight": (self.head_dim,),
+                               f"{layer}self_attn.k_norm.weight": (self.head_dim,)})  # fmt: skip
         return shapes
 
     def check_weights(self, found: Mapping[str, tuple[int, ...]], tied: bool, origin: str) -> None:
@@ -127,11 +168,15 @@ class ModelShape:
 
     def input_dims(self, tp: int = 1) -> dict[str, int]:
         """Per-rank input width of each projection kind (row-parallel layers are split by tp)."""
-        return {
+        dims = {
             "q/k/v/gate/up_proj (hidden_size)": self.hidden_size,
             "o_proj (heads × head_dim / tp)": self.num_heads * self.head_dim // tp,
-            "down_proj (intermediate_size / tp)": self.intermediate_size // tp,
         }
+        if not self.experts or self.dense_layers:
+            dims["down_proj (intermediate_size / tp)"] = self.intermediate_size // tp
+        if self.experts:
+            dims["expert down_proj (expert intermediate size / tp)"] = self.expert_intermediate_size // tp
+        return dims
 
 
 def group_size_problem(scheme: Scheme, shape: ModelShape, tp: int = 1) -> str | None:
@@ -237,6 +282,36 @@ BACKEND_RULES: dict[str, Callable[[Scheme, GPUProfile, str | None], str | None]]
 }
 
 
+# Which backend serves which architecture (the `family` of `forge.architectures`), with the
+# upstream list each fact comes from. vLLM serves all eight families, with compressed-tensors
+# W4A16 / FP8 and AWQ for their MoE experts too
+# (https://docs.vllm.ai/en/latest/models/supported_models.html), so it has no entry here.
+_TGI_MODELS = "https://huggingface.co/docs/text-generation-inference/supported_models"
+# TurboMind's own architecture list decides whether LMDeploy runs a model on it (forge starts
+# `--backend turbomind`): v0.16.0 `SUPPORTED_ARCHS` holds Llama, Qwen2, Qwen3, Qwen3-MoE and Mixtral
+# (https://github.com/InternLM/lmdeploy/blob/v0.16.0/lmdeploy/turbomind/supported_models.py);
+# MistralForCausalLM left it after v0.12, Gemma and Phi-3 were never in it (PyTorch engine only).
+_TURBOMIND_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+# TensorRT-LLM PyTorch backend models (https://nvidia.github.io/TensorRT-LLM/models/supported-models.html):
+# Llama, Mistral, Mixtral, Phi-3 (Phi-4), Qwen2, Qwen3, Qwen3-MoE, Gemma 3 — not Gemma 2.
+_TRTLLM_PYTORCH_FAMILIES = ("llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3_moe")
+
+
+def architecture_problem(architecture: str, backend: str, scheme: Scheme, trtllm_mode: str | None) -> str | None:
+    """Why `backend` cannot serve (or forge cannot export for it) this architecture, or None."""
+    arch = ARCHITECTURES[architecture]
+    if backend == "tgi" and arch.family in ("qwen3", "qwen3_moe"):
+        return f"TGI has no {architecture} model ({_TGI_MODELS}); use vllm"
+    if backend == "lmdeploy" and arch.family not in _TURBOMIND_FAMILIES:
+        return f"LMDeploy TurboMind (v0.16.0) does not run {architecture} (not in its SUPPORTED_ARCHS); use vllm"
+    if backend == "trtllm":
+        if (trtllm_mode or "pytorch") == "pytorch" and arch.family not in _TRTLLM_PYTORCH_FAMILIES:
+            return f"the TensorRT-LLM PyTorch backend has no {architecture} model; use vllm"
+        if trtllm_mode == "engine" and arch.trtllm is None:  # engines are built from the legacy checkpoint
+            return f"no TensorRT-LLM engine for {architecture}: {arch.trtllm_reason}; use mode: pytorch"
+    return None
+
+
 def combination_problem(
     scheme: Scheme, backend: str, gpu: GPUProfile, shape: ModelShape, tp: int, trtllm_mode: str | None
 ) -> str | None:
@@ -244,6 +319,7 @@ def combination_problem(
     return (
         gpu_problem(scheme, gpu, backend)
         or BACKEND_RULES[backend](scheme, gpu, trtllm_mode)
+        or architecture_problem(shape.architecture, backend, scheme, trtllm_mode)
         or tensor_parallel_problem(shape, tp)
         or group_size_problem(scheme, shape, tp)
     )

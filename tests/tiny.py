@@ -72,3 +72,82 @@ def make_tiny_llama(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_config(architecture: str, vocab_size: int, *, num_layers: int = 2, num_experts: int = 4, **overrides):
+    """A small real config of `architecture` from transformers' own config class: hidden 128,
+    4 heads of 32 over 2 KV heads (a real grouped-query ratio), widths that take groups of
+    32, 64 and 128, and a few experts for the mixture-of-experts models."""
+    from transformers import (
+        Gemma2Config,
+        MistralConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    classes = {
+        "LlamaForCausalLM": (LlamaConfig, {}),
+        "MistralForCausalLM": (MistralConfig, {"sliding_window": None}),
+        "Qwen2ForCausalLM": (Qwen2Config, {}),
+        "Qwen3ForCausalLM": (Qwen3Config, {}),
+        # sliding window shorter than the calibration windows: the local layers' masks matter
+        "Gemma2ForCausalLM": (Gemma2Config, {"sliding_window": 16, "tie_word_embeddings": True}),
+        "Phi3ForCausalLM": (Phi3Config, {"pad_token_id": None, "partial_rotary_factor": 0.5}),
+        "MixtralForCausalLM": (
+            MixtralConfig,
+            {"num_local_experts": num_experts, "num_experts_per_tok": 2, "intermediate_size": 128},
+        ),
+        "Qwen3MoeForCausalLM": (
+            Qwen3MoeConfig,
+            {"num_experts": num_experts, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
+        ),
+    }
+    config_class, specific = classes[architecture]
+    fields = {**common, **specific, **overrides}
+    if architecture == "Phi3ForCausalLM":
+        fields.pop("head_dim")  # Phi-3 derives it from hidden_size / heads
+    return config_class(**fields)
+
+
+def make_tiny_model(
+    directory: Path, architecture: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> Path:
+    """Write a tiny random `architecture` model (see `tiny_config`) and a BPE tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tokenizer(512)
+    config = tiny_config(
+        architecture,
+        len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
+    config.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+            elif "norm" in name:  # random norms, so smoothing groups folded into the wrong norm show
+                p.copy_(torch.rand_like(p) + 0.5 - (1.0 if getattr(config, "model_type", "") == "gemma2" else 0.0))
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.05)  # biases
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

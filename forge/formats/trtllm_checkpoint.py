@@ -29,12 +29,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from forge.architectures import ARCHITECTURES, architecture_name, trtllm_problem
 from forge.errors import InputError
 from forge.formats.model_dir import copy_source_files, write_json
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 from forge.untrusted import positive_int, read_json, safetensors_header
 
 FORMAT = "trtllm-checkpoint"
+# What `config.json` names: the TRT-LLM model every architecture this writer handles converts with
+# (`forge.architectures`, `trtllm`: Llama and Mistral both use LLaMAForCausalLM).
 ARCHITECTURE = "LlamaForCausalLM"
 
 # TensorRT-LLM module inside `transformer.layers.{i}` → (HF projections it fuses, how TP splits it).
@@ -108,10 +111,17 @@ def quant_algo(scheme: Scheme) -> str | None:
 def layout_problems(hf_config: dict, scheme: Scheme, tp_size: int) -> list[str]:
     """Every reason this model/scheme cannot be laid out over `tp_size` ranks (empty when fine)."""
     problems = []
-    archs = hf_config.get("architectures") or [hf_config.get("model_type", "?")]
-    if archs[0] != ARCHITECTURE:
-        problems.append(f"source: the TensorRT-LLM checkpoint writer handles {ARCHITECTURE}, not {archs[0]}")
+    name = architecture_name(hf_config)
+    arch = ARCHITECTURES.get(name)
+    reason = f"{name}: not a known architecture" if arch is None else trtllm_problem(arch)
+    if reason is None and arch.trtllm[0] != ARCHITECTURE:
+        reason = f"{name}: converts with TensorRT-LLM's {arch.trtllm[0]}, which this writer does not lay out"
+    if reason is not None:
+        problems.append(f"source: the TensorRT-LLM checkpoint writer cannot take {reason}")
         return problems
+    if hf_config.get("sliding_window") is not None and hf_config.get("use_sliding_window", True):
+        # Mistral v0.1 style local attention: LLaMAConfig.from_hugging_face carries no window.
+        problems.append("source: sliding-window attention is not laid out by the TRT-LLM writer")
     if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
         problems.append("source: Llama with attention/MLP biases is not supported by the TRT-LLM writer")
     if scheme.dtype not in ("float16", "bfloat16"):

@@ -23,7 +23,7 @@ class UnfusedExperts(nn.ModuleList):
     def __init__(self, fused: nn.Module, names: tuple[str, str, str]):
         super().__init__()
         self.names = names
-        self.act_fn = fused.act_fn
+        self.__dict__["act_fn"] = fused.act_fn  # not a child: children are the experts only
         gate_name, up_name, down_name = names
         inter = fused.down_proj.shape[-1]
         for e in range(fused.gate_up_proj.shape[0]):
