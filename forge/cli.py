@@ -510,12 +510,23 @@ def push(
     recipe: Path, as_json: bool, artifacts_dir: Path, cache_dir: Path | None, allow_deferred_gates: bool,
     destination: str | None,
 ) -> None:  # fmt: skip
-    """Push the recipe's serving images to `package.registry` (building whatever is not cached).
+    """Push the recipe's images to `package.registry` (building whatever is not cached).
 
-    Same as `forge build RECIPE --only push`. Credentials: FORGE_REGISTRY_USERNAME /
-    FORGE_REGISTRY_PASSWORD, else ~/.docker/config.json. Nothing is pushed when a gate fails, and
-    an image whose image or GPU gates are deferred to a GPU builder is refused (exit 1 for deferred
-    gates unless --allow-deferred-gates, exit 3 for an image that needs a GPU to build) before any work.
+    Credentials: FORGE_REGISTRY_USERNAME / FORGE_REGISTRY_PASSWORD, else ~/.docker/config.json.
+
+    \b
+    What is pushed, and the exit status a release pipeline sees:
+    - every image that exists (or can be built here) is pushed, each under its tags;
+    - an image that is itself deferred (a TensorRT-LLM engine to build on a GPU builder, a base
+      image that cannot be reached) is skipped and listed with the command that makes it: in
+      this output ("deferred …" lines; in --json, entries with "status": "deferred") and in
+      build.json (its push stage `deferred`, with `command`). The rest are still pushed and the
+      exit status is 0, so a CPU release job publishes what it can and the GPU jobs push the
+      rest later (`forge push` again there);
+    - exit 3 when nothing at all could be pushed because every image is deferred;
+    - exit 1, before any work, when an image's GPU gates (throughput, lm-eval on the target GPU)
+      are deferred, unless --allow-deferred-gates / package.allow_deferred_gates: true; and
+      nothing is pushed when a gate fails.
     """
     from forge.build import build as run_build
     from forge.progress import Progress
@@ -529,13 +540,40 @@ def push(
         raise InputError(
             "package.registry: nothing to push (set package.registry, and package.enabled or package.model_images)"
         )
-    result = run_build(recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, only=("push",),
+    pushes, waiting = split_deferred_pushes(recipe, artifacts_dir, cache_dir, allow_deferred_gates)
+    if not pushes:
+        lines = "\n".join(f"  {s.id}: {s.reason}\n    run: {s.command}" for s in waiting)
+        raise InfraError(f"push: nothing to push, every image is deferred:\n{lines}")
+    result = run_build(recipe, artifacts_dir=artifacts_dir, cache_dir=cache_dir, only=tuple(s.id for s in pushes),
                        progress=Progress(enabled=not as_json), allow_deferred_gates=allow_deferred_gates)  # fmt: skip
+    records = {s["id"]: s for s in result.report["stages"]}
+    deferred = [{"stage": s.id, "status": "deferred", "reason": records[s.id].get("reason", s.reason),
+                 "command": records[s.id].get("command", s.command)} for s in waiting]  # fmt: skip
+    pushed = [{**p, "status": "pushed"} for p in result.report.get("pushed", [])]
     if as_json:
-        click.echo(json.dumps(result.report.get("pushed", []), indent=2))
+        click.echo(json.dumps([*pushed, *deferred], indent=2))
         return
-    for pushed in result.report.get("pushed", []):
-        click.echo(f"{pushed['reference']} {pushed['digest']} ({pushed['bytes_uploaded']} bytes uploaded)")
+    for image in pushed:
+        click.echo(f"{image['reference']} {image['digest']} ({image['bytes_uploaded']} bytes uploaded)")
+    for entry in deferred:
+        click.echo(f"deferred {entry['stage']}: {entry['reason']}\n  run: {entry['command']}")
+
+
+def split_deferred_pushes(
+    recipe: Path, artifacts_dir: Path, cache_dir: Path | None, allow_deferred_gates: bool
+) -> tuple[list, list]:
+    """(push stages to run, push stages whose image is deferred), from the plan `forge build` makes.
+    A push deferred only for its gates stays in the first list: the build refuses it (exit 1)."""
+    from forge.cache import Cache
+    from forge.plan import make_plan
+    from forge.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    plan = make_plan(loaded, recipe.parent.resolve(), Cache(cache_dir or artifacts_dir / ".cache"),
+                     recipe_file=str(recipe), allow_deferred_gates=allow_deferred_gates)  # fmt: skip
+    pushes = plan.of_kind("push")
+    waiting = [s for s in pushes if s.status == "deferred" and plan.stage(s.needs[0]).status == "deferred"]
+    return [s for s in pushes if s not in waiting], waiting
 
 
 def push_to_layout(
@@ -564,8 +602,16 @@ def push_to_layout(
         raise InputError("package: the build made no image (set package.model_images or package.enabled)")
     root = Path(destination[4:])
     copied = [{"tag": i["tag"], "digest": copy_image(Path(i["layout"]), i["tag"], root).digest} for i in images]
+    # Images that wait (an engine for a GPU builder, an unreachable base): listed, as a registry push lists them.
+    deferred = [
+        {"stage": s["id"], "status": "deferred", "reason": s.get("reason"), "command": s.get("command")}
+        for s in report["stages"]
+        if s["kind"] in ("package", "model-image") and s["status"] == "deferred"
+    ]
     if as_json:
-        click.echo(json.dumps(copied, indent=2))
+        click.echo(json.dumps([*copied, *deferred], indent=2))
         return
     for image in copied:
         click.echo(f"oci:{root}:{image['tag']} {image['digest']}")
+    for entry in deferred:
+        click.echo(f"deferred {entry['stage']}: {entry['reason']}\n  run: {entry['command']}")

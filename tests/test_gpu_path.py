@@ -157,6 +157,41 @@ def test_push_of_an_engine_image_is_refused_without_building_the_engine(tiny_mod
     assert not list((tmp_path / "artifacts").rglob("stage.json"))
 
 
+registry = registry_server.registry  # a real distribution registry (htpasswd), one per module
+
+
+def test_push_publishes_what_exists_and_lists_the_deferred_engine_image(tiny_model, eval_text, tmp_path, registry,
+                                                                         monkeypatch):  # fmt: skip
+    """vLLM's image exists and is pushed; TensorRT-LLM's waits for its engine: it is listed with its
+    command (output and build.json), the rest still goes out, and the exit status is 0."""
+    monkeypatch.setenv("FORGE_REGISTRY_USERNAME", registry.username)
+    monkeypatch.setenv("FORGE_REGISTRY_PASSWORD", registry.password)
+    data = engine_recipe(tiny_model, eval_text, tmp_path, registry=registry.host, repository="ml/partial",
+                         allow_deferred_gates=True)  # fmt: skip
+    data["targets"].insert(0, {"backend": "vllm", "gpus": ["H100"]})
+    data["package"]["base_images"]["vllm"] = data["package"]["base_images"]["trtllm"]
+    data["validation"]["accuracy"]["enabled"] = False
+    recipe = write_recipe(tmp_path, data)
+    artifacts = tmp_path / "artifacts"
+    code, output = run_cli("push", str(recipe), "--json", "--artifacts-dir", str(artifacts))
+    assert code == 0, output
+    pushed, deferred = ([e for e in json.loads(output) if e["status"] == s] for s in ("pushed", "deferred"))
+    assert [p["stage"] for p in pushed] == ["push/fp8/vllm/H100"] and pushed[0]["digest"].startswith("sha256:")
+    assert [d["stage"] for d in deferred] == ["push/fp8/trtllm/H100"]
+    assert "its image is deferred" in deferred[0]["reason"] and deferred[0]["command"].startswith("forge push ")
+    report = json.loads((artifacts / "tiny" / "build.json").read_text())
+    stages = {s["id"]: s for s in report["stages"]}
+    assert stages["push/fp8/vllm/H100"]["status"] == "ran"
+    assert stages["push/fp8/trtllm/H100"]["status"] == "deferred" and stages["push/fp8/trtllm/H100"]["command"]
+    assert stages["package/fp8/trtllm/H100"]["status"] == "deferred"
+    assert [p["stage"] for p in report["pushed"]] == ["push/fp8/vllm/H100"]
+
+    code, text = run_cli("push", str(recipe), "--artifacts-dir", str(artifacts))
+    assert code == 0, text
+    assert f"{registry.host}/ml/partial:fp8-vllm-H100 sha256:" in text and "(0 bytes uploaded)" in text
+    assert "deferred push/fp8/trtllm/H100: its image is deferred" in text and "\n  run: forge push " in text
+
+
 # ---------------------------------------------------------------- stand-ins for a GPU builder's tools
 
 FAKE_DOCKER = r'''#!/usr/bin/env python3
