@@ -111,7 +111,10 @@ def build_model(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module
         raise InputError("state: lm_head.weight missing and config.tie_word_embeddings is not true")
     hf_config = AutoConfig.for_model(model_type, **fields)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    weights = {k: v.to(torch.float32) for k, v in state.items()}
+    from forge.quant.moe import to_transformers_state
+
+    # MoE checkpoints name one weight per expert; transformers holds them fused (forge.quant.moe).
+    weights = to_transformers_state(config, {k: v.to(torch.float32) for k, v in state.items()})
     if tied:
         weights.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(weights, strict=False)

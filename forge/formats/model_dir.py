@@ -17,6 +17,7 @@ plan makes the bytes deterministic (sorted names, fixed metadata, no timestamps)
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from forge.architectures import ARCHITECTURES, architecture_name
 from forge.errors import InputError
 from forge.quant.model import QuantizedModel, Scheme
 from forge.quant.rtn import is_ignored
@@ -39,9 +41,10 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Whole-tensor checks run on blocks of this many elements, so they add no tensor-sized mask.
 _CHECK_BLOCK = 1 << 22
 
-# Llama-family projections a tensor-parallel server splits along their input dimension (vLLM
-# `RowParallelLinear`: o_proj, down_proj); every rank then holds in / tp input columns.
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+# Projections a tensor-parallel server splits along their input dimension (vLLM
+# `RowParallelLinear`: o_proj, down_proj, and each MoE expert's down projection, Mixtral's `w2`);
+# every rank then holds in / tp input columns.
+ROW_PARALLEL = ("self_attn.o_proj", "down_proj", ".w2")
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -124,6 +127,15 @@ def export_dtype(scheme: Scheme) -> torch.dtype:
     return getattr(torch, scheme.dtype)
 
 
+def never_quantized_pattern(config: dict) -> re.Pattern | None:
+    """Full module names of the architecture's linear-shaped modules that are never quantized."""
+    arch = ARCHITECTURES.get(architecture_name(config))
+    if arch is None or not arch.never_quantized():
+        return None
+    names = "|".join(re.escape(n) for n in arch.never_quantized())
+    return re.compile(rf"^model\.layers\.\d+\.({names})$")
+
+
 def ignored_modules(qm: QuantizedModel) -> list[str]:
     """Full names of the linears the scheme kept dense, for every format's ignore list.
 
@@ -131,12 +143,16 @@ def ignored_modules(qm: QuantizedModel) -> list[str]:
     differently (compressed-tensors: exact or `re:`; AutoAWQ/vLLM: substring; ModelOpt: fnmatch),
     so every format gets the same concrete module names instead. A tied `lm_head` has no tensor
     of its own but is still listed when ignored, as llm-compressor and ModelOpt do.
+    MoE routers (`forge.architectures`: never quantized) are listed too, as llm-compressor's MoE
+    recipes ignore `re:.*mlp.gate$`, so no loader mistakes them for a quantized linear.
     """
+    never = never_quantized_pattern(qm.config)
     names = set()
     for key, tensor in qm.dense.items():
         module = key.removesuffix(".weight")
-        if key.endswith(".weight") and tensor.dim() == 2 and is_ignored(module, qm.scheme.ignore):
-            names.add(module)
+        if key.endswith(".weight") and tensor.dim() == 2:
+            if is_ignored(module, qm.scheme.ignore) or (never is not None and never.match(module)):
+                names.add(module)
     if is_ignored("lm_head", qm.scheme.ignore):
         names.add("lm_head")
     return sorted(names)

@@ -69,3 +69,42 @@ def unfuse_experts(model: nn.Module, arch: Architecture) -> None:
             continue
         parent, _, child = path.rpartition(".")
         setattr(layer.get_submodule(parent), child, UnfusedExperts(fused, arch.expert_linears))
+
+
+def to_transformers_state(config: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint-named state dict as transformers' loaded model names it, for `load_state_dict`.
+
+    Only MoE architectures differ: their per-expert 2-D weights are stacked into the fused 3-D
+    `experts.gate_up_proj` ([gate; up] rows per expert) and `experts.down_proj`, and renamed
+    prefixes (Mixtral's `block_sparse_moe.` → `mlp.`) are applied. Dense architectures and
+    configs forge has no record for come back unchanged.
+    """
+    from forge.architectures import ARCHITECTURES, architecture_name, num_experts
+
+    arch = ARCHITECTURES.get(architecture_name(config))
+    if arch is None or not arch.moe:
+        return state
+    gate, up, down = arch.expert_linears
+    experts = num_experts(config)
+    out: dict[str, torch.Tensor] = {}
+    layers: set[str] = set()
+    expert_prefix = f".{arch.experts}."
+    for name, tensor in state.items():
+        if name.startswith("model.layers.") and expert_prefix in name:
+            layers.add(name.split(expert_prefix)[0])
+            continue
+        if name.startswith("model.layers."):
+            layer, rest = name.split(".", 3)[2], name.split(".", 3)[3]
+            name = f"model.layers.{layer}.{arch.to_memory(rest)}"
+        out[name] = tensor
+    fused = arch.to_memory(arch.experts)
+    for layer in sorted(layers):
+        prefix = f"{layer}.{arch.experts}"
+        out[f"{layer}.{fused}.gate_up_proj"] = torch.stack(
+            [
+                torch.cat([state[f"{prefix}.{e}.{gate}.weight"], state[f"{prefix}.{e}.{up}.weight"]])
+                for e in range(experts)
+            ]
+        )
+        out[f"{layer}.{fused}.down_proj"] = torch.stack([state[f"{prefix}.{e}.{down}.weight"] for e in range(experts)])
+    return out
