@@ -33,7 +33,6 @@ from pathlib import Path
 from forge.digest import manifest_problem, tree_manifest
 from forge.errors import ForgeError, InfraError, InputError
 
-DEFAULT_ROOT = Path("artifacts/.cache")
 STAGE_JSON = "stage.json"
 
 

@@ -94,11 +94,6 @@ def target_of(plan: Plan, artifact: Artifact) -> int:
     raise InputError(f"targets: no target produces {artifact.variant}/{artifact.backend}/{artifact.gpu}")
 
 
-def tensor_parallel_of(plan: Plan, artifact: Artifact) -> int:
-    """The GPUs per replica of the target that produced `artifact`."""
-    return plan.recipe.targets[target_of(plan, artifact)].tensor_parallel
-
-
 def gpu_work(plan: Plan) -> list[CellWork]:
     """Cells with at least one GPU stage to dispatch, in plan order."""
     cells = []
@@ -114,7 +109,7 @@ def gpu_work(plan: Plan) -> list[CellWork]:
                     artifact.backend,
                     artifact.gpu,
                     artifact.format,
-                    tensor_parallel_of(plan, artifact),
+                    artifact.tensor_parallel,
                     artifact.export_stage,
                     run,
                     target_of(plan, artifact),
@@ -563,7 +558,9 @@ def k8s_user_id(user: str) -> int:
 def bench_command(plan: Plan, cell: CellWork, endpoint: str, model: str, tokenizer: str, out: str) -> list[str]:
     """`forge bench` with the recipe's throughput settings and gates (what the throughput stage runs)."""
     load = plan.recipe.validation.throughput
-    flavor = {"vllm": "vllm", "tgi": "none"}.get(cell.backend, "openai")  # as stages.stage_throughput
+    from forge.backends import RECORDS
+
+    flavor = RECORDS[cell.backend].loadgen_flavor
     argv = [
         "forge", "bench", "--endpoint", endpoint, "--model", model, "--tokenizer", tokenizer,
         "--flavor", flavor, "--concurrency", ",".join(map(str, load.concurrency)),

@@ -60,10 +60,6 @@ def registry_options(host: str, insecure_registries: Iterable[str] = (), **overr
     return registry.RegistryOptions(**settings).for_host(host, insecure_registries)
 
 
-def image_tag(template: str, variant: str, backend: str, gpu: str) -> str:
-    return template.format(variant=variant, backend=backend, gpu=gpu)
-
-
 def write_build_context(
     spec: ServeSpec, model_dir: Path, out: Path, artifact: str, engine_dir: Path | None = None
 ) -> Path:

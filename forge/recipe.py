@@ -15,11 +15,12 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from forge.backends import BACKEND_NAMES
 from forge.errors import InputError
 from forge.gpus import GPUS, lookup_gpu
 from forge.quant.presets import PRESETS
 
-BACKENDS = ("vllm", "tgi", "lmdeploy", "trtllm")
+BACKENDS = BACKEND_NAMES  # from the backend records (forge.backends): the `backend` choices and the schema's enum
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 # Upper bounds, so a value no build can use is refused by `forge validate` naming its key instead of
 # failing late in a build. Token counts: 2^24 is past every model's context window; windows: the
@@ -235,7 +236,7 @@ class TRTLLMOptions(Strict):
 
 
 class Target(Strict):
-    backend: Literal["vllm", "tgi", "lmdeploy", "trtllm"] = Field(description="Serving stack.")
+    backend: Literal[BACKEND_NAMES] = Field(description="Serving stack.")
     gpus: list[str] = Field(min_length=1, description=f"GPU types to build for: {', '.join(GPUS)}.")
     variants: list[str] | None = Field(
         default=None,

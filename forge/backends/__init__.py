@@ -1,17 +1,25 @@
-"""The serving backends, registered explicitly. Each module exposes the same few names:
-`USER` (the user its official image can run the server as, from that image's Dockerfile), `PORT`,
-`HEALTH_PATH`, `METRICS_PATH`, `TRUST_REMOTE_CODE_FLAG`, `export_format(scheme, target)`, `serve_command(...)`,
-and an image (`IMAGE`, or `image(version)` for TensorRT-LLM whose tag follows the recipe)."""
+"""The serving backends: one module each, describing itself in one `RECORD` (`forge.backends.record`:
+image, port, health path, container user, trust-remote-code flag, load-generator flavour, export
+format, serve command, what it cannot serve). Adding a backend is its module plus one entry in
+MODULES; the recipe's `targets[].backend` choices (and so its JSON Schema) come from BACKEND_NAMES."""
 
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from forge.backends import lmdeploy, tgi, trtllm, vllm
-from forge.quant.scheme import Scheme
-from forge.recipe import Target
+from forge.backends.record import BackendRecord
 
-BACKENDS: dict[str, ModuleType] = {"vllm": vllm, "tgi": tgi, "lmdeploy": lmdeploy, "trtllm": trtllm}
+if TYPE_CHECKING:
+    from forge.quant.scheme import Scheme
+    from forge.recipe import Target
+
+MODULES: tuple[ModuleType, ...] = (vllm, tgi, lmdeploy, trtllm)
+RECORDS: dict[str, BackendRecord] = {module.RECORD.name: module.RECORD for module in MODULES}
+BACKEND_NAMES: tuple[str, ...] = tuple(RECORDS)
+# name → module, for the module-level helpers a backend has beyond its record (TensorRT-LLM's engine build).
+BACKENDS: dict[str, ModuleType] = {module.RECORD.name: module for module in MODULES}
 
 
 def trtllm_mode(target: Target) -> str:
@@ -20,9 +28,8 @@ def trtllm_mode(target: Target) -> str:
 
 
 def export_format(backend: str, scheme: Scheme, target: Target) -> str:
-    return BACKENDS[backend].export_format(scheme, target)
+    return RECORDS[backend].export_format(scheme, target)
 
 
 def base_image(backend: str, target: Target) -> str:
-    module = BACKENDS[backend]
-    return module.image(target.trtllm.version) if backend == "trtllm" else module.IMAGE
+    return RECORDS[backend].image(target)

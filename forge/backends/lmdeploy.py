@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from forge.quant.scheme import Scheme
-from forge.recipe import Target
+from typing import TYPE_CHECKING
+
+from forge.backends.record import BackendRecord, compat_rule
+
+if TYPE_CHECKING:
+    from forge.quant.scheme import Scheme
+    from forge.recipe import Target
 
 # The newest release checked on 2026-11-30: v0.16.0 (https://github.com/InternLM/lmdeploy/releases). Since
 # v0.11 the image tags carry the CUDA minor (`<tag>-cu12.8`, `<tag>-cu13.0`: .github/workflows/docker.yml);
@@ -14,7 +19,6 @@ IMAGE = "openmmlab/lmdeploy:v0.16.0-cu12.8"
 USER = "root"
 PORT = 23333
 HEALTH_PATH = "/health"
-METRICS_PATH = "/metrics"
 # `lmdeploy serve api_server` has no such flag: it loads configs with trust_remote_code=True, so
 # forge refuses a checkpoint with its own code unless the recipe opts in (plan.py).
 TRUST_REMOTE_CODE_FLAG = None
@@ -39,3 +43,19 @@ def serve_command(model_path: str, scheme: Scheme, target: Target) -> list[str]:
         "--server-name", "0.0.0.0",
         "--server-port", str(PORT),
     ]  # fmt: skip
+
+
+# `max_tokens` + `ignore_eos`: both fields of LMDeploy's OpenAI request models ("openai" flavour;
+# https://github.com/InternLM/lmdeploy/blob/v0.16.0/lmdeploy/serve/openai/protocol.py).
+RECORD = BackendRecord(
+    name="lmdeploy",
+    image=lambda target: IMAGE,
+    port=PORT,
+    health_path=HEALTH_PATH,
+    user=USER,
+    trust_remote_code_flag=TRUST_REMOTE_CODE_FLAG,
+    loadgen_flavor="openai",
+    export_format=export_format,
+    serve_command=serve_command,
+    problems=compat_rule("lmdeploy"),
+)

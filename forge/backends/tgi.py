@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from forge.quant.scheme import Scheme
-from forge.recipe import Target
+from typing import TYPE_CHECKING
+
+from forge.backends.record import BackendRecord, compat_rule
+
+if TYPE_CHECKING:
+    from forge.quant.scheme import Scheme
+    from forge.recipe import Target
 
 # The newest release checked on 2026-11-30: v3.3.7 (https://github.com/huggingface/text-generation-inference/releases);
 # launcher flags below checked in that tag's launcher/src/main.rs.
@@ -14,7 +19,6 @@ IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.7"
 USER = "root"
 PORT = 80
 HEALTH_PATH = "/health"
-METRICS_PATH = "/metrics"
 TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"  # text-generation-launcher --help
 
 
@@ -37,3 +41,18 @@ def serve_command(model_path: str, scheme: Scheme, target: Target) -> list[str]:
     if scheme.kv_cache_dtype == "fp8":
         argv += ["--kv-cache-dtype", "fp8_e4m3fn"]
     return argv
+
+
+# TGI's OpenAI routes have no `ignore_eos`/`min_tokens`: lengths come from `max_tokens` alone ("none").
+RECORD = BackendRecord(
+    name="tgi",
+    image=lambda target: IMAGE,
+    port=PORT,
+    health_path=HEALTH_PATH,
+    user=USER,
+    trust_remote_code_flag=TRUST_REMOTE_CODE_FLAG,
+    loadgen_flavor="none",
+    export_format=export_format,
+    serve_command=serve_command,
+    problems=compat_rule("tgi"),
+)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from forge.backends.record import BackendRecord, compat_rule
 from forge.errors import EXIT_INFRA, ForgeError, InputError
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus
 from forge.quant.scheme import Scheme
@@ -39,7 +40,6 @@ IMAGE_REPOSITORY = "nvcr.io/nvidia/tensorrt-llm/release"  # NGC tags: 1.2.1, 1.2
 USER = "root"
 PORT = 8000  # trtllm-serve --port default (commands/serve.py)
 HEALTH_PATH = "/health"
-METRICS_PATH = "/prometheus/metrics"
 TRUST_REMOTE_CODE_FLAG = "--trust_remote_code"  # trtllm-serve (commands/serve.py)
 
 # Container paths forge mounts the checkpoint / engine / model at.
@@ -580,13 +580,32 @@ def export_format(scheme: Scheme, target) -> str:
 
 
 def serve_command(model_path: str, scheme: Scheme, target, gpu: GPUProfile | None = None) -> list[str]:
-    """`trtllm-serve` for a recipe target; the YAML goes to /forge/trtllm-serve.yaml beside it."""
+    """`trtllm-serve` for a recipe target with the checkpoint at `model_path`, as forge's images lay
+    it out: the engine in `engine/` beside it (engine mode; `model_path` then gives the tokenizer)
+    and the LLM API YAML at `launch/trtllm-serve.yaml` (forge.serving's ENGINE_DIR and LAUNCH_DIR)."""
+    from pathlib import PurePosixPath
+
     from forge.gpus import lookup_gpu
 
     gpu = gpu or lookup_gpu(target.gpus[0])
     mode = resolve_mode(target.trtllm.mode, target.trtllm.version)
-    tokenizer = model_path if mode == "engine" else None
-    return serve_argv(
-        model_path, Limits.from_target(target), gpu, "/forge/trtllm-serve.yaml", mode, target.trtllm.version,
-        tokenizer,
-    )  # fmt: skip
+    root = PurePosixPath(model_path).parent
+    served, tokenizer = (str(root / "engine"), model_path) if mode == "engine" else (model_path, None)
+    config = str(root / "launch" / "trtllm-serve.yaml")
+    return serve_argv(served, Limits.from_target(target), gpu, config, mode, target.trtllm.version, tokenizer)
+
+
+# NGC images run as root (USER above); `ignore_eos` + `max_tokens` are in trtllm-serve's OpenAI
+# completion request (tensorrt_llm/serve/openai_protocol.py), so the "openai" flavour fixes lengths.
+RECORD = BackendRecord(
+    name="trtllm",
+    image=lambda target: image(target.trtllm.version),
+    port=PORT,
+    health_path=HEALTH_PATH,
+    user=USER,
+    trust_remote_code_flag=TRUST_REMOTE_CODE_FLAG,
+    loadgen_flavor="openai",
+    export_format=export_format,
+    serve_command=serve_command,
+    problems=compat_rule("trtllm"),
+)

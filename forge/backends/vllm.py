@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from forge.quant.scheme import Scheme
-from forge.recipe import Target
+from typing import TYPE_CHECKING
+
+from forge.backends.record import BackendRecord, compat_rule
+
+if TYPE_CHECKING:
+    from forge.quant.scheme import Scheme
+    from forge.recipe import Target
 
 # The newest release checked on 2026-11-30 (https://github.com/vllm-project/vllm/releases, tag v0.31.0;
 # image https://hub.docker.com/r/vllm/vllm-openai/tags). The `vllm serve` flags below are unchanged
@@ -15,7 +20,6 @@ IMAGE = "vllm/vllm-openai:v0.31.0"
 USER = "root"
 PORT = 8000
 HEALTH_PATH = "/health"
-METRICS_PATH = "/metrics"
 TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"  # vllm serve --help
 
 
@@ -37,3 +41,19 @@ def serve_command(model_path: str, scheme: Scheme, target: Target) -> list[str]:
     if scheme.kv_cache_dtype == "fp8":
         argv += ["--kv-cache-dtype", "fp8"]  # uses the checkpoint's calibrated k_scale/v_scale
     return argv
+
+
+# `min_tokens` + `max_tokens` + `ignore_eos` (vLLM's extra sampling parameters) fix the output length
+# exactly (https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html#extra-parameters).
+RECORD = BackendRecord(
+    name="vllm",
+    image=lambda target: IMAGE,
+    port=PORT,
+    health_path=HEALTH_PATH,
+    user=USER,
+    trust_remote_code_flag=TRUST_REMOTE_CODE_FLAG,
+    loadgen_flavor="vllm",
+    export_format=export_format,
+    serve_command=serve_command,
+    problems=compat_rule("vllm"),
+)
