@@ -402,7 +402,7 @@ def render_throughput(sweeps: list[dict]) -> str:
 
 def render_junit(report: dict) -> str:
     """JUnit XML: one testcase per gate (`<failure>` says measured vs limit) and one `<skipped>`
-    testcase per deferred / not-implemented / disabled stage (the reason, and the command to run
+    testcase per deferred / disabled / not-run stage (the reason, and the command to run
     it later when the plan has one).
 
     Elements and attributes follow the JUnit schema most CI readers accept
