@@ -7,7 +7,7 @@ forge, which verifies every blob's sha256, and by `skopeo inspect`) or fail with
 (exit 3) and a one-line message within a bounded time. It must never publish a manifest whose
 blobs the registry does not hold intact.
 
-What resuming can achieve on distribution 2.8 (see `forge/oci/registry.py`, `_upload_status`):
+What resuming can achieve on distribution 2.8 (see `forge/oci/registry/push.py`, `_upload_status`):
 a connection dropped *between* two PATCH chunks resumes from the registry's `Range` and sends
 every byte once; a PATCH cut part-way, or one whose answer was lost, leaves the client holding an
 upload `_state` whose offset no longer matches the bytes on the registry's disk, so the registry
