@@ -94,11 +94,10 @@ def render_build(report: dict, report_path: Path, console: Console | None = None
     accuracy = report["validation"]["accuracy"]
     if accuracy:
         gates = Table(title="accuracy gates", title_justify="left")
-        for column in ("artifact", "gate", "metric", "limit", "measured", "result"):
+        for column in ("artifact", "gate", "limit", "measured", "result"):
             gates.add_column(column)
         for g in accuracy:
-            gates.add_row(g["artifact"], g["name"], g.get("metric") or "-", _figure(g["limit"]),
-                          _figure(g["measured"]), _verdict(g))  # fmt: skip
+            gates.add_row(g["artifact"], g["name"], _figure(g["limit"]), _figure(g["measured"]), _verdict(g))
         console.print(gates)
     for sweep in report["validation"].get("throughput", []):
         for g in sweep["gates"]:

@@ -196,7 +196,7 @@ def build_time(report: dict) -> str:
         return "" if seconds is None else f"{_number(seconds, 3)} s"
     total = sum(s["seconds"] for s in stages if isinstance(s.get("seconds"), int | float))
     this_run = "" if seconds is None else f"; this run {_number(seconds, 3)} s"
-    return f"built in {_number(total, 3)} s{this_run} ({cached} of {len(stages)} stages cached)"
+    return f"built in {_number(total, 3)} s{this_run}, {cached} of {len(stages)} stages cached"
 
 
 def render_markdown_summary(report: dict) -> str:
