@@ -77,7 +77,9 @@ def pack_awq(values: torch.Tensor, offset: int = 0) -> torch.Tensor:
     nibbles = (values.to(torch.int8) + offset).view(torch.uint8)
     slots = nibbles.reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)].reshape(rows, cols)
     pairs = slots[:, 0::2] | (slots[:, 1::2] << 4)
-    return pairs.contiguous().view(torch.int32)
+    # Through 1-D: a one-row input (the zero points of a single group) may carry a stride of 1 in
+    # its size-1 dimension, which a dtype view refuses.
+    return pairs.contiguous().reshape(-1).view(torch.int32).reshape(values.shape[0], -1)
 
 
 def _linear_unit(qm: QuantizedModel, name: str, tp_size: int) -> Unit:

@@ -127,7 +127,9 @@ def pack_int4_rows(values: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """
     nibbles = (values.to(torch.int8) + offset).view(torch.uint8)
     pairs = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-    return pairs.contiguous().view(torch.int32)
+    # Through 1-D: a one-row result (one group's zero points, transposed) may carry a stride
+    # of 1 in its size-1 dimension, which a dtype view refuses.
+    return pairs.contiguous().reshape(-1).view(torch.int32).reshape(values.shape[0], -1)
 
 
 def _linear_unit(qm: QuantizedModel, name: str, linear: QuantizedLinear, tp_size: int) -> Unit:
