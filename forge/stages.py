@@ -59,7 +59,10 @@ def stage_quantize(plan: Plan, variant: Variant, source_dir: Path, out: Path, pr
             source_dir, scheme, preset.algorithm, calibration, progress=lambda _what, done, total: advance(done, total)
         )
     save_quantized(qm, out)
-    return {"variant": variant.name, "algorithm": preset.algorithm, "linears": len(qm.linears)}
+    facts = {"variant": variant.name, "algorithm": preset.algorithm, "linears": len(qm.linears)}
+    # MoE: calibration tokens per expert and layer, and the linears left round-to-nearest for want of any.
+    facts.update({k: v for k, v in qm.calibration.items() if v})
+    return facts
 
 
 def stage_export(plan: Plan, stage: Stage, quantized_dir: Path, source_dir: Path, out: Path) -> dict:

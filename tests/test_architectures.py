@@ -369,3 +369,10 @@ def test_forge_build_each_architecture(tmp_path, models, eval_text, arch):
     report = json.loads((tmp_path / "a" / "tiny" / "build.json").read_text())
     text = json.dumps(report)
     assert "compressed-tensors" in text and '"fail"' not in text
+    quantize = next(s for s in report["stages"] if s["id"] == "quantize/v")
+    calibrated = "calibration" in variant
+    if ARCHITECTURES[arch].moe and calibrated:  # the stage report counts what each expert saw
+        counts = quantize["expert_tokens"]
+        assert len(counts) == 2 and all(len(c) == 4 and sum(c) == 2 * 4 * 64 for c in counts.values())
+    else:
+        assert "expert_tokens" not in quantize
