@@ -314,13 +314,12 @@ def _resolve_tag(
     return None, f"no answer from {host} within {PLAN_RESOLVE_TIMEOUT_S:g} s", True
 
 
-def pull_base_hint(base_image: str, backend: str) -> str:
+def pull_base_hint(base_image: str, name: str, key: str) -> str:
     """How to build offline instead: copy the base into a local OCI layout once, where it can be
-    pulled, and name that layout (skopeo-copy(1): `docker://` source, `oci:PATH:TAG` destination,
-    https://github.com/containers/skopeo/blob/main/docs/skopeo-copy.1.md)."""
-    local = f"oci:bases/{backend}:{registry.parse_reference(base_image).tag or 'latest'}"
-    return (f"skopeo copy docker://{base_image} {local} (in the recipe's directory), then set "
-            f"package.base_images.{backend}: {local}")  # fmt: skip
+    pulled, and name that layout in the recipe's `key` (skopeo-copy(1): `docker://` source,
+    `oci:PATH:TAG` destination, https://github.com/containers/skopeo/blob/main/docs/skopeo-copy.1.md)."""
+    local = f"oci:bases/{name}:{registry.parse_reference(base_image).tag or 'latest'}"
+    return f"skopeo copy docker://{base_image} {local} (in the recipe's directory), then set {key}: {local}"
 
 
 def sign_pushed(reference: str, key, insecure_registries: Iterable[str] = ()) -> dict:

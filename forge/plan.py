@@ -494,6 +494,14 @@ def model_image_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProf
         reason = f"needs {engine.id} ({engine.status}): the image must hold the engine"
         return plan.add("model-image", stage_id, inputs, needs=needs, params=params,
                         deferred=(reason, f"forge build {plan.recipe_file} --only {stage_id}"))  # fmt: skip
+    if base and base.get("unreachable"):  # the modelcar's shell layer comes from it: later, not a failure
+        from forge.package import pull_base_hint
+
+        reason = f"its modelcar base {package.modelcar_base} cannot be reached ({base['unreachable']})"
+        offline = pull_base_hint(package.modelcar_base, "modelcar", "package.modelcar_base")
+        command = (f"forge build {plan.recipe_file} --only {stage_id}  # where {package.modelcar_base} can be "
+                   f"pulled; or offline: {offline}")  # fmt: skip
+        return plan.add("model-image", stage_id, inputs, needs=needs, params=params, deferred=(reason, command))
     return plan.add("model-image", stage_id, inputs, needs=needs, params=params)
 
 
@@ -526,10 +534,11 @@ def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile,
     elif base.get("unreachable"):  # nothing to build on until the base can be pulled: later, not a failure
         from forge.package import pull_base_hint
 
+        offline = pull_base_hint(spec.base_image, target.backend, f"package.base_images.{target.backend}")
         deferred = (
             f"its base image {spec.base_image} cannot be reached ({base['unreachable']})",
             f"forge build {plan.recipe_file} --only package/{cell}  # where {spec.base_image} can be pulled; "
-            f"or offline: {pull_base_hint(spec.base_image, target.backend)}",
+            f"or offline: {offline}",
         )
     stage = plan.add("package", f"package/{cell}", inputs, needs=needs, params=params, deferred=deferred)
     if base["note"] and stage.status in ("run", "cached"):

@@ -318,9 +318,21 @@ def stage_package(plan: Plan, stage: Stage, model_dir: Path, engine_dir: Path | 
     spec = serve_spec(
         plan.recipe, params["variant"], plan.schemes[params["variant"]], target, params["gpu"], plan.revision
     )
+    from forge.errors import InfraError
+    from forge.oci.registry import RegistryUnreachable
+    from forge.package import pull_base_hint
+
     package = plan.recipe.package
-    image = package_artifact(spec, model_dir, out, params["tags"][0], stage.id, package.builder, params.get("base"),
-                             package.registry, package.insecure_registries, engine_dir)  # fmt: skip
+    try:
+        image = package_artifact(spec, model_dir, out, params["tags"][0], stage.id, package.builder,
+                                 params.get("base"), package.registry, package.insecure_registries,
+                                 engine_dir)  # fmt: skip
+    except RegistryUnreachable as error:  # answered at plan time, gone since: say how to finish later
+        key = f"package.base_images.{params['backend']}"
+        raise InfraError(
+            f"{stage.id}: {error}; once {spec.base_image} can be pulled run `forge build {plan.recipe_file} --only "
+            f"{stage.id}`, or offline: {pull_base_hint(spec.base_image, params['backend'], key)}"
+        ) from None
     return {**image, "variant": params["variant"], "backend": params["backend"], "gpu": params["gpu"]}
 
 

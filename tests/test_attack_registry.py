@@ -875,3 +875,32 @@ def test_junk_base_manifest_through_the_cli_is_exit_3(tiny_model: Path, eval_tex
     assert code == EXIT_INFRA, output
     assert f"registry {fake.host}" in output and "library/junk" in output
     assert "Traceback" not in output
+
+
+def test_a_base_gone_between_plan_and_pull_fails_with_the_command_to_finish(
+    tiny_model: Path, eval_text: Path, tmp_path: Path
+) -> None:
+    """A base pinned by digest needs no lookup at plan time, so the stage runs; its registry cannot
+    be reached when it pulls: exit 3 (the build was asked to make the image), naming the stage and
+    the commands that finish it later or offline."""
+    base = f"{closed_host()}/gone/base@sha256:{'a' * 64}"
+    data = base_recipe(tiny_model, eval_text, base)
+    data["validation"]["throughput"] = {"enabled": False}
+    recipe = write_recipe(tmp_path / "r", data)
+    assert plan_stage(recipe)["status"] == "run"
+    code, output = run_cli("build", str(recipe), "--artifacts-dir", str(tmp_path / "artifacts"))
+    assert code == EXIT_INFRA, output
+    assert "package/fp8/vllm/H100: registry " in output and "cannot be reached" in output
+    assert f"forge build {recipe} --only package/fp8/vllm/H100" in output
+    assert f"skopeo copy docker://{base} oci:bases/vllm:latest" in output and "Traceback" not in output
+
+
+def test_an_unreachable_modelcar_base_defers_the_model_image(tiny_model: Path, eval_text: Path, tmp_path: Path) -> None:
+    base = f"{closed_host()}/library/busybox:1.37"
+    data = base_recipe(tiny_model, eval_text, f"{closed_host()}/gone/base:v1")
+    data["package"] = {"model_images": True, "modelcar_base": base}
+    recipe = write_recipe(tmp_path / "r", data)
+    stage = plan_stage(recipe, "model-image")
+    assert stage["status"] == "deferred" and f"its modelcar base {base} cannot be reached" in stage["reason"]
+    assert stage["command"].startswith(f"forge build {recipe} --only model-image/fp8/vllm/H100")
+    assert "then set package.modelcar_base: oci:bases/modelcar:1.37" in stage["command"]

@@ -514,3 +514,20 @@ def test_gpu_stage_with_packaging_off_loads_an_oci_base_into_docker_first(tiny_m
     assert not any(a.startswith("oci:") for a in run)
     image_at = run.index("--entrypoint") + 2
     assert run[image_at] == "forge.local/base-vllm:latest" and f"{tmp_path / 'model'}:{MODEL_DIR}:ro" in run
+
+
+def test_gpu_stage_waits_for_a_deferred_image_even_with_its_gpu_here(tiny_model, eval_text, tmp_path, gpu_host):
+    """An H100 is here, but the packaged image cannot be built (its base is unreachable): the
+    throughput stage that would serve that image is deferred after it, not run against nothing."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        base = f"127.0.0.1:{closed.getsockname()[1]}/gone/vllm:v1"
+    data = fast_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"]}])
+    data["validation"]["throughput"] = {"enabled": True, "cpu": False}
+    data["package"] = {"enabled": True, "base_images": {"vllm": base}}
+    plan = plan_of(data, tmp_path)
+    package, throughput = plan.stage("package/fp8/vllm/H100"), plan.stage("throughput/fp8/vllm/H100")
+    assert package.status == "deferred" and "cannot be reached" in package.reason
+    assert throughput.status == "deferred" and package.id in throughput.reason and package.id in throughput.needs
+    assert throughput.command == f"forge build RECIPE --only {throughput.id}  # after {package.id}"
