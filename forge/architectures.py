@@ -65,7 +65,9 @@ class Architecture:
     # family written to config.json, or the reason forge cannot write one.
     trtllm: tuple[str, str] | None = None
     trtllm_reason: str = ""
-    gguf: tuple[str, ...] = ()  # llama.cpp `general.architecture` values of this class
+    # llama.cpp `general.architecture` values forge reads as this class (`source.gguf_config`; only
+    # the architectures with Llama's tensor layout, plus Qwen's biases and q/k norms).
+    gguf: tuple[str, ...] = ()
 
     @property
     def moe(self) -> bool:
@@ -217,7 +219,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             norm_plus_one=True,
             tied_embeddings_default=True,
             trtllm_reason="forge's legacy TensorRT-LLM writer has no Gemma layout (soft-capping, (1 + w) norms)",
-            gguf=("gemma2",),
         ),
         Architecture(
             "Phi3ForCausalLM",
@@ -232,7 +233,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             ),
             fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")},
             trtllm_reason="forge's legacy TensorRT-LLM writer has no Phi-3 layout (fused qkv / gate_up)",
-            gguf=("phi3",),
         ),
         Architecture(
             "MixtralForCausalLM",
@@ -258,7 +258,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             router="mlp.gate",
             qk_norm=True,
             trtllm_reason="forge's legacy TensorRT-LLM writer has no MoE layout",
-            gguf=("qwen3moe",),
         ),
     )
 }

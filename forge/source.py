@@ -14,6 +14,7 @@ import socket
 import urllib.parse
 from pathlib import Path
 
+from forge.architectures import ARCHITECTURES
 from forge.digest import file_digest
 from forge.errors import InfraError, InputError
 from forge.recipe import Source
@@ -331,7 +332,13 @@ GGUF_LLAMA_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
 }  # fmt: skip
-HF_LLAMA_NAMES = {gguf: hf for hf, gguf in GGUF_LLAMA_NAMES.items()}
+# What qwen2 (q/k/v biases) and qwen3 (per-head q/k norms) add to those names (same mapping file).
+GGUF_EXTRA_NAMES = {
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}  # fmt: skip
+HF_LLAMA_NAMES = {gguf: hf for hf, gguf in (GGUF_LLAMA_NAMES | GGUF_EXTRA_NAMES).items()}
 
 
 def gguf_config(path: Path) -> dict:
@@ -355,17 +362,23 @@ def gguf_config(path: Path) -> dict:
         raise InputError(f"{label}: {name} is missing or not a positive {kind} (got {value!r})")
 
     arch = field("general.architecture", "str")
+    # forge's architecture table names the llama.cpp architectures each class is written as; the
+    # tensor names above cover those with Llama's layout (plus Qwen's biases and q/k norms).
+    known = [a for a in ARCHITECTURES.values() if arch in a.gguf]
+    if not known:
+        readable = sorted(g for a in ARCHITECTURES.values() for g in a.gguf)
+        raise InputError(f"{label}: GGUF architecture {arch!r} is not one forge reads (it reads {', '.join(readable)})")
     heads = field(f"{arch}.attention.head_count")
     hidden = field(f"{arch}.embedding_length")
     config = {
-        "model_type": arch,
-        "architectures": ["LlamaForCausalLM"] if arch == "llama" else [arch],
+        "model_type": known[0].model_type,
+        "architectures": [known[0].name],
         "hidden_size": hidden,
         "intermediate_size": field(f"{arch}.feed_forward_length"),
         "num_hidden_layers": field(f"{arch}.block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": field(f"{arch}.attention.head_count_kv", required=False) or heads,
-        "head_dim": hidden // heads,
+        "head_dim": field(f"{arch}.attention.key_length", required=False) or hidden // heads,
         "vocab_size": field("tokenizer.ggml.tokens", "array"),
     }
     shape = ModelShape.from_config(config, label)

@@ -6,6 +6,7 @@ calibration that reports what each expert saw, plan-time limits, and `forge buil
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from forge.architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES, get_architecture
 from forge.compat import ModelShape, architecture_problem
+from forge.errors import InputError
 from forge.formats import FORMATS
 from forge.formats.model_dir import export_dtype, ignored_modules
 from forge.quant.awq import awq_layer, scale_groups
@@ -376,3 +378,82 @@ def test_forge_build_each_architecture(tmp_path, models, eval_text, arch):
         assert len(counts) == 2 and all(len(c) == 4 and sum(c) == 2 * 4 * 64 for c in counts.values())
     else:
         assert "expert_tokens" not in quantize
+
+
+# ---------------------------------------------------------------- legacy TensorRT-LLM checkpoint
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trtllm_checkpoint_for_the_architectures_it_converts(tmp_path, models, arch):
+    """Mistral converts with TensorRT-LLM's LLaMA model: its checkpoint reads back to
+    `dequantize()` bit for bit (FP8 per-channel). Every other architecture is refused with the
+    table's reason, at plan time and by the writer alike."""
+    from forge.formats import trtllm_checkpoint
+
+    source = models[arch]
+    qm = rtn(source, "FP8_DYNAMIC")
+    qm = QuantizedModel(qm.config, replace(qm.scheme, dtype="float16"), qm.dense, qm.linears)
+    record = ARCHITECTURES[arch]
+    scheme = qm.scheme
+    if record.trtllm is None:
+        assert architecture_problem(arch, "trtllm", scheme, "engine") is not None
+        with pytest.raises(InputError, match=arch):
+            trtllm_checkpoint.write(qm, tmp_path / "ckpt", 1)
+        return
+    assert architecture_problem(arch, "trtllm", scheme, "engine") is None
+    trtllm_checkpoint.write(qm, tmp_path / "ckpt", 1)
+    config, state = trtllm_checkpoint.read(tmp_path / "ckpt")
+    assert config["architectures"] == [record.trtllm[0]]
+    for name, linear in qm.linears.items():
+        assert torch.equal(state[f"{name}.weight"], linear.dequantize()), name
+
+
+# ---------------------------------------------------------------- GGUF sources
+
+
+def write_gguf(path: Path, arch: str) -> Path:
+    """A tiny real GGUF of llama.cpp architecture `arch`: one block, hidden 64, 4 heads (2 KV) of 16."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    hidden, ff, kv, vocab = 64, 128, 2, 40
+    writer = GGUFWriter(str(path), arch)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ff)
+    writer.add_block_count(1)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(kv)
+    writer.add_context_length(128)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (kv * 16, hidden),
+              "blk.0.attn_v.weight": (kv * 16, hidden), "blk.0.attn_output.weight": (hidden, hidden),
+              "blk.0.ffn_gate.weight": (ff, hidden), "blk.0.ffn_up.weight": (ff, hidden),
+              "blk.0.ffn_down.weight": (hidden, ff)}  # fmt: skip
+    if arch == "qwen2":
+        shapes |= {"blk.0.attn_q.bias": (hidden,), "blk.0.attn_k.bias": (kv * 16,), "blk.0.attn_v.bias": (kv * 16,)}
+    if arch == "qwen3":
+        shapes |= {"blk.0.attn_q_norm.weight": (16,), "blk.0.attn_k_norm.weight": (16,)}
+    rng = np.random.default_rng(0)
+    for name, shape in shapes.items():
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("gguf_arch", "expected"), [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_gguf_sources_map_to_their_architecture(tmp_path, gguf_arch, expected):
+    """A Qwen2 / Qwen3 GGUF's header maps to its transformers class, its biases and q/k norms
+    checked against the shapes the config implies; an architecture forge does not read is refused."""
+    from forge.source import gguf_config
+
+    config = gguf_config(write_gguf(tmp_path / "m.gguf", gguf_arch))
+    assert config["architectures"] == [expected] and config["model_type"] == gguf_arch
+    with pytest.raises(InputError, match="GGUF architecture 'gemma2' is not one forge reads"):
+        gguf_config(write_gguf(tmp_path / "g.gguf", "gemma2"))
