@@ -58,6 +58,9 @@ class Architecture:
     router: str | None = None  # never quantized: a few rows that pick experts
     memory_renames: tuple[tuple[str, str], ...] = ()  # checkpoint prefix -> transformers' module prefix
     norm_plus_one: bool = False  # Gemma RMSNorm computes x̂ · (1 + weight)
+    # transformers attention implementation calibration runs: SDPA drops Gemma 2's attention-logit
+    # soft-capping (only `eager_attention_forward` in modeling_gemma2.py applies `softcap`).
+    attention: str = "sdpa"
     qkv_bias: bool = False  # Qwen2: q/k/v carry biases
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     tied_embeddings_default: bool = False  # transformers config default for tie_word_embeddings
@@ -217,6 +220,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "post_feedforward_layernorm",
             ),
             norm_plus_one=True,
+            attention="eager",
             tied_embeddings_default=True,
             trtllm_reason="forge's legacy TensorRT-LLM writer has no Gemma layout (soft-capping, (1 + w) norms)",
         ),

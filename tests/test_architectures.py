@@ -457,3 +457,10 @@ def test_gguf_sources_map_to_their_architecture(tmp_path, gguf_arch, expected):
     assert config["architectures"] == [expected] and config["model_type"] == gguf_arch
     with pytest.raises(InputError, match="GGUF architecture 'gemma2' is not one forge reads"):
         gguf_config(write_gguf(tmp_path / "g.gguf", "gemma2"))
+
+
+def test_gemma2_calibrates_with_the_soft_capped_attention(models):
+    """SDPA would drop Gemma 2's attention-logit soft-capping, so its calibration model runs eager
+    attention, as served; the others keep SDPA."""
+    assert load_float_model(models["Gemma2ForCausalLM"]).config._attn_implementation == "eager"
+    assert load_float_model(models["Qwen3ForCausalLM"]).config._attn_implementation == "sdpa"

@@ -11,6 +11,7 @@ used: the Gram matrix X^T X (GPTQ's Hessian, AWQ's output-error metric), mean |x
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +48,16 @@ class LayerStats:
 
 
 def load_float_model(model_dir: Path) -> nn.Module:
-    """The dense checkpoint as a float32 `AutoModelForCausalLM` in eval mode (SDPA attention)."""
+    """The dense checkpoint as a float32 `AutoModelForCausalLM` in eval mode, with the attention
+    implementation its architecture record names (SDPA unless that would change the function)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    from forge.architectures import ARCHITECTURES, architecture_name
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    record = ARCHITECTURES.get(architecture_name(config))
+    attention = record.attention if record is not None else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
     model.eval()
     model.requires_grad_(False)  # statistics only; lets algorithms edit weights in place
     return model
