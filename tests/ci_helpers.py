@@ -16,7 +16,7 @@ BACKENDS = ("vllm", "tgi", "lmdeploy", "trtllm")
 
 
 def matrix_recipe(model: Path, eval_text: Path) -> dict:
-    """2 variants × 4 backends × 2 GPUs, throughput on: FP8 on the A100 only weight-only (vLLM, TGI), never on LMDeploy."""
+    """2 variants × 4 backends × 2 GPUs, throughput on: FP8 on the A100 only as W8A16 (vLLM, TGI), never on LMDeploy."""
     data = tiny_recipe(
         model,
         eval_text,
