@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from forge.datasets import resolve_dataset
-from forge.errors import EXIT_GATE_FAILED, GateFailed, InputError
+from forge.errors import GateFailed, InputError
 from forge.eval import lm_eval, perplexity
-from forge.eval.gates import GateResult, enforce_gates, evaluate_gates, render_gate_table
+from forge.eval.gates import GateResult, evaluate_gates, gate_failure, gate_verdict
 from forge.eval.perplexity import baseline_pass, build_model, compare_pass, load_windows
 from forge.quant.presets import resolve_scheme
 from forge.quant.rtn import quantize_rtn
@@ -146,7 +146,7 @@ def test_scrambled_scales_fail_the_gates_that_honest_rtn_passes(tiny, windows, b
     gates = {"max_kl": 0.02, "min_top1_agreement": 0.5}
     honest = quantize_rtn(state, config, resolve_scheme("W4A16_ASYM", group_size=64))
     good = _compare(config, honest.dequantize(), windows, baseline[0], monkeypatch)
-    assert all(r.passed for r in evaluate_gates(gates, good)), render_gate_table(evaluate_gates(gates, good))
+    assert all(r.passed for r in evaluate_gates(gates, good)), [gate_verdict(r) for r in evaluate_gates(gates, good)]
 
     generator = torch.Generator().manual_seed(0)
     for linear in honest.linears.values():  # the bug class: scales written in the wrong order
@@ -156,10 +156,7 @@ def test_scrambled_scales_fail_the_gates_that_honest_rtn_passes(tiny, windows, b
     checked = evaluate_gates(gates, damaged)
     assert [r.passed for r in checked] == [False, False]
     assert damaged["mean_kl"] > 2 * good["mean_kl"]
-    with pytest.raises(GateFailed) as failure:
-        enforce_gates(gates, damaged)
-    assert failure.value.exit_code == EXIT_GATE_FAILED
-    assert "max_kl" in str(failure.value) and "above the maximum" in str(failure.value)
+    assert "above the maximum" in gate_verdict(checked[0]) and "below the minimum" in gate_verdict(checked[1])
 
 
 def test_fp8_activation_rounding_adds_error_and_is_removable(tiny, windows, baseline, monkeypatch):
@@ -248,22 +245,27 @@ def test_unmeasured_gate_fails_and_unknown_gate_is_an_input_error():
         evaluate_gates({"max_perplexity": 30.0}, RESULTS)
 
 
-def test_gate_table_says_what_failed_by_how_much():
+def test_the_one_gate_formatter_says_what_failed_by_how_much():
     checked = evaluate_gates(
-        {"max_ppl_increase_pct": 1.0, "min_recovery.hellaswag": 0.95, "min_recovery.mmlu": 0.9}, RESULTS
+        {"max_ppl_increase_pct": 1.0, "min_recovery.hellaswag": 0.95, "min_recovery.mmlu": 0.9, "max_kl": 0.05},
+        RESULTS,
     )
-    text = render_gate_table(checked)
-    lines = text.splitlines()
-    assert lines[0].split() == ["gate", "metric", "limit", "measured", "margin", "result"]
-    assert "FAIL: 2 above the maximum (200.0% of the limit)" in lines[1]
-    assert "FAIL: 0.05 below the minimum (5.3% of the limit)" in lines[2]
-    assert "FAIL: not measured" in lines[3]
-    markdown = render_gate_table(checked, markdown=True)
-    assert markdown.splitlines()[1] == "|---|---|---|---|---|---|"
-    assert "| max_ppl_increase_pct | ppl_increase_pct | 1 | 3 | -2 | FAIL: 2 above" in markdown
-    passing = evaluate_gates({"max_kl": 0.05}, RESULTS)
-    only_header = render_gate_table(passing, failures_only=True).splitlines()
-    assert [line.split() for line in only_header] == [lines[0].split()]
+    assert [gate_verdict(g) for g in checked] == [
+        "FAIL: 2 above the maximum (200.0% of the limit)",
+        "FAIL: 0.05 below the minimum (5.3% of the limit)",
+        "FAIL: not measured",
+        "pass",
+    ]
+    # A gate as stored in a report reads the same as the result it came from.
+    assert [gate_verdict(g.to_dict()) for g in checked] == [gate_verdict(g) for g in checked]
+    assert gate_failure({"artifact": "fp8/ct", **checked[0].to_dict()}) == (
+        "fp8/ct: max_ppl_increase_pct measured 3, limit: maximum 1"
+    )
+    unmeasured = "min_recovery.mmlu [recovery.mmlu] was not measured, limit: minimum 0.9"
+    assert gate_failure(checked[2].to_dict()) == unmeasured
+    # Deferred is its own state, never a pass; names of an older report keep their direction.
+    assert gate_verdict({"name": "max_kl", "limit": 0.1, "state": "deferred", "passed": True}).startswith("deferred")
+    assert "below the minimum" in gate_verdict({"name": "min_output_tok_s", "limit": 10, "measured": 5})
 
 
 # --- lm-evaluation-harness -------------------------------------------------------------------

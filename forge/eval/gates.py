@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from forge.errors import GateFailed, InputError
+from forge.errors import InputError
 
 Direction = Literal["max", "min"]
 GateState = Literal["passed", "failed", "deferred"]
@@ -210,30 +210,3 @@ def gate_failure(gate: GateResult | Mapping) -> str:
     else:
         what = f"measured {_number(_float(g['measured']))}"
     return f"{where}{label}{at} {what}, limit: {bound} {_number(limit)}"
-
-
-def render_gate_table(results: list[GateResult], markdown: bool = False, failures_only: bool = False) -> str:
-    """A table of gate outcomes for the terminal (aligned plain text) or a report (Markdown)."""
-    rows = [r for r in results if not (failures_only and r.passed)]
-    header = ["gate", "metric", "limit", "measured", "margin", "result"]
-    body = [[r.name, r.metric, _number(r.limit), _number(r.measured), _number(r.margin), gate_verdict(r)] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *body]
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def enforce_gates(gates: Mapping[str, float | Mapping], results: Mapping[str, float]) -> list[GateResult]:
-    """`evaluate_gates`, raising `GateFailed` (exit 1) with the table of failures if any failed."""
-    checked = evaluate_gates(gates, results)
-    failed = [r for r in checked if not r.passed]
-    if failed:
-        table = render_gate_table(failed)
-        raise GateFailed(f"{len(failed)} of {len(checked)} accuracy gates failed:\n{table}")
-    return checked
