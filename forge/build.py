@@ -32,7 +32,7 @@ from forge import __version__
 from forge.build_report import typed_report
 from forge.cache import Cache, atomic_write_text, lock_file, make_dirs, remove, warn_discarded
 from forge.errors import GateFailed, InfraError, InputError
-from forge.plan import Plan, Stage, git_revision, make_plan
+from forge.plan import Plan, Stage, git_revision, make_plan, serving_name
 from forge.progress import Progress
 from forge.recipe import dump_recipe, load_recipe
 from forge.stages import (
@@ -98,7 +98,7 @@ class Outcome:
             "stages": [{"id": s.id, "kind": s.kind, "key": s.key, **self.records[s.id]} for s in plan.stages],
             "artifacts": self.artifacts,
             "impossible": [
-                {"variant": a.variant, "backend": a.backend, "gpu": a.gpu, "reason": a.reason}
+                {"variant": a.variant, "backend": a.backend, "mode": a.mode, "gpu": a.gpu, "reason": a.reason}
                 for a in plan.artifacts
                 if a.status == "impossible"
             ],
@@ -307,7 +307,7 @@ def build(
 def fill_records(
     plan: Plan, records: dict[str, dict], chosen: set[str], only: tuple[str, ...], skip: tuple[str, ...], pending: str
 ) -> None:
-    """A record for every stage that has none: deferred / not implemented ones say why, those left
+    """A record for every stage that has none: deferred ones say why, those left
     out by --only/--skip say so, chosen ones not run (yet) are `not-run` with `pending` as reason."""
     for stage in plan.stages:
         if stage.id in records:
@@ -422,7 +422,7 @@ def check_hardware(plan: Plan, chosen: set[str], only: tuple[str, ...]) -> None:
 
 
 def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path, listed: list[dict]) -> None:
-    """`artifacts/<recipe>/<variant>/<backend>/`: hard links into the (verified, read-only) cache
+    """`artifacts/<recipe>/<variant>/<backend>[-<mode>]/`: hard links into the (verified, read-only) cache
     entries, no copies; each artifact is appended to `listed` once its directory is in place, so
     a failure part-way reports exactly the ones written.
 
@@ -434,13 +434,14 @@ def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path, 
         if artifact.status != "planned" or artifact.export_stage not in exports:
             continue  # impossible, or its export left out by --only/--skip
         entry = exports[artifact.export_stage]
-        target = out_root / artifact.variant / artifact.backend
+        target = out_root / artifact.variant / serving_name(artifact.backend, artifact.mode)
         link_tree(entry / "model", target)
         files = json.loads((entry / "stage.json").read_text())["files"]
         listed.append(
             {
                 "variant": artifact.variant,
                 "backend": artifact.backend,
+                "mode": artifact.mode,
                 "gpu": artifact.gpu,
                 "format": artifact.format,
                 "path": str(target),

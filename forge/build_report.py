@@ -88,9 +88,10 @@ class Artifact(Open):
 
     variant: str
     backend: str
+    mode: str | None = Field(default=None, description="TensorRT-LLM's engine | pytorch; null for the others.")
     gpu: str
     format: str
-    path: str = Field(description="artifacts/<recipe>/<variant>/<backend>: hard links into the cache.")
+    path: str = Field(description="artifacts/<recipe>/<variant>/<backend>[-<mode>]: hard links into the cache.")
     files: dict[str, FileDigest]
     stages: list[str] = Field(description="The cell's own stages (engine, throughput, package, push).")
 
@@ -100,6 +101,7 @@ class Impossible(Closed):
 
     variant: str
     backend: str
+    mode: str | None = Field(default=None, description="TensorRT-LLM's engine | pytorch; null for the others.")
     gpu: str
     reason: str
 

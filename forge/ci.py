@@ -7,9 +7,8 @@ GPU (engine builds, lm-eval tasks, throughput), each running `forge build RECIPE
 shared stage cache. These renderers turn the plan into that fan-out; the plan stays the source
 of truth, so impossible cells are listed with their reason rather than silently dropped.
 
-Only stages the plan marks `run` or `deferred` are dispatched: `cached` ones are done,
-`not-implemented` and `disabled` ones have nothing to run (they are listed, not dispatched, so
-no GPU runner is held for them).
+Only stages the plan marks `run` or `deferred` are dispatched: `cached` ones are done (they are
+listed, not dispatched, so no GPU runner is held for them).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import yaml
 from forge import __version__
 from forge.errors import InputError
 from forge.gpus import lookup_gpu
-from forge.plan import Artifact, Plan
+from forge.plan import Plan, serving_name
 
 FORMATS = ("github-matrix", "gitlab", "k8s")
 
@@ -76,22 +75,15 @@ class CellWork:
     export_stage: str | None
     stages: tuple[str, ...]
     target: int = 0  # index in recipe.targets
+    mode: str | None = None  # TensorRT-LLM's engine | pytorch
+
+    @property
+    def serving(self) -> str:
+        return serving_name(self.backend, self.mode)
 
     @property
     def name(self) -> str:
-        return f"{self.variant}/{self.backend}/{self.gpu}"
-
-
-def target_of(plan: Plan, artifact: Artifact) -> int:
-    """The index of the recipe target that produced `artifact` (Artifact does not carry it)."""
-    for index, target in enumerate(plan.recipe.targets):
-        if target.backend != artifact.backend:
-            continue
-        if target.variants is not None and artifact.variant not in target.variants:
-            continue
-        if any((profile := lookup_gpu(g)) is not None and profile.name == artifact.gpu for g in target.gpus):
-            return index
-    raise InputError(f"targets: no target produces {artifact.variant}/{artifact.backend}/{artifact.gpu}")
+        return f"{self.variant}/{self.serving}/{self.gpu}"
 
 
 def gpu_work(plan: Plan) -> list[CellWork]:
@@ -112,7 +104,8 @@ def gpu_work(plan: Plan) -> list[CellWork]:
                     artifact.tensor_parallel,
                     artifact.export_stage,
                     run,
-                    target_of(plan, artifact),
+                    artifact.target,
+                    artifact.mode,
                 )
             )
     return cells
@@ -121,14 +114,14 @@ def gpu_work(plan: Plan) -> list[CellWork]:
 def excluded_cells(plan: Plan) -> list[dict]:
     """Impossible (variant, backend, GPU) combinations with the compatibility table's reason."""
     return [
-        {"variant": a.variant, "backend": a.backend, "gpu": a.gpu, "reason": a.reason}
+        {"variant": a.variant, "backend": a.backend, "mode": a.mode, "gpu": a.gpu, "reason": a.reason}
         for a in plan.artifacts
         if a.status == "impossible"
     ]
 
 
 def undispatched_gpu_stages(plan: Plan) -> list[dict]:
-    """GPU stages no job is created for (cached, not implemented, disabled), and why."""
+    """GPU stages no job is created for (cached), and why."""
     return [
         {"stage": s.id, "status": s.status, "reason": s.reason}
         for s in plan.stages
@@ -317,7 +310,7 @@ def k8s_manifests(
     mount = PurePosixPath(workdir).parent
     manifests = []
     for cell in gpu_work(plan):
-        name = k8s_name("forge", plan.recipe.name, cell.variant, cell.backend, cell.gpu)
+        name = k8s_name("forge", plan.recipe.name, cell.variant, cell.serving, cell.gpu)
         products = GFD_PRODUCTS.get(cell.gpu)
         if products is None:
             raise InputError(f"targets: no {GFD_PRODUCT_LABEL} label known for GPU {cell.gpu}")
@@ -567,8 +560,8 @@ def bench_command(plan: Plan, cell: CellWork, endpoint: str, model: str, tokeniz
         "--prompt-tokens", str(load.prompt_tokens), "--output-tokens", str(load.output_tokens),
         "--requests", str(load.requests_per_level), "--gpus", str(cell.tensor_parallel), "--out", out, "--json",
     ]  # fmt: skip
-    gates = {"--ttft-p99-ms": load.max_ttft_p99_ms, "--tpot-p99-ms": load.max_tpot_p99_ms,
-             "--min-output-tok-s": load.min_output_tps}  # fmt: skip
+    gates = {"--max-ttft-p99-ms": load.max_ttft_p99_ms, "--max-tpot-p99-ms": load.max_tpot_p99_ms,
+             "--min-output-tps": load.min_output_tps, "--min-goodput": load.min_goodput}  # fmt: skip
     for option, value in gates.items():
         if value is not None:
             argv += [option, f"{value:g}"]

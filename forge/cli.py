@@ -136,8 +136,8 @@ def plan(
 ) -> None:  # fmt: skip
     """Expand a recipe into its build graph: one artifact per (variant, backend, GPU).
 
-    Each stage is marked run, cached, deferred (needs absent hardware; the command to run later is
-    shown), impossible (and why), or not implemented. The compatibility of scheme × backend × GPU
+    Each stage is marked run, cached or deferred (needs absent hardware; the command to run later
+    is shown); each artifact planned or impossible (and why). The compatibility of scheme × backend × GPU
     × model shape is checked here, before anything is downloaded.
     """
     from forge.cache import Cache
@@ -190,7 +190,7 @@ def plan(
 @CACHE
 @click.option(
     "--only", multiple=True, metavar="STAGE",
-    help="Run only these stages (an id like engine/fp8/trtllm/H100, a prefix, or a kind like engine) and "
+    help="Run only these stages (an id like engine/fp8/trtllm-engine/H100, a prefix, or a kind like engine) and "
     "what they need, taken from the cache when present. Runs deferred stages: use it on a GPU builder.",
 )  # fmt: skip
 @click.option("--skip", multiple=True, metavar="STAGE", help="Do not run these stages (id, prefix or kind).")

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forge.eval.gates import gate_verdict
-from forge.plan import Plan
+from forge.plan import Plan, serving_name
 from forge.report import (
     ACCURACY_COLUMNS,
     accuracy_rows,
@@ -60,7 +60,7 @@ def render_cells(recipe_name: str, cells: list, console: Console | None = None) 
     for column in ("variant", "backend", "gpu", "format", "status", "why"):
         matrix.add_column(column)
     for a in cells:
-        matrix.add_row(a.variant, a.backend, a.gpu, a.format or "-", _status(a.status), a.reason)
+        matrix.add_row(a.variant, serving_name(a.backend, a.mode), a.gpu, a.format or "-", _status(a.status), a.reason)
     console.print(matrix)
 
 

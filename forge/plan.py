@@ -1,8 +1,8 @@
 """Expand a recipe into the build graph and check it against the compatibility table.
 
-One artifact per (variant, backend, GPU). Every stage gets a cache key (the digest of its inputs
-and of the settings that affect it) and a status: run, cached, deferred (needs hardware that is
-absent, with the command to run later), impossible (with why), disabled or not implemented.
+One artifact per (variant, backend, GPU), planned or impossible (with why). Every stage gets a
+cache key (the digest of its inputs and of the settings that affect it) and a status: run, cached,
+or deferred (needs hardware that is absent, with the command to run later).
 Planning reads only small files (the model's config, digests memoized by file stat), so it is
 fast and it runs before anything is downloaded or computed.
 """
@@ -32,7 +32,7 @@ from forge.errors import InputError
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
 from forge.quant.scheme import Scheme
-from forge.recipe import Recipe, Target, Variant
+from forge.recipe import Recipe, Target, Variant, expand_tag
 from forge.source import read_model_config, remote_code, source_identity
 
 # Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
@@ -49,12 +49,19 @@ STAGE_ORDER = (
 class Stage:
     id: str
     kind: str
-    status: str  # run | cached | deferred | impossible | disabled | not-implemented
+    status: str  # run | cached | deferred
     key: str | None = None
     reason: str = ""
     command: str | None = None
     needs: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)
+
+
+def serving_name(backend: str, mode: str | None) -> str:
+    """The backend as cells, stage ids and artifact directories name it. TensorRT-LLM serves a
+    built engine or, with its PyTorch backend, a checkpoint: two artifacts that may share a
+    variant and a GPU, so its mode is part of the name (`trtllm-engine`, `trtllm-pytorch`)."""
+    return f"{backend}-{mode}" if mode else backend
 
 
 @dataclass
@@ -70,6 +77,13 @@ class Artifact:
     export_stage: str | None = None
     stages: list[str] = field(default_factory=list)
     tensor_parallel: int = 1
+    mode: str | None = None  # TensorRT-LLM's engine | pytorch
+    target: int = 0  # index in recipe.targets
+
+    @property
+    def cell(self) -> str:
+        """`<variant>/<backend>/<gpu>`, the suffix of its stage ids (`package/<cell>`)."""
+        return f"{self.variant}/{serving_name(self.backend, self.mode)}/{self.gpu}"
 
 
 @dataclass
@@ -203,7 +217,8 @@ def check_tags(plan: Plan) -> None:
         for tag in stage.params["tags"]:
             if tag in seen:
                 raise InputError(
-                    f"package.tags: {tag!r} names both {seen[tag]} and {cell}; add {{variant}}, {{backend}} or {{gpu}}"
+                    f"package.tags: {tag!r} names both {seen[tag]} and {cell}; "
+                    "add {variant}, {backend}, {gpu} or {mode}"
                 )
             seen[tag] = cell
 
@@ -223,8 +238,8 @@ def recipe_only_cells(recipe: Recipe) -> list[Artifact]:
 
     pending = "shape checks wait for config.json"
     cells = []
-    for target in recipe.targets:
-        mode = trtllm_mode(target) if target.backend == "trtllm" else None
+    for t, target in enumerate(recipe.targets):
+        mode = trtllm_mode(target)
         for variant in recipe.variants:
             if target.variants is not None and variant.name not in target.variants:
                 continue
@@ -235,7 +250,7 @@ def recipe_only_cells(recipe: Recipe) -> list[Artifact]:
                 fmt = None if problem else export_format(target.backend, scheme, target)
                 cells.append(Artifact(variant.name, target.backend, gpu.name, fmt,
                                       "impossible" if problem else "pending", problem or pending,
-                                      tensor_parallel=target.tensor_parallel))  # fmt: skip
+                                      tensor_parallel=target.tensor_parallel, mode=mode, target=t))  # fmt: skip
     return cells
 
 
@@ -294,7 +309,7 @@ def make_plan(
     exports: dict[str, Stage] = {}
     explicit_problems: list[str] = []
     for t, target in enumerate(plan.targets):
-        mode = trtllm_mode(target) if target.backend == "trtllm" else None
+        mode = trtllm_mode(target)
         for variant in recipe.variants:
             if target.variants is not None and variant.name not in target.variants:
                 continue
@@ -307,15 +322,15 @@ def make_plan(
                         explicit_problems.append(f"targets[{t}] ({variant.name} on {gpu_name}): {problem}")
                     plan.artifacts.append(
                         Artifact(variant.name, target.backend, gpu.name, None, "impossible", problem,
-                                 tensor_parallel=target.tensor_parallel)
+                                 tensor_parallel=target.tensor_parallel, mode=mode, target=t)
                     )  # fmt: skip
                     continue
                 fmt = export_format(target.backend, scheme, target)
                 export = export_stage(plan, exports, quantize[variant.name], fmt, target.tensor_parallel)
                 artifact = Artifact(variant.name, target.backend, gpu.name, fmt, "planned",
                                     combination_note(scheme, target.backend, gpu), export_stage=export.id,
-                                    tensor_parallel=target.tensor_parallel)  # fmt: skip
-                artifact.stages += target_stages(plan, target, mode, variant, gpu, export, tasks)
+                                    tensor_parallel=target.tensor_parallel, mode=mode, target=t)  # fmt: skip
+                artifact.stages += target_stages(plan, target, artifact.cell, variant, gpu, export, tasks)
                 plan.artifacts.append(artifact)
     if explicit_problems:
         raise InputError("\n".join(explicit_problems))
@@ -434,15 +449,14 @@ def export_stage(plan: Plan, exports: dict[str, Stage], quantized: Stage, fmt: s
 
 
 def target_stages(
-    plan: Plan, target: Target, mode: str | None, variant: Variant, gpu: GPUProfile, export: Stage,
+    plan: Plan, target: Target, cell: str, variant: Variant, gpu: GPUProfile, export: Stage,
     tasks: dict | None,
 ) -> list[str]:  # fmt: skip
-    """The GPU-side stages of one artifact: engine build, lm-eval tasks (`tasks`: their inputs, when
-    the recipe lists any), throughput, package, push."""
+    """The GPU-side stages of one artifact (`cell`, its `Artifact.cell`): engine build, lm-eval tasks
+    (`tasks`: their inputs, when the recipe lists any), throughput, package, push."""
     recipe, add = plan.recipe, plan.add
     ids = []
-    cell = f"{variant.name}/{target.backend}/{gpu.name}"
-    if target.backend == "trtllm" and mode == "engine":
+    if trtllm_mode(target) == "engine":
         ids.append(engine_stage(plan, target, variant, gpu, export, cell).id)
     # The image first: with packaging on, the GPU stages measure it (gpu_serving_stage), not the base image.
     package = package_stage(plan, target, variant, gpu, export, cell) if recipe.package.enabled else None
@@ -477,7 +491,7 @@ def model_image_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProf
 
     package = plan.recipe.package
     spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, plan.revision)
-    tag = package.tags[0].format(variant=variant.name, backend=target.backend, gpu=gpu.name) + "-model"
+    tag = expand_tag(package.tags[0], variant.name, target.backend, gpu.name, trtllm_mode(target)) + "-model"
     reference = f"{package.registry or 'localhost:5000'}/{package.repository or plan.recipe.name}:{tag}"
     engine = next((s for s in plan.stages if s.id == f"engine/{cell}"), None)
     base = None
@@ -512,7 +526,8 @@ def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile,
     from forge.serving import serve_spec
 
     spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, plan.revision)
-    tags = [t.format(variant=variant.name, backend=target.backend, gpu=gpu.name) for t in plan.recipe.package.tags]
+    mode = trtllm_mode(target)
+    tags = [expand_tag(t, variant.name, target.backend, gpu.name, mode) for t in plan.recipe.package.tags]
     engine = next((s for s in plan.stages if s.id == f"engine/{cell}"), None)
     package = plan.recipe.package
     bases = vars(plan).setdefault("_package_bases", {})

@@ -32,9 +32,14 @@ MAX_BATCH = 1 << 14
 MAX_CONCURRENCY = 4096
 MAX_COUNT = 1_000_000
 MAX_FEWSHOT = 128
-# An OCI tag, after `{variant}`/`{backend}`/`{gpu}` expansion:
+# An OCI tag, after `{variant}`/`{backend}`/`{gpu}`/`{mode}` expansion:
 # https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests
 OCI_TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+
+
+def expand_tag(tag: str, variant: str, backend: str, gpu: str, mode: str | None) -> str:
+    """One `package.tags` entry for one artifact; `{mode}` is TensorRT-LLM's, empty elsewhere."""
+    return tag.format(variant=variant, backend=backend, gpu=gpu, mode=mode or "")
 
 
 class Strict(BaseModel):
@@ -399,7 +404,8 @@ class Package(Strict):
     tags: list[str] = Field(
         default_factory=lambda: ["{variant}-{backend}-{gpu}"],
         min_length=1,
-        description="Image tags; `{variant}`, `{backend}` and `{gpu}` expand per artifact.",
+        description="Image tags; `{variant}`, `{backend}`, `{gpu}` and `{mode}` (TensorRT-LLM's `engine` or "
+        "`pytorch`, empty for the other backends) expand per artifact.",
     )
     labels: dict[str, str] = Field(
         default_factory=dict, description="Extra OCI labels (keys: lowercase, dots, dashes)."
@@ -435,9 +441,11 @@ class Package(Strict):
     def _tags(cls, value: list[str]) -> list[str]:
         for tag in value:
             try:
-                example = tag.format(variant="v", backend="b", gpu="g")
+                example = expand_tag(tag, "v", "b", "g", "m")
             except (KeyError, IndexError, ValueError, AttributeError):
-                raise ValueError(f"{tag!r}: only {{variant}}, {{backend}} and {{gpu}} can be expanded") from None
+                raise ValueError(
+                    f"{tag!r}: only {{variant}}, {{backend}}, {{gpu}} and {{mode}} can be expanded"
+                ) from None
             if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", example):
                 raise ValueError(f"{tag!r} is not a valid image tag")
         return value
@@ -511,7 +519,9 @@ class Recipe(Strict):
             for target in self.targets:
                 for variant in target.variants or [v.name for v in self.variants]:
                     for gpu in target.gpus:
-                        expanded = tag.format(variant=variant, backend=target.backend, gpu=lookup_gpu(gpu).name)
+                        # the longer mode when the version decides it: what is checked is the length
+                        mode = (target.trtllm.mode or "pytorch") if target.backend == "trtllm" else None
+                        expanded = expand_tag(tag, variant, target.backend, lookup_gpu(gpu).name, mode)
                         if not OCI_TAG.fullmatch(expanded):
                             raise ValueError(
                                 f"package.tags[{i}]: {tag!r} expands to {expanded!r} ({len(expanded)} characters) "

@@ -153,9 +153,9 @@ def test_trtllm_engine_is_deferred_with_its_command(built, tiny_model, eval_text
     stages = {s["id"]: s for s in report["stages"]}
     assert stages["export/fp8/trtllm-checkpoint-tp1"]["status"] == "ran"
     assert stages["accuracy/fp8/trtllm-checkpoint-tp1"]["status"] == "ran"  # re-read from rank0.safetensors
-    engine = stages["engine/fp8/trtllm/H100"]
+    engine = stages["engine/fp8/trtllm-engine/H100"]
     assert engine["status"] == "deferred" and "no NVIDIA GPU" in engine["reason"]
-    assert f"forge build {recipe} --only engine/fp8/trtllm/H100" in engine["command"]
+    assert f"forge build {recipe} --only engine/fp8/trtllm-engine/H100" in engine["command"]
     assert "trtllm-build --checkpoint_dir" in engine["command"]
     # Asked for explicitly on a machine without the GPU: exit 3, saying why and what would run.
     code, output = cli_rebuild(built, recipe, tmp_path, "--only", "engine")
@@ -167,7 +167,7 @@ def test_on_missing_hardware_fail_stops_before_any_work(tiny_model, eval_text, t
     engine_target = {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "engine"}}
     data = tiny_recipe(tiny_model, eval_text, targets=[engine_target], on_missing_hardware="fail")
     code, output = run_cli("build", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
-    assert code == 3 and "on_missing_hardware: fail" in output and "engine/fp8/trtllm/H100" in output
+    assert code == 3 and "on_missing_hardware: fail" in output and "engine/fp8/trtllm-engine/H100" in output
     assert not (tmp_path / "a" / ".cache" / "source").exists()
 
 

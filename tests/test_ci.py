@@ -197,13 +197,13 @@ def test_github_matrix_matches_the_plan(tiny_model, eval_text, tmp_path):
             artifact.backend,
             artifact.gpu,
         )
-        assert entry["name"] == f"{artifact.variant}/{artifact.backend}/{artifact.gpu}"
+        assert entry["name"] == artifact.cell  # TensorRT-LLM cells carry their mode: awq/trtllm-engine/H100
         assert entry["format"] == artifact.format
         assert entry["runs_on"] == ["self-hosted", "gpu", artifact.gpu.lower()]
         assert entry["stages"] == [s for s in artifact.stages if s.split("/")[0] in GPU_STAGE_KINDS]
         assert (entry["variant"], entry["backend"], entry["gpu"]) not in impossible
-    trtllm = next(e for e in include if e["name"] == "awq/trtllm/H100")
-    assert trtllm["stages"] == ["engine/awq/trtllm/H100", "throughput/awq/trtllm/H100"]  # engine first
+    trtllm = next(e for e in include if e["name"] == "awq/trtllm-engine/H100")
+    assert trtllm["stages"] == ["engine/awq/trtllm-engine/H100", "throughput/awq/trtllm-engine/H100"]  # engine first
     assert {(e["variant"], e["backend"], e["gpu"]): e["reason"] for e in matrix["excluded"]} == impossible
     assert matrix["not_dispatched"] == [] and matrix["cpu_runner"] == "ubuntu-latest"
 
@@ -232,8 +232,8 @@ def test_gitlab_child_pipeline_has_one_job_per_gpu_cell(tiny_model, eval_text, t
     pipeline = yaml.safe_load(text)
     jobs = {name: job for name, job in pipeline.items() if isinstance(job, dict) and "script" in job}
     planned = [a for a in plan.artifacts if a.status == "planned"]
-    assert sorted(jobs) == sorted(f"gpu {a.variant}/{a.backend}/{a.gpu}" for a in planned)
-    h100 = jobs["gpu awq/trtllm/H100"]
+    assert sorted(jobs) == sorted(f"gpu {a.cell}" for a in planned)
+    h100 = jobs["gpu awq/trtllm-engine/H100"]
     assert h100["tags"] == ["gpu", "h100"]
     assert h100["needs"] == [{"pipeline": "$PARENT_PIPELINE_ID", "job": "build"}]
     assert h100["artifacts"]["reports"] == {"junit": "junit.xml"}
@@ -247,9 +247,9 @@ def test_gitlab_child_pipeline_has_one_job_per_gpu_cell(tiny_model, eval_text, t
             "recipes/tiny.yaml",
             "--json",
             "--only",
-            "engine/awq/trtllm/H100",
+            "engine/awq/trtllm-engine/H100",
             "--only",
-            "throughput/awq/trtllm/H100",
+            "throughput/awq/trtllm-engine/H100",
         ]
     ]
 
@@ -298,9 +298,10 @@ def test_k8s_jobs_validate_against_the_kubernetes_api_schema(tiny_model, eval_te
         assert term["matchExpressions"] == [
             {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(GFD_PRODUCTS[gpu])}
         ]
-    h100 = next(m for m in manifests if m["metadata"]["annotations"]["forge/cell"] == "awq/trtllm/H100")
+    h100 = next(m for m in manifests if m["metadata"]["annotations"]["forge/cell"] == "awq/trtllm-engine/H100")
     assert "NVIDIA-H100-80GB-HBM3" in json.dumps(h100)
-    assert h100["metadata"]["annotations"]["forge/stages"] == "engine/awq/trtllm/H100 throughput/awq/trtllm/H100"
+    stages = "engine/awq/trtllm-engine/H100 throughput/awq/trtllm-engine/H100"
+    assert h100["metadata"]["annotations"]["forge/stages"] == stages
     assert [c["name"] for c in h100["spec"]["template"]["spec"]["initContainers"]] == ["engine", "server"]
 
 
@@ -482,12 +483,12 @@ def test_junit_reports_an_unmeasured_gate_and_deferred_command():
         "recipe": {"name": "r"},
         "stages": [
             {
-                "id": "engine/a/trtllm/H100",
+                "id": "engine/a/trtllm-engine/H100",
                 "kind": "engine",
                 "key": None,
                 "status": "deferred",
                 "reason": "needs an NVIDIA H100 GPU",
-                "command": "forge build r.yaml --only engine/a/trtllm/H100",
+                "command": "forge build r.yaml --only engine/a/trtllm-engine/H100",
             }
         ],
         "validation": {
@@ -506,7 +507,7 @@ def test_junit_reports_an_unmeasured_gate_and_deferred_command():
     }
     root = ET.fromstring(render_junit(report))
     assert "was not measured" in root.find(".//failure").get("message")
-    assert root.find(".//skipped").text == "run later with: forge build r.yaml --only engine/a/trtllm/H100"
+    assert root.find(".//skipped").text == "run later with: forge build r.yaml --only engine/a/trtllm-engine/H100"
 
 
 def test_markdown_summary_has_the_gate_table(report):

@@ -177,19 +177,20 @@ def test_push_publishes_what_exists_and_lists_the_deferred_engine_image(tiny_mod
     assert code == 0, output
     pushed, deferred = ([e for e in json.loads(output) if e["status"] == s] for s in ("pushed", "deferred"))
     assert [p["stage"] for p in pushed] == ["push/fp8/vllm/H100"] and pushed[0]["digest"].startswith("sha256:")
-    assert [d["stage"] for d in deferred] == ["push/fp8/trtllm/H100"]
+    assert [d["stage"] for d in deferred] == ["push/fp8/trtllm-engine/H100"]
     assert "its image is deferred" in deferred[0]["reason"] and deferred[0]["command"].startswith("forge push ")
     report = json.loads((artifacts / "tiny" / "build.json").read_text())
     stages = {s["id"]: s for s in report["stages"]}
     assert stages["push/fp8/vllm/H100"]["status"] == "ran"
-    assert stages["push/fp8/trtllm/H100"]["status"] == "deferred" and stages["push/fp8/trtllm/H100"]["command"]
-    assert stages["package/fp8/trtllm/H100"]["status"] == "deferred"
+    engine_push = stages["push/fp8/trtllm-engine/H100"]
+    assert engine_push["status"] == "deferred" and engine_push["command"]
+    assert stages["package/fp8/trtllm-engine/H100"]["status"] == "deferred"
     assert [p["stage"] for p in report["pushed"]] == ["push/fp8/vllm/H100"]
 
     code, text = run_cli("push", str(recipe), "--artifacts-dir", str(artifacts))
     assert code == 0, text
     assert f"{registry.host}/ml/partial:fp8-vllm-H100 sha256:" in text and "(0 bytes uploaded)" in text
-    assert "deferred push/fp8/trtllm/H100: its image is deferred" in text and "\n  run: forge push " in text
+    assert "deferred push/fp8/trtllm-engine/H100: its image is deferred" in text and "\n  run: forge push " in text
 
 
 # ---------------------------------------------------------------- stand-ins for a GPU builder's tools

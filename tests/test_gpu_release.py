@@ -73,7 +73,7 @@ def test_k8s_jobs_run_no_docker_and_use_the_backend_images(tiny_model, eval_text
     assert argv[argv.index("--tokenizer") + 1] == f"/forge/cache/export/{export.key}/model"
     assert "resources" not in loadgen  # the load generator holds no GPU
 
-    engine_job = next(j for j in jobs if j["metadata"]["annotations"]["forge/cell"] == "awq/trtllm/H100")
+    engine_job = next(j for j in jobs if j["metadata"]["annotations"]["forge/cell"] == "awq/trtllm-engine/H100")
     engine, server = engine_job["spec"]["template"]["spec"]["initContainers"]
     assert engine["image"] == trtllm.image(trtllm.DEFAULT_VERSION) and engine["command"][0] == "trtllm-build"
     assert engine["command"][engine["command"].index("--checkpoint_dir") + 1] == MODEL_DIR
@@ -338,7 +338,7 @@ def test_k8s_jobs_serve_the_packaged_image_as_built(tiny_model, eval_text, tmp_p
     loadgen = next(c for c in containers_of(vllm) if c["name"] == "loadgen")
     assert loadgen["command"][loadgen["command"].index("--model") + 1] == MODEL_DIR  # the path the image serves
 
-    trt = jobs["fp8/trtllm/H100"]
+    trt = jobs["fp8/trtllm-engine/H100"]
     trt_server = next(c for c in containers_of(trt) if c["name"] == "server")
     assert trt_server["image"] == trtllm.image(trtllm.DEFAULT_VERSION) and trt_server["command"][0] == "trtllm-serve"
     assert "carries the engine this pod builds" in trt["metadata"]["annotations"]["forge/served"]

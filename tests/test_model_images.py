@@ -53,8 +53,8 @@ def test_each_servable_artifact_gets_a_data_only_image(built):
     stages = {s["id"]: s for s in report["stages"]}
     assert stages["model-image/fp8/vllm/H100"]["status"] == "ran"
     # An engine-mode image must hold the engine: deferred with it, never built without it.
-    engine_image = stages["model-image/fp8/trtllm/H100"]
-    assert engine_image["status"] == "deferred" and "engine/fp8/trtllm/H100" in engine_image["reason"]
+    engine_image = stages["model-image/fp8/trtllm-engine/H100"]
+    assert engine_image["status"] == "deferred" and "engine/fp8/trtllm-engine/H100" in engine_image["reason"]
     assert [m["stage"] for m in report["model_images"]] == ["model-image/fp8/vllm/H100"]
     layout = Path(image_of(report, "model-image/fp8/vllm/H100")["layout"])
     assert layout == built[0] / "a" / "tiny" / "images" / "fp8" / "vllm" / "H100" / "layout"

@@ -13,6 +13,7 @@ from forge.errors import InputError
 from forge.plan import make_plan
 from forge.recipe import parse_recipe
 from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.registry_server import make_base_layout
 
 
 def plan_for(data: dict, tmp_path: Path):
@@ -234,3 +235,53 @@ def test_tasks_add_a_served_baseline_run_and_one_per_variant(tiny_model, eval_te
     monkeypatch.setattr(lm_eval, "lm_eval_available", lambda: False)
     with pytest.raises(InputError, match="validation.accuracy.tasks: lm-evaluation-harness is not installed"):
         plan_for(data, tmp_path)
+
+
+def test_two_trtllm_modes_on_one_gpu_are_two_cells(tiny_model, eval_text, tmp_path):
+    """An engine and the PyTorch backend on the same GPU are different artifacts: their stage ids,
+    artifact directories and CI jobs carry the mode, and their image tags can (`{mode}`)."""
+    data = tiny_recipe(tiny_model, eval_text, targets=[
+        {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "engine", "version": "1.2.1"}},
+        {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "pytorch", "version": "1.2.1"}},
+        {"backend": "vllm", "gpus": ["H100"]},
+    ])  # fmt: skip
+    data["variants"] = [{"name": "fp8", "scheme": "FP8_DYNAMIC"}]
+    make_base_layout(tmp_path / "base")
+    data["package"] = {"enabled": True, "base_images": {"trtllm": "oci:base:latest", "vllm": "oci:base:latest"}}
+    code, output = run_cli("plan", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 2 and "package.tags: 'fp8-trtllm-H100' names both fp8/trtllm-engine/H100 and" in output, output
+    assert "{mode}" in output
+
+    data["package"]["tags"] = ["{variant}-{backend}-{mode}-{gpu}"]
+    plan = plan_for(data, tmp_path)
+    assert [a.cell for a in plan.artifacts] == ["fp8/trtllm-engine/H100", "fp8/trtllm-pytorch/H100", "fp8/vllm/H100"]
+    ids = {s.id for s in plan.stages}
+    assert {"engine/fp8/trtllm-engine/H100", "package/fp8/trtllm-pytorch/H100"} <= ids
+    assert not any(i.endswith("/trtllm/H100") for i in ids) and len(ids) == len(plan.stages)
+    tags = {s.id: s.params["tags"] for s in plan.of_kind("package")}
+    assert tags["package/fp8/trtllm-engine/H100"] == ["fp8-trtllm-engine-H100"]
+    assert tags["package/fp8/trtllm-pytorch/H100"] == ["fp8-trtllm-pytorch-H100"]
+    assert tags["package/fp8/vllm/H100"] == ["fp8-vllm--H100"]  # {mode} is empty for one-mode backends
+
+
+def test_an_unknown_tag_placeholder_names_the_ones_there_are(tiny_model, eval_text, tmp_path):
+    data = tiny_recipe(tiny_model, eval_text, package={"enabled": True, "tags": ["{variant}-{flavour}"]})
+    code, output = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert code == 2 and "package.tags" in output and "{variant}, {backend}, {gpu} and {mode}" in output, output
+
+
+def test_two_trtllm_modes_build_into_two_artifact_directories(tiny_model, eval_text, tmp_path):
+    data = tiny_recipe(tiny_model, eval_text, targets=[
+        {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "engine", "version": "1.2.1"}},
+        {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "pytorch", "version": "1.2.1"}},
+    ])  # fmt: skip
+    data["variants"] = [{"name": "fp8", "scheme": "FP8_DYNAMIC"}]
+    data["validation"]["accuracy"]["enabled"] = False
+    code, output = run_cli("build", str(write_recipe(tmp_path, data)), "--json", "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "a" / "tiny" / "build.json").read_text())
+    paths = {(a["mode"], a["format"]): Path(a["path"]) for a in report["artifacts"]}
+    assert set(paths) == {("engine", "trtllm-checkpoint"), ("pytorch", "modelopt")}
+    assert paths["engine", "trtllm-checkpoint"].name == "trtllm-engine"
+    assert (paths["engine", "trtllm-checkpoint"] / "rank0.safetensors").is_file()
+    assert (paths["pytorch", "modelopt"] / "hf_quant_config.json").is_file()

@@ -121,7 +121,7 @@ def test_default_build_leaves_a_model_image_per_servable_artifact(cold):
     servable = {f"model-image/{a['variant']}/{a['backend']}/{a['gpu']}" for a in report["artifacts"]}
     built = {m["stage"]: m for m in report["model_images"]}
     deferred = {s["id"] for s in report["stages"] if s["kind"] == "model-image" and s["status"] == "deferred"}
-    assert built and set(built) | deferred == servable and all("/trtllm/" in d for d in deferred)
+    assert built and set(built) | deferred == servable and all("/trtllm-engine/" in d for d in deferred)
     for image in built.values():
         done = subprocess.run(["skopeo", "inspect", f"oci:{image['layout']}:{image['tag']}"], capture_output=True,
                               text=True)  # fmt: skip

@@ -22,8 +22,11 @@ BACKEND_NAMES: tuple[str, ...] = tuple(RECORDS)
 BACKENDS: dict[str, ModuleType] = {module.RECORD.name: module for module in MODULES}
 
 
-def trtllm_mode(target: Target) -> str:
-    """engine for TensorRT-LLM ≤ 1.2.x (trtllm-build was removed after 1.2), pytorch after."""
+def trtllm_mode(target: Target) -> str | None:
+    """TensorRT-LLM's way of serving: engine for ≤ 1.2.x (trtllm-build was removed after 1.2),
+    pytorch after; None for the other backends, which have one."""
+    if target.backend != "trtllm":
+        return None
     return trtllm.resolve_mode(target.trtllm.mode, target.trtllm.version)
 
 
