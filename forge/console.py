@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from forge.eval.gates import gate_verdict
 from forge.plan import Plan, serving_name
@@ -37,14 +38,29 @@ def _status(status: str) -> str:
     return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
 
 
+def _print_rows(console: Console, title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A table in a terminal; elsewhere (a CI log, a pipe) one plain line per row, nothing cut or
+    wrapped, so a stage id or a command can be copied whole and grep finds a stage on one line."""
+    if console.is_terminal:
+        table = Table(title=title, title_justify="left")
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    plain = [[Text.from_markup(cell).plain for cell in row] for row in rows]
+    widths = [max([len(column), *(len(row[i]) for row in plain)]) for i, column in enumerate(columns[:-1])]
+    console.out(title, highlight=False)
+    for row in [list(columns), *plain]:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
+        console.out(line.rstrip(), highlight=False)
+
+
 def render_plan(plan: Plan, console: Console | None = None) -> None:
     console = console or Console()
-    stages = Table(title=f"plan: {plan.recipe.name}", title_justify="left")
-    for column in ("stage", "status", "why / command"):
-        stages.add_column(column)
-    for stage in plan.stages:
-        stages.add_row(stage.id, _status(stage.status), stage.command or stage.reason)
-    console.print(stages)
+    rows = [(stage.id, _status(stage.status), stage.command or stage.reason) for stage in plan.stages]
+    _print_rows(console, f"plan: {plan.recipe.name}", ("stage", "status", "why / command"), rows)
     render_cells(plan.recipe.name, plan.artifacts, console)
     if plan.shape_pinned:
         console.print(
@@ -56,12 +72,10 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
 def render_cells(recipe_name: str, cells: list, console: Console | None = None) -> None:
     """The artifact matrix: one row per (variant, backend, GPU) with its format, status and why."""
     console = console or Console()
-    matrix = Table(title=f"artifacts of {recipe_name} (variant × backend × GPU)", title_justify="left")
-    for column in ("variant", "backend", "gpu", "format", "status", "why"):
-        matrix.add_column(column)
-    for a in cells:
-        matrix.add_row(a.variant, serving_name(a.backend, a.mode), a.gpu, a.format or "-", _status(a.status), a.reason)
-    console.print(matrix)
+    rows = [(a.variant, serving_name(a.backend, a.mode), a.gpu, a.format or "-", _status(a.status), a.reason)
+            for a in cells]  # fmt: skip
+    title = f"artifacts of {recipe_name} (variant × backend × GPU)"
+    _print_rows(console, title, ("variant", "backend", "gpu", "format", "status", "why"), rows)
 
 
 def _verdict(gate: dict) -> str:
@@ -76,14 +90,11 @@ def _figure(value) -> str:
 def render_build(report: dict, report_path: Path, console: Console | None = None) -> None:
     console = console or Console()
     took = build_time(report)
-    stages = Table(title=f"build: {report['recipe']['name']} ({took})", title_justify="left")
-    for column in ("stage", "status", "seconds", "note"):
-        stages.add_column(column)
+    rows = []
     for stage in report["stages"]:
         seconds = f"{stage['seconds']:.1f}" if "seconds" in stage and stage["status"] == "ran" else ""
-        note = stage_note(stage)
-        stages.add_row(stage["id"], _status(stage.get("status", "?")), seconds, note)
-    console.print(stages)
+        rows.append((stage["id"], _status(stage.get("status", "?")), seconds, stage_note(stage)))
+    _print_rows(console, f"build: {report['recipe']['name']} ({took})", ("stage", "status", "seconds", "note"), rows)
     if measured := accuracy_rows(report):  # the numbers, whether or not the recipe gates them
         table = Table(title="accuracy (measured on the exported weights)", title_justify="left")
         for column in ("artifact", *(label for _, label in ACCURACY_COLUMNS)):

@@ -64,3 +64,24 @@ def test_a_log_outside_the_cache_is_named_where_it_is(tmp_path: Path, monkeypatc
     with pytest.raises(InfraError, match=f"log {re.escape(str(log))}:"):
         wait_healthy("http://127.0.0.1:9", proc, log, timeout_s=30)
     assert not (tmp_path / "crash").exists()
+
+
+def test_plan_and_build_outside_a_terminal_print_one_whole_line_per_stage(tiny_model, eval_text, tmp_path):
+    from tests.conftest import run_cli, tiny_recipe, write_recipe
+
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "tgi", "gpus": ["H100", "A100"]}])
+    data["validation"]["throughput"] = {"enabled": True, "cpu": False}
+    recipe = write_recipe(tmp_path, data)
+    code, output = run_cli("plan", str(recipe), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 0, output
+    lines = output.splitlines()
+    deferred = [line for line in lines if line.startswith("throughput/int4/tgi/A100-80GB ")]
+    assert len(deferred) == 1 and "--only throughput/int4/tgi/A100-80GB  # serves" in deferred[0]
+    assert deferred[0].rstrip().endswith("--num-shard 1")  # the whole command, not cut at a column
+    note = next(line for line in lines if line.startswith("fp8      tgi      A100-80GB"))
+    assert "W8A16 on Ampere" in note and note.rstrip().endswith("Ada or Hopper)")
+    assert not any(c in output for c in "┃│…")  # no table borders, nothing ellipsised
+
+    code, output = run_cli("build", str(recipe), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 0, output
+    assert any(re.fullmatch(r"export/int4/compressed-tensors +ran +[0-9.]+", line) for line in output.splitlines())
