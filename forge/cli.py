@@ -20,6 +20,7 @@ import click
 
 from forge.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, ForgeError, GateFailed, InfraError, InputError
 from forge.loadgen.workload import (
+    FLAVORS,
     MAX_CONCURRENCY,
     MAX_LEVELS,
     MAX_OUTPUT_TOKENS,
@@ -294,6 +295,23 @@ def _concurrency_levels(ctx, param, value: str) -> list[int]:
     return levels
 
 
+def _request_rates(ctx, param, value: str | None) -> list[float] | None:
+    """`--request-rate 2,4,8`: distinct open-loop arrival rates (requests/s), finite and > 0."""
+    if value is None:
+        return None
+    try:
+        rates = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+    if not 1 <= len(rates) <= MAX_LEVELS:
+        raise click.BadParameter(f"give 1 to {MAX_LEVELS} rates, got {len(rates)}")
+    if bad := [r for r in rates if not (r > 0 and math.isfinite(r))]:
+        raise click.BadParameter(f"each rate must be a finite number > 0, got {bad[0]}")
+    if len(set(rates)) != len(rates):
+        raise click.BadParameter(f"{value!r} repeats a rate")
+    return rates
+
+
 def _finite(ctx, param, value: float | None) -> float | None:
     """click's FloatRange lets `nan` through (every comparison with it is false)."""
     if value is not None and not math.isfinite(value):
@@ -322,6 +340,7 @@ _BENCH_OPTIONS = {
     "requests_per_level": "--requests",
     "levels": "--concurrency",
     "out_dir": "--out",
+    "dataset": "--dataset",
 }
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 # The gate options are the recipe's gate names (validation.throughput.*); these older spellings stay
@@ -354,12 +373,35 @@ _SECONDS = click.FloatRange(min=0, min_open=True, max=7 * 24 * 3600)
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Tokenizer directory for exact prompt lengths [default: --model if a directory].")  # fmt: skip
 @click.option("--api", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
-@click.option("--flavor", type=click.Choice(["vllm", "openai", "transformers", "none"]), default="vllm",
-              show_default=True, help="How to ask for a fixed output length (ignore_eos dialect).")  # fmt: skip
+@click.option("--flavor", type=click.Choice(["auto", *FLAVORS]), default="auto", show_default=True,
+              help="How to ask for a fixed output length: vllm (min_tokens + ignore_eos), openai (ignore_eos), "
+              "transformers (generation_config), none (max_tokens only). auto: the first of these the server "
+              "accepts, asked with one one-token request each (transformers serve refuses ignore_eos).")  # fmt: skip
 @click.option(
     "--concurrency", default="1,4,16", show_default=True, callback=_concurrency_levels,
     help=f"Closed-loop concurrencies: distinct, each 1..{MAX_CONCURRENCY}, at most {MAX_LEVELS} levels.",
 )  # fmt: skip
+@click.option("--request-rate", "request_rates", default=None, callback=_request_rates, metavar="RATES",
+              help="Open loop instead: arrival rates in requests/s, e.g. 2,4,8 (vLLM's --request-rate), "
+              "each level capped at the largest --concurrency in flight.")  # fmt: skip
+@click.option(
+    "--burstiness",
+    type=_POSITIVE,
+    default=1.0,
+    show_default=True,
+    callback=_finite,
+    help="Open loop: gamma shape of the arrival gaps (1 = Poisson; lower is burstier), as vLLM's.",
+)
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Cut the prompts (exact token windows at random offsets) from this plain-text file "
+              "instead of random tokens.")  # fmt: skip
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Seed for the prompts and the open-loop arrival times.",
+)
 @click.option("--prompt-tokens", type=click.IntRange(1, MAX_PROMPT_TOKENS), default=128, show_default=True,
               help=f"Prompt length. Tokens × (requests + 2) × levels ≤ {MAX_PROMPT_TOKENS_TOTAL:,}.")  # fmt: skip
 @click.option("--output-tokens", type=click.IntRange(1, MAX_OUTPUT_TOKENS), default=64, show_default=True)
@@ -387,15 +429,25 @@ _SECONDS = click.FloatRange(min=0, min_open=True, max=7 * 24 * 3600)
               show_default=True, help="Directory for per-request JSONL, summary.json and plots.")  # fmt: skip
 @JSON
 @handle_errors
-def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, output_tokens, requests,
-          request_timeout, run_timeout, max_failed_pct, max_ttft_p99_ms, max_tpot_p99_ms, min_output_tps,
-          min_goodput, gpu_usd_per_hour, gpus, out, as_json, **aliases) -> None:  # fmt: skip
+def bench(endpoint, model, tokenizer, api, flavor, concurrency, request_rates, burstiness, dataset, seed,
+          prompt_tokens, output_tokens, requests, request_timeout, run_timeout, max_failed_pct, max_ttft_p99_ms,
+          max_tpot_p99_ms, min_output_tps, min_goodput, gpu_usd_per_hour, gpus, out, as_json,
+          **aliases) -> None:  # fmt: skip
     """Measure any running OpenAI-compatible server: throughput, TTFT, TPOT, ITL, E2E latency
-    (mean, p50, p90, p99) per concurrency level, gates, and cost per 1M output tokens.
+    (mean, p50, p90, p99) per load level, gates, and cost per 1M output tokens.
 
     Every failed request (HTTP error, refused or dropped connection, timeout, malformed stream) is
     counted per level and overall, in the table and in summary.json. If the server answers none of
-    a level's requests, the later levels are not sent (they count as failed).
+    a level's requests, the later levels are not sent (they count as failed). OPENAI_API_KEY, when
+    set, is sent as a bearer token (as `vllm bench serve` does); never put credentials in the URL.
+
+    \b
+    Metrics, named as vLLM's `bench serve` names them:
+      TTFT  time to first token, from the request's scheduled start (queueing counts)
+      TPOT  time per output token: (E2E latency - TTFT) / (output tokens - 1), per request
+            (guidellm calls this "ITL", inter-token latency)
+      ITL   the gaps between consecutive token chunks (a chunk may hold several tokens)
+      E2E   end-to-end latency; goodput: requests/s within the TTFT and TPOT limits
 
     \b
     Exit codes:
@@ -414,11 +466,16 @@ def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, o
             gates[new] = value
     slos = SLOs(**gates, min_goodput=min_goodput)
     cost = GpuCost(gpu_usd_per_hour, gpus) if gpu_usd_per_hour else None
+    levels = concurrency
+    if request_rates:  # open loop; at most the largest closed-loop level in flight
+        from forge.loadgen.workload import LoadLevel
+
+        levels = [LoadLevel(max(concurrency), rate, burstiness) for rate in request_rates]
     try:
         result = run_sweep(
-            endpoint, model, tokenizer, concurrency, prompt_tokens, output_tokens, requests, out, slos,
+            endpoint, model, tokenizer, levels, prompt_tokens, output_tokens, requests, out, slos,
             api=api, flavor=flavor, gpu_cost=cost, request_timeout_s=request_timeout, run_timeout_s=run_timeout,
-            max_failed_pct=max_failed_pct,
+            max_failed_pct=max_failed_pct, dataset=dataset, seed=seed,
         )  # fmt: skip
     except InputError as error:
         key, _, detail = str(error).partition(":")
@@ -434,6 +491,8 @@ def bench(endpoint, model, tokenizer, api, flavor, concurrency, prompt_tokens, o
         from forge.console import render_sweep
 
         render_sweep(summary)
+        if flavor == "auto":  # summary.json and --json record it too
+            click.echo(f"--flavor {result.flavor}: the first the server accepts")
         click.echo(failed)
         click.echo(f"records and plots: {out}")
     if result.requests_completed == 0:

@@ -49,7 +49,9 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def bench(url: str, tokenizer_dir: Path, out: Path, *extra: str) -> Result:
     """`forge bench --json` with a small workload: 2 levels × 4 requests unless `extra` says otherwise."""
     args = ["bench", "--endpoint", url, "--model", "m", "--tokenizer", str(tokenizer_dir), "--out", str(out)]
-    defaults = {"--concurrency": "1,4", "--prompt-tokens": "16", "--output-tokens": "4", "--requests": "4"}
+    # A fixed --flavor: these attacks count the stub's requests, which the auto probe would add to.
+    defaults = {"--concurrency": "1,4", "--prompt-tokens": "16", "--output-tokens": "4", "--requests": "4",
+                "--flavor": "vllm"}  # fmt: skip
     for option, value in defaults.items():
         if option not in extra:
             args += [option, value]

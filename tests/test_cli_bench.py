@@ -53,3 +53,23 @@ def test_bench_reports_levels_and_fails_an_unmeetable_gate(tmp_path):
     gates = ("max-ttft-p99-ms", "max-tpot-p99-ms", "min-output-tps", "min-goodput")
     assert all(f"--{name}" in help_text for name in gates)
     assert "--ttft-p99-ms" not in help_text and "--min-output-tok-s" not in help_text
+
+
+def test_bench_asks_the_flavor_only_after_the_arguments_pass(tmp_path):
+    """Without --flavor, the server is asked which length fields it takes, but never before the
+    arguments are checked (exit 2, nothing sent), and a server that is not there is exit 3."""
+    tok = tmp_path / "tok"
+    make_tokenizer(512).save_pretrained(tok)
+    args = ["bench", "--endpoint", "http://127.0.0.1:9", "--model", "m", "--tokenizer", str(tok)]
+    bad = CliRunner().invoke(main, [*args, "--prompt-tokens", "100000", "--requests", "10000"])
+    assert bad.exit_code == 2, bad.output
+    down = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert down.exit_code == 3 and "could not be reached to detect --flavor" in down.output, down.output
+    with running_stub(StubBehavior()) as stub:
+        found = CliRunner().invoke(main, ["bench", "--endpoint", stub.url, "--model", "m", "--tokenizer", str(tok),
+                                          "--concurrency", "1", "--requests", "2", "--prompt-tokens", "16",
+                                          "--output-tokens", "4", "--out", str(tmp_path / "out")])  # fmt: skip
+        sent = [r.body for r in stub.requests]
+    assert found.exit_code == 0 and "--flavor vllm: the first the server accepts" in found.output, found.output
+    assert sent[0]["max_tokens"] == 1 and sent[0]["ignore_eos"] is True and "stream" not in sent[0]  # the probe
+    assert all(body["ignore_eos"] and body["min_tokens"] == 4 for body in sent[1:])

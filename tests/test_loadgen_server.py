@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from forge.loadgen import SLOs, launch_argv, run_sweep, serve_transformers
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +50,14 @@ def test_sweep_against_transformers_serve(tiny_model: Path, tmp_path: Path) -> N
             server.base_url, server.model, None, [2], PROMPT_TOKENS, OUTPUT_TOKENS, 2, tmp_path / "chat",
             api="chat", flavor="transformers", warmup_requests=0, plots=False,
         )  # fmt: skip
+        # `forge bench` without --flavor finds what this server accepts (it refuses vLLM's ignore_eos).
+        code, output = run_cli("bench", "--endpoint", server.base_url, "--model", server.model, "--tokenizer",
+                               str(tiny_model), "--concurrency", "1", "--requests", "2", "--prompt-tokens",
+                               str(PROMPT_TOKENS), "--output-tokens", str(OUTPUT_TOKENS), "--json", "--out",
+                               str(tmp_path / "bench"))  # fmt: skip
+    assert code == 0, output
+    bench = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    assert bench["flavor"] == "transformers" and bench["levels"][0]["total_output_tokens"] == 2 * OUTPUT_TOKENS
     assert not _alive(server.pid)
     assert "Uvicorn running" in (tmp_path / "server.log").read_text()
     assert argv[1:3] == ["serve", str(tiny_model.resolve())] and result.server_argv == argv

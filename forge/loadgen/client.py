@@ -504,6 +504,38 @@ class ConnectionPool:
         self._idle.clear()
 
 
+def probe_flavor(endpoint: Endpoint, model: str, api: str, flavors: tuple[str, ...], timeout_s: float = 60.0) -> str:
+    """The first of `flavors` whose length fields the server accepts, asked with one short
+    non-streaming request each: `transformers serve` refuses vLLM's `ignore_eos` / `min_tokens`
+    with 422, vLLM takes them. A refusal (400/422) tries the next; anything else is the answer
+    (2xx) or an error that no flavor will fix (a 401, a 404 model, a server down: exit 3)."""
+    from http.client import HTTPException
+    from urllib.error import HTTPError, URLError
+    from urllib.request import Request, urlopen
+
+    from forge.errors import InfraError
+    from forge.loadgen.workload import length_fields
+
+    url = endpoint.url.removesuffix(endpoint.base_path) + endpoint.api_path(api)
+    headers = {"Content-Type": "application/json"}
+    if api_key := os.environ.get("OPENAI_API_KEY"):  # as every measured request sends it
+        headers["Authorization"] = f"Bearer {api_key}"
+    refused = []
+    for flavor in flavors:
+        body = {"model": model, "max_tokens": 1, "temperature": 0.0, **length_fields(flavor, 1)}
+        body |= {"messages": [{"role": "user", "content": "Hi"}]} if api == "chat" else {"prompt": "Hi"}
+        try:
+            with urlopen(Request(url, json.dumps(body).encode(), headers), timeout=timeout_s):
+                return flavor  # the status decides; the one token is not needed
+        except HTTPError as error:
+            if error.code not in (400, 422):
+                raise InfraError(f"bench: {url} answered {error.code} to a one-token request: {error.reason}") from None
+            refused.append(f"{flavor}: {error.code}")
+        except (URLError, OSError, HTTPException) as error:
+            raise InfraError(f"bench: {url} could not be reached to detect --flavor: {error}") from None
+    raise InfraError(f"bench: {url} refused every --flavor ({', '.join(refused)})")
+
+
 def build_request_head(endpoint: Endpoint, path: str, body_len: int, request_id: str) -> bytes:
     lines = [
         f"POST {path} HTTP/1.1",

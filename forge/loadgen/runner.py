@@ -28,6 +28,7 @@ from forge.loadgen.client import (
     ConnectionPool,
     Endpoint,
     RequestRecord,
+    probe_flavor,
     send_streaming_request,
 )
 from forge.loadgen.metrics import (
@@ -388,8 +389,8 @@ def run_sweep(
     check_sweep_size(levels, prompt_tokens, output_tokens, requests_per_level, warmup_requests)
     if api not in ("completions", "chat"):
         raise InputError(f"api: {api!r} is not 'completions' or 'chat'")
-    if flavor not in FLAVORS:
-        raise InputError(f"flavor: {flavor!r} is not one of {', '.join(FLAVORS)}")
+    if flavor != "auto" and flavor not in FLAVORS:
+        raise InputError(f"flavor: {flavor!r} is not auto or one of {', '.join(FLAVORS)}")
     for name, value in (("request_timeout_s", request_timeout_s), ("run_timeout_s", run_timeout_s)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise InputError(f"{name}: must be a finite number of seconds > 0, got {value}")
@@ -410,6 +411,8 @@ def run_sweep(
 
     per_level = requests_per_level + warmup_requests
     prompts = build_prompts(tokenizer, api, per_level * len(load_levels), prompt_tokens, dataset, seed)
+    if flavor == "auto":  # asked of the server only once every argument is known good
+        flavor = probe_flavor(parsed, model, api, FLAVORS, timeout_s=request_timeout_s)
     bodies = [request_body(api, model, p, output_tokens, flavor) for p in prompts]
 
     aborted = None
