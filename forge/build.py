@@ -3,9 +3,11 @@
     resolve source → accuracy baseline → quantize → export per format → accuracy per export
     → engine → lm-eval tasks → throughput → package → gates → push (only when every gate passed) → report
 
-Each stage is a plain function in `forge.stages`; `Cache.run` skips it when its key is already
-complete (and its files still match the entry's manifest), so an unchanged rebuild does no work
-and a change to a later stage reuses everything before it. Stages that need absent hardware are
+Each stage kind is a module of `forge.stages` (an inputs record and a `produce` function); the
+build walks the plan's stages once, in dependency order, handing each its record and its
+dependencies' entries by role. `Cache.run` skips a stage when its key is already complete (and
+its files still match the entry's manifest), so an unchanged rebuild does no work and a change to
+a later stage reuses everything before it. Stages that need absent hardware are
 recorded as deferred with their command.
 
 build.json never lies about `artifacts/<name>/`: once stages start, it is written on every exit
@@ -36,24 +38,15 @@ from forge.plan import Plan, Stage, git_revision, make_plan, serving_name
 from forge.progress import Progress
 from forge.recipe import dump_recipe, load_recipe
 from forge.stages import (
+    KINDS,
+    Run,
     deferred_gates,
     evaluate_accuracy_gates,
     evaluate_task_gates,
     gate_failure_message,
-    push_images,
-    stage_accuracy,
-    stage_baseline,
-    stage_engine,
-    stage_export,
-    stage_model_image,
-    stage_package,
-    stage_quantize,
-    stage_source,
-    stage_tasks,
-    stage_throughput,
     throughput_results,
-    variant_named,
 )
+from forge.stages.push import push_images
 
 TOOLS = ("torch", "transformers", "safetensors", "compressed-tensors", "llmcompressor", "gguf", "pydantic")
 NO_VALIDATION = {"accuracy": [], "tasks": [], "throughput": [], "deferred": []}
@@ -186,97 +179,51 @@ def build(
     records = outcome.records
     phase = "stages"
 
-    def run(stage: Stage, produce) -> Path:
+    def run(stage: Stage, deps: dict[str, Path]) -> Path:
+        """The stage's cache entry, computed by its kind's `produce` unless complete and verified."""
         records[stage.id] = {"status": "failed"}  # until its entry is complete
+        kind = KINDS[stage.kind]
+
+        def produce(out: Path) -> dict:
+            return kind.produce(stage.inputs, Run(out, deps, progress, cache))
+
         path, report, cached = cache.run(stage.kind, stage.key, produce)
         records[stage.id] = {"status": "cached" if cached else "ran", **report}
         if (stage.kind, stage.key) in discarded:
             records[stage.id]["discarded_entry"] = discarded[stage.kind, stage.key]
         return path
 
-    def selected(kind: str) -> list[Stage]:
-        return [s for s in plan.of_kind(kind) if s.id in chosen]
-
+    entries: dict[str, Path] = {}  # stage id → its cache entry, for the stages after it
     try:
-        source_dir = run(plan.stage("source"), lambda out: stage_source(plan, out)) / "model"
-
-        baseline_dir = None
-        for stage in selected("baseline"):
-            baseline_dir = run(stage, lambda out, s=stage: stage_baseline(plan, s, source_dir, out, progress))
-
-        quantized: dict[str, Path] = {}
-        for stage in selected("quantize"):
-            variant = variant_named(plan, stage.params["variant"])
-            quantized[variant.name] = run(
-                stage, lambda out, v=variant: stage_quantize(plan, v, source_dir, out, progress)
-            )
-
-        exports: dict[str, Path] = {}
-        for stage in selected("export"):
-            qdir = quantized[stage.params["variant"]]
-            exports[stage.id] = run(stage, lambda out, s=stage, q=qdir: stage_export(plan, s, q, source_dir, out))
-
-        for stage in selected("accuracy"):
-            export_dir = exports[stage.id.replace("accuracy/", "export/", 1)] / "model"
-            run(stage, lambda out, s=stage, e=export_dir: stage_accuracy(plan, s, e, baseline_dir, out, progress))
-
-        engines: dict[str, Path] = {}
-        for stage in selected("engine"):
-            checkpoint = exports[stage.needs[0]] / "model"
-            engines[stage.id] = run(stage, lambda out, s=stage, c=checkpoint: stage_engine(plan, s, c, out, progress))
-
-        model_images: dict[str, Path] = {}
-        for stage in selected("model-image"):
-            model_dir = exports[stage.needs[0]] / "model"
-            engine = next((engines[n] / "engine" for n in stage.needs if n in engines), None)
-            model_images[stage.id] = run(
-                stage, lambda out, s=stage, m=model_dir, e=engine: stage_model_image(plan, s, m, e, out)
-            )
-
-        def served(stage: Stage) -> tuple[Path, Path | None]:
-            """The model directory and TensorRT engine (if any) a serving stage loads."""
-            if stage.params["variant"] is None:  # the lm-eval baseline serves the source
-                return source_dir, None
-            engine = next((engines[n] / "engine" for n in stage.needs if n.startswith("engine/")), None)
-            return exports[stage.needs[0]] / "model", engine
-
-        # Images before the GPU measurements: a GPU stage serves the image that is released (stages.serve_artifact).
-        packages: dict[str, Path] = {}
-        for stage in selected("package"):
-            model_dir, engine = served(stage)
-            packages[stage.id] = run(
-                stage, lambda out, s=stage, m=model_dir, e=engine: stage_package(plan, s, m, e, out)
-            )
-
-        def image(stage: Stage) -> Path | None:
-            """The OCI layout of the image a GPU stage serves, when packaging is on."""
-            return next((packages[n] / "layout" for n in stage.needs if n in packages), None)
-
-        for stage in selected("tasks"):
-            run(stage, lambda out, s=stage: stage_tasks(plan, s, *served(s), out, progress, image(s)))
-
-        for stage in selected("throughput"):
-            run(stage, lambda out, s=stage: stage_throughput(plan, s, *served(s), out, progress, image(s)))
+        # One loop in plan order, which is dependency order: each stage reads its dependencies'
+        # entries by role. Pushes are not content: they run after the gates, below.
+        for stage in plan.stages:
+            if stage.id in chosen and stage.kind != "push":
+                entries[stage.id] = run(stage, {role: entries[dep] for role, dep in stage.deps.items()})
 
         fill_records(plan, records, chosen, only, skip, "runs once every gate passed")
         outcome.validation, outcome.failed_gates = validate(plan, records)
+        packages = {s.id: entries[s.id] for s in plan.of_kind("package") if s.id in entries}
+        model_images = {s.id: entries[s.id] for s in plan.of_kind("model-image") if s.id in entries}
         outcome.images = [{"stage": sid, "layout": str(p / "layout"), **records[sid]} for sid, p in packages.items()]
 
         phase = "materialize"
         # Said first, so a build killed while the directories change leaves a report that says so.
         interrupted = "interrupted while writing the artifact directories; build again"
         outcome.write(outcome.report({"stage": phase, "type": "Interrupted", "message": interrupted}))
-        materialize_artifacts(plan, exports, outcome.out_root, outcome.artifacts)
-        for sid, entry in model_images.items():  # artifacts/<recipe>/images/<variant>/<backend>/<gpu>/
-            target = outcome.out_root / "images" / sid.removeprefix("model-image/")
+        materialize_artifacts(plan, entries, outcome.out_root, outcome.artifacts)
+        for artifact in plan.artifacts:  # artifacts/<recipe>/images/<variant>/<backend>/<gpu>/
+            sid = next((sid for sid in artifact.stages if sid in model_images), None)
+            if sid is None:
+                continue
+            entry, target = model_images[sid], outcome.out_root / "images" / artifact.cell
             link_tree(entry / "layout", target / "layout")
             link_tree(entry / "deploy", target / "deploy")
             outcome.model_images.append(
                 {"stage": sid, "layout": str(target / "layout"), "deploy": str(target / "deploy"), **records[sid]}
             )
 
-        packages.update(model_images)  # pushed the same way: stage.json names the tag, `layout/` the image
-        pushes = selected("push")
+        pushes = [s for s in plan.of_kind("push") if s.id in chosen]
         if pushes and outcome.failed_gates:
             for stage in pushes:  # a release must never publish an artifact that failed its gates
                 records[stage.id] = {"status": "disabled", "reason": "not pushed: a validation gate failed"}
@@ -286,12 +233,13 @@ def build(
             for stage in pushes:
                 phase = stage.id
                 records[stage.id] = {"status": "failed"}
-                [pushed] = push_images(plan, [stage], packages, attached, progress)
+                [pushed] = push_images([(stage.id, stage.inputs, entries[stage.deps["image"]])], attached, recipe,
+                                       progress)  # fmt: skip
                 outcome.pushed.append(pushed)
                 records[stage.id] = {"status": "ran", "digest": pushed["digest"],
                                      "bytes_uploaded": pushed["bytes_uploaded"]}  # fmt: skip
-                if stage.params["deferred_gates"]:  # allowed explicitly: the record says what was not measured
-                    records[stage.id]["deferred_gates"] = stage.params["deferred_gates"]
+                if stage.inputs.deferred_gates:  # allowed explicitly: the record says what was not measured
+                    records[stage.id]["deferred_gates"] = list(stage.inputs.deferred_gates)
         phase = "report"
         report = outcome.report()
         report_path = outcome.write(report)
@@ -348,7 +296,7 @@ def refuse_deferred_pushes(plan: Plan, chosen: set[str]) -> None:
         return
     lines = "\n".join(f"  {s.id}: {s.reason}" for s in refused)
     message = f"push: refused, these pushes are deferred:\n{lines}"
-    if any(s.params["deferred_gates"] for s in refused):
+    if any(s.inputs.deferred_gates for s in refused):
         raise GateFailed(message + "\n(--allow-deferred-gates or package.allow_deferred_gates: true pushes anyway)")
     raise InfraError(message)
 
@@ -421,7 +369,7 @@ def check_hardware(plan: Plan, chosen: set[str], only: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------- outputs
 
 
-def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path, listed: list[dict]) -> None:
+def materialize_artifacts(plan: Plan, entries: dict[str, Path], out_root: Path, listed: list[dict]) -> None:
     """`artifacts/<recipe>/<variant>/<backend>[-<mode>]/`: hard links into the (verified, read-only) cache
     entries, no copies; each artifact is appended to `listed` once its directory is in place, so
     a failure part-way reports exactly the ones written.
@@ -431,9 +379,9 @@ def materialize_artifacts(plan: Plan, exports: dict[str, Path], out_root: Path, 
     gets through (root ignores file modes) is caught by the entry's manifest on the next build,
     which recomputes the entry and links the artifact afresh."""
     for artifact in plan.artifacts:
-        if artifact.status != "planned" or artifact.export_stage not in exports:
+        if artifact.status != "planned" or artifact.export_stage not in entries:
             continue  # impossible, or its export left out by --only/--skip
-        entry = exports[artifact.export_stage]
+        entry = entries[artifact.export_stage]
         target = out_root / artifact.variant / serving_name(artifact.backend, artifact.mode)
         link_tree(entry / "model", target)
         files = json.loads((entry / "stage.json").read_text())["files"]

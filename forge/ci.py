@@ -507,7 +507,7 @@ def packaged_image(plan: Plan, package, mount: PurePosixPath) -> tuple[str, str]
             "serve the backend's image with the artifact mounted)"
         )
     name = f"{recipe_package.registry}/{recipe_package.repository}"
-    tag = package.params["tags"][0]
+    tag = package.inputs.tag
     facts = plan.cache.entry(package.kind, package.key) / "stage.json"
     digest = json.loads(facts.read_text()).get("digest") if package.status == "cached" and facts.is_file() else None
     reference = f"{name}@{digest}" if digest else f"{name}:{tag}-candidate"
@@ -565,7 +565,7 @@ def bench_command(plan: Plan, cell: CellWork, endpoint: str, model: str, tokeniz
     for option, value in gates.items():
         if value is not None:
             argv += [option, f"{value:g}"]
-    price = load.usd_per_hour.get(cell.gpu, lookup_gpu(cell.gpu).usd_per_hour)  # as stages.stage_throughput
+    price = load.usd_per_hour.get(cell.gpu, lookup_gpu(cell.gpu).usd_per_hour)  # as stages.gates.throughput_price
     if price:
         argv += ["--gpu-usd-per-hour", f"{price:g}"]
     return argv

@@ -14,10 +14,12 @@ import os
 import platform
 import shlex
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from forge.backends import export_format, trtllm, trtllm_mode
+from forge import __version__
+from forge.backends import RECORDS, export_format, trtllm, trtllm_mode
 from forge.cache import Cache, atomic_write_text
 from forge.compat import (
     SUPPORTED_ARCHITECTURES,
@@ -33,28 +35,52 @@ from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
 from forge.quant.presets import PRESETS, resolve_scheme
 from forge.quant.scheme import Scheme
 from forge.recipe import Recipe, Target, Variant, expand_tag
+from forge.serving import ServeSpec, serve_spec
 from forge.source import read_model_config, remote_code, source_identity
+from forge.stages import KINDS
+from forge.stages import accuracy as accuracy_stage
+from forge.stages import baseline as baseline_stage
+from forge.stages import engine as engine_kind
+from forge.stages import export as export_kind
+from forge.stages import model_image as model_image_kind
+from forge.stages import package as package_kind
+from forge.stages import push as push_kind
+from forge.stages import quantize as quantize_kind
+from forge.stages import source as source_kind
+from forge.stages import tasks as tasks_kind
+from forge.stages import throughput as throughput_kind
+from forge.stages.base import record_json, stage_key
+from forge.stages.serve import CPU, Served
 
-# Bumped when a stage's output would change for the same inputs (a bug fix, a format change).
-# baseline 2: final hidden states + output projection instead of fp16 log-probs (forge/eval/perplexity.py).
-STAGE_VERSIONS = {"source": 1, "baseline": 2, "quantize": 1, "export": 1, "accuracy": 2}
 BUILTIN_CALIBRATION = ("pydoc_topics",)
-STAGE_ORDER = (
-    "source", "baseline", "quantize", "export", "accuracy", "engine", "model-image", "package", "tasks", "throughput",
-    "push",
-)  # fmt: skip
+STAGE_ORDER = tuple(KINDS)  # the order the build runs the kinds in
 
 
 @dataclass
 class Stage:
+    """One stage of the plan: its kind's inputs record (`forge.stages`), the stages whose entries it
+    reads by role (`{"export": "export/fp8/compressed-tensors", "baseline": "baseline"}`), and what
+    must run before it without being read (`after`: the gates a push waits for)."""
+
     id: str
     kind: str
     status: str  # run | cached | deferred
     key: str | None = None
     reason: str = ""
     command: str | None = None
-    needs: list[str] = field(default_factory=list)
-    params: dict = field(default_factory=dict)
+    deps: dict[str, str] = field(default_factory=dict)
+    after: tuple[str, ...] = ()
+    inputs: Any = None
+
+    @property
+    def needs(self) -> list[str]:
+        """Every stage that must be complete before this one: what it reads, then what it waits for."""
+        return [*self.deps.values(), *self.after]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "status": self.status, "key": self.key, "reason": self.reason,
+                "command": self.command, "needs": self.needs, "deps": self.deps,
+                "params": record_json(self.inputs)}  # fmt: skip
 
 
 def serving_name(backend: str, mode: str | None) -> str:
@@ -102,18 +128,27 @@ class Plan:
     targets: list[Target] = field(default_factory=list)
     allow_deferred_gates: bool = False  # package.allow_deferred_gates or `forge push --allow-deferred-gates`
     artifacts: list[Artifact] = field(default_factory=list)
+    by_id: dict[str, Stage] = field(default_factory=dict, repr=False)
+    bases: dict[str, dict] = field(default_factory=dict, repr=False)  # base image → resolve_base, once per plan
 
-    def add(self, kind: str, stage_id: str, inputs: dict | None, *, status: str | None = None,
-            deferred: tuple[str, str] | None = None, **extra) -> Stage:  # fmt: skip
-        """Append a stage; its status is `status`, else cached / deferred / run by its key."""
-        key = stage_key(kind, inputs) if inputs is not None else None
+    def add(self, stage_id: str, inputs: Any, *, deps: dict[str, Stage] | None = None, after: tuple[str, ...] = (),
+            status: str | None = None, deferred: tuple[str, str] | None = None) -> Stage:  # fmt: skip
+        """Append a stage of the kind whose `Inputs` record `inputs` is; its key is the digest of the
+        record and of the keys of `deps` (the stages it reads, by role); its status is `status`,
+        else cached / deferred / run by its key."""
+        kind = next(kind for kind, module in KINDS.items() if isinstance(inputs, module.Inputs))
+        deps = deps or {}
+        key = None
+        if kind != "push":  # an effect on a registry, not content: nothing to key
+            key = stage_key(kind, KINDS[kind].VERSION, inputs, {role: dep.key for role, dep in deps.items()})
         if status is None:
             cached = key is not None and self.cache.has(kind, key)
             status = "cached" if cached else "deferred" if deferred else "run"
-        if status == "deferred" and deferred:
-            extra["reason"], extra["command"] = deferred
-        stage = Stage(stage_id, kind, status, key, **extra)
+        reason, command = deferred if status == "deferred" and deferred else ("", None)
+        stage = Stage(stage_id, kind, status, key, reason, command, {role: dep.id for role, dep in deps.items()},
+                      after, inputs)  # fmt: skip
         self.stages.append(stage)
+        self.by_id[stage_id] = stage
         return stage
 
     @property
@@ -122,7 +157,7 @@ class Plan:
         return bool(self.model_config.get("_forge_pinned"))
 
     def stage(self, stage_id: str) -> Stage:
-        return next(s for s in self.stages if s.id == stage_id)
+        return self.by_id[stage_id]
 
     def of_kind(self, kind: str) -> list[Stage]:
         return [s for s in self.stages if s.kind == kind]
@@ -134,13 +169,9 @@ class Plan:
                 "architecture": ModelShape.from_config(self.model_config).architecture,
                 "config": "pinned in source.hub.config (hub not reached)" if self.shape_pinned else "config.json",
             },
-            "stages": [asdict(s) for s in self.stages],
+            "stages": [s.to_dict() for s in self.stages],
             "artifacts": [asdict(a) for a in self.artifacts],
         }
-
-
-def stage_key(kind: str, inputs: dict) -> str:
-    return json_digest({"stage": kind, "version": STAGE_VERSIONS.get(kind, 1), "inputs": inputs})
 
 
 def variant_scheme(variant: Variant) -> Scheme:
@@ -212,15 +243,17 @@ def git_revision(directory: Path) -> str:
 def check_tags(plan: Plan) -> None:
     """Two artifacts pushed under one tag would overwrite each other: refuse at plan time."""
     seen: dict[str, str] = {}
-    for stage in plan.of_kind("package"):
-        cell = stage.id.removeprefix("package/")
-        for tag in stage.params["tags"]:
-            if tag in seen:
-                raise InputError(
-                    f"package.tags: {tag!r} names both {seen[tag]} and {cell}; "
-                    "add {variant}, {backend}, {gpu} or {mode}"
-                )
-            seen[tag] = cell
+    for artifact in plan.artifacts:
+        for stage in (plan.stage(sid) for sid in artifact.stages):
+            if stage.kind != "package":
+                continue
+            for tag in stage.inputs.tags:
+                if tag in seen:
+                    raise InputError(
+                        f"package.tags: {tag!r} names both {seen[tag]} and {artifact.cell}; "
+                        "add {variant}, {backend}, {gpu} or {mode}"
+                    )
+                seen[tag] = artifact.cell
 
 
 # What a plan cannot decide without the model's config.json.
@@ -277,34 +310,32 @@ def make_plan(
         git_revision(recipe_dir), allow_deferred_gates=allow_deferred_gates or recipe.package.allow_deferred_gates,
     )  # fmt: skip
     plan.targets = fit_targets(recipe, config)
-    source = plan.add("source", "source", identity)
+    source = plan.add("source", source_kind.Inputs(identity, recipe.source, recipe_dir))
 
     accuracy = recipe.validation.accuracy
-    baseline = None
+    baseline, evaluation = None, {}
     if accuracy.enabled:
         dataset = dataset_file(accuracy.dataset, recipe_dir)
-        eval_inputs = {"dataset": file_digest(dataset), "window": accuracy.window, "max_windows": accuracy.max_windows}
-        baseline = plan.add(
-            "baseline", "baseline", {"source": source.key, **eval_inputs},
-            needs=["source"], params={"dataset": str(dataset)},
-        )  # fmt: skip
+        evaluation = {"dataset_sha256": file_digest(dataset), "window": accuracy.window,
+                      "max_windows": accuracy.max_windows, "dataset": dataset}  # fmt: skip
+        baseline = plan.add("baseline", baseline_stage.Inputs(**evaluation), deps={"source": source})
 
     tasks = task_inputs(plan) if accuracy.tasks else None
     if tasks:  # the source served by `transformers serve`: every task run's reference
-        plan.add("tasks", "tasks/baseline", {"source": source.key, **tasks}, needs=["source"],
-                 params={"variant": None, "gpu": "cpu"})  # fmt: skip
+        served = Served(None, CPU, label="tasks/baseline")
+        plan.add("tasks/baseline", tasks_kind.Inputs(served, **tasks), deps={"model": source})
 
     quantize: dict[str, Stage] = {}
-    for variant in recipe.variants:
+    for index, variant in enumerate(recipe.variants):
         scheme = schemes[variant.name]
         preset = PRESETS[variant.scheme]
-        inputs = {"source": source.key, "scheme": asdict(scheme), "algorithm": preset.algorithm}
+        calibration, sources = None, ()
         if preset.needs_calibration or scheme.kv_cache_dtype == "fp8":
-            inputs["calibration"] = calibration_identity(variant, recipe_dir, recipe.variants.index(variant))
-        quantize[variant.name] = plan.add(
-            "quantize", f"quantize/{variant.name}", inputs, needs=["source"],
-            params={"variant": variant.name, "algorithm": preset.algorithm},
-        )  # fmt: skip
+            calibration = calibration_identity(variant, recipe_dir, index)
+            sources = tuple(s if s in BUILTIN_CALIBRATION else str((recipe_dir / s).resolve())
+                            for s in variant.calibration.sources)  # fmt: skip
+        inputs = quantize_kind.Inputs(variant.name, variant.scheme, scheme, preset.algorithm, calibration, sources)
+        quantize[variant.name] = plan.add(f"quantize/{variant.name}", inputs, deps={"source": source})
 
     exports: dict[str, Stage] = {}
     explicit_problems: list[str] = []
@@ -347,20 +378,17 @@ def make_plan(
         cpu_task_stages(plan, exports, quantize, tasks)
     if baseline is not None:
         for export in list(exports.values()):
-            plan.add(
-                "accuracy", export.id.replace("export/", "accuracy/", 1),
-                {"export": export.key, "baseline": baseline.key},
-                needs=[export.id, "baseline"], params=dict(export.params),
-            )  # fmt: skip
+            e = export.inputs
+            inputs = accuracy_stage.Inputs(e.variant, e.format, e.tp, schemes[e.variant], **evaluation)
+            plan.add(f"accuracy/{e.variant}/{export_name(e.format, e.tp)}", inputs,
+                     deps={"export": export, "baseline": baseline})  # fmt: skip
     plan.stages.sort(key=lambda s: STAGE_ORDER.index(s.kind))  # stable: the order they run in
     memo = model_config_memo(cache, identity)  # written only once the recipe passed every check
     if not memo.is_file() and not config.get("_forge_pinned"):  # a pin is no config.json: check it next time
         atomic_write_text(memo, json.dumps(config, indent=2, sort_keys=True))
-    for push in plan.of_kind("push"):  # nothing is published before its variant's gates are measured
-        variant = push.params["variant"]
-        push.needs += [s.id for s in plan.stages if s.kind in ("accuracy", "tasks", "throughput")
-                       and s.params.get("variant") == variant and s.status in ("run", "cached")]  # fmt: skip
-        defer_push(plan, push)
+    for artifact in plan.artifacts:  # nothing is published before its variant's gates are measured
+        for push in [plan.stage(sid) for sid in artifact.stages if plan.stage(sid).kind == "push"]:
+            defer_push(plan, push, artifact)
     return plan
 
 
@@ -409,23 +437,24 @@ def fit_targets(recipe: Recipe, config: dict) -> list[Target]:
     return fitted
 
 
-def cell_of(stage: Stage) -> str:
-    """`<variant>/<backend>/<gpu>` of a per-artifact stage (`throughput/fp8/vllm/H100` → `fp8/vllm/H100`)."""
-    return stage.id.split("/", 1)[1]
+MEASURING = ("accuracy", "tasks", "throughput")  # the kinds whose gates a push waits for
 
 
-def defer_push(plan: Plan, push: Stage) -> None:
-    """A push is deferred while its image is (an engine not built yet), and while the gates measured on
-    its GPU (lm-eval tasks, throughput) are deferred, unless `allow_deferred_gates` says to publish
-    unmeasured; `forge push` refuses a deferred push (build.refuse_deferred_pushes)."""
-    package = plan.stage(push.needs[0])
-    gates = [s.id for s in plan.stages if s.kind in ("tasks", "throughput") and s.status == "deferred"
-             and cell_of(s) == cell_of(push)]  # fmt: skip
-    push.params = {**push.params, "deferred_gates": gates}
+def defer_push(plan: Plan, push: Stage, artifact: Artifact) -> None:
+    """A push waits for every measuring stage of its variant, and is deferred while its image is (an
+    engine not built yet) or while the gates measured on its GPU (lm-eval tasks, throughput) are
+    deferred, unless `allow_deferred_gates` says to publish unmeasured; `forge push` refuses a
+    deferred push (build.refuse_deferred_pushes)."""
+    push.after = tuple(s.id for s in plan.stages if s.kind in MEASURING and s.status in ("run", "cached")
+                       and getattr(s.inputs, "variant", None) == push.inputs.variant)  # fmt: skip
+    image = plan.stage(push.deps["image"])
+    own = [plan.stage(sid) for sid in artifact.stages]
+    gates = tuple(s.id for s in own if s.kind in ("tasks", "throughput") and s.status == "deferred")
+    push.inputs = replace(push.inputs, deferred_gates=gates)
     command = f"forge push {plan.recipe_file}  # once the stages above ran on a GPU builder"
-    if package.status == "deferred":
+    if image.status == "deferred":
         push.status, push.command = "deferred", command
-        push.reason = f"its image is deferred ({package.id}: {package.reason})"
+        push.reason = f"its image is deferred ({image.id}: {image.reason})"
     elif gates and not plan.allow_deferred_gates:
         push.status, push.command = "deferred", command
         push.reason = (
@@ -436,126 +465,137 @@ def defer_push(plan: Plan, push: Stage) -> None:
         push.reason = f"allow_deferred_gates: pushed with {len(gates)} gate stage(s) not measured ({', '.join(gates)})"
 
 
+def export_name(fmt: str, tp: int) -> str:
+    """The format as export and accuracy ids name it: the legacy TensorRT-LLM checkpoint is split per
+    tensor-parallel rank, so each degree is its own export."""
+    return fmt + (f"-tp{tp}" if fmt == "trtllm-checkpoint" else "")
+
+
 def export_stage(plan: Plan, exports: dict[str, Stage], quantized: Stage, fmt: str, tp: int) -> Stage:
     """The export of one quantized variant in one format, shared by every target that loads it."""
-    variant = quantized.params["variant"]
-    export_id = f"export/{variant}/{fmt}" + (f"-tp{tp}" if fmt == "trtllm-checkpoint" else "")
+    variant = quantized.inputs.variant
+    export_id = f"export/{variant}/{export_name(fmt, tp)}"
     if export_id not in exports:
-        exports[export_id] = plan.add(
-            "export", export_id, {"quantized": quantized.key, "format": fmt, "tp": tp},
-            needs=[quantized.id], params={"variant": variant, "format": fmt, "tp": tp},
-        )  # fmt: skip
+        inputs = export_kind.Inputs(variant, fmt, tp, plan.recipe.name, plan.source_identity, __version__)
+        exports[export_id] = plan.add(export_id, inputs, deps={"quantized": quantized, "source": plan.stage("source")})
     return exports[export_id]
 
 
 def target_stages(
-    plan: Plan, target: Target, cell: str, variant: Variant, gpu: GPUProfile, export: Stage,
-    tasks: dict | None,
-) -> list[str]:  # fmt: skip
+    plan: Plan, target: Target, cell: str, variant: Variant, gpu: GPUProfile, export: Stage, tasks: dict | None
+) -> list[str]:
     """The GPU-side stages of one artifact (`cell`, its `Artifact.cell`): engine build, lm-eval tasks
-    (`tasks`: their inputs, when the recipe lists any), throughput, package, push."""
-    recipe, add = plan.recipe, plan.add
+    (`tasks`: their inputs, when the recipe lists any), throughput, model image, package, pushes."""
+    recipe = plan.recipe
     ids = []
-    if trtllm_mode(target) == "engine":
-        ids.append(engine_stage(plan, target, variant, gpu, export, cell).id)
+    engine = engine_stage(plan, target, variant, gpu, export, cell) if trtllm_mode(target) == "engine" else None
+    if engine is not None:
+        ids.append(engine.id)
     # The image first: with packaging on, the GPU stages measure it (gpu_serving_stage), not the base image.
-    package = package_stage(plan, target, variant, gpu, export, cell) if recipe.package.enabled else None
+    package = package_stage(plan, target, variant, gpu, export, engine, cell) if recipe.package.enabled else None
+    served = (plan, target, variant, gpu, export, engine, package, cell)
     if tasks:  # judged against the baseline run on this machine
-        ids.append(gpu_serving_stage(plan, "tasks", target, variant, gpu, export, cell, tasks,
-                                     needs=("tasks/baseline",)).id)  # fmt: skip
+        ids.append(gpu_serving_stage(*served, "tasks", tasks, after=("tasks/baseline",)).id)
     if recipe.validation.throughput.enabled:
-        ids.append(
-            gpu_serving_stage(plan, "throughput", target, variant, gpu, export, cell, throughput_inputs(plan)).id
-        )
+        flavor = RECORDS[target.backend].loadgen_flavor
+        ids.append(gpu_serving_stage(*served, "throughput", {"load": load_of(plan), "flavor": flavor}).id)
     if recipe.package.model_images:
-        model_image = model_image_stage(plan, target, variant, gpu, export, cell)
+        model_image = model_image_stage(plan, target, variant, gpu, export, engine, cell)
         ids.append(model_image.id)
         if recipe.package.registry:  # pushed beside the serving image, under the same gates
-            params = {**model_image.params, "tags": [model_image.params["tag"]]}
-            ids.append(add("push", f"push/{cell}/model-image", None, status="run", needs=[model_image.id],
-                           params=params).id)  # fmt: skip
+            ids.append(push_stage(plan, f"push/{cell}/model-image", model_image, (model_image.inputs.tag,)).id)
     if package is not None:
         ids.append(package.id)
         if recipe.package.registry:
             # A push is an effect on a registry, not content: it always runs (uploading only
             # the blobs the registry lacks), and only after every gate passed.
-            ids.append(add("push", f"push/{cell}", None, status="run", needs=[package.id], params=package.params).id)
+            ids.append(push_stage(plan, f"push/{cell}", package, package.inputs.tags).id)
     return ids
 
 
-def model_image_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str) -> Stage:
+def push_stage(plan: Plan, stage_id: str, image: Stage, tags: tuple[str, ...]) -> Stage:
+    package = plan.recipe.package
+    inputs = push_kind.Inputs(image.inputs.variant, tuple(tags), package.registry, package.repository,
+                              tuple(package.insecure_registries))  # fmt: skip
+    return plan.add(stage_id, inputs, deps={"image": image}, status="run")
+
+
+def cell_image(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile) -> tuple[ServeSpec, list[str]]:
+    """How a cell's images serve it and what they are tagged: one answer for its serving image and
+    its model image (`package.tags` expanded for the cell; the model image adds `-model`)."""
+    spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, plan.revision)
+    mode = trtllm_mode(target)
+    tags = [expand_tag(t, variant.name, target.backend, gpu.name, mode) for t in plan.recipe.package.tags]
+    return spec, tags
+
+
+def model_image_stage(
+    plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, engine: Stage | None, cell: str
+) -> Stage:
     """The artifact as a data-only model image plus its deploy manifests (`forge.model_image`):
     no base image, so it builds offline; an engine-mode cell waits for its engine."""
     from forge.package import resolve_base
-    from forge.serving import serve_spec
 
     package = plan.recipe.package
-    spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, plan.revision)
-    tag = expand_tag(package.tags[0], variant.name, target.backend, gpu.name, trtllm_mode(target)) + "-model"
+    spec, tags = cell_image(plan, target, variant, gpu)
+    tag = tags[0] + "-model"
     reference = f"{package.registry or 'localhost:5000'}/{package.repository or plan.recipe.name}:{tag}"
-    engine = next((s for s in plan.stages if s.id == f"engine/{cell}"), None)
     base = None
     if package.modelcar_base:
         base = resolve_base(package.modelcar_base, plan.recipe_dir, package.registry, package.insecure_registries)
-    inputs = {"export": export.key, "engine": engine.key if engine else None, "spec": asdict(spec), "tag": tag,
-              "reference": reference, "gpus": target.tensor_parallel,
-              "modelcar_base": base and base["digest"]}  # fmt: skip
-    params = {"variant": variant.name, "backend": target.backend, "gpu": gpu.name, "tag": tag, "reference": reference,
-              "target": plan.targets.index(target), "base": base}  # fmt: skip
-    needs = [export.id] + ([engine.id] if engine else [])
+    name = f"{plan.recipe.name}-{variant.name}-{target.backend}-{gpu.name}".lower().replace(".", "-")
+    inputs = model_image_kind.Inputs(
+        variant.name, target.backend, gpu.name, spec, tag, reference, name, target.tensor_parallel,
+        base and base["digest"], base and base["image"],
+    )  # fmt: skip
+    deps = {"export": export, **({"engine": engine} if engine else {})}
     stage_id = f"model-image/{cell}"
+    deferred = None
     if engine and engine.status not in ("run", "cached"):
         reason = f"needs {engine.id} ({engine.status}): the image must hold the engine"
-        return plan.add("model-image", stage_id, inputs, needs=needs, params=params,
-                        deferred=(reason, f"forge build {plan.recipe_file} --only {stage_id}"))  # fmt: skip
-    if base and base.get("unreachable"):  # the modelcar's shell layer comes from it: later, not a failure
+        deferred = (reason, f"forge build {plan.recipe_file} --only {stage_id}")
+    elif base and base.get("unreachable"):  # the modelcar's shell layer comes from it: later, not a failure
         from forge.package import pull_base_hint
 
         reason = f"its modelcar base {package.modelcar_base} cannot be reached ({base['unreachable']})"
         offline = pull_base_hint(package.modelcar_base, "modelcar", "package.modelcar_base")
-        command = (f"forge build {plan.recipe_file} --only {stage_id}  # where {package.modelcar_base} can be "
-                   f"pulled; or offline: {offline}")  # fmt: skip
-        return plan.add("model-image", stage_id, inputs, needs=needs, params=params, deferred=(reason, command))
-    return plan.add("model-image", stage_id, inputs, needs=needs, params=params)
+        deferred = (reason, f"forge build {plan.recipe_file} --only {stage_id}  # where {package.modelcar_base} can "
+                            f"be pulled; or offline: {offline}")  # fmt: skip
+    return plan.add(stage_id, inputs, deps=deps, deferred=deferred)
 
 
-def package_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str) -> Stage:
+def package_stage(
+    plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, engine: Stage | None, cell: str
+) -> Stage:
     """The serving image of one artifact, as an OCI layout in the cache. Keyed on the base
     image's digest, resolved here (once per base per plan; `forge.package.resolve_base`)."""
     from forge.package import resolve_base
-    from forge.serving import serve_spec
 
-    spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, plan.revision)
-    mode = trtllm_mode(target)
-    tags = [expand_tag(t, variant.name, target.backend, gpu.name, mode) for t in plan.recipe.package.tags]
-    engine = next((s for s in plan.stages if s.id == f"engine/{cell}"), None)
     package = plan.recipe.package
-    bases = vars(plan).setdefault("_package_bases", {})
-    if spec.base_image not in bases:
-        bases[spec.base_image] = resolve_base(spec.base_image, plan.recipe_dir, package.registry,
-                                              package.insecure_registries)  # fmt: skip
-    base = bases[spec.base_image]
-    inputs = {"export": export.key, "engine": engine.key if engine else None, "spec": asdict(spec),
-              "builder": plan.recipe.package.builder, "tag": tags[0], "base_digest": base["digest"]}  # fmt: skip
-    params = {"variant": variant.name, "backend": target.backend, "gpu": gpu.name, "tags": tags,
-              "target": plan.targets.index(target), "base": base}  # fmt: skip
-    needs = [export.id] + ([engine.id] if engine else [])
+    spec, tags = cell_image(plan, target, variant, gpu)
+    if spec.base_image not in plan.bases:
+        plan.bases[spec.base_image] = resolve_base(spec.base_image, plan.recipe_dir, package.registry,
+                                                   package.insecure_registries)  # fmt: skip
+    base = plan.bases[spec.base_image]
+    stage_id = f"package/{cell}"
+    retry = f"forge build {plan.recipe_file} --only {stage_id}"
+    inputs = package_kind.Inputs(variant.name, target.backend, gpu.name, spec, tags[0], package.builder,
+                                 base["digest"], tuple(tags), base, package.registry,
+                                 tuple(package.insecure_registries), stage_id, retry)  # fmt: skip
     deferred = None
     if engine and engine.status == "deferred":  # the image carries the engine: it waits for it
-        deferred = (
-            f"its engine is deferred ({engine.id}: {engine.reason})",
-            f"forge build {plan.recipe_file} --only package/{cell}  # on the GPU builder, after {engine.id}",
-        )
+        deferred = (f"its engine is deferred ({engine.id}: {engine.reason})",
+                    f"{retry}  # on the GPU builder, after {engine.id}")  # fmt: skip
     elif base.get("unreachable"):  # nothing to build on until the base can be pulled: later, not a failure
         from forge.package import pull_base_hint
 
         offline = pull_base_hint(spec.base_image, target.backend, f"package.base_images.{target.backend}")
         deferred = (
             f"its base image {spec.base_image} cannot be reached ({base['unreachable']})",
-            f"forge build {plan.recipe_file} --only package/{cell}  # where {spec.base_image} can be pulled; "
-            f"or offline: {offline}",
+            f"{retry}  # where {spec.base_image} can be pulled; or offline: {offline}",
         )
-    stage = plan.add("package", f"package/{cell}", inputs, needs=needs, params=params, deferred=deferred)
+    deps = {"export": export, **({"engine": engine} if engine else {})}
+    stage = plan.add(stage_id, inputs, deps=deps, deferred=deferred)
     if base["note"] and stage.status in ("run", "cached"):
         stage.reason = base["note"]
     return stage
@@ -565,49 +605,40 @@ def local_gpu(plan: Plan, gpu: GPUProfile) -> bool:
     return any(g.compute_capability == gpu.compute_capability for g in plan.local_gpus.gpus)
 
 
-def throughput_inputs(plan: Plan) -> dict:
+def load_of(plan: Plan) -> throughput_kind.Load:
     """What a measurement depends on besides the artifact: the load and the latency SLOs (goodput
-    counts the requests within them). The pure thresholds `min_output_tps` / `min_goodput` are
-    checked when the report is written (stages.throughput_results), so changing one re-gates the
-    cached sweep instead of measuring again."""
-    exclude = {"usd_per_hour", "min_output_tps", "min_goodput"}
-    return {"load": plan.recipe.validation.throughput.model_dump(exclude=exclude)}
+    counts the requests within them). The pure thresholds `min_output_tps` / `min_goodput` and the
+    prices are applied when the report is written (forge.stages.gates), so changing one re-gates or
+    re-prices the cached sweep instead of measuring again."""
+    load = plan.recipe.validation.throughput
+    return throughput_kind.Load(tuple(load.concurrency), load.prompt_tokens, load.output_tokens,
+                                load.requests_per_level, load.max_ttft_p99_ms, load.max_tpot_p99_ms)  # fmt: skip
 
 
 def gpu_serving_stage(
-    plan: Plan, kind: str, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str,
-    inputs: dict, needs: tuple[str, ...] = (),
+    plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, engine: Stage | None,
+    package: Stage | None, cell: str, kind: str, settings: dict, after: tuple[str, ...] = (),
 ) -> Stage:  # fmt: skip
     """A stage that serves the artifact in its backend's container on the target GPU (a load sweep,
-    lm-eval tasks): run where that GPU is, else deferred with the command a GPU builder runs."""
-    from forge.serving import serve_spec
-
+    lm-eval tasks): run where that GPU is, else deferred with the command a GPU builder runs. With
+    packaging on it serves the packaged image: measured is what is released."""
     stage_id = f"{kind}/{cell}"
-    inputs = {"export": export.key, "target": target.model_dump(), "gpu": gpu.name, **inputs}
-    params = {"variant": variant.name, "gpu": gpu.name, "target": plan.targets.index(target)}
-    engine = f"engine/{cell}"
-    needs = [export.id, *([engine] if any(s.id == engine for s in plan.stages) else []), *needs]
-    package = next((s for s in plan.stages if s.id == f"package/{cell}"), None)
-    if package is not None:  # it serves the packaged image: measured is what is released
-        inputs["image"] = package.key
-        needs.append(package.id)
+    spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, "")
+    image = f"forge.local/{plan.recipe.name}".lower() + f":{package.inputs.tag}" if package else None
+    served = Served(variant.name, gpu.name, spec, target.tensor_parallel, image, package and package.id,
+                    plan.recipe_dir, stage_id)  # fmt: skip
+    inputs = KINDS[kind].Inputs(served, **settings)
+    deps = {"model": export, **({"engine": engine} if engine else {}), **({"image": package} if package else {})}
+    deferred = None
     if local_gpu(plan, gpu) and package is not None and package.status == "deferred":
         reason = f"it serves the image of {package.id}, which is deferred ({package.reason})"
-        return plan.add(
-            kind,
-            stage_id,
-            inputs,
-            needs=needs,
-            params=params,
-            deferred=(reason, f"forge build {plan.recipe_file} --only {stage_id}  # after {package.id}"),
-        )
-    if local_gpu(plan, gpu):
-        return plan.add(kind, stage_id, inputs, needs=needs, params=params)
-    spec = serve_spec(plan.recipe, variant.name, plan.schemes[variant.name], target, gpu.name, "")
-    reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
-    served = f"the image of {package.id}" if package else f"{spec.base_image} with the artifact mounted"
-    command = f"forge build {plan.recipe_file} --only {stage_id}  # serves {served}: {shlex.join(spec.argv)}"
-    return plan.add(kind, stage_id, inputs, deferred=(reason, command), needs=needs, params=params)
+        deferred = (reason, f"forge build {plan.recipe_file} --only {stage_id}  # after {package.id}")
+    elif not local_gpu(plan, gpu):
+        reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
+        what = f"the image of {package.id}" if package else f"{spec.base_image} with the artifact mounted"
+        command = f"forge build {plan.recipe_file} --only {stage_id}  # serves {what}: {shlex.join(spec.argv)}"
+        deferred = (reason, command)
+    return plan.add(stage_id, inputs, deps=deps, after=after, deferred=deferred)
 
 
 def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage]) -> None:
@@ -616,11 +647,10 @@ def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[
     for variant in plan.recipe.variants:
         # transformers loads compressed-tensors on CPU; the export is added if no target asked for it.
         export = export_stage(plan, exports, quantize[variant.name], "compressed-tensors", 1)
-        plan.add(
-            "throughput", f"throughput/{variant.name}/cpu",
-            {"export": export.key, **throughput_inputs(plan), "cpu": machine},
-            needs=[export.id], params={"variant": variant.name, "gpu": "cpu"},
-        )  # fmt: skip
+        stage_id = f"throughput/{variant.name}/cpu"
+        inputs = throughput_kind.Inputs(Served(variant.name, CPU, label=stage_id), load_of(plan), "transformers",
+                                        machine)  # fmt: skip
+        plan.add(stage_id, inputs, deps={"model": export})
 
 
 def task_include_dir(plan: Plan) -> Path | None:
@@ -644,22 +674,22 @@ def task_inputs(plan: Plan) -> dict:
     if include and not include.is_dir():
         raise InputError(f"validation.accuracy.task_include_path: {include} is not a directory")
     return {
-        "tasks": accuracy.tasks,
+        "tasks": tuple(accuracy.tasks),
         "limit": accuracy.task_limit,
         "num_fewshot": accuracy.num_fewshot,
-        "include": bounded_file_digests(include, "validation.accuracy.task_include_path") if include else None,
+        "include_digests": bounded_file_digests(include, "validation.accuracy.task_include_path") if include else None,
+        "include": include,
     }
 
 
-def cpu_task_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage], inputs: dict) -> None:
+def cpu_task_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage], tasks: dict) -> None:
     """lm-eval tasks against each variant's compressed-tensors export served on this machine by
     `transformers serve` (the same weights every backend's export holds)."""
     for variant in plan.recipe.variants:
         export = export_stage(plan, exports, quantize[variant.name], "compressed-tensors", 1)
-        plan.add(
-            "tasks", f"tasks/{variant.name}/cpu", {"export": export.key, **inputs},
-            needs=[export.id, "tasks/baseline"], params={"variant": variant.name, "gpu": "cpu"},
-        )  # fmt: skip
+        stage_id = f"tasks/{variant.name}/cpu"
+        inputs = tasks_kind.Inputs(Served(variant.name, CPU, label=stage_id), **tasks)
+        plan.add(stage_id, inputs, deps={"model": export}, after=("tasks/baseline",))
 
 
 def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, export: Stage, cell: str) -> Stage:
@@ -667,16 +697,10 @@ def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, 
     exact command a GPU builder runs (`forge build RECIPE --only engine/<cell>`)."""
     scheme = plan.schemes[variant.name]
     limits = trtllm.Limits.from_target(target)
-    inputs = {
-        "export": export.key,
-        "build_config": trtllm.build_config(limits, scheme),
-        "trtllm_version": target.trtllm.version,
-        "gpu_sm": gpu.sm,  # an engine runs only on the architecture that built it
-    }
+    inputs = engine_kind.Inputs(variant.name, gpu.name, gpu.sm, limits, scheme, target.trtllm.version)
     stage_id = f"engine/{cell}"
-    params = {"variant": variant.name, "gpu": gpu.name, "target": plan.targets.index(target)}
     if local_gpu(plan, gpu):
-        return plan.add("engine", stage_id, inputs, needs=[export.id], params=params)
+        return plan.add(stage_id, inputs, deps={"export": export})
     reason = f"needs an NVIDIA {gpu.name} ({gpu.sm}): {plan.local_gpus.reason or 'none of that architecture here'}"
     # Paste-ready: absolute paths of the export this machine caches and of an engine directory beside
     # the artifacts (a relative path would resolve against wherever the line is pasted).
@@ -684,6 +708,4 @@ def engine_stage(plan: Plan, target: Target, variant: Variant, gpu: GPUProfile, 
     engine_dir = plan.cache.root.resolve().parent / plan.recipe.name / "engines" / cell
     build = trtllm.engine_build_command(checkpoint, engine_dir, limits, scheme, target.trtllm.version)
     command = f"forge build {plan.recipe_file} --only {stage_id}  # or run: {build}"
-    return plan.add(
-        "engine", stage_id, inputs, status=None, deferred=(reason, command), needs=[export.id], params=params
-    )
+    return plan.add(stage_id, inputs, deps={"export": export}, deferred=(reason, command))

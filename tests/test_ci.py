@@ -34,6 +34,7 @@ from forge.cli import main
 from forge.plan import Plan
 from forge.recipe import SCHEMA_PATH
 from forge.report import render_junit, render_markdown_summary
+from forge.stages.base import record_json
 from tests.ci_helpers import matrix_recipe, plan_of, with_gpu_stages_deferred
 from tests.conftest import REPO, tiny_recipe
 
@@ -352,7 +353,7 @@ def sample_report(plan: Plan, recipe_file: str = "recipe.yaml") -> dict:
     records = {}
     for s in plan.stages:
         if s.status in ("run", "cached"):
-            facts = {"kind": s.kind, "key": s.key, "seconds": 0.25, **s.params}
+            facts = {"kind": s.kind, "key": s.key, "seconds": 0.25, **record_json(s.inputs)}
             if s.kind == "accuracy":
                 facts.update(perplexity=21.5, baseline_perplexity=20.0, ppl_increase_pct=7.5, top1_agreement=0.82)
             records[s.id] = {"status": "ran", **facts}

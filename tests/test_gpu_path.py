@@ -373,7 +373,7 @@ def test_gpu_stage_with_packaging_off_mounts_what_its_command_reads(tiny_model, 
     (tmp_path / "model").mkdir()
     (tmp_path / "engine").mkdir()
     with pytest.raises(InfraError, match="exited with code 1"):
-        with serve_artifact(plan, stage, tmp_path / "model", tmp_path / "engine", tmp_path / "out"):
+        with serve_artifact(stage.inputs.served, tmp_path / "model", tmp_path / "engine", tmp_path / "out"):
             pass
     [run] = docker_runs(gpu_host)
     volumes = {run[i + 1].rsplit(":", 2)[1]: run[i + 1].split(":")[0] for i, a in enumerate(run) if a == "-v"}
@@ -399,7 +399,7 @@ def test_gpu_stage_serves_the_packaged_image_itself(tiny_model, eval_text, tmp_p
     calls = recorded(gpu_host)
     [load] = [c for c in calls if c[0] == "skopeo"]
     [package] = plan.of_kind("package")
-    layout, tag = tmp_path / "a" / ".cache" / "package" / package.key / "layout", package.params["tags"][0]
+    layout, tag = tmp_path / "a" / ".cache" / "package" / package.key / "layout", package.inputs.tag
     assert load == ["skopeo", "copy", f"oci:{layout}:{tag}", f"docker-daemon:forge.local/tiny:{tag}"]
     [run] = docker_runs(gpu_host)
     assert calls.index(load) < calls.index(run)
@@ -413,14 +413,13 @@ def test_gpu_stage_serves_the_packaged_image_itself(tiny_model, eval_text, tmp_p
 
 
 def test_the_record_says_what_was_served():
-    from forge.plan import Stage
     from forge.stages import served_as
+    from forge.stages.serve import Served
 
-    stage = Stage("throughput/a/vllm/H100", "throughput", "run", needs=["export/x", "package/a/vllm/H100"],
-                  params={"gpu": "H100"})  # fmt: skip
-    assert "packaged image (package/a/vllm/H100)" in served_as(stage, Path("layout"))
-    assert "base image with the artifact mounted" in served_as(stage, None) and "package.enabled" in served_as(
-        stage, None
+    served = Served("a", "H100", image="forge.local/r:a", image_stage="package/a/vllm/H100")
+    assert "packaged image (package/a/vllm/H100)" in served_as(served, Path("layout"))
+    assert "base image with the artifact mounted" in served_as(served, None) and "package.enabled" in served_as(
+        served, None
     )
 
 
@@ -457,11 +456,11 @@ def test_docker_builder_binds_an_oci_base_as_a_named_context(tiny_model, eval_te
     data["package"] = {"enabled": True, "builder": "docker", "base_images": {"vllm": "oci:bases/vllm:latest"}}
     plan = plan_of(data, project)
     [package] = plan.of_kind("package")
-    assert package.params["base"] == resolve_base("oci:bases/vllm:latest", plan.recipe_dir)
+    assert package.inputs.base == resolve_base("oci:bases/vllm:latest", plan.recipe_dir)
     spec = serve_spec(plan.recipe, "fp8", plan.schemes["fp8"], plan.targets[0], "H100", "rev")
     out = tmp_path / "out"
     out.mkdir()
-    facts = package_artifact(spec, tiny_model, out, "fp8", package.id, "docker", package.params["base"])
+    facts = package_artifact(spec, tiny_model, out, "fp8", package.id, "docker", package.inputs.base)
     assert facts["builder"] == "docker"
     build, (_, dockerfile) = recorded(gpu_host)
     assert build[:3] == ["docker", "buildx", "build"]
@@ -504,7 +503,7 @@ def test_gpu_stage_with_packaging_off_loads_an_oci_base_into_docker_first(tiny_m
     [stage] = plan.of_kind("throughput")
     (tmp_path / "model").mkdir()
     with pytest.raises(InfraError, match="exited with code 1"):
-        with serve_artifact(plan, stage, tmp_path / "model", None, tmp_path / "out"):
+        with serve_artifact(stage.inputs.served, tmp_path / "model", None, tmp_path / "out"):
             pass
     calls = recorded(gpu_host)
     [load] = [c for c in calls if c[0] == "skopeo"]

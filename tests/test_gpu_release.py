@@ -248,8 +248,8 @@ def test_the_plans_deferred_engine_command_is_paste_ready(tiny_model, eval_text,
     data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "trtllm", "gpus": ["H100"],
                                                         "trtllm": {"mode": "engine"}}])  # fmt: skip
     plan = plan_of(data, tmp_path)
-    [engine] = [s for s in plan.stages if s.kind == "engine" and s.params["variant"] == "fp8"]
-    export = plan.stage(engine.needs[0])
+    [engine] = [s for s in plan.stages if s.kind == "engine" and s.inputs.variant == "fp8"]
+    export = plan.stage(engine.deps["export"])
     line = engine.command.split("# or run: ", 1)[1]
     monkeypatch.chdir(tmp_path)
     argv = shlex.split(line)

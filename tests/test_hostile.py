@@ -326,7 +326,7 @@ def test_group_size_outside_the_supported_set_is_refused(size: int) -> None:
         (("source", "hub"), {"repo": "org/m", "revision": "main"}, "source.hub.revision: must be a full 40"),
         (("package", "registry"), "127.0.0.1:5000", "package.repository is required"),
         (("package", "tags"), ["{variant}:{gpu}"], "is not a valid image tag"),
-        (("package", "tags"), ["{nope}"], "only {variant}, {backend} and {gpu} can be expanded"),
+        (("package", "tags"), ["{nope}"], "only {variant}, {backend}, {gpu} and {mode} can be expanded"),
     ],
 )
 def test_cross_field_mistakes_name_their_key(path: KeyPath, value: Any, mentions: str) -> None:

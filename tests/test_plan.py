@@ -45,6 +45,39 @@ def test_keys_follow_inputs(tiny_model, eval_text, tmp_path):
     assert key(first, "export/int4/compressed-tensors") != key(second, "export/int4/compressed-tensors")
 
 
+def test_report_time_settings_are_in_no_key(tiny_model, eval_text, tmp_path):
+    """Prices and pure thresholds are applied when the report is written: changing them keeps every
+    key (a cached sweep is re-priced and re-gated, not measured again); the load and the latency
+    SLOs shape a sweep, so they key the throughput stages and nothing else."""
+
+    def planned(**throughput) -> dict[str, str]:
+        data = tiny_recipe(tiny_model, eval_text)
+        data["validation"]["throughput"] = {"enabled": True, **throughput}
+        return {s.id: s.key for s in plan_for(data, tmp_path).stages}
+
+    first = planned()
+    assert planned(usd_per_hour={"H100": 1.0, "cpu": 0.1}, min_output_tps=5, min_goodput=1) == first
+    slower = planned(max_ttft_p99_ms=500)
+    changed = {sid for sid in first if first[sid] != slower[sid]}
+    assert changed and all(sid.startswith("throughput/") for sid in changed)
+
+
+def test_every_stage_kind_is_a_module_with_a_frozen_inputs_record():
+    """A kind is data: its version, the record its key is made of, and the one function that reads it."""
+    import dataclasses
+    import inspect
+
+    from forge.plan import STAGE_ORDER
+    from forge.stages import KINDS
+
+    assert tuple(KINDS) == STAGE_ORDER
+    for kind, module in KINDS.items():
+        assert isinstance(module.VERSION, int), kind
+        assert dataclasses.is_dataclass(module.Inputs) and module.Inputs.__dataclass_params__.frozen, kind
+        if kind != "push":
+            assert list(inspect.signature(module.produce).parameters) == ["inputs", "run"], kind
+
+
 def test_implicit_impossible_cells_are_listed_not_fatal(tiny_model, eval_text, tmp_path):
     data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100", "T4"]}])
     plan = plan_for(data, tmp_path)
@@ -258,7 +291,7 @@ def test_two_trtllm_modes_on_one_gpu_are_two_cells(tiny_model, eval_text, tmp_pa
     ids = {s.id for s in plan.stages}
     assert {"engine/fp8/trtllm-engine/H100", "package/fp8/trtllm-pytorch/H100"} <= ids
     assert not any(i.endswith("/trtllm/H100") for i in ids) and len(ids) == len(plan.stages)
-    tags = {s.id: s.params["tags"] for s in plan.of_kind("package")}
+    tags = {s.id: list(s.inputs.tags) for s in plan.of_kind("package")}
     assert tags["package/fp8/trtllm-engine/H100"] == ["fp8-trtllm-engine-H100"]
     assert tags["package/fp8/trtllm-pytorch/H100"] == ["fp8-trtllm-pytorch-H100"]
     assert tags["package/fp8/vllm/H100"] == ["fp8-vllm--H100"]  # {mode} is empty for one-mode backends

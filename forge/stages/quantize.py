@@ -1,0 +1,44 @@
+"""quantize: one variant's canonical codes and scales (forge.quant), once per variant and shared
+by every format it is exported to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from forge.quant.scheme import Scheme
+from forge.stages.base import Run, local
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Inputs:
+    variant: str
+    preset: str  # the recipe's scheme name (FP8_DYNAMIC, AWQ_W4A16, …)
+    scheme: Scheme
+    algorithm: str
+    # The calibration settings and every calibration file's digest; None when the scheme needs none.
+    calibration: dict | None = None
+    calibration_sources: tuple[str, ...] = local(())  # the same sources, files resolved to paths here
+
+
+def produce(inputs: Inputs, run: Run) -> dict:
+    """Deps: `source` (the checkpoint, and its tokenizer for the calibration text)."""
+    from forge.quant.calibration import load_calibration
+    from forge.quant.model import save_quantized
+    from forge.quant.run import quantize_checkpoint
+
+    source_dir = run.deps["source"] / "model"
+    calibration = None
+    if inputs.calibration is not None:
+        cal = inputs.calibration
+        calibration = load_calibration(list(inputs.calibration_sources), source_dir, cal["num_samples"],
+                                       cal["seq_len"], cal["seed"])  # fmt: skip
+    with run.progress.task(f"quantize {inputs.variant} ({inputs.preset})", total=None) as advance:
+        qm = quantize_checkpoint(source_dir, inputs.scheme, inputs.algorithm, calibration,
+                                 progress=lambda _what, done, total: advance(done, total))  # fmt: skip
+    save_quantized(qm, run.out)
+    facts = {"variant": inputs.variant, "algorithm": inputs.algorithm, "linears": len(qm.linears)}
+    # MoE: calibration tokens per expert and layer, and the linears left round-to-nearest for want of any.
+    facts.update({k: v for k, v in qm.calibration.items() if v})
+    return facts
