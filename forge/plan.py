@@ -1,8 +1,9 @@
 """Expand a recipe into the build graph and check it against the compatibility table.
 
-One artifact per (variant, backend, GPU), planned or impossible (with why). Every stage gets a
-cache key (the digest of its inputs and of the settings that affect it) and a status: run, cached,
-or deferred (needs hardware that is absent, with the command to run later).
+One artifact per (variant, backend, GPU), planned or impossible (with why). Every stage gets its
+kind's inputs record (`forge.stages`), the stages it reads by role, a cache key (the digest of the
+record and of those stages' keys) and a status: run, cached, or deferred (needs hardware that is
+absent, with the command to run later).
 Planning reads only small files (the model's config, digests memoized by file stat), so it is
 fast and it runs before anything is downloaded or computed.
 """
@@ -38,8 +39,8 @@ from forge.recipe import Recipe, Target, Variant, expand_tag
 from forge.serving import ServeSpec, serve_spec
 from forge.source import read_model_config, remote_code, source_identity
 from forge.stages import KINDS
-from forge.stages import accuracy as accuracy_stage
-from forge.stages import baseline as baseline_stage
+from forge.stages import accuracy as accuracy_kind
+from forge.stages import baseline as baseline_kind
 from forge.stages import engine as engine_kind
 from forge.stages import export as export_kind
 from forge.stages import model_image as model_image_kind
@@ -78,6 +79,7 @@ class Stage:
         return [*self.deps.values(), *self.after]
 
     def to_dict(self) -> dict:
+        """For `forge plan --json`: the record appears as `params`, local fields included."""
         return {"id": self.id, "kind": self.kind, "status": self.status, "key": self.key, "reason": self.reason,
                 "command": self.command, "needs": self.needs, "deps": self.deps,
                 "params": record_json(self.inputs)}  # fmt: skip
@@ -318,7 +320,7 @@ def make_plan(
         dataset = dataset_file(accuracy.dataset, recipe_dir)
         evaluation = {"dataset_sha256": file_digest(dataset), "window": accuracy.window,
                       "max_windows": accuracy.max_windows, "dataset": dataset}  # fmt: skip
-        baseline = plan.add("baseline", baseline_stage.Inputs(**evaluation), deps={"source": source})
+        baseline = plan.add("baseline", baseline_kind.Inputs(**evaluation), deps={"source": source})
 
     tasks = task_inputs(plan) if accuracy.tasks else None
     if tasks:  # the source served by `transformers serve`: every task run's reference
@@ -379,7 +381,7 @@ def make_plan(
     if baseline is not None:
         for export in list(exports.values()):
             e = export.inputs
-            inputs = accuracy_stage.Inputs(e.variant, e.format, e.tp, schemes[e.variant], **evaluation)
+            inputs = accuracy_kind.Inputs(e.variant, e.format, e.tp, schemes[e.variant], **evaluation)
             plan.add(f"accuracy/{e.variant}/{export_name(e.format, e.tp)}", inputs,
                      deps={"export": export, "baseline": baseline})  # fmt: skip
     plan.stages.sort(key=lambda s: STAGE_ORDER.index(s.kind))  # stable: the order they run in

@@ -318,3 +318,16 @@ def test_two_trtllm_modes_build_into_two_artifact_directories(tiny_model, eval_t
     assert paths["engine", "trtllm-checkpoint"].name == "trtllm-engine"
     assert (paths["engine", "trtllm-checkpoint"] / "rank0.safetensors").is_file()
     assert (paths["pytorch", "modelopt"] / "hf_quant_config.json").is_file()
+
+
+def test_a_model_image_push_waits_for_its_cells_deferred_gates(tiny_model, eval_text, tmp_path):
+    """The model image is published under the same gates as the serving image: while its cell's
+    GPU measurements are deferred, its push is too (the cell comes from the graph, not the id)."""
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"]}])
+    data["validation"]["throughput"] = {"enabled": True}
+    data["package"] = {"enabled": False, "model_images": True, "registry": "registry.example", "repository": "m"}
+    plan = plan_for(data, tmp_path)
+    push = plan.stage("push/fp8/vllm/H100/model-image")
+    assert push.deps == {"image": "model-image/fp8/vllm/H100"}
+    assert push.status == "deferred" and push.inputs.deferred_gates == ("throughput/fp8/vllm/H100",)
+    assert "throughput/fp8/cpu" in push.after and "accuracy/fp8/compressed-tensors" in push.after
