@@ -37,7 +37,9 @@ class ModelShape:
     num_layers: int = 0
     experts: int = 0  # MoE: experts per sparse layer
     expert_intermediate_size: int = 0  # MoE: each expert's MLP width
-    dense_layers: tuple[int, ...] = ()  # MoE: layers that keep a dense MLP (Qwen3-MoE mlp_only_layers)
+    # MoE: layers that keep a dense MLP (Qwen3-MoE `mlp_only_layers`, or off `decoder_sparse_step`)
+    mlp_only_layers: tuple[int, ...] = ()
+    sparse_step: int = 1
 
     @classmethod
     def from_config(cls, config: object, origin: str = "config.json") -> ModelShape:
@@ -74,7 +76,6 @@ class ModelShape:
         arch = ARCHITECTURES[architecture]
         moe: dict = {}
         if arch.moe:
-            layers = size("num_hidden_layers")
             experts = num_experts(config)
             if not positive_int(experts):
                 raise InputError(f"{origin}: num_local_experts / num_experts must be a positive integer")
@@ -82,9 +83,9 @@ class ModelShape:
             only = config.get("mlp_only_layers") or []
             if not positive_int(step) or not isinstance(only, list) or not all(isinstance(i, int) for i in only):
                 raise InputError(f"{origin}: decoder_sparse_step / mlp_only_layers are malformed")
-            dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
             width = "moe_intermediate_size" if "moe_intermediate_size" in config else "intermediate_size"
-            moe = {"experts": experts, "expert_intermediate_size": size(width), "dense_layers": dense}
+            moe = {"experts": experts, "expert_intermediate_size": size(width), "mlp_only_layers": tuple(only),
+                   "sparse_step": step}  # fmt: skip
         return cls(
             hidden_size=hidden,
             intermediate_size=size("intermediate_size"),
@@ -101,6 +102,14 @@ class ModelShape:
     def arch(self) -> Architecture:
         return ARCHITECTURES[self.architecture]
 
+    def sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` holds experts (transformers' Qwen3-MoE rule; all for Mixtral)."""
+        return bool(self.experts) and layer not in self.mlp_only_layers and (layer + 1) % self.sparse_step == 0
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        return not self.experts or bool(self.mlp_only_layers) or self.sparse_step > 1
+
     def weight_shapes(self, layers: int) -> dict[str, tuple[int, ...]]:
         """The weights a transformers model of this architecture and shape has, by checkpoint name,
         for its first `layers` decoder layers (projections, fused parts, experts, routers, norms,
@@ -114,7 +123,7 @@ class ModelShape:
                   "lm_head.weight": (self.vocab_size, h)}  # fmt: skip
         for n in range(layers):
             layer = f"model.layers.{n}."
-            sparse = arch.moe and n not in self.dense_layers
+            sparse = self.sparse(n)
             for name in arch.linears:
                 if sparse and name.startswith("mlp."):
                     continue  # this layer's MLP is its experts
@@ -152,6 +161,8 @@ class ModelShape:
                 raise InputError(f"{origin}: tensor {name} is beyond config.json's num_hidden_layers {self.num_layers}")
             if index is not None:
                 layers.add(int(index))
+        if self.experts:  # then the expert count, so that `num_experts: 10**9` enumerates nothing either
+            self._check_expert_count(found, layers, origin)
         present = self.num_layers if len(layers) == self.num_layers else min(set(range(len(layers) + 1)) - layers)
         expected = self.weight_shapes(min(self.num_layers, present + 1))
         for name, shape in expected.items():
@@ -166,13 +177,30 @@ class ModelShape:
                     f"{origin}: tensor {name} has shape {got}, config.json implies {list(shape)} ({sizes})"
                 )
 
+    def _check_expert_count(self, found: Mapping[str, tuple[int, ...]], layers: set[int], origin: str) -> None:
+        """Every expert index below the config's count and each present, checked by name only."""
+        marker = f".{self.arch.experts}."
+        seen: set[int] = set()
+        for name in found:
+            if marker not in name:
+                continue
+            index = name.split(marker, 1)[1].split(".", 1)[0]
+            if not index.isdigit() or int(index) >= self.experts:
+                raise InputError(f"{origin}: tensor {name} is beyond config.json's {self.experts} experts")
+            seen.add(int(index))
+        if len(seen) < self.experts and any(self.sparse(n) for n in layers):
+            missing = min(set(range(len(seen) + 1)) - seen)
+            raise InputError(
+                f"{origin}: the tensors of expert {missing} are missing (config.json: {self.experts} experts)"
+            )
+
     def input_dims(self, tp: int = 1) -> dict[str, int]:
         """Per-rank input width of each projection kind (row-parallel layers are split by tp)."""
         dims = {
             "q/k/v/gate/up_proj (hidden_size)": self.hidden_size,
             "o_proj (heads × head_dim / tp)": self.num_heads * self.head_dim // tp,
         }
-        if not self.experts or self.dense_layers:
+        if self.has_dense_mlp:
             dims["down_proj (intermediate_size / tp)"] = self.intermediate_size // tp
         if self.experts:
             dims["expert down_proj (expert intermediate size / tp)"] = self.expert_intermediate_size // tp

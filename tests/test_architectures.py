@@ -464,3 +464,16 @@ def test_gemma2_calibrates_with_the_soft_capped_attention(models):
     attention, as served; the others keep SDPA."""
     assert load_float_model(models["Gemma2ForCausalLM"]).config._attn_implementation == "eager"
     assert load_float_model(models["Qwen3ForCausalLM"]).config._attn_implementation == "sdpa"
+
+
+def test_config_lying_about_experts_is_refused_before_anything_is_enumerated(models):
+    """`num_experts: 10**9` (or fewer experts than the weights hold) is refused by name from the
+    headers alone, without enumerating the experts it claims."""
+    source = models["Qwen3MoeForCausalLM"]
+    config = json.loads((source / "config.json").read_text())
+    found = {k: tuple(v.shape) for k, v in load_file(source / "model.safetensors").items()}
+    for experts, message in ((10**9, "the tensors of expert 4 are missing"), (2, "is beyond config.json's 2 experts")):
+        shape = ModelShape.from_config({**config, "num_local_experts": experts, "num_experts": experts})
+        with pytest.raises(InputError, match=message):
+            shape.check_weights(found, False, "source")
+    ModelShape.from_config(config).check_weights(found, False, "source")  # the truth passes
