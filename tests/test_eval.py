@@ -179,6 +179,42 @@ def test_fp8_activation_rounding_adds_error_and_is_removable(tiny, windows, base
     }
 
 
+def test_static_fp8_activations_use_each_linears_own_scale(tiny, windows, baseline, monkeypatch):
+    _, config, state = tiny
+    quantized = quantize_rtn(state, config, resolve_scheme("FP8_DYNAMIC"))
+    model = build_model(config, quantized.dequantize())
+    monkeypatch.setattr(perplexity, "TOKEN_CHUNK", CHUNK)
+    weights_only = compare_pass(model, windows, baseline[0], batch_size=4)
+    fitting = {f"{name}.input_scale": torch.tensor([8.0 / 448]) for name in quantized.linears}  # inputs within ±8
+    handles = perplexity.simulate_static_fp8_activations(model, fitting)
+    with_activations = compare_pass(model, windows, baseline[0], batch_size=4)
+    for handle in handles:
+        handle.remove()
+    assert len(handles) == 14 and with_activations["mean_kl"] > weights_only["mean_kl"]
+    one = sorted(quantized.linears)[0]  # a scale far too large rounds that linear's input to zero
+    handles = perplexity.simulate_static_fp8_activations(model, {f"{one}.input_scale": torch.tensor([1e6])})
+    silenced = compare_pass(model, windows, baseline[0], batch_size=4)
+    assert silenced["mean_kl"] > with_activations["mean_kl"]
+    with pytest.raises(InputError, match=r"model.layers.99.mlp.up_proj.input_scale belongs to no module"):
+        perplexity.simulate_static_fp8_activations(model, {"model.layers.99.mlp.up_proj.input_scale": torch.ones(1)})
+
+
+def test_fp8_static_and_fp8_kv_variants_pass_the_accuracy_stage(tiny_model, eval_text, tmp_path):
+    """The readers return input and KV-cache scales beside the weights: the accuracy stage uses the
+    first (static activation rounding) and says it does not simulate the second."""
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "vllm", "gpus": ["H100"]}])
+    data["variants"] = [{"name": "fp8s", "scheme": "FP8"}, {"name": "kv", "scheme": "FP8_DYNAMIC",
+                                                              "kv_cache_dtype": "fp8"}]  # fmt: skip
+    from tests.conftest import run_cli
+
+    code, output = run_cli("build", str(write_recipe(tmp_path, data)), "--json", "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 0, output
+    stages = {s["id"]: s for s in json.loads((tmp_path / "a" / "tiny" / "build.json").read_text())["stages"]}
+    static, kv = stages["accuracy/fp8s/compressed-tensors"], stages["accuracy/kv/compressed-tensors"]
+    assert static["status"] == kv["status"] == "ran" and 0 < static["top1_agreement"] <= 1
+    assert "not_simulated" not in static and "fp8 KV cache" in kv["not_simulated"]
+
+
 def test_compare_refuses_a_baseline_of_other_windows(tiny, windows, baseline):
     _, config, state = tiny
     with pytest.raises(InputError, match="different windows"):

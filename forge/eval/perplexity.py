@@ -151,6 +151,39 @@ def simulate_dynamic_fp8_activations(model: torch.nn.Module, linear_names: list[
     return [modules[name].register_forward_pre_hook(round_input) for name in linear_names]
 
 
+# What the readers return beside the dense weights (compressed-tensors / ModelOpt scale names): the
+# static activation scale of a linear's input, and the fp8 KV-cache scales of an attention block.
+SCALE_SUFFIXES = (".input_scale", ".k_scale", ".v_scale")
+
+
+def split_scales(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(dense weights a model loads, scales keyed by their tensor name) of a reader's state."""
+    scales = {k: v for k, v in state.items() if k.endswith(SCALE_SUFFIXES)}
+    return {k: v for k, v in state.items() if k not in scales}, scales
+
+
+def simulate_static_fp8_activations(model: torch.nn.Module, input_scales: dict[str, torch.Tensor]) -> list:
+    """Round each linear's input to fp8 e4m3 with its calibrated per-tensor scale, as FP8 (static)
+    serving does: codes = clamp(x / input_scale, ±448) in e4m3, times input_scale (vLLM
+    `scaled_fp8_quant(x, scale)`; compressed-tensors `strategy: tensor, dynamic: false`). Returns
+    the hook handles."""
+    modules = dict(model.named_modules())
+    handles = []
+    for name, scale in input_scales.items():
+        module = modules.get(name.removesuffix(".input_scale"))
+        if module is None:
+            raise InputError(f"state: {name} belongs to no module of this model")
+        s = scale.float().reshape(()).clamp(min=1e-12)
+
+        def round_input(_module: torch.nn.Module, args: tuple, s: torch.Tensor = s) -> tuple:
+            x = args[0]
+            codes = (x.float() / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+            return ((codes.float() * s).to(x.dtype), *args[1:])
+
+        handles.append(module.register_forward_pre_hook(round_input))
+    return handles
+
+
 def _next_token_chunks(
     model: torch.nn.Module, windows: torch.Tensor, batch_size: int, progress: Progress | None
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
