@@ -142,8 +142,8 @@ _LLAMA_GROUPS = (
 )
 # TensorRT-LLM 1.2 `examples/models/core/llama/convert_checkpoint.py` converts Llama and Mistral
 # with the LLaMAForCausalLM model (tensorrt_llm/models/__init__.py MODEL_MAP maps
-# MistralForCausalLM to it); Qwen2 goes through `QWenForCausalLM` (models/qwen/convert.py).
-_NO_QKV_BIAS_WRITER = "forge's legacy TensorRT-LLM writer has no q/k/v bias path (QWenForCausalLM qwen2 layout)"
+# MistralForCausalLM to it); Qwen2 goes through `QWenForCausalLM` (models/qwen/convert.py), whose
+# config.json keeps `architecture: Qwen2ForCausalLM` with `qwen_type: qwen2` (models/qwen/config.py).
 
 
 def _moe_groups(experts: str, gate: str, up: str, down: str, router: str) -> tuple[Smoothing, ...]:
@@ -188,7 +188,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _LLAMA_GROUPS,
             qkv_bias=True,
             tied_embeddings_default=False,
-            trtllm_reason=_NO_QKV_BIAS_WRITER,
+            trtllm=("Qwen2ForCausalLM", "qwen2"),
             gguf=("qwen2",),
         ),
         Architecture(

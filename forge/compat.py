@@ -220,12 +220,25 @@ def group_size_problem(scheme: Scheme, shape: ModelShape, tp: int = 1) -> str | 
 
 
 def tensor_parallel_problem(shape: ModelShape, tp: int) -> str | None:
+    """Why the model cannot be split over `tp` ranks, or None: the one rule `forge plan` applies to
+    every target and the legacy TensorRT-LLM checkpoint writer applies again at export, so the two
+    never disagree. Torch-free.
+
+    Attention heads and the MLP split evenly. KV heads split evenly or, when tp is a multiple of
+    them, are replicated: every rank keeps one KV head, the head its query heads read. vLLM does
+    this, and so do both writers of TensorRT-LLM checkpoints: TRT-LLM's converters
+    (`dup_kv_weight` / `dup_kv_bias` in tensorrt_llm/models/convert_utils.py, used by
+    models/llama/convert.py and models/qwen/convert.py when num_key_value_heads < tp_size) and
+    ModelOpt's export (`dup_kv_weight` in modelopt/torch/export/layer_utils.py); the engine then
+    holds ceil(num_kv_heads / tp_size) KV heads per rank (tensorrt_llm/layers/attention.py).
+    """
+    where = f"tensor_parallel {tp}"
     if shape.num_heads % tp:
-        return f"{shape.num_heads} attention heads cannot be split over {tp} GPUs"
+        return f"{where}: {shape.num_heads} attention heads cannot be split over {tp} GPUs"
     if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
-        return f"{shape.num_kv_heads} KV heads can neither be split nor replicated over {tp} GPUs"
+        return f"{where}: {shape.num_kv_heads} KV heads can neither be split nor replicated over {tp} GPUs"
     if shape.intermediate_size % tp:
-        return f"intermediate_size {shape.intermediate_size} cannot be split over {tp} GPUs"
+        return f"{where}: intermediate_size {shape.intermediate_size} cannot be split over {tp} GPUs"
     return None
 
 

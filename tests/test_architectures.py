@@ -321,7 +321,8 @@ def test_backend_limits_per_architecture():
     assert architecture_problem("Gemma2ForCausalLM", "trtllm", scheme, "pytorch")
     assert architecture_problem("Qwen3MoeForCausalLM", "trtllm", scheme, "pytorch") is None
     assert architecture_problem("MistralForCausalLM", "trtllm", scheme, "engine") is None
-    assert "no q/k/v bias" in architecture_problem("Qwen2ForCausalLM", "trtllm", scheme, "engine")
+    assert architecture_problem("Qwen2ForCausalLM", "trtllm", scheme, "engine") is None  # QWenForCausalLM
+    assert "no Phi-3 layout" in architecture_problem("Phi3ForCausalLM", "trtllm", scheme, "engine")
     for arch in SUPPORTED_ARCHITECTURES:
         assert architecture_problem(arch, "vllm", scheme, None) is None
 
@@ -385,7 +386,7 @@ def test_forge_build_each_architecture(tmp_path, models, eval_text, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_trtllm_checkpoint_for_the_architectures_it_converts(tmp_path, models, arch):
-    """Mistral converts with TensorRT-LLM's LLaMA model: its checkpoint reads back to
+    """Mistral (TensorRT-LLM's LLaMA model) and Qwen2 (its QWen model) checkpoints read back to
     `dequantize()` bit for bit (FP8 per-channel). Every other architecture is refused with the
     table's reason, at plan time and by the writer alike."""
     from forge.formats import trtllm_checkpoint
@@ -477,3 +478,27 @@ def test_config_lying_about_experts_is_refused_before_anything_is_enumerated(mod
         with pytest.raises(InputError, match=message):
             shape.check_weights(found, False, "source")
     ModelShape.from_config(config).check_weights(found, False, "source")  # the truth passes
+
+
+# ---------------------------------------------------------------- Qwen2 TensorRT-LLM engines
+
+
+def test_plan_plans_a_qwen2_trtllm_engine_cell(tmp_path, models, eval_text):
+    """`forge plan` on a Qwen2 recipe plans TensorRT-LLM engine cells (the legacy checkpoint's
+    QWenForCausalLM layout) for FP8 and int4 (W4A16_AWQ), at tp 1 and at tp 4 over its 2 KV heads."""
+    engine = {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "engine"}}
+    recipe = tiny_recipe(
+        models["Qwen2ForCausalLM"],
+        eval_text,
+        variants=[{"name": "fp8", "scheme": "FP8_DYNAMIC"}, {"name": "int4", "scheme": "W4A16", "group_size": 64}],
+        targets=[engine, {**engine, "tensor_parallel": 4, "variants": ["fp8"]}],
+    )
+    code, output = run_cli("plan", str(write_recipe(tmp_path / "r", recipe)), "--json", "--artifacts-dir",
+                           str(tmp_path / "a"))  # fmt: skip
+    assert code == 0, output
+    cells = json.loads(output)["artifacts"]
+    assert {(c["variant"], c["tensor_parallel"], c["status"], c["format"]) for c in cells} == {
+        ("fp8", 1, "planned", "trtllm-checkpoint"),
+        ("int4", 1, "planned", "trtllm-checkpoint"),
+        ("fp8", 4, "planned", "trtllm-checkpoint"),
+    }

@@ -15,16 +15,19 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from forge.backends import trtllm
+from forge.compat import ModelShape, tensor_parallel_problem
 from forge.errors import InputError
 from forge.formats import trtllm_checkpoint as ckpt
 from forge.gpus import GPUS, LocalGPU, LocalGPUs, _parse_smi, detect_local_gpus, gpu_listing, match_profile
 from forge.quant.model import QuantizedModel, Scheme
 from forge.quant.presets import resolve_scheme
 from forge.quant.rtn import quantize_rtn
+from tests.conftest import run_cli, tiny_recipe, write_recipe
 from tests.golden import assert_golden
+from tests.tiny import make_tiny_model
 
 H100, A100 = GPUS["H100"], GPUS["A100-80GB"]
 
@@ -194,8 +197,7 @@ def test_ignored_layers_stay_dense_and_are_excluded(tiny_state, tmp_path):
     ("tp", "overrides", "message"),
     [
         (2, {}, "group_size: 128 does not divide the input of transformer.layers.*.attention.dense"),
-        (3, {"group_size": 64}, "4 attention heads cannot be split"),
-        (4, {"group_size": 32}, "2 KV heads cannot be split"),
+        (3, {"group_size": 64}, "targets.tensor_parallel 3: 4 attention heads cannot be split over 3 GPUs"),
     ],
 )
 def test_layout_refusals_name_the_layer(tiny_state, tmp_path, tp, overrides, message):
@@ -203,6 +205,167 @@ def test_layout_refusals_name_the_layer(tiny_state, tmp_path, tp, overrides, mes
     assert any(message in p for p in ckpt.layout_problems(qm.config, qm.scheme, tp))
     with pytest.raises(InputError, match=message.replace("*", r"\*")):
         ckpt.write(qm, tmp_path, tp)
+
+
+# ---------------------------------------------------------------- tensor parallel beyond the KV heads
+
+
+@pytest.mark.parametrize("case", ["w4a16-g32", "awq-asym-g32", "fp8-dynamic"])
+def test_tp_beyond_kv_heads_replicates_them(tiny_state, tmp_path, case):
+    """tp 4 over 2 KV heads: every rank holds one whole KV head, the one its query head reads
+    (ranks 0-1 head 0, ranks 2-3 head 1), as TensorRT-LLM's dup_kv_weight lays it out; the reader
+    merges the replicas back to `dequantize()` bit for bit."""
+    preset, overrides = {
+        "w4a16-g32": ("W4A16", {"group_size": 32}),
+        "awq-asym-g32": ("W4A16_ASYM", {"group_size": 32, "dtype": "float16"}),
+        "fp8-dynamic": ("FP8_DYNAMIC", {}),
+    }[case]
+    qm = quantize(tiny_state, preset, **overrides)
+    ckpt.write(qm, tmp_path, 4)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(4)]
+    qkv = "transformer.layers.0.attention.qkv"
+    # 1 q head + 1 k head + 1 v head of 32 rows per rank (int4: two rows per byte)
+    rows = 96 // (2 if qm.scheme.weight_format == "int4" else 1)
+    assert all(r[f"{qkv}.weight"].shape == (rows, 128) for r in ranks)
+    k_rows = slice(32 // (2 if qm.scheme.weight_format == "int4" else 1), None)
+    assert torch.equal(ranks[0][f"{qkv}.weight"][k_rows], ranks[1][f"{qkv}.weight"][k_rows])
+    assert not torch.equal(ranks[1][f"{qkv}.weight"][k_rows], ranks[2][f"{qkv}.weight"][k_rows])
+    _, state = ckpt.read(tmp_path)
+    weights = only_weights(state)
+    for name, ref in qm.dequantize().items():
+        if qm.scheme.symmetric or qm.scheme.weight_format != "int4":
+            assert torch.equal(weights[name], ref), name
+        else:
+            assert (weights[name] - ref).abs().max() <= 8 * float(ref.abs().max()) * 2**-10 + 1e-7, name
+
+
+SHAPES = [(4, 2, 256), (4, 1, 256), (8, 2, 96), (6, 3, 128), (12, 4, 384), (32, 8, 11008), (14, 2, 4864)]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "intermediate"), SHAPES)
+def test_plan_and_writer_share_one_tensor_parallel_rule(heads, kv_heads, intermediate):
+    """For every tensor_parallel `forge plan` accepts, the writer lays the checkpoint out, and
+    every one it refuses, the writer refuses with the same reason (before: tp 4 over 2 KV heads
+    was planned and then refused at export, after quantization ran)."""
+    config = {
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": heads * 32,
+        "intermediate_size": intermediate, "num_hidden_layers": 1, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": 32, "max_position_embeddings": 64,
+    }  # fmt: skip
+    scheme = resolve_scheme("FP8_DYNAMIC")
+    for tp in range(1, 17):
+        planned = tensor_parallel_problem(ModelShape.from_config(config), tp)
+        written = [p for p in ckpt.layout_problems(config, scheme, tp) if "tensor_parallel" in p]
+        assert written == ([] if planned is None else [f"targets.{planned}"]), tp
+
+
+def test_plan_refuses_and_plans_trtllm_tensor_parallel_like_the_writer(tiny_model, eval_text, tmp_path):
+    """tp 4 over the tiny model's 2 KV heads: a planned TensorRT-LLM engine cell; tp 3: exit 2,
+    naming the target and its tensor_parallel, before anything is quantized."""
+    engine = {"backend": "trtllm", "gpus": ["H100"], "trtllm": {"mode": "engine"}, "variants": ["fp8"]}
+    recipe = tiny_recipe(tiny_model, eval_text, targets=[{**engine, "tensor_parallel": 4}])
+    code, output = run_cli("plan", str(write_recipe(tmp_path / "ok", recipe)), "--json", "--artifacts-dir",
+                           str(tmp_path / "a"))  # fmt: skip
+    assert code == 0, output
+    cells = json.loads(output)["artifacts"]
+    assert [(c["status"], c["tensor_parallel"]) for c in cells] == [("planned", 4)]
+    recipe["targets"][0]["tensor_parallel"] = 3
+    code, output = run_cli("plan", str(write_recipe(tmp_path / "bad", recipe)), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 2, output
+    assert "targets[0]" in output and "tensor_parallel 3: 4 attention heads cannot be split over 3 GPUs" in output
+
+
+# ---------------------------------------------------------------- Qwen2 (QWenForCausalLM, qwen_type qwen2)
+
+
+@pytest.fixture(scope="module")
+def qwen2_sources(tmp_path_factory) -> dict[bool, tuple[dict, dict]]:
+    """Tiny random Qwen2s (4 heads of 32 over 2 KV heads, random q/k/v biases, rope theta 1e6),
+    with tied and untied embeddings: tied → (state, config)."""
+    root = tmp_path_factory.mktemp("qwen2")
+    out = {}
+    for tied in (True, False):
+        path = make_tiny_model(root / f"tied-{tied}", "Qwen2ForCausalLM", tie_word_embeddings=tied, rope_theta=1e6)
+        out[tied] = load_file(path / "model.safetensors"), json.loads((path / "config.json").read_text())
+    return out
+
+
+def qwen2_logits(config: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers' own Qwen2ForCausalLM on fixed tokens with exactly these fp32 weights."""
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "dtype", "torch_dtype")}
+    model = Qwen2ForCausalLM(Qwen2Config(**fields))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
+    tokens = torch.arange(3, 40).reshape(1, -1) % config["vocab_size"]
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+QWEN2_ROUNDTRIPS = [(case, tp, tied) for case, tp in ROUNDTRIPS for tied in (True, False) if tp == 2 or tied]
+
+
+@pytest.mark.parametrize(("case", "tp", "tied"), QWEN2_ROUNDTRIPS)
+def test_qwen2_checkpoint_roundtrip_reproduces_dequantize(qwen2_sources, tmp_path, case, tp, tied):
+    """A Qwen2 checkpoint (q/k/v biases in attention.qkv.bias) reads back to `dequantize()`, and
+    transformers' Qwen2ForCausalLM holding what the reader returns gives forge's own logits."""
+    preset, overrides, exact = CASES[case]
+    state, config = qwen2_sources[tied]
+    qm = quantize_rtn(state, config, resolve_scheme(preset, **overrides))
+    ckpt.write(qm, tmp_path / "ckpt", tp)
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert (written["architecture"], written["qwen_type"], written["attn_bias"]) == ("Qwen2ForCausalLM", "qwen2", True)
+    assert written["rotary_base"] == 1e6 and written["tie_word_embeddings"] is tied
+    assert written["mlp_bias"] is False and written["moe_intermediate_size"] == 0
+
+    read_config, read_state = ckpt.read(tmp_path / "ckpt")
+    weights = only_weights(read_state)
+    reference = qm.dequantize()
+    assert set(weights) == set(reference)
+    assert "model.layers.1.self_attn.k_proj.bias" in weights and ("lm_head.weight" in weights) is not tied
+    for name, ref in reference.items():
+        if exact or name.endswith("bias"):
+            assert torch.equal(weights[name], ref), name
+        else:
+            bound = 8 * float(ref.abs().max()) * 2**-10 + 1e-7
+            assert (weights[name] - ref).abs().max() <= bound, name
+    ours = qwen2_logits(read_config, weights)
+    expected = qwen2_logits(qm.config, reference)
+    if exact:
+        assert torch.equal(ours, expected)
+    else:
+        assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_qwen2_qkv_bias_is_split_per_rank(qwen2_sources, tmp_path, tp):
+    """Each rank's attention.qkv.bias is its q slice, then its k and v slices (convert_hf_qwen);
+    at tp 4 over 2 KV heads the k/v slices are the replicated head's."""
+    state, config = qwen2_sources[False]
+    qm = quantize_rtn(state, config, resolve_scheme("W4A16", group_size=32))
+    ckpt.write(qm, tmp_path, tp)
+    dtype = getattr(torch, qm.scheme.dtype)
+    hf = {p: qm.dense[f"model.layers.0.self_attn.{p}_proj.bias"].to(dtype) for p in "qkv"}
+    for rank in range(tp):
+        bias = load_file(tmp_path / f"rank{rank}.safetensors")["transformer.layers.0.attention.qkv.bias"]
+        q = hf["q"].chunk(tp)[rank]
+        kv_head = rank * 2 // tp  # 2 KV heads of 32 rows
+        k, v = (hf[p][kv_head * 32 : (kv_head + 1) * 32] if tp > 2 else hf[p].chunk(tp)[rank] for p in "kv")
+        assert bias.dtype == dtype and torch.equal(bias, torch.cat([q, k, v])), rank
+    assert "transformer.layers.0.attention.dense.bias" not in load_file(tmp_path / "rank0.safetensors")
+
+
+def test_sliding_window_stays_refused(qwen2_sources):
+    """Neither LLaMAConfig nor QWenConfig carries a window: Mistral with sliding_window, or a Qwen2
+    with use_sliding_window, is refused; Qwen2's usual unused window (use_sliding_window false) is not."""
+    _, config = qwen2_sources[False]
+    scheme = resolve_scheme("FP8_DYNAMIC")
+    assert ckpt.layout_problems({**config, "use_sliding_window": False, "sliding_window": 32768}, scheme, 1) == []
+    assert any("sliding-window" in p for p in ckpt.layout_problems(
+        {**config, "use_sliding_window": True, "sliding_window": 32768}, scheme, 1))  # fmt: skip
+    mistral = {**config, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096}
+    mistral.pop("use_sliding_window", None)
+    assert any("sliding-window" in p for p in ckpt.layout_problems(mistral, scheme, 1))
 
 
 # ---------------------------------------------------------------- commands (golden files)

@@ -11,7 +11,16 @@ Where each detail comes from (TensorRT-LLM 1.2.x sources, read, not copied):
   `get_prefix_and_param_name_map`: `mlp.fc` = HF `gate_proj` (the activated half), `mlp.gate` =
   HF `up_proj`, `mlp.proj` = `down_proj`, `attention.dense` = `o_proj`, `post_layernorm` =
   `post_attention_layernorm`, `transformer.ln_f` = `model.norm`.
-- Config fields: `tensorrt_llm/models/llama/config.py` (`LLaMAConfig.from_hugging_face`).
+- Qwen2 uses the same names (`get_qwen_key_list` in `tensorrt_llm/models/qwen/utils.py`: qwen2
+  `mlp.gate` = `up_proj`, `mlp.fc` = `gate_proj`) plus `attention.qkv.bias`: each rank's q, k
+  and v bias slices concatenated in that order, in the model dtype (`convert_hf_qwen` in
+  `tensorrt_llm/models/qwen/convert.py`); `attention.dense` has no bias (QWenDecoderLayer
+  `dense_bias=False`, `tensorrt_llm/models/qwen/model.py`).
+- Config fields: `tensorrt_llm/models/llama/config.py` (`LLaMAConfig.from_hugging_face`) and
+  `tensorrt_llm/models/qwen/config.py` (`QWenConfig.from_hugging_face`, `to_dict`).
+- KV heads fewer than ranks: each KV head is repeated tp / num_kv_heads times before the split
+  (`dup_kv_weight` / `dup_kv_bias`, `tensorrt_llm/models/convert_utils.py`), so every rank holds
+  the one KV head its query heads read; the rule is `forge.compat.tensor_parallel_problem`.
 - Quantized layer parameters: `tensorrt_llm/quantization/layers.py` (`FP8Linear`,
   `Fp8RowwiseLinear`, `WeightOnlyGroupwiseQuantLinear`) and the load-time fix-ups in
   `tensorrt_llm/models/modeling_utils.py` (`preprocess_perlayer_weights`).
@@ -30,15 +39,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forge.architectures import ARCHITECTURES, architecture_name, trtllm_problem
+from forge.compat import ModelShape, tensor_parallel_problem
 from forge.errors import InputError
 from forge.formats.model_dir import copy_source_files, write_json
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 from forge.untrusted import positive_int, read_json, safetensors_header
 
 FORMAT = "trtllm-checkpoint"
-# What `config.json` names: the TRT-LLM model every architecture this writer handles converts with
-# (`forge.architectures`, `trtllm`: Llama and Mistral both use LLaMAForCausalLM).
+# What `config.json`'s `architecture` names (`forge.architectures`, `trtllm`): Llama and Mistral
+# convert with LLaMAForCausalLM, Qwen2 with QWenForCausalLM (tensorrt_llm/models/__init__.py
+# MODEL_MAP maps "Qwen2ForCausalLM" to it). The writer lays out exactly these two.
 ARCHITECTURE = "LlamaForCausalLM"
+QWEN2 = "Qwen2ForCausalLM"
+ARCHITECTURES_WRITTEN = (ARCHITECTURE, QWEN2)
 
 # TensorRT-LLM module inside `transformer.layers.{i}` → (HF projections it fuses, how TP splits it).
 # "column": output rows are split over ranks; "row": input columns are split and the outputs summed.
@@ -114,13 +127,14 @@ def layout_problems(hf_config: dict, scheme: Scheme, tp_size: int) -> list[str]:
     name = architecture_name(hf_config)
     arch = ARCHITECTURES.get(name)
     reason = f"{name}: not a known architecture" if arch is None else trtllm_problem(arch)
-    if reason is None and arch.trtllm[0] != ARCHITECTURE:
+    if reason is None and arch.trtllm[0] not in ARCHITECTURES_WRITTEN:
         reason = f"{name}: converts with TensorRT-LLM's {arch.trtllm[0]}, which this writer does not lay out"
     if reason is not None:
         problems.append(f"source: the TensorRT-LLM checkpoint writer cannot take {reason}")
         return problems
     if hf_config.get("sliding_window") is not None and hf_config.get("use_sliding_window", True):
-        # Mistral v0.1 style local attention: LLaMAConfig.from_hugging_face carries no window.
+        # Mistral v0.1 style local attention (or Qwen2 with use_sliding_window): neither
+        # LLaMAConfig nor QWenConfig.from_hugging_face carries a window.
         problems.append("source: sliding-window attention is not laid out by the TRT-LLM writer")
     if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
         problems.append("source: Llama with attention/MLP biases is not supported by the TRT-LLM writer")
@@ -131,13 +145,10 @@ def layout_problems(hf_config: dict, scheme: Scheme, tp_size: int) -> list[str]:
             f"scheme.kv_cache_dtype: TRT-LLM checkpoints hold fp8 KV scales only, not {scheme.kv_cache_dtype}"
         )
     shape = LlamaShape.from_hf_config(hf_config)
-    tp = f"targets.tensor_parallel {tp_size}"
-    if shape.num_heads % tp_size:
-        problems.append(f"{tp}: {shape.num_heads} attention heads cannot be split evenly")
-    if shape.num_kv_heads % tp_size:
-        problems.append(f"{tp}: {shape.num_kv_heads} KV heads cannot be split evenly")
-    if shape.intermediate_size % tp_size:
-        problems.append(f"{tp}: intermediate_size {shape.intermediate_size} cannot be split evenly")
+    # The plan's own rule (compat), so a cell `forge plan` accepts is one this writer lays out.
+    split = tensor_parallel_problem(ModelShape.from_config(hf_config), tp_size)
+    if split:
+        problems.append(f"targets.{split}")
     if problems or scheme.weight_format != "int4":
         return problems
     group = scheme.group_size
@@ -203,11 +214,13 @@ def _rope(hf_config: dict) -> tuple[float, dict | None]:
 
 
 def checkpoint_config(hf_config: dict, scheme: Scheme, tp_size: int, exclude_modules: list[str]) -> dict:
-    """The `PretrainedConfig` dict `trtllm-build` reads (fields of LLaMAConfig.from_hugging_face)."""
+    """The `PretrainedConfig` dict `trtllm-build` reads: the fields of LLaMAConfig.from_hugging_face,
+    and for Qwen2 those QWenConfig.from_hugging_face adds (`qwen_type`, `attn_bias` true, ...)."""
     shape = LlamaShape.from_hf_config(hf_config)
     rotary_base, rotary_scaling = _rope(hf_config)
-    return {
-        "architecture": ARCHITECTURE,
+    qwen2 = architecture_name(hf_config) == QWEN2
+    config = {
+        "architecture": QWEN2 if qwen2 else ARCHITECTURE,
         "dtype": scheme.dtype,
         "logits_dtype": "float32",
         "vocab_size": shape.vocab_size,
@@ -223,7 +236,7 @@ def checkpoint_config(hf_config: dict, scheme: Scheme, tp_size: int, exclude_mod
         "rotary_base": rotary_base,
         "rotary_scaling": rotary_scaling,
         "max_position_embeddings": hf_config["max_position_embeddings"],
-        "attn_bias": False,
+        "attn_bias": qwen2,  # Qwen2's q/k/v biases (o_proj and the MLP have none)
         "mlp_bias": False,
         "use_parallel_embedding": False,  # every rank holds the whole vocab_embedding
         "embedding_sharding_dim": 0,
@@ -231,6 +244,19 @@ def checkpoint_config(hf_config: dict, scheme: Scheme, tp_size: int, exclude_mod
         "mapping": {"world_size": tp_size, "tp_size": tp_size, "pp_size": 1},
         "quantization": quantization_block(scheme, exclude_modules),
     }
+    if qwen2:
+        # QWenConfig: QWenDecoderLayer picks its MLP width and extra blocks by `qwen_type`; the rest
+        # are the values from_hugging_face writes for a plain Qwen2 (no MoE, no logn attention).
+        config.update(
+            qwen_type="qwen2",
+            seq_length=hf_config.get("seq_length", 8192),
+            use_logn_attn=False,
+            disable_weight_only_quant_plugin=False,
+            moe_intermediate_size=0,
+            moe_shared_expert_intermediate_size=0,
+            num_labels=1,
+        )
+    return config
 
 
 # ---------------------------------------------------------------- writer
@@ -238,6 +264,20 @@ def checkpoint_config(hf_config: dict, scheme: Scheme, tp_size: int, exclude_mod
 
 def _chunk(t: torch.Tensor, tp: int, rank: int, dim: int) -> torch.Tensor:
     return torch.chunk(t, tp, dim=dim)[rank]
+
+
+def _rank_rows(t: torch.Tensor, tp: int, rank: int, heads: int | None) -> torch.Tensor:
+    """Rank `rank`'s output rows of one column-parallel part holding `heads` equal blocks of rows.
+
+    1/tp of the rows, unless the part is K or V with fewer heads than ranks: then TensorRT-LLM
+    repeats each head tp / heads times before the split (`dup_kv_weight`), so this rank holds
+    head rank // (tp / heads) whole. Used for codes, scales, zero points and biases alike.
+    """
+    if heads is None or heads % tp == 0:
+        return _chunk(t, tp, rank, 0)
+    size = t.shape[0] // heads
+    head = rank // (tp // heads)
+    return t[head * size : (head + 1) * size]
 
 
 def _pack_int4_rows(signed: torch.Tensor) -> torch.Tensor:
@@ -275,16 +315,24 @@ def _fp8_tensor_requantized(linears: list[QuantizedLinear]) -> tuple[list[torch.
 
 
 def _quantized_module(
-    qm: QuantizedModel, algo: str, prefix: str, parts: list[QuantizedLinear], split: str, tp: int, rank: int
+    qm: QuantizedModel,
+    algo: str,
+    prefix: str,
+    parts: list[QuantizedLinear],
+    split: str,
+    tp: int,
+    rank: int,
+    heads: tuple[int | None, ...],
 ) -> dict[str, torch.Tensor]:
-    """One TRT-LLM linear's tensors for one rank, from its HF parts (fused along the out dim)."""
+    """One TRT-LLM linear's tensors for one rank, from its HF parts (fused along the out dim);
+    `heads[i]` is part i's head count where KV heads may be replicated (see `_rank_rows`)."""
     dtype = getattr(torch, qm.scheme.dtype)
     out: dict[str, torch.Tensor] = {}
 
     def shard(tensors: list[torch.Tensor], dim_for_row: int = 1) -> torch.Tensor:
         # Column split: each part (q, k, v …) gives its own rank slice of rows, fused in order.
         if split == "column":
-            return torch.cat([_chunk(t, tp, rank, 0) for t in tensors], dim=0)
+            return torch.cat([_rank_rows(t, tp, rank, h) for t, h in zip(tensors, heads, strict=True)], dim=0)
         return _chunk(torch.cat(tensors, dim=0), tp, rank, dim_for_row)
 
     if algo == "W4A16_AWQ":
@@ -327,6 +375,7 @@ def _quantized_module(
 def _rank_tensors(qm: QuantizedModel, shape: LlamaShape, algo: str | None, tp: int, rank: int) -> dict:
     dtype = getattr(torch, qm.scheme.dtype)
     dense = qm.dense
+    kv_heads = shape.num_kv_heads
     tensors: dict[str, torch.Tensor] = {}
     embedding = dense["model.embed_tokens.weight"].to(dtype)
     tensors["transformer.vocab_embedding.weight"] = embedding
@@ -346,13 +395,22 @@ def _rank_tensors(qm: QuantizedModel, shape: LlamaShape, algo: str | None, tp: i
         tensors[f"{trt}.post_layernorm.weight"] = dense[f"{hf}.post_attention_layernorm.weight"].to(dtype)
         for module, (parts, split) in LAYER_LINEARS.items():
             prefix = f"{trt}.{module}"
+            heads = (None, kv_heads, kv_heads) if module == "attention.qkv" else (None,) * len(parts)
+            if any(f"{hf}.{p}.bias" in dense for p in parts):
+                # Never quantized: the model dtype, split like the weight's rows (convert_hf_qwen).
+                biases = [dense[f"{hf}.{p}.bias"].to(dtype) for p in parts]
+                tensors[f"{prefix}.bias"] = torch.cat(
+                    [_rank_rows(b, tp, rank, h) for b, h in zip(biases, heads, strict=True)]
+                )
             if algo is not None and _module_kind(qm, i, parts) == "quantized":
                 linears = [qm.linears[f"{hf}.{p}"] for p in parts]
-                tensors.update(_quantized_module(qm, algo, prefix, linears, split, tp, rank))
+                tensors.update(_quantized_module(qm, algo, prefix, linears, split, tp, rank, heads))
                 continue
             weights = [dense[f"{hf}.{p}.weight"].to(dtype) for p in parts]
             if split == "column":
-                tensors[f"{prefix}.weight"] = torch.cat([_chunk(w, tp, rank, 0) for w in weights], dim=0)
+                tensors[f"{prefix}.weight"] = torch.cat(
+                    [_rank_rows(w, tp, rank, h) for w, h in zip(weights, heads, strict=True)], dim=0
+                )
             else:
                 tensors[f"{prefix}.weight"] = _chunk(weights[0], tp, rank, 1)
         if qm.scheme.kv_cache_dtype == "fp8":
@@ -513,9 +571,10 @@ def _hf_config(config: dict) -> dict:
     scaling = config.get("rotary_scaling")
     if scaling:
         rope.update({k: v for k, v in scaling.items() if k != "type"}, rope_type=scaling.get("type"))
-    return {
+    qwen2 = config["architecture"] == QWEN2
+    hf = {
         "architectures": [config["architecture"]],
-        "model_type": "llama",
+        "model_type": "qwen2" if qwen2 else "llama",
         "vocab_size": config["vocab_size"],
         "hidden_size": config["hidden_size"],
         "intermediate_size": config["intermediate_size"],
@@ -532,6 +591,10 @@ def _hf_config(config: dict) -> dict:
         "mlp_bias": False,
         "dtype": config["dtype"],
     }
+    if qwen2:  # Qwen2Config: q/k/v always carry biases; the writer refuses sliding windows
+        del hf["attention_bias"], hf["mlp_bias"]
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
 
 
 def _load_ranks(directory: Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
@@ -550,15 +613,36 @@ def _load_ranks(directory: Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
 
 
 def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A TRT-LLM Llama checkpoint as (HF-style config, fp32 HF-named state dict), ranks merged.
+    """A TRT-LLM Llama or Qwen2 checkpoint as (HF-style config, fp32 HF-named state dict), ranks merged.
 
     Like the other formats' readers, static activation scales come back as `<module>.input_scale`
-    (`[1]`) and fp8 KV scales as `...self_attn.k_scale` / `v_scale` (0-d), all float32.
+    (`[1]`) and fp8 KV scales as `...self_attn.k_scale` / `v_scale` (0-d), all float32. With
+    fewer KV heads than ranks, each rank holds ceil(num_kv_heads / tp) KV heads (attention.py);
+    the first rank of each run of tp / num_kv_heads replicas gives that head, and the replicas
+    must agree.
     """
     config, ranks = _load_ranks(directory)
     algo = (config.get("quantization") or {}).get("quant_algo")
     heads, kv_heads, head = config["num_attention_heads"], config["num_key_value_heads"], config["head_size"]
     tp = len(ranks)
+    if not all(positive_int(n) for n in (heads, kv_heads, head)) or heads % tp or (kv_heads % tp and tp % kv_heads):
+        raise InputError(
+            f"{FORMAT}: config.json: {heads} attention heads / {kv_heads} KV heads do not lay out over {tp} ranks"
+        )
+    kv_per_rank = -(-kv_heads // tp)
+    replicas = tp // kv_heads if kv_heads < tp else 1
+    sizes = [heads // tp * head, kv_per_rank * head, kv_per_rank * head]
+
+    def merge_qkv(per_rank: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """q, k, v (in HF row order) from each rank's fused rows, dropping KV replicas."""
+        split = [torch.split(t, sizes, dim=0) for t in per_rank]
+        for r in range(tp):
+            for j in (1, 2):
+                first = r - r % replicas
+                if not torch.equal(split[r][j], split[first][j]):
+                    raise InputError(f"{FORMAT}: rank{r} {what}: replicated KV head differs from rank{first}")
+        return [torch.cat([split[r][j] for r in range(tp) if j == 0 or r % replicas == 0], dim=0) for j in range(3)]
+
     state: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": ranks[0]["transformer.vocab_embedding.weight"].to(torch.float32),
         "model.norm.weight": ranks[0]["transformer.ln_f.weight"].to(torch.float32),
@@ -570,11 +654,13 @@ def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         trt, hf = f"transformer.layers.{i}", f"model.layers.{i}"
         state[f"{hf}.input_layernorm.weight"] = ranks[0][f"{trt}.input_layernorm.weight"].to(torch.float32)
         state[f"{hf}.post_attention_layernorm.weight"] = ranks[0][f"{trt}.post_layernorm.weight"].to(torch.float32)
-        qkv = [_dense_linear(r, f"{trt}.attention.qkv", algo) for r in ranks]
-        sizes = [heads // tp * head, kv_heads // tp * head, kv_heads // tp * head]
-        per_rank = [torch.split(w, sizes, dim=0) for w in qkv]
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            state[f"{hf}.self_attn.{name}.weight"] = torch.cat([p[j] for p in per_rank], dim=0)
+        qkv = merge_qkv([_dense_linear(r, f"{trt}.attention.qkv", algo) for r in ranks], f"{trt}.attention.qkv")
+        for name, weight in zip(("q_proj", "k_proj", "v_proj"), qkv, strict=True):
+            state[f"{hf}.self_attn.{name}.weight"] = weight
+        if config.get("attn_bias"):
+            biases = [r[f"{trt}.attention.qkv.bias"].to(torch.float32) for r in ranks]
+            for name, bias in zip(("q_proj", "k_proj", "v_proj"), merge_qkv(biases, "qkv bias"), strict=True):
+                state[f"{hf}.self_attn.{name}.bias"] = bias
         for trt_name, hf_name, dim in (
             ("attention.dense", "self_attn.o_proj", 1),  # row-parallel: input columns were split
             ("mlp.fc", "mlp.gate_proj", 0),
