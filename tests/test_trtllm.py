@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from forge.backends import trtllm
@@ -335,6 +335,28 @@ def test_qwen2_checkpoint_roundtrip_reproduces_dequantize(qwen2_sources, tmp_pat
         assert torch.equal(ours, expected)
     else:
         assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3)
+
+
+def test_qwen2_fp8_static_and_replica_check(qwen2_sources, tmp_path):
+    """FP8 (static) Qwen2 at tp 4: one weight and activation scale per fused layer, biases exact;
+    a checkpoint whose replicated KV heads disagree is refused by the reader."""
+    state, config = qwen2_sources[True]
+    qm = quantize_rtn(state, config, resolve_scheme("FP8"))
+    for linear in qm.linears.values():
+        linear.input_scale = torch.tensor([0.02])
+    ckpt.write(qm, tmp_path, 4)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization"]["quant_algo"] == "FP8"
+    _, read_state = ckpt.read(tmp_path)
+    for name, ref in qm.dequantize().items():
+        if name.endswith("_proj.weight") and "self_attn" in name and "o_proj" not in name:
+            assert torch.allclose(read_state[name], ref, atol=float(ref.abs().max()) / 8), name  # one fp8 step
+        else:
+            assert torch.equal(read_state[name], ref), name
+    rank1 = load_file(tmp_path / "rank1.safetensors")
+    rank1["transformer.layers.0.attention.qkv.bias"][-1] += 1  # rank 1's copy of v head 0
+    save_file(rank1, tmp_path / "rank1.safetensors")
+    with pytest.raises(InputError, match="rank1 qkv bias: replicated KV head differs from rank0"):
+        ckpt.read(tmp_path)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
