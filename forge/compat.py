@@ -12,13 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from forge.architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES, Architecture, num_experts
+from forge.backends import export_format
 from forge.backends.trtllm import check_trtllm_support
 from forge.errors import InputError
+from forge.formats.specs import format_problem, int4_group_problem
 from forge.gpus import GPUProfile
 from forge.quant.scheme import Scheme
 from forge.untrusted import positive_int
+
+if TYPE_CHECKING:
+    from forge.recipe import Target
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ModelShape", "architecture_problem", "combination_problem"]
 
@@ -194,6 +200,19 @@ class ModelShape:
                 f"{origin}: the tensors of expert {missing} are missing (config.json: {self.experts} experts)"
             )
 
+    def output_dims(self) -> dict[str, int]:
+        """Output width of each projection kind (the dimension int4 formats pack along their rows)."""
+        dims = {
+            "q_proj (heads × head_dim)": self.num_heads * self.head_dim,
+            "k/v_proj (KV heads × head_dim)": self.num_kv_heads * self.head_dim,
+            "o_proj/down_proj (hidden_size)": self.hidden_size,
+        }
+        if self.has_dense_mlp:
+            dims["gate/up_proj (intermediate_size)"] = self.intermediate_size
+        if self.experts:
+            dims["expert gate/up_proj (expert intermediate size)"] = self.expert_intermediate_size
+        return dims
+
     def input_dims(self, tp: int = 1) -> dict[str, int]:
         """Per-rank input width of each projection kind (row-parallel layers are split by tp)."""
         dims = {
@@ -208,15 +227,8 @@ class ModelShape:
 
 
 def group_size_problem(scheme: Scheme, shape: ModelShape, tp: int = 1) -> str | None:
-    if scheme.weight_format != "int4" or scheme.group_size is None:
-        return None
-    for layer, width in shape.input_dims(tp).items():
-        if width % scheme.group_size:
-            fits = [g for g in (256, 128, 64, 32) if all(w % g == 0 for w in shape.input_dims(tp).values())]
-            hint = f"use group_size {fits[0]}" if fits else "no standard group size fits"
-            rank = f" per rank at tensor_parallel {tp}" if tp > 1 else ""
-            return f"group size {scheme.group_size} does not divide {layer} = {width}{rank}; {hint}"
-    return None
+    """int4 groups that do not tile every projection's input (per rank): `forge.formats.specs`' one rule."""
+    return int4_group_problem(scheme, shape, tp)
 
 
 def tensor_parallel_problem(shape: ModelShape, tp: int) -> str | None:
@@ -354,13 +366,30 @@ def architecture_problem(architecture: str, backend: str, scheme: Scheme, trtllm
 
 
 def combination_problem(
-    scheme: Scheme, backend: str, gpu: GPUProfile, shape: ModelShape, tp: int, trtllm_mode: str | None
+    scheme: Scheme,
+    backend: str,
+    gpu: GPUProfile,
+    shape: ModelShape,
+    tp: int,
+    trtllm_mode: str | None,
+    target: Target | None = None,
 ) -> str | None:
-    """Why (scheme, backend, gpu, tp) cannot be built or served, or None when it can."""
+    """Why (scheme, backend, gpu, tp) cannot be built or served, or None when it can.
+
+    With the recipe `target`, the spec of the format the backend picks for it is asked too
+    (`forge.formats.specs`), the same spec its writer refuses with, so the plan never accepts a
+    cell that the export stage would refuse after quantizing.
+    """
     return (
         gpu_problem(scheme, gpu, backend)
         or BACKEND_RULES[backend](scheme, gpu, trtllm_mode)
         or architecture_problem(shape.architecture, backend, scheme, trtllm_mode)
         or tensor_parallel_problem(shape, tp)
         or group_size_problem(scheme, shape, tp)
+        or (None if target is None else format_problem(planned_format(backend, scheme, target), scheme, shape, tp))
     )
+
+
+def planned_format(backend: str, scheme: Scheme, target: Target) -> str:
+    """The format `backend` exports `scheme` in for `target` (its record's choice)."""
+    return export_format(backend, scheme, target)

@@ -349,7 +349,7 @@ def make_plan(
             scheme = schemes[variant.name]
             for gpu_name in target.gpus:
                 gpu = lookup_gpu(gpu_name)
-                problem = combination_problem(scheme, target.backend, gpu, shape, target.tensor_parallel, mode)
+                problem = combination_problem(scheme, target.backend, gpu, shape, target.tensor_parallel, mode, target)
                 if problem:
                     if target.variants is not None:
                         explicit_problems.append(f"targets[{t}] ({variant.name} on {gpu_name}): {problem}")

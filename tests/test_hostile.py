@@ -496,12 +496,30 @@ def test_any_combination_plans_or_is_refused_by_key(
         if result.exit_code == 0:
             plan = json.loads(result.output)
             assert any(a["status"] == "planned" for a in plan["artifacts"])
+            assert_planned_cells_pass_their_format(plan, text, plan_dir[shape])
         else:
             message = assert_refused(result)
             first = message.removeprefix("forge: ")
             assert re.match(r"(variants|targets|source|package|validation)\b", first), message
         # Planning never writes stage outputs; only the model-config memo may appear.
         assert [f for f in files_under(artifacts) if not f.startswith(".cache/model-config/")] == []
+
+
+def assert_planned_cells_pass_their_format(plan: dict, text: str, model: Path) -> None:
+    """Every planned cell passes the checks of the format its backend exports: the spec the writer
+    refuses with (`forge.formats.specs`), so no planned cell can fail in the export stage."""
+    from forge.compat import ModelShape
+    from forge.formats.specs import SPECS
+    from forge.plan import variant_scheme
+    from forge.recipe import parse_recipe
+
+    recipe = parse_recipe(text)
+    schemes = {v.name: variant_scheme(v) for v in recipe.variants}
+    shape = ModelShape.from_config(json.loads((model / "config.json").read_text()))
+    for cell in plan["artifacts"]:
+        if cell["status"] == "planned":
+            problem = SPECS[cell["format"]].problem(schemes[cell["variant"]], shape, cell["tensor_parallel"])
+            assert problem is None, (cell, problem)
 
 
 @pytest.mark.parametrize(

@@ -331,3 +331,36 @@ def test_a_model_image_push_waits_for_its_cells_deferred_gates(tiny_model, eval_
     assert push.deps == {"image": "model-image/fp8/vllm/H100"}
     assert push.status == "deferred" and push.inputs.deferred_gates == ("throughput/fp8/vllm/H100",)
     assert "throughput/fp8/cpu" in push.after and "accuracy/fp8/compressed-tensors" in push.after
+
+
+def test_tgi_awq_with_an_fp8_kv_cache_is_refused_at_plan_time(tiny_model, eval_text, tmp_path):
+    """TGI loads AWQ_W4A16 as AutoAWQ GEMM, which has no KV-cache scales: the plan asks that format's
+    spec and refuses the cell naming the key, instead of the export stage refusing after quantizing."""
+    data = tiny_recipe(tiny_model, eval_text, targets=[{"backend": "tgi", "gpus": ["H100"], "variants": ["awq"]}])
+    data["variants"] = [{"name": "awq", "scheme": "AWQ_W4A16", "group_size": 32, "kv_cache_dtype": "fp8"}]
+    code, output = run_cli("plan", str(write_recipe(tmp_path, data)), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 2, output
+    assert "targets[0] (awq on H100): kv_cache_dtype: awq-gemm (AutoAWQ GEMM) has no KV-cache scales" in output
+    data["targets"].append({"backend": "vllm", "gpus": ["H100"]})  # compressed-tensors holds the scales
+    del data["targets"][0]["variants"]
+    plan = plan_for(data, tmp_path)
+    assert [(a.backend, a.status, a.format) for a in plan.artifacts] == [
+        ("tgi", "impossible", None), ("vllm", "planned", "compressed-tensors")
+    ]  # fmt: skip
+
+
+def test_every_format_spec_is_what_its_writer_refuses_with():
+    """The plan's spec and the codec's `unsupported_reason` are one rule, for every preset and KV dtype."""
+    from dataclasses import replace
+
+    from forge.formats import FORMATS, SPECS
+    from forge.quant.presets import PRESETS, resolve_scheme
+
+    assert set(FORMATS) == set(SPECS)
+    for preset in PRESETS:
+        for kv in ("auto", "fp8", "int8", "int4"):
+            scheme = replace(resolve_scheme(preset), kv_cache_dtype=kv)
+            for name, fmt in FORMATS.items():
+                assert (SPECS[name].scheme_problem(scheme) is None) == (fmt.unsupported_reason(scheme) is None), (
+                    name, preset, kv
+                )  # fmt: skip

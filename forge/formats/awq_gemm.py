@@ -37,23 +37,18 @@ from forge.formats.model_dir import (
     read_config,
     write_model_dir,
 )
+from forge.formats.specs import SPECS
 from forge.quant.model import QuantizedModel, Scheme
 
 FORMAT = "awq-gemm"
-QUANT_METHOD = "awq"
+SPEC = SPECS[FORMAT]
+QUANT_METHOD = SPEC.quant_method
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ gemm.py `order_map`: slot i holds column ORDER[i]
 
 
 def unsupported_reason(scheme: Scheme) -> str | None:
-    """Why this format cannot hold `scheme`, or None when it can."""
-    if scheme.weight_format != "int4":
-        return (
-            f"{FORMAT}: AutoAWQ GEMM stores int4 weights only, not {scheme.weight_format} "
-            f"({scheme.preset}); export fp8 as compressed-tensors or modelopt"
-        )
-    if scheme.kv_cache_dtype != "auto":
-        return f"{FORMAT}: AutoAWQ GEMM has no KV-cache scales; use compressed-tensors for an fp8 KV cache"
-    return None
+    """Why this format cannot hold `scheme`, or None when it can (its spec's rule, the plan's too)."""
+    return SPEC.scheme_problem(scheme)
 
 
 def quantization_config(qm: QuantizedModel) -> dict:

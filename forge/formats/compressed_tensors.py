@@ -36,20 +36,20 @@ from forge.formats.model_dir import (
     read_config,
     write_model_dir,
 )
+from forge.formats.specs import SPECS
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 
 FORMAT = "compressed-tensors"
-QUANT_METHOD = "compressed-tensors"
+SPEC = SPECS[FORMAT]
+QUANT_METHOD = SPEC.quant_method
 # The compressed-tensors release whose layout this module was checked against; fixed, not read
 # from the installed package, so exports stay byte-identical across environments.
 CT_VERSION = "0.19.0"
 
 
 def unsupported_reason(scheme: Scheme) -> str | None:
-    """Why this format cannot hold `scheme`, or None when it can."""
-    if scheme.weight_format not in ("int4", "fp8"):
-        return f"{FORMAT}: forge writes int4 and fp8 weights only, not {scheme.weight_format} ({scheme.preset})"
-    return None
+    """Why this format cannot hold `scheme`, or None when it can (its spec's rule, the plan's too)."""
+    return SPEC.scheme_problem(scheme)
 
 
 # ---------------------------------------------------------------- config

@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from forge.architectures import ARCHITECTURES, architecture_name
 from forge.errors import InputError
+from forge.formats.specs import group_size_problem
 from forge.quant.model import QuantizedModel, Scheme
 from forge.quant.rtn import is_ignored
 from forge.untrusted import index_weight_map, read_json, safetensors_header
@@ -161,30 +162,22 @@ def ignored_modules(qm: QuantizedModel) -> list[str]:
 def check_group_size(
     fmt: str, name: str, codes: torch.Tensor, scale: torch.Tensor, scheme: Scheme, tp_size: int = 1
 ) -> int:
-    """The int4 group size of one linear, checked against its shapes; InputError naming the layer.
-
-    With tensor parallelism a row-parallel layer's groups must also tile each rank's slice of
-    the input (vLLM `AWQLinearMethod.create_weights` refuses `input_size_per_partition %
-    group_size`: vllm/model_executor/layers/quantization/awq.py).
-    """
+    """The int4 group size of one linear, checked against its shapes with the plan's one rule
+    (`specs.group_size_problem`); InputError naming the layer. With tensor parallelism a
+    row-parallel layer's groups must also tile each rank's slice of the input."""
     out_features, in_features = codes.shape
     group = scheme.group_size
-    if not group or in_features % group:
-        raise InputError(
-            f"{fmt}: {name}: group size {group} does not divide in_features {in_features}; "
-            "pick a group size that tiles every layer (32, 64 or 128 usually do)"
-        )
+    widths = {name: in_features}
+    if tp_size > 1 and name.endswith(ROW_PARALLEL):
+        if in_features % tp_size:
+            raise InputError(f"{fmt}: {name}: in_features {in_features} cannot be split over tensor_parallel {tp_size}")
+        widths[f"{name} per rank at tensor_parallel {tp_size}"] = in_features // tp_size
+    if (problem := group_size_problem(group, widths)) is not None:
+        raise InputError(f"{fmt}: {problem}")
     if tuple(scale.shape) != (out_features, in_features // group):
         raise InputError(
             f"{fmt}: {name}: scale shape {tuple(scale.shape)} does not match [{out_features}, {in_features} / {group}]"
         )
-    if tp_size > 1 and name.endswith(ROW_PARALLEL):
-        per_rank, rest = divmod(in_features, tp_size)
-        if rest or per_rank % group:
-            raise InputError(
-                f"{fmt}: {name}: in_features {in_features} split over tp={tp_size} ranks is not a "
-                f"whole number of {group}-column groups per rank; use a smaller group or tensor_parallel"
-            )
     return group
 
 
@@ -401,17 +394,24 @@ def read_config(directory: Path, fmt: str, quant_method: str) -> dict:
 
 
 def weight_files(directory: Path, fmt: str) -> dict[str, list[str]]:
-    """Shard file → tensor names, from the index when there is one; checks the index is honest and
-    every shard's header against its file (`safetensors_header`) before a tensor is mapped."""
+    """Shard file → tensor names of a safetensors checkpoint (a source or an export): the index's
+    shards, else every `*.safetensors`; every shard's header checked against its file
+    (`safetensors_header`), no tensor in two shards and the index honest, before a tensor is mapped.
+    The one loader: the quantize stage reads its source and every format reader its export here."""
     directory = Path(directory)
     weight_map = index_weight_map(directory, fmt)
     if weight_map is not None:
         shards = sorted(set(weight_map.values()))
-    elif (directory / WEIGHTS_NAME).is_file():
-        shards = [WEIGHTS_NAME]
     else:
-        raise InputError(f"{fmt}: {directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+        shards = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not shards:
+        raise InputError(f"{fmt}: {directory} has no *.safetensors weights (neither {WEIGHTS_NAME} nor {INDEX_NAME})")
     files = {shard: sorted(safetensors_header(directory / shard, f"{fmt}: {shard}")) for shard in shards}
+    seen: set[str] = set()
+    for shard, names in files.items():
+        if twice := seen.intersection(names):
+            raise InputError(f"{fmt}: tensor {min(twice)!r} is in more than one shard ({shard})")
+        seen.update(names)
     for name, shard in sorted((weight_map or {}).items()):
         if name not in files[shard]:
             raise InputError(f"{fmt}: tensor {name} is missing from {shard} (the index lists it there)")

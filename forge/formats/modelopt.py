@@ -48,44 +48,23 @@ from forge.formats.model_dir import (
     read_config,
     write_model_dir,
 )
+from forge.formats.specs import SPECS, modelopt_algo
 from forge.quant.model import QuantizedModel, Scheme
 
 FORMAT = "modelopt"
-QUANT_METHOD = "modelopt"
+SPEC = SPECS[FORMAT]
+QUANT_METHOD = SPEC.quant_method
 HF_QUANT_CONFIG = "hf_quant_config.json"
 _KV_NAMES = {"self_attn.k_scale": "self_attn.k_proj.k_scale", "self_attn.v_scale": "self_attn.v_proj.v_scale"}
 
 
-def quant_algo(scheme: Scheme) -> str | None:
-    """ModelOpt's name for a scheme, or None when ModelOpt has no matching layout."""
-    if scheme.weight_format == "int4" and scheme.symmetric:
-        return "W4A16_AWQ"
-    if scheme.weight_format == "fp8":
-        if scheme.weight_granularity == "tensor" and scheme.activations == "static_tensor":
-            return "FP8"
-        if scheme.weight_granularity == "channel" and scheme.activations == "dynamic_token":
-            return "FP8_PER_CHANNEL_PER_TOKEN"
-    return None
-
-
 def unsupported_reason(scheme: Scheme) -> str | None:
-    """Why this format cannot hold `scheme`, or None when it can."""
-    if quant_algo(scheme) is not None:
-        return None
-    if scheme.weight_format == "int4":
-        return (
-            f"{FORMAT}: W4A16_AWQ is symmetric (has_zero_point false; TRT-LLM passes no zeros), "
-            f"so {scheme.preset} with zero points cannot be stored; use a symmetric int4 preset"
-        )
-    return (
-        f"{FORMAT}: no ModelOpt layout for {scheme.preset} ({scheme.weight_format}, "
-        f"{scheme.weight_granularity} weights, {scheme.activations} activations); ModelOpt has FP8 "
-        "(tensor weights + static inputs), FP8_PER_CHANNEL_PER_TOKEN and symmetric W4A16_AWQ"
-    )
+    """Why this format cannot hold `scheme`, or None when it can (its spec's rule, the plan's too)."""
+    return SPEC.scheme_problem(scheme)
 
 
 def hf_quant_config(qm: QuantizedModel) -> dict:
-    algo = quant_algo(qm.scheme)
+    algo = modelopt_algo(qm.scheme)
     quantization: dict = {
         "exclude_modules": ignored_modules(qm),
         "kv_cache_quant_algo": "FP8" if qm.kv_scales else None,
@@ -129,7 +108,7 @@ def _linear_unit(qm: QuantizedModel, name: str, dtype: torch.dtype, tp_size: int
     scheme = qm.scheme
     linear = qm.linears[name]
     out_features, in_features = linear.codes.shape
-    algo = quant_algo(scheme)
+    algo = modelopt_algo(scheme)
     if algo == "W4A16_AWQ":
         group = check_group_size(FORMAT, name, linear.codes, linear.scale, scheme, tp_size)
         if out_features % 2:

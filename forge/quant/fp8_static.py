@@ -12,14 +12,12 @@ import torch
 
 from forge.quant.layerwise import InputStats
 from forge.quant.model import QuantizedLinear, Scheme
-from forge.quant.rtn import FP8_MAX, quantize_fp8
-
-_MIN_SCALE = 1e-8  # as rtn.py: keeps an input that never fires from dividing by zero
+from forge.quant.rtn import FP8_MAX, MIN_SCALE, quantize_fp8
 
 
 def static_input_scale(stats: InputStats) -> torch.Tensor:
     """`[1]` float32: absmax of the linear's calibration inputs / 448."""
-    return (stats.abs_max.amax().float() / FP8_MAX).clamp(min=_MIN_SCALE).reshape(1)
+    return (stats.abs_max.amax().float() / FP8_MAX).clamp(min=MIN_SCALE).reshape(1)
 
 
 def fp8_static_layer(

@@ -14,15 +14,13 @@ from __future__ import annotations
 import torch
 
 from forge.quant.layerwise import LayerStats
-from forge.quant.rtn import FP8_MAX
-
-_MIN_SCALE = 1e-8
+from forge.quant.rtn import FP8_MAX, MIN_SCALE
 
 
 def kv_cache_scales(stats: LayerStats, layer_index: int) -> dict[str, torch.Tensor]:
     """`model.layers.N.self_attn.{k,v}_scale` from one layer's calibrated k/v output maxima."""
     prefix = f"model.layers.{layer_index}.self_attn."
     return {
-        prefix + "k_scale": (stats.k_absmax.float() / FP8_MAX).clamp(min=_MIN_SCALE).reshape(()),
-        prefix + "v_scale": (stats.v_absmax.float() / FP8_MAX).clamp(min=_MIN_SCALE).reshape(()),
+        prefix + "k_scale": (stats.k_absmax.float() / FP8_MAX).clamp(min=MIN_SCALE).reshape(()),
+        prefix + "v_scale": (stats.v_absmax.float() / FP8_MAX).clamp(min=MIN_SCALE).reshape(()),
     }

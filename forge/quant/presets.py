@@ -12,12 +12,28 @@ from dataclasses import dataclass, replace
 from forge.quant.scheme import Scheme
 
 
+def needs_calibration(scheme: Scheme, algorithm: str) -> bool:
+    """The one rule for whether a variant needs calibration text: AWQ and GPTQ fit to activations,
+    static FP8 input scales and fp8 KV-cache scales are measured on them, and NVFP4's global
+    activation scales are too (llm-compressor calibrates its NVFP4 scheme)."""
+    return (
+        algorithm in ("awq", "gptq")
+        or scheme.activations == "static_tensor"
+        or scheme.kv_cache_dtype == "fp8"
+        or scheme.weight_format == "fp4"
+    )
+
+
 @dataclass(frozen=True)
 class Preset:
     scheme: Scheme
     algorithm: str  # rtn | gptq | awq | none (nvfp4: planned only)
-    needs_calibration: bool
     summary: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the preset as named (before a recipe's `kv_cache_dtype`) needs calibration."""
+        return needs_calibration(self.scheme, self.algorithm)
 
 
 def _int4(name: str, symmetric: bool, algorithm: str, summary: str) -> Preset:
@@ -29,20 +45,18 @@ def _int4(name: str, symmetric: bool, algorithm: str, summary: str) -> Preset:
         weight_granularity="group",
         activations="none",
     )
-    return Preset(scheme, algorithm, algorithm != "rtn", summary)
+    return Preset(scheme, algorithm, summary)
 
 
 PRESETS: dict[str, Preset] = {
     "FP8_DYNAMIC": Preset(
         Scheme("FP8_DYNAMIC", "fp8", None, True, "channel", "dynamic_token"),
         "rtn",
-        False,
         "fp8 e4m3 weights per output channel, activations scaled per token at run time",
     ),
     "FP8": Preset(
         Scheme("FP8", "fp8", None, True, "tensor", "static_tensor"),
         "rtn",
-        True,
         "fp8 e4m3 weights per tensor, static per-tensor input scales from calibration",
     ),
     "W4A16": _int4("W4A16", True, "rtn", "int4 weights, symmetric groups, round-to-nearest"),
@@ -54,7 +68,6 @@ PRESETS: dict[str, Preset] = {
     "NVFP4": Preset(
         Scheme("NVFP4", "fp4", 16, True, "group", "dynamic_token"),  # type: ignore[arg-type]
         "none",
-        True,
         "fp4 e2m1 weights and activations, group 16 (Blackwell only; planned, not produced by forge yet)",
     ),
 }

@@ -14,7 +14,9 @@ from forge.architectures import ANY_QUANTIZABLE, get_architecture
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value (OCP FP8 spec, E4M3)
-_MIN_SCALE = 1e-8
+# Smallest scale any quantizer stores (weights, static inputs, KV cache): keeps an all-zero group,
+# or an input that never fires, from dividing by zero.
+MIN_SCALE = 1e-8
 
 
 def int4_qparams(
@@ -31,9 +33,9 @@ def int4_qparams(
     w_min = groups.amin(dim=-1).clamp(max=0)
     w_max = groups.amax(dim=-1).clamp(min=0)
     if symmetric:
-        scale = (torch.maximum(-w_min, w_max) / 7.5).clamp(min=_MIN_SCALE)
+        scale = (torch.maximum(-w_min, w_max) / 7.5).clamp(min=MIN_SCALE)
         return scale.to(scale_dtype), None
-    scale = ((w_max - w_min) / 15).clamp(min=_MIN_SCALE).to(scale_dtype)
+    scale = ((w_max - w_min) / 15).clamp(min=MIN_SCALE).to(scale_dtype)
     zero = torch.clamp(-torch.round(w_min / scale.float()), 0, 15).to(torch.int8)
     return scale, zero
 
@@ -62,7 +64,7 @@ def quantize_fp8(weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
         absmax = w.abs().amax(dim=1, keepdim=True)
     else:
         absmax = w.abs().amax().reshape(1)
-    scale = (absmax / FP8_MAX).clamp(min=_MIN_SCALE).to(torch.float32)
+    scale = (absmax / FP8_MAX).clamp(min=MIN_SCALE).to(torch.float32)
     codes = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return QuantizedLinear(codes, scale)
 

@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from forge.architectures import Architecture, fused_rows, get_architecture, num_experts
 from forge.errors import InputError
+from forge.formats.model_dir import iter_tensors
+from forge.formats.specs import group_size_problem
 from forge.quant.awq import awq_layer, scale_groups
 from forge.quant.fp8_static import fp8_static_layer
 from forge.quant.gptq import gptq_layer
@@ -39,48 +40,27 @@ from forge.quant.layerwise import (
 )
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 from forge.quant.moe import unfuse_experts
+from forge.quant.presets import needs_calibration
 from forge.quant.rtn import quantizable_linears, quantize_rtn, quantize_weight, split_state
-from forge.untrusted import checkpoint_tensors, index_weight_map
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 Progress = Callable[[str, int, int], None]
 
 
 def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors checkpoint, single file or sharded (`*.index.json`)."""
-    weight_map = index_weight_map(model_dir, "source")
-    if weight_map is not None:
-        shards = sorted(set(weight_map.values()))
-    else:
-        shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    if not shards:
-        raise InputError(f"source: {model_dir} has no *.safetensors weights")
-    checkpoint_tensors(model_dir, "source")  # every header against its file, before anything is mapped
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state.update(load_file(model_dir / shard))
-    return state
+    """Every tensor of a safetensors checkpoint, single file or sharded (`*.index.json`), each
+    header checked before anything is mapped (`forge.formats.model_dir.iter_tensors`)."""
+    return dict(iter_tensors(model_dir, "source"))
 
 
 def check_group_size(state: dict[str, torch.Tensor], names: list[str], scheme: Scheme) -> None:
-    """int4 groups must tile every quantized linear's input dimension exactly."""
+    """int4 groups must tile every quantized linear's input dimension exactly (the plan's one rule,
+    `forge.formats.specs.group_size_problem`, over the checkpoint's actual widths)."""
     if scheme.weight_format != "int4":
         return
-    in_features = {name: state[f"{name}.weight"].shape[1] for name in names}
-    for name, size in in_features.items():
-        if size % scheme.group_size:
-            fitting = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in in_features.values())]
-            hint = f"group sizes that fit every layer: {', '.join(map(str, fitting))}"
-            if not fitting:
-                hint = f"add {name.rsplit('.', 1)[-1]} to ignore"
-            raise InputError(
-                f"quantization.group_size: {scheme.group_size} does not divide the {size} input features "
-                f"of {name} ({hint})"
-            )
-
-
-def needs_calibration(scheme: Scheme, algorithm: str) -> bool:
-    return algorithm in ("awq", "gptq") or scheme.activations == "static_tensor" or scheme.kv_cache_dtype == "fp8"
+    widths = {name: state[f"{name}.weight"].shape[1] for name in names}
+    if (problem := group_size_problem(scheme.group_size, widths)) is not None:
+        raise InputError(f"group_size: {problem}")
 
 
 def quantize_checkpoint(
