@@ -26,16 +26,16 @@ import torch
 
 from forge.errors import InputError
 from forge.formats.model_dir import (
-    DEFAULT_MAX_SHARD_BYTES,
+    ExportPlan,
     Tensors,
     TensorSpec,
     Unit,
     check_group_size,
     dense_units,
     export_dtype,
+    format_writer,
     ignored_modules,
     read_config,
-    write_model_dir,
 )
 from forge.formats.specs import SPECS
 from forge.quant.model import QuantizedModel, Scheme
@@ -107,36 +107,15 @@ def _linear_unit(qm: QuantizedModel, name: str, tp_size: int) -> Unit:
     return Unit(name, specs, produce)
 
 
-def write(
-    qm: QuantizedModel,
-    source_dir: Path,
-    out_dir: Path,
-    metadata: dict,
-    *,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    tp_size: int = 1,
-) -> list[Path]:
-    """Export `qm` as an AutoAWQ GEMM model directory; returns the files written.
-
-    `tp_size` is the tensor-parallel degree the export will be served with: it only adds checks
-    (int4 groups must tile each rank's input slice), the files are the same for every degree.
-    """
-    reason = unsupported_reason(qm.scheme)
-    if reason is None and qm.kv_scales:
-        reason = f"{FORMAT}: AutoAWQ GEMM has no KV-cache scales; use compressed-tensors for an fp8 KV cache"
-    if reason:
-        raise InputError(reason)
+def export_plan(qm: QuantizedModel, tp_size: int) -> ExportPlan:
+    if qm.kv_scales:
+        raise InputError(f"{FORMAT}: AutoAWQ GEMM has no KV-cache scales; use compressed-tensors for an fp8 KV cache")
     units = dense_units(qm, export_dtype(qm.scheme), FORMAT)
     units += [_linear_unit(qm, name, tp_size) for name in sorted(qm.linears)]
-    return write_model_dir(
-        qm,
-        source_dir,
-        out_dir,
-        metadata,
-        quantization_config=quantization_config(qm),
-        units=units,
-        max_shard_bytes=max_shard_bytes,
-    )
+    return ExportPlan(units, quantization_config(qm))
+
+
+write = format_writer(SPEC, export_plan)
 
 
 # ---------------------------------------------------------------- reading

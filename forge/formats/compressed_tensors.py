@@ -25,16 +25,17 @@ import torch
 
 from forge.errors import InputError
 from forge.formats.model_dir import (
-    DEFAULT_MAX_SHARD_BYTES,
+    ExportPlan,
     Tensors,
     TensorSpec,
     Unit,
     check_group_size,
+    check_kv_scales,
     dense_units,
     export_dtype,
+    format_writer,
     ignored_modules,
     read_config,
-    write_model_dir,
 )
 from forge.formats.specs import SPECS
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
@@ -192,44 +193,15 @@ def _kv_unit(name: str, qm: QuantizedModel) -> Unit:
     return Unit(name, (TensorSpec(name, torch.float32, (1,)),), produce)
 
 
-def check_kv(fmt: str, qm: QuantizedModel) -> None:
-    if qm.scheme.kv_cache_dtype == "fp8" and not qm.kv_scales:
-        raise InputError(f"{fmt}: kv_cache_dtype fp8 needs calibrated k/v scales; the model has none")
-    for name in qm.kv_scales:
-        if not name.endswith(("self_attn.k_scale", "self_attn.v_scale")):
-            raise InputError(f"{fmt}: {name} is not a `self_attn.k_scale` / `v_scale` name")
-
-
-def write(
-    qm: QuantizedModel,
-    source_dir: Path,
-    out_dir: Path,
-    metadata: dict,
-    *,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    tp_size: int = 1,
-) -> list[Path]:
-    """Export `qm` as a compressed-tensors model directory; returns the files written.
-
-    `tp_size` is the tensor-parallel degree the export will be served with: it only adds checks
-    (int4 groups must tile each rank's input slice), the files are the same for every degree.
-    """
-    reason = unsupported_reason(qm.scheme)
-    if reason:
-        raise InputError(reason)
-    check_kv(FORMAT, qm)
+def export_plan(qm: QuantizedModel, tp_size: int) -> ExportPlan:
+    check_kv_scales(FORMAT, qm)
     units = dense_units(qm, export_dtype(qm.scheme), FORMAT)
     units += [_linear_unit(qm, name, qm.linears[name], tp_size) for name in sorted(qm.linears)]
     units += [_kv_unit(name, qm) for name in sorted(qm.kv_scales)]
-    return write_model_dir(
-        qm,
-        source_dir,
-        out_dir,
-        metadata,
-        quantization_config=quantization_config(qm),
-        units=units,
-        max_shard_bytes=max_shard_bytes,
-    )
+    return ExportPlan(units, quantization_config(qm))
+
+
+write = format_writer(SPEC, export_plan)
 
 
 # ---------------------------------------------------------------- reading

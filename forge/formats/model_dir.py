@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 from forge.architectures import ARCHITECTURES, architecture_name
 from forge.errors import InputError
-from forge.formats.specs import group_size_problem
+from forge.formats.specs import SOURCE_FILES, FormatSpec, group_size_problem
 from forge.quant.model import QuantizedModel, Scheme
 from forge.quant.rtn import is_ignored
 from forge.untrusted import index_weight_map, read_json, safetensors_header
@@ -49,21 +49,6 @@ ROW_PARALLEL = ("self_attn.o_proj", "down_proj", ".w2")
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-
-# Copied byte for byte when present. An explicit list rather than "everything but the weights", so
-# a stale quantization file in the source (hf_quant_config.json, quant_config.json) never leaks in.
-SOURCE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, "Format" in README).
 _SAFETENSORS_DTYPES = {
@@ -267,6 +252,61 @@ def _write_model_dir(
     written.append(write_json(out_dir / "forge.json", metadata))
     written.extend(write_weights(out_dir, units, max_shard_bytes))
     return sorted(written)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What a format's writer decided for one model: its tensors (as units), config.json's
+    `quantization_config`, and any extra JSON files (ModelOpt's `hf_quant_config.json`)."""
+
+    units: list[Unit]
+    quantization_config: dict
+    extra_json: Mapping[str, dict] | None = None
+
+
+def format_writer(spec: FormatSpec, plan: Callable[[QuantizedModel, int], ExportPlan]) -> Callable[..., list[Path]]:
+    """The `write` of a model-directory format: its spec's refusal first (the rule the plan
+    applied), then its `plan(qm, tp_size)`, then the shared directory writer."""
+
+    def write(
+        qm: QuantizedModel,
+        source_dir: Path,
+        out_dir: Path,
+        metadata: dict,
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        tp_size: int = 1,
+    ) -> list[Path]:
+        """Export `qm` as a model directory in this format; returns the files written.
+
+        `tp_size` is the tensor-parallel degree the export will be served with: it only adds checks
+        (int4 groups must tile each rank's input slice), the files are the same for every degree.
+        """
+        if (reason := spec.scheme_problem(qm.scheme)) is not None:
+            raise InputError(reason)
+        export = plan(qm, tp_size)
+        return write_model_dir(
+            qm,
+            source_dir,
+            out_dir,
+            metadata,
+            quantization_config=export.quantization_config,
+            units=export.units,
+            extra_json=export.extra_json,
+            max_shard_bytes=max_shard_bytes,
+        )
+
+    write.__qualname__ = write.__name__ = f"write_{spec.name.replace('-', '_')}"
+    return write
+
+
+def check_kv_scales(fmt: str, qm: QuantizedModel) -> None:
+    """An fp8 KV cache needs its calibrated scales, under forge's `self_attn.k_scale` / `v_scale` names."""
+    if qm.scheme.kv_cache_dtype == "fp8" and not qm.kv_scales:
+        raise InputError(f"{fmt}: kv_cache_dtype fp8 needs calibrated k/v scales; the model has none")
+    for name in qm.kv_scales:
+        if not name.endswith(("self_attn.k_scale", "self_attn.v_scale")):
+            raise InputError(f"{fmt}: {name} is not a `self_attn.k_scale` / `v_scale` name")
 
 
 def copy_source_files(source_dir: Path, out_dir: Path) -> list[Path]:

@@ -37,16 +37,17 @@ import torch
 import forge
 from forge.errors import InputError
 from forge.formats.model_dir import (
-    DEFAULT_MAX_SHARD_BYTES,
+    ExportPlan,
     Tensors,
     TensorSpec,
     Unit,
     check_group_size,
+    check_kv_scales,
     dense_units,
     export_dtype,
+    format_writer,
     ignored_modules,
     read_config,
-    write_model_dir,
 )
 from forge.formats.specs import SPECS, modelopt_algo
 from forge.quant.model import QuantizedModel, Scheme
@@ -168,40 +169,17 @@ def _kv_unit(qm: QuantizedModel, name: str) -> Unit:
     return Unit(out_name, (TensorSpec(out_name, torch.float32, ()),), produce)
 
 
-def write(
-    qm: QuantizedModel,
-    source_dir: Path,
-    out_dir: Path,
-    metadata: dict,
-    *,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    tp_size: int = 1,
-) -> list[Path]:
-    """Export `qm` as a ModelOpt unified HF checkpoint; returns the files written.
-
-    `tp_size` is the tensor-parallel degree the export will be served with: it only adds checks
-    (int4 groups must tile each rank's input slice), the files are the same for every degree.
-    """
-    reason = unsupported_reason(qm.scheme)
-    if reason:
-        raise InputError(reason)
-    if qm.scheme.kv_cache_dtype == "fp8" and not qm.kv_scales:
-        raise InputError(f"{FORMAT}: kv_cache_dtype fp8 needs calibrated k/v scales; the model has none")
+def export_plan(qm: QuantizedModel, tp_size: int) -> ExportPlan:
+    check_kv_scales(FORMAT, qm)
     dtype = export_dtype(qm.scheme)
     units = dense_units(qm, dtype, FORMAT)
     units += [_linear_unit(qm, name, dtype, tp_size) for name in sorted(qm.linears)]
     units += [_kv_unit(qm, name) for name in sorted(qm.kv_scales)]
     hf_config = hf_quant_config(qm)
-    return write_model_dir(
-        qm,
-        source_dir,
-        out_dir,
-        metadata,
-        quantization_config=quantization_config(hf_config),
-        units=units,
-        extra_json={HF_QUANT_CONFIG: hf_config},
-        max_shard_bytes=max_shard_bytes,
-    )
+    return ExportPlan(units, quantization_config(hf_config), {HF_QUANT_CONFIG: hf_config})
+
+
+write = format_writer(SPEC, export_plan)
 
 
 # ---------------------------------------------------------------- reading

@@ -22,6 +22,23 @@ from forge.quant.scheme import Scheme
 if TYPE_CHECKING:  # compat imports this module; the shape is only read here
     from forge.compat import ModelShape
 
+# The side files every export copies from its source byte for byte when present (tokenizer, chat
+# template, generation config); torch-free, so planning and serving read the one list. An explicit
+# list rather than "everything but the weights", so a stale quantization file in the source
+# (hf_quant_config.json, quant_config.json) never leaks in.
+SOURCE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
 # Group sizes forge suggests, largest first (the ones int4 kernels are built for).
 GROUP_SIZES = (256, 128, 64, 32)
 
