@@ -201,10 +201,7 @@ def write_model_dir(
     source_dir: Path,
     out_dir: Path,
     metadata: dict,
-    *,
-    quantization_config: dict,
-    units: list[Unit],
-    extra_json: Mapping[str, dict] | None = None,
+    export: ExportPlan,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[Path]:
     """Write a complete loadable model directory; returns every file written, sorted."""
@@ -214,9 +211,7 @@ def write_model_dir(
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _write_model_dir(
-            qm, Path(source_dir), out_dir, metadata, quantization_config, units, extra_json, max_shard_bytes
-        )
+        return _write_model_dir(qm, Path(source_dir), out_dir, metadata, export, max_shard_bytes)
     except BaseException:
         # never leave a half-written export that looks loadable
         if created:
@@ -228,14 +223,7 @@ def write_model_dir(
 
 
 def _write_model_dir(
-    qm: QuantizedModel,
-    source_dir: Path,
-    out_dir: Path,
-    metadata: dict,
-    quantization_config: dict,
-    units: list[Unit],
-    extra_json: Mapping[str, dict] | None,
-    max_shard_bytes: int,
+    qm: QuantizedModel, source_dir: Path, out_dir: Path, metadata: dict, export: ExportPlan, max_shard_bytes: int
 ) -> list[Path]:
     written = copy_source_files(source_dir, out_dir)
 
@@ -245,12 +233,12 @@ def _write_model_dir(
     # transformers 5 writes `dtype`; vLLM, TGI and older transformers read `torch_dtype`.
     config["dtype"] = dtype_name
     config["torch_dtype"] = dtype_name
-    config["quantization_config"] = quantization_config
+    config["quantization_config"] = export.quantization_config
     written.append(write_json(out_dir / "config.json", config))
-    for name, data in sorted((extra_json or {}).items()):
+    for name, data in sorted((export.extra_json or {}).items()):
         written.append(write_json(out_dir / name, data))
     written.append(write_json(out_dir / "forge.json", metadata))
-    written.extend(write_weights(out_dir, units, max_shard_bytes))
+    written.extend(write_weights(out_dir, export.units, max_shard_bytes))
     return sorted(written)
 
 
@@ -284,17 +272,7 @@ def format_writer(spec: FormatSpec, plan: Callable[[QuantizedModel, int], Export
         """
         if (reason := spec.scheme_problem(qm.scheme)) is not None:
             raise InputError(reason)
-        export = plan(qm, tp_size)
-        return write_model_dir(
-            qm,
-            source_dir,
-            out_dir,
-            metadata,
-            quantization_config=export.quantization_config,
-            units=export.units,
-            extra_json=export.extra_json,
-            max_shard_bytes=max_shard_bytes,
-        )
+        return write_model_dir(qm, source_dir, out_dir, metadata, plan(qm, tp_size), max_shard_bytes)
 
     write.__qualname__ = write.__name__ = f"write_{spec.name.replace('-', '_')}"
     return write
