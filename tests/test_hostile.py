@@ -515,11 +515,17 @@ def assert_planned_cells_pass_their_format(plan: dict, text: str, model: Path) -
 
     recipe = parse_recipe(text)
     schemes = {v.name: variant_scheme(v) for v in recipe.variants}
-    shape = ModelShape.from_config(json.loads((model / "config.json").read_text()))
+    config = json.loads((model / "config.json").read_text())
+    shape = ModelShape.from_config(config)
     for cell in plan["artifacts"]:
         if cell["status"] == "planned":
-            problem = SPECS[cell["format"]].problem(schemes[cell["variant"]], shape, cell["tensor_parallel"])
+            scheme, tp = schemes[cell["variant"]], cell["tensor_parallel"]
+            problem = SPECS[cell["format"]].problem(scheme, shape, tp)
             assert problem is None, (cell, problem)
+            if cell["format"] == "trtllm-checkpoint":  # its writer's layout rules read config.json itself
+                from forge.formats.trtllm_checkpoint import layout_problems
+
+                assert layout_problems(config, scheme, tp) == [], cell
 
 
 @pytest.mark.parametrize(
