@@ -187,7 +187,12 @@ def build(
         def produce(out: Path) -> dict:
             return kind.produce(stage.inputs, Run(out, deps, progress, cache))
 
-        path, report, cached = cache.run(stage.kind, stage.key, produce)
+        try:
+            path, report, cached = cache.run(stage.kind, stage.key, produce)
+        except InfraError as error:  # "pull failed" alone does not tell a release job where: name the stage
+            if not str(error).startswith(f"{stage.id}: "):
+                error.args = (f"{stage.id}: {error}", *error.args[1:])
+            raise
         records[stage.id] = {"status": "cached" if cached else "ran", **report}
         if (stage.kind, stage.key) in discarded:
             records[stage.id]["discarded_entry"] = discarded[stage.kind, stage.key]

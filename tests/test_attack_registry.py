@@ -771,8 +771,9 @@ def test_build_against_a_base_registry_serving_junk_fails_with_exit_3(
         code, output = run_cli("build", str(recipe), "--artifacts-dir", str(artifacts))
     assert code == EXIT_INFRA, output
     assert f"registry {fake.host}" in output and "Traceback" not in output
+    assert "forge: package/fp8/vllm/H100: " in output  # the stage that failed, then why
     report = json.loads((artifacts / "tiny" / "build.json").read_text())
-    assert report["status"] == "error"
+    assert report["status"] == "error" and report["error"]["message"].startswith("package/fp8/vllm/H100: ")
     assert next(s for s in report["stages"] if s["id"] == "package/fp8/vllm/H100")["status"] == "failed"
 
 
