@@ -609,13 +609,8 @@ def push(
     deferred = [{"stage": s.id, "status": "deferred", "reason": records[s.id].get("reason", s.reason),
                  "command": records[s.id].get("command", s.command)} for s in waiting]  # fmt: skip
     pushed = [{**p, "status": "pushed"} for p in result.report.get("pushed", [])]
-    if as_json:
-        click.echo(json.dumps([*pushed, *deferred], indent=2))
-        return
-    for image in pushed:
-        click.echo(f"{image['reference']} {image['digest']} ({image['bytes_uploaded']} bytes uploaded)")
-    for entry in deferred:
-        click.echo(f"deferred {entry['stage']}: {entry['reason']}\n  run: {entry['command']}")
+    lines = [f"{i['reference']} {i['digest']} ({i['bytes_uploaded']} bytes uploaded)" for i in pushed]
+    _echo_images(pushed, lines, deferred, as_json)
 
 
 def split_deferred_pushes(
@@ -667,10 +662,16 @@ def push_to_layout(
         for s in report["stages"]
         if s["kind"] in ("package", "model-image") and s["status"] == "deferred"
     ]
+    _echo_images(copied, [f"oci:{root}:{image['tag']} {image['digest']}" for image in copied], deferred, as_json)
+
+
+def _echo_images(done: list[dict], lines: list[str], deferred: list[dict], as_json: bool) -> None:
+    """What `forge push` did: the images written (one line each) and those deferred, with the
+    command that makes each; with --json, one list of both."""
     if as_json:
-        click.echo(json.dumps([*copied, *deferred], indent=2))
+        click.echo(json.dumps([*done, *deferred], indent=2))
         return
-    for image in copied:
-        click.echo(f"oci:{root}:{image['tag']} {image['digest']}")
+    for line in lines:
+        click.echo(line)
     for entry in deferred:
         click.echo(f"deferred {entry['stage']}: {entry['reason']}\n  run: {entry['command']}")

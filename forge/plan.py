@@ -33,7 +33,7 @@ from forge.datasets import dataset_file
 from forge.digest import bounded_file_digests, file_digest, json_digest, refuse_system_directory
 from forge.errors import InputError
 from forge.gpus import GPUProfile, LocalGPUs, detect_local_gpus, lookup_gpu
-from forge.quant.presets import PRESETS, resolve_scheme
+from forge.quant.presets import PRESETS, needs_calibration, resolve_scheme
 from forge.quant.scheme import Scheme
 from forge.recipe import Recipe, Target, Variant, expand_tag
 from forge.serving import ServeSpec, serve_spec
@@ -332,7 +332,7 @@ def make_plan(
         scheme = schemes[variant.name]
         preset = PRESETS[variant.scheme]
         calibration, sources = None, ()
-        if preset.needs_calibration or scheme.kv_cache_dtype == "fp8":
+        if needs_calibration(scheme, preset.algorithm):
             calibration = calibration_identity(variant, recipe_dir, index)
             sources = tuple(s if s in BUILTIN_CALIBRATION else str((recipe_dir / s).resolve())
                             for s in variant.calibration.sources)  # fmt: skip

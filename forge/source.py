@@ -17,6 +17,7 @@ from pathlib import Path
 from forge.architectures import ARCHITECTURES
 from forge.digest import file_digest
 from forge.errors import InfraError, InputError
+from forge.formats.specs import SOURCE_FILES
 from forge.recipe import Source
 from forge.untrusted import (
     check_entries,
@@ -29,18 +30,9 @@ from forge.untrusted import (
     resolve_inside,
 )
 
-# Files a serving stack needs beside the weights (tokenizer, chat template, generation config).
-MODEL_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
+# Files a serving stack needs beside the weights (tokenizer, chat template, generation config):
+# the one list every export copies too.
+MODEL_SIDE_FILES = ("config.json", *SOURCE_FILES)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 

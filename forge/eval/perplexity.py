@@ -30,12 +30,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forge.errors import InputError
+from forge.quant.rtn import FP8_MAX
 
 Progress = Callable[[int, int], None]
 
 WINDOW = 1024  # vLLM's wikitext perplexity test, MAX_LENGTH (ppl_utils.py)
 TOKEN_CHUNK = 256  # positions per log-softmax: 256 x 49152 fp32 logits = 50 MB, not 200 MB a window
-FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value (OCP FP8 spec)
 BASELINE_FILE = "baseline.json"
 HEAD_FILE = "lm_head.safetensors"
 BASELINE_FORMAT = 2  # 1: fp16 log-probs (100.6 MB per SmolLM2 window); 2: hidden states (2.4 MB)
@@ -144,8 +144,8 @@ def simulate_dynamic_fp8_activations(model: torch.nn.Module, linear_names: list[
 
     def round_input(_module: torch.nn.Module, args: tuple) -> tuple:
         x = args[0]
-        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_E4M3_MAX
-        codes = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        codes = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return ((codes.float() * scale).to(x.dtype), *args[1:])
 
     return [modules[name].register_forward_pre_hook(round_input) for name in linear_names]
@@ -177,7 +177,7 @@ def simulate_static_fp8_activations(model: torch.nn.Module, input_scales: dict[s
 
         def round_input(_module: torch.nn.Module, args: tuple, s: torch.Tensor = s) -> tuple:
             x = args[0]
-            codes = (x.float() / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+            codes = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             return ((codes.float() * s).to(x.dtype), *args[1:])
 
         handles.append(module.register_forward_pre_hook(round_input))

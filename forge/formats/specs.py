@@ -150,12 +150,26 @@ def _modelopt(scheme: Scheme) -> str | None:
     )
 
 
+def trtllm_algo(scheme: Scheme) -> str | None:
+    """TensorRT-LLM's `QuantAlgo` for a scheme (tensorrt_llm/quantization/mode.py names), or None.
+
+    - int4 groups → `W4A16_AWQ`: the only int4 algorithm whose checkpoint holds plain packed codes
+      that `trtllm-build` preprocesses for the build GPU itself (`W4A16_GPTQ` checkpoints must be
+      pre-interleaved for one SM; `W4A16` is per-channel and quantized from float weights at build).
+    - fp8 per-channel weights + dynamic per-token activations → `FP8_PER_CHANNEL_PER_TOKEN`.
+    - fp8 per-tensor weights + static per-tensor activations → `FP8`.
+    """
+    if scheme.weight_format == "int4":
+        return "W4A16_AWQ"
+    if scheme.weight_format == "fp8":
+        fp8_modes = {("channel", "dynamic_token"): "FP8_PER_CHANNEL_PER_TOKEN", ("tensor", "static_tensor"): "FP8"}
+        return fp8_modes.get((scheme.weight_granularity, scheme.activations))
+    return None
+
+
 def _trtllm_checkpoint(scheme: Scheme) -> str | None:
-    # TensorRT-LLM `QuantAlgo` names (tensorrt_llm/quantization/mode.py): W4A16_AWQ for int4 groups,
-    # FP8_PER_CHANNEL_PER_TOKEN or FP8 for fp8; the checkpoint holds fp8 KV scales only.
-    fp8_modes = (("channel", "dynamic_token"), ("tensor", "static_tensor"))
-    fp8_ok = (scheme.weight_granularity, scheme.activations) in fp8_modes
-    if scheme.weight_format == "fp8" and not fp8_ok:
+    # The checkpoint holds fp8 KV scales only.
+    if scheme.weight_format == "fp8" and trtllm_algo(scheme) is None:
         return (
             f"scheme: TensorRT-LLM has no FP8 mode for {scheme.weight_granularity} weight scales with "
             f"{scheme.activations} activations; use FP8_DYNAMIC (per channel, per token) or FP8 (static)"

@@ -42,6 +42,7 @@ from forge.architectures import ARCHITECTURES, architecture_name, trtllm_problem
 from forge.compat import ModelShape, tensor_parallel_problem
 from forge.errors import InputError
 from forge.formats.model_dir import copy_source_files, write_json
+from forge.formats.specs import SPECS, trtllm_algo
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 from forge.untrusted import positive_int, read_json, safetensors_header
 
@@ -98,27 +99,11 @@ class LlamaShape:
 # ---------------------------------------------------------------- plan-time rules
 
 
-def quant_algo(scheme: Scheme) -> str | None:
-    """TensorRT-LLM's `QuantAlgo` for a forge scheme (`quantization/mode.py` names).
-
-    - int4 groups → `W4A16_AWQ`: the only int4 algorithm whose checkpoint holds plain packed codes
-      that `trtllm-build` preprocesses for the build GPU itself (`W4A16_GPTQ` checkpoints must be
-      pre-interleaved for one SM; `W4A16` is per-channel and quantized from float weights at build).
-    - fp8 per-channel weights + dynamic per-token activations → `FP8_PER_CHANNEL_PER_TOKEN`.
-    - fp8 per-tensor weights + static per-tensor activations → `FP8`.
-    """
-    if scheme.weight_format == "int4":
-        return "W4A16_AWQ"
-    if scheme.weight_format == "fp8":
-        if scheme.weight_granularity == "channel" and scheme.activations == "dynamic_token":
-            return "FP8_PER_CHANNEL_PER_TOKEN"
-        if scheme.weight_granularity == "tensor" and scheme.activations == "static_tensor":
-            return "FP8"
-        raise InputError(
-            f"scheme: TensorRT-LLM has no FP8 mode for {scheme.weight_granularity} weight scales with "
-            f"{scheme.activations} activations; use FP8_DYNAMIC (per channel, per token) or FP8 (static)"
-        )
-    raise InputError(f"scheme: forge cannot write {scheme.preset} into a TensorRT-LLM checkpoint")
+def quant_algo(scheme: Scheme) -> str:
+    """TensorRT-LLM's `QuantAlgo` for a forge scheme (`specs.trtllm_algo`); InputError when none fits."""
+    if (algo := trtllm_algo(scheme)) is None:
+        raise InputError(SPECS[FORMAT].scheme_problem(scheme))
+    return algo
 
 
 def layout_problems(hf_config: dict, scheme: Scheme, tp_size: int) -> list[str]:
@@ -470,14 +455,8 @@ def write(qm: QuantizedModel, out_dir: Path, tp_size: int) -> list[Path]:
 
 
 def unsupported_reason(scheme: Scheme) -> str | None:
-    """Why this format cannot hold `scheme` (for planning), or None."""
-    try:
-        quant_algo(scheme)
-    except InputError as exc:
-        return str(exc)
-    if scheme.kv_cache_dtype not in ("auto", "fp8"):
-        return f"{FORMAT}: TRT-LLM checkpoints hold fp8 KV scales only, not {scheme.kv_cache_dtype}"
-    return None
+    """Why this format cannot hold `scheme` (for planning), or None: its spec's answer."""
+    return SPECS[FORMAT].scheme_problem(scheme)
 
 
 def export(
