@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-Advance = Callable[[int, int], None]  # (done, total)
+Advance = Callable[[float, int], None]  # (done, total); a fraction moves the bar within a step
 
 
 # Logged once per process by transformers' fast tokenizers when decoding with a BPE model

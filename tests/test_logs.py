@@ -85,3 +85,21 @@ def test_plan_and_build_outside_a_terminal_print_one_whole_line_per_stage(tiny_m
     code, output = run_cli("build", str(recipe), "--artifacts-dir", str(tmp_path / "a"))
     assert code == 0, output
     assert any(re.fullmatch(r"export/int4/compressed-tensors +ran +[0-9.]+", line) for line in output.splitlines())
+
+
+def test_awq_reports_progress_within_a_layer(tmp_path: Path) -> None:
+    """A layer of a large model takes minutes under AWQ: the bar moves after each scale group and
+    each linear, never backwards, and ends on whole layers."""
+    from forge.quant.calibration import load_calibration
+    from forge.quant.presets import resolve_scheme
+    from forge.quant.run import quantize_checkpoint
+
+    model = make_tiny_llama(tmp_path / "tiny", num_layers=2)
+    calls: list[tuple[str, float, int]] = []
+    calibration = load_calibration(["pydoc_topics"], model, 2, 32)
+    quantize_checkpoint(model, resolve_scheme("AWQ_W4A16", group_size=64), "awq", calibration,
+                        progress=lambda what, done, total: calls.append((what, done, total)))  # fmt: skip
+    done = [d for what, d, _ in calls if what == "awq"]
+    assert {total for *_, total in calls} == {2} and done == sorted(done)
+    assert any(0 < d < 1 for d in done) and any(1 < d < 2 for d in done)  # inside each layer
+    assert done[-1] == 2

@@ -26,6 +26,7 @@ leaves the float function unchanged, which `tests/test_quant.py` checks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -233,8 +234,10 @@ def awq_layer(
     quantized: set[str],
     scheme: Scheme,
     groups: list[ScaleGroup],
+    step: Callable[[float], None] | None = None,
 ) -> tuple[dict[str, QuantizedLinear], dict[str, tuple[float, float]]]:
-    """Scale search and folding for each group, then clipping and int4 storage for `quantized`.
+    """Scale search and folding for each group, then clipping and int4 storage for `quantized`;
+    `step(fraction)` after each group and linear (a layer of a large model takes minutes).
 
     A group or linear without statistics (an MoE expert no calibration token reached) is left
     unscaled and unclipped: plain round-to-nearest, which the caller reports.
@@ -242,10 +245,19 @@ def awq_layer(
     error per token with s = 1 and with the chosen s (for logs and tests).
     """
     errors = {}
+    total, done = len(groups) + len(quantized), 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if step is not None:
+            step(done / total)
+
     for group in groups:
         flags = [name in quantized for name in group.balance]
         group_stats = stats.get(group.stats or group.balance[0])
         if not any(flags) or group_stats is None:
+            advance()
             continue  # nothing to protect, or nothing seen: leave the float weights as they are
         weights = [layer.get_submodule(name).weight.float() for name in group.balance]
         scales, rtn_error, best_error = search_scales(weights, flags, group_stats, scheme)
@@ -255,10 +267,12 @@ def awq_layer(
             if member is not group_stats:
                 rescale_stats(member, scales)
         errors[group.smooth] = (rtn_error, best_error)
+        advance()
     result = {}
     for name in sorted(quantized):
         weight = layer.get_submodule(name).weight.float()
         if not name.endswith(NO_CLIP) and name in stats:
             weight = search_clip(weight, stats[name], scheme)
         result[name] = quantize_int4(weight, scheme)
+        advance()
     return result, errors

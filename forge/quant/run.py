@@ -44,7 +44,7 @@ from forge.quant.presets import needs_calibration
 from forge.quant.rtn import quantizable_linears, quantize_rtn, quantize_weight, split_state
 
 ALGORITHMS = ("rtn", "gptq", "awq")
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, float, int], None]  # (what, done: whole layers and a fraction, total)
 
 
 def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -169,7 +169,9 @@ def calibrated_quantize(
                 for e in range(num_experts(config))
             ]
         if algorithm == "awq":
-            layer_linears, _ = awq_layer(layer, stats.inputs, quantized, scheme, scale_groups(layer, arch, config))
+            step = None if progress is None else lambda f, i=index: progress("awq", i + f, len(layers))
+            groups = scale_groups(layer, arch, config)
+            layer_linears, _ = awq_layer(layer, stats.inputs, quantized, scheme, groups, step)
             changed.update({prefix + arch.to_checkpoint(n): p.detach().clone() for n, p in layer.named_parameters()})
         elif algorithm == "gptq":
             layer_linears = gptq_layer(layer, stats.inputs, quantized - set(unseen), scheme)
