@@ -373,19 +373,7 @@ def k8s_manifests(
                 why = "carries the engine this pod builds" if "engine" in kinds else f"is {package.status}"
                 annotations["forge/served"] = f"{spec.base_image} with the artifact mounted: {package.id} {why}"
         if measures and image_ref is not None:
-            init.append({
-                "name": "server",
-                "image": image_ref,
-                "restartPolicy": "Always",  # a native sidecar; no command: the image's own entrypoint
-                "ports": [{"name": "http", "containerPort": spec.port}],
-                "securityContext": {"runAsUser": k8s_user_id(spec.user)},
-                "startupProbe": {
-                    "httpGet": {"path": spec.health_path, "port": spec.port},
-                    "periodSeconds": 10,
-                    "failureThreshold": 180,
-                },
-                "resources": gpus,
-            })  # fmt: skip
+            init.append(server_container(image_ref, spec, gpus))  # no command: the image's own entrypoint
             volumes_extra = []
         elif measures:
             if ENGINE_DIR in spec.argv:
@@ -403,23 +391,8 @@ def k8s_manifests(
                 }
                 mounts.append({"name": "launch", "mountPath": LAUNCH_DIR, "readOnly": True})
                 volumes_extra.append({"name": "launch", "configMap": {"name": name}})
-            init.append({
-                "name": "server",
-                "image": spec.base_image,
-                "command": spec.argv,
-                "restartPolicy": "Always",  # a native sidecar
-                "env": [{"name": k, "value": v} for k, v in sorted(spec.env.items())],
-                "ports": [{"name": "http", "containerPort": spec.port}],
-                "securityContext": {"runAsUser": k8s_user_id(spec.user)},
-                # Loading a large model takes minutes; the probe gives it up to 30 minutes.
-                "startupProbe": {
-                    "httpGet": {"path": spec.health_path, "port": spec.port},
-                    "periodSeconds": 10,
-                    "failureThreshold": 180,
-                },
-                "resources": gpus,
-                "volumeMounts": mounts,
-            })  # fmt: skip
+            env = [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
+            init.append(server_container(spec.base_image, spec, gpus, command=spec.argv, env=env, volumeMounts=mounts))
         if measures:
             endpoint = f"http://127.0.0.1:{spec.port}"
             tokenizer = f"{mount}/{model_sub}"
@@ -541,6 +514,23 @@ def pod_failure_rules(containers: list[str]) -> list[dict]:
         if name in FATAL_EXIT_CODES
     ]
     return [*rules, {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+
+
+def server_container(image: str, spec, gpus: dict, **extra) -> dict:
+    """The serving container of a Job, as a native sidecar (an init container that keeps running)
+    that the load generator waits for through its startup probe."""
+    return {
+        "name": "server",
+        "image": image,
+        "restartPolicy": "Always",
+        "ports": [{"name": "http", "containerPort": spec.port}],
+        "securityContext": {"runAsUser": k8s_user_id(spec.user)},
+        # Loading a large model takes minutes; the probe gives it up to 30 minutes.
+        "startupProbe": {"httpGet": {"path": spec.health_path, "port": spec.port}, "periodSeconds": 10,
+                         "failureThreshold": 180},
+        "resources": gpus,
+        **extra,
+    }  # fmt: skip
 
 
 def k8s_user_id(user: str) -> int:
