@@ -76,6 +76,26 @@ CASES = {
 ROUNDTRIPS = [(case, tp) for case in CASES for tp in (1, 2) if (case, tp) != ("w4a16-sym-fp16-g128", 2)]
 
 
+def assert_same_model(
+    weights: dict, reference: dict, exact: bool, ours: torch.Tensor, expected: torch.Tensor,
+    exact_suffixes: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """The reader's weights against forge's dequantized model, tensor by tensor, then the logits
+    of a transformers model built from each: bit-exact, or within half an ulp of the stored dtype
+    for asymmetric int4 ((8 - z) * scale is stored rounded to the checkpoint dtype)."""
+    assert set(weights) == set(reference)
+    for name, ref in reference.items():
+        if exact or name.endswith(exact_suffixes):
+            assert torch.equal(weights[name], ref), name
+        else:
+            bound = 8 * float(ref.abs().max()) * 2**-10 + 1e-7
+            assert (weights[name] - ref).abs().max() <= bound, name
+    if exact:
+        assert torch.equal(ours, expected)
+    else:
+        assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize(("case", "tp"), ROUNDTRIPS)
 def test_checkpoint_roundtrip_reproduces_dequantize(tiny_state, tmp_path, case, tp):
     preset, overrides, exact = CASES[case]
@@ -86,20 +106,7 @@ def test_checkpoint_roundtrip_reproduces_dequantize(tiny_state, tmp_path, case, 
     config, state = ckpt.read(tmp_path / "ckpt")
     weights = only_weights(state)
     reference = qm.dequantize()
-    assert set(weights) == set(reference)
-    for name, ref in reference.items():
-        if exact:
-            assert torch.equal(weights[name], ref), name
-        else:
-            # (8 - z) * scale is stored rounded to the checkpoint dtype: at most half an ulp of it.
-            bound = 8 * float(ref.abs().max()) * 2**-10 + 1e-7
-            assert (weights[name] - ref).abs().max() <= bound, name
-    ours = logits(config, weights)
-    expected = logits(qm.config, reference)
-    if exact:
-        assert torch.equal(ours, expected)
-    else:
-        assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3)
+    assert_same_model(weights, reference, exact, logits(config, weights), logits(qm.config, reference))
 
 
 def test_export_adds_tokenizer_and_metadata(tiny_state, tiny_model, tmp_path):
@@ -321,20 +328,9 @@ def test_qwen2_checkpoint_roundtrip_reproduces_dequantize(qwen2_sources, tmp_pat
     read_config, read_state = ckpt.read(tmp_path / "ckpt")
     weights = only_weights(read_state)
     reference = qm.dequantize()
-    assert set(weights) == set(reference)
     assert "model.layers.1.self_attn.k_proj.bias" in weights and ("lm_head.weight" in weights) is not tied
-    for name, ref in reference.items():
-        if exact or name.endswith("bias"):
-            assert torch.equal(weights[name], ref), name
-        else:
-            bound = 8 * float(ref.abs().max()) * 2**-10 + 1e-7
-            assert (weights[name] - ref).abs().max() <= bound, name
-    ours = qwen2_logits(read_config, weights)
-    expected = qwen2_logits(qm.config, reference)
-    if exact:
-        assert torch.equal(ours, expected)
-    else:
-        assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3)
+    ours, expected = qwen2_logits(read_config, weights), qwen2_logits(qm.config, reference)
+    assert_same_model(weights, reference, exact, ours, expected, exact_suffixes=("bias",))
 
 
 def test_qwen2_fp8_static_and_replica_check(qwen2_sources, tmp_path):
