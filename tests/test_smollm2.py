@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from forge.oci.registry import BUILD_REPORT_TYPE, Credentials, attach_referrer
+from forge.plan import serving_name
 from tests import registry_server
 from tests.conftest import FORGE, REPO
 from tests.signing_keys import key_pair
@@ -118,7 +119,8 @@ def test_default_build_leaves_a_model_image_per_servable_artifact(cold):
     """Offline, with no base image: one data-only image per artifact that needs no engine, which
     skopeo reads, and Kubernetes manifests that validate against the 1.35 API."""
     _, report = cold
-    servable = {f"model-image/{a['variant']}/{a['backend']}/{a['gpu']}" for a in report["artifacts"]}
+    servable = {f"model-image/{a['variant']}/{serving_name(a['backend'], a['mode'])}/{a['gpu']}"
+                for a in report["artifacts"]}  # fmt: skip
     built = {m["stage"]: m for m in report["model_images"]}
     deferred = {s["id"] for s in report["stages"] if s["kind"] == "model-image" and s["status"] == "deferred"}
     assert built and set(built) | deferred == servable and all("/trtllm-engine/" in d for d in deferred)
