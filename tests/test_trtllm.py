@@ -54,9 +54,10 @@ def only_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.endswith(("input_scale", "k_scale", "v_scale"))}
 
 
-def logits(config: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run a real LlamaForCausalLM on fixed tokens with exactly these fp32 weights."""
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+def logits(config: dict, weights: dict[str, torch.Tensor], model_class=LlamaForCausalLM, config_class=LlamaConfig):
+    """Run transformers' own model (Llama unless told) on fixed tokens with exactly these fp32 weights."""
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "dtype", "torch_dtype")}
+    model = model_class(config_class(**fields))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     model.tie_weights()
@@ -298,15 +299,7 @@ def qwen2_sources(tmp_path_factory) -> dict[bool, tuple[dict, dict]]:
 
 
 def qwen2_logits(config: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """transformers' own Qwen2ForCausalLM on fixed tokens with exactly these fp32 weights."""
-    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "dtype", "torch_dtype")}
-    model = Qwen2ForCausalLM(Qwen2Config(**fields))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    model.tie_weights()
-    tokens = torch.arange(3, 40).reshape(1, -1) % config["vocab_size"]
-    with torch.no_grad():
-        return model(tokens).logits
+    return logits(config, weights, Qwen2ForCausalLM, Qwen2Config)
 
 
 QWEN2_ROUNDTRIPS = [(case, tp, tied) for case, tp in ROUNDTRIPS for tied in (True, False) if tp == 2 or tied]
