@@ -34,6 +34,7 @@ from forge import __version__
 from forge.build_report import typed_report
 from forge.cache import Cache, atomic_write_text, lock_file, make_dirs, remove, warn_discarded
 from forge.errors import GateFailed, InfraError, InputError
+from forge.loadgen.server import SharedServer
 from forge.plan import Plan, Stage, git_revision, make_plan, serving_name
 from forge.progress import Progress
 from forge.recipe import dump_recipe, load_recipe
@@ -74,6 +75,7 @@ class Outcome:
     model_images: list[dict] = field(default_factory=list)
     pushed: list[dict] | None = None  # None: no push was attempted
     failed_gates: list[dict] = field(default_factory=list)
+    wall: dict[str, float] = field(default_factory=dict)  # stage id → this run's seconds on it
     tools: dict[str, str] = field(default_factory=lambda: tool_versions())  # asked once: it runs git
 
     def report(self, error: dict | None = None) -> dict:
@@ -107,9 +109,24 @@ class Outcome:
         if error:
             report["error"] = error
         report["seconds"] = round(time.monotonic() - self.started, 3)
+        report["timing"] = self.timing(report["seconds"])
         # NaN is not JSON: an undefined measurement is null (its gate says why). Typed before it is
         # written: a report that does not fit forge/build_report.schema.json is a bug caught here.
         return typed_report(finite_json(report))
+
+    def timing(self, total: float) -> dict:
+        """Where this run's time went (`forge.build_report.Timing`): each stage it computed or took
+        from the cache, the same by kind, and the remainder spent outside stages."""
+        stages = [
+            {"stage": s.id, "kind": s.kind, "status": status, "seconds": round(self.wall[s.id], 3)}
+            for s in self.plan.stages
+            if s.id in self.wall and (status := self.records.get(s.id, {}).get("status")) in ("ran", "cached", "failed")
+        ]
+        by_kind: dict[str, float] = {}
+        for stage in stages:
+            by_kind[stage["kind"]] = round(by_kind.get(stage["kind"], 0.0) + stage["seconds"], 3)
+        outside = max(0.0, total - sum(s["seconds"] for s in stages))
+        return {"stages": stages, "by_kind": by_kind, "outside_stages": round(outside, 3)}
 
     def write(self, report: dict) -> Path:
         path = self.out_root / "build.json"
@@ -185,20 +202,24 @@ def build(
         kind = KINDS[stage.kind]
 
         def produce(out: Path) -> dict:
-            return kind.produce(stage.inputs, Run(out, deps, progress, cache))
+            return kind.produce(stage.inputs, Run(out, deps, progress, cache, server))
 
+        clock = time.monotonic()
         try:
             path, report, cached = cache.run(stage.kind, stage.key, produce)
         except InfraError as error:  # "pull failed" alone does not tell a release job where: name the stage
             if not str(error).startswith(f"{stage.id}: "):
                 error.args = (f"{stage.id}: {error}", *error.args[1:])
             raise
+        finally:
+            outcome.wall[stage.id] = time.monotonic() - clock
         records[stage.id] = {"status": "cached" if cached else "ran", **report}
         if (stage.kind, stage.key) in discarded:
             records[stage.id]["discarded_entry"] = discarded[stage.kind, stage.key]
         return path
 
     entries: dict[str, Path] = {}  # stage id → its cache entry, for the stages after it
+    server = SharedServer()  # started by the first stage that serves a model on this CPU
     try:
         # One loop in plan order, which is dependency order: each stage reads its dependencies'
         # entries by role. Pushes are not content: they run after the gates, below.
@@ -238,8 +259,10 @@ def build(
             for stage in pushes:
                 phase = stage.id
                 records[stage.id] = {"status": "failed"}
+                clock = time.monotonic()
                 [pushed] = push_images([(stage.id, stage.inputs, entries[stage.deps["image"]])], attached, recipe,
                                        progress)  # fmt: skip
+                outcome.wall[stage.id] = time.monotonic() - clock
                 outcome.pushed.append(pushed)
                 records[stage.id] = {"status": "ran", "digest": pushed["digest"],
                                      "bytes_uploaded": pushed["bytes_uploaded"]}  # fmt: skip
@@ -251,6 +274,8 @@ def build(
     except BaseException as error:
         outcome.write_failure(error, chosen, only, skip, phase)
         raise
+    finally:
+        server.close()
     result = BuildResult(report, report_path, outcome.failed_gates)
     if outcome.failed_gates:
         raise GateFailed(gate_failure_message(outcome.failed_gates), result)

@@ -183,6 +183,24 @@ class GateCounts(Closed):
     deferred: int = Field(ge=0, description="Not measured here: never counted as passed.")
 
 
+class StageTime(Closed):
+    stage: str
+    kind: StageKind
+    status: Literal["ran", "cached", "failed"]
+    seconds: float = Field(ge=0, description="Wall time in this run: computing the entry, or finding and "
+                           "verifying the cached one.")  # fmt: skip
+
+
+class Timing(Closed):
+    """Where this run's wall time went: every stage it computed or took from the cache, in plan order,
+    the same summed by kind, and the rest of `seconds` outside any stage (planning, writing the
+    artifact directories and the report)."""
+
+    stages: list[StageTime]
+    by_kind: dict[str, float]
+    outside_stages: float = Field(ge=0)
+
+
 class BuildReport(Closed):
     """What `forge build` writes next to the artifacts and prints with --json."""
 
@@ -214,6 +232,7 @@ class BuildReport(Closed):
     pushed: list[dict[str, Any]] = Field(default_factory=list, description="Pushes, when a push was attempted.")
     error: BuildError = Field(default=None, description="Why the build stopped (status error).")  # type: ignore[assignment]
     seconds: float = Field(ge=0, description="Wall time of this run of forge build (a cached rerun is quick).")
+    timing: Timing = Field(default=None)  # type: ignore[assignment]  # absent in reports of older forges
 
 
 def typed_report(report: dict) -> dict:

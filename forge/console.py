@@ -114,11 +114,27 @@ def render_build(report: dict, report_path: Path, console: Console | None = None
         for g in sweep["gates"]:
             console.print(f"gate {g['name']} ({sweep['stage']} at {g.get('level')}): limit {_figure(g['limit'])}, "
                           f"measured {_figure(g['measured'])} {_verdict(g)}")  # fmt: skip
+    render_timing(report, console)
     if gates := report_gates(report):
         console.print(f"gates: {gate_headline(gates)}")
     if stopped := build_error(report):
         console.print(f"[red]{stopped}[/]")
     console.print(f"report: {report_path}")
+
+
+def render_timing(report: dict, console: Console) -> None:
+    """Where this run's time went, slowest first: each stage with its share of the run, then the
+    time spent outside stages. A stage's row says `cached` when it only found its entry."""
+    timing, total = report.get("timing"), report.get("seconds")
+    if not timing or not total:
+        return
+    rows = [
+        (t["stage"], _status(t["status"]), f"{t['seconds']:.1f}", f"{100 * t['seconds'] / total:.0f} %")
+        for t in sorted(timing["stages"], key=lambda t: -t["seconds"])
+    ]
+    outside = timing["outside_stages"]
+    rows.append(("(planning, artifact directories, report)", "", f"{outside:.1f}", f"{100 * outside / total:.0f} %"))
+    _print_rows(console, f"time: {total:.1f} s in this run", ("stage", "status", "seconds", "share"), rows)
 
 
 def _ms(stats: dict) -> str:

@@ -278,3 +278,30 @@ def test_cpu_serving_keeps_every_tokenizer_file(built, tmp_path):
     for name in SOURCE_FILES:
         assert (served / name).read_bytes() == (export_dir / name).read_bytes(), name
     assert {"added_tokens.json", "chat_template.json"} <= {p.name for p in served.iterdir()}
+
+
+def test_time_table_says_where_this_runs_time_went(built, tmp_path):
+    _, recipe, first = built
+    cold = first.report["timing"]
+    ran = {s["id"] for s in first.report["stages"] if s["status"] == "ran"}
+    assert {t["stage"] for t in cold["stages"]} == ran and {t["status"] for t in cold["stages"]} == {"ran"}
+    # This run's clock: the stages and the time outside them add up to the run, by kind too.
+    assert sum(t["seconds"] for t in cold["stages"]) + cold["outside_stages"] == pytest.approx(
+        first.report["seconds"], abs=0.01
+    )
+    assert sum(cold["by_kind"].values()) == pytest.approx(sum(t["seconds"] for t in cold["stages"]), abs=0.01)
+    slowest = max(cold["stages"], key=lambda t: t["seconds"])
+    assert slowest["kind"] in ("quantize", "accuracy", "baseline", "export")
+
+    code, output = cli_rebuild(built, recipe, tmp_path)  # every stage cached: the table says so
+    assert code == 0, output
+    report = json.loads((tmp_path / "artifacts" / "tiny" / "build.json").read_text())
+    warm = report["timing"]
+    assert {t["status"] for t in warm["stages"]} == {"cached"}
+    lines = output[output.index("time: ") :].splitlines()
+    assert lines[0] == f"time: {report['seconds']:.1f} s in this run"
+    assert lines[1].split() == ["stage", "status", "seconds", "share"]
+    stage_rows = [line.split() for line in lines[2 : 2 + len(warm["stages"])]]
+    assert [row[0] for row in stage_rows] == [t["stage"] for t in sorted(warm["stages"], key=lambda t: -t["seconds"])]
+    assert all(row[1] == "cached" for row in stage_rows)
+    assert lines[2 + len(warm["stages"])].startswith("(planning, artifact directories, report)")

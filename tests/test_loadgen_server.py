@@ -77,3 +77,46 @@ def test_sweep_against_transformers_serve(tiny_model: Path, tmp_path: Path) -> N
             assert level.total_input_tokens == level.requests * PROMPT_TOKENS
             _check_consistent(level)
     assert result.gates_passed and [g.name for g in result.gates] == ["max_ttft_p99_ms", "max_tpot_p99_ms"]
+
+
+def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path: Path) -> None:
+    """A build's CPU measurements share one `transformers serve`: each model directory is loaded
+    before its measurement (by name: its path), unloaded after, and its part of the log is its own."""
+    import shutil
+
+    from forge.errors import InfraError
+    from forge.loadgen.server import SharedServer
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "no-such"}')
+    server = SharedServer()
+    try:
+        pids, logs = [], []
+        for index, model in enumerate((tiny_model, copy, tiny_model)):
+            with server.serving(model, tmp_path / f"log{index}") as up:
+                assert up.model == str(model.resolve()) and up.argv[1:3] == ["serve", "--host"]  # nothing pinned
+                result = run_sweep(up.base_url, up.model, None, [2], PROMPT_TOKENS, OUTPUT_TOKENS, 2,
+                                   tmp_path / f"sweep{index}", flavor="transformers", warmup_requests=0,
+                                   plots=False)  # fmt: skip
+                assert [lv.errors for lv in result.levels] == [0]
+                pids.append(up.pid)
+            logs.append((tmp_path / f"log{index}").read_text())
+        assert len(set(pids)) == 1 and _alive(pids[0])
+        # Each measurement's log holds its own load; the first model, unloaded after its turn, loads again.
+        assert [f"Loading {m.resolve()}@main" in log for m, log in zip((tiny_model, copy, tiny_model), logs)] == [
+            True
+        ] * 3
+        assert f"Loading {copy.resolve()}" not in logs[0] and "Uvicorn running" in logs[0]
+
+        with pytest.raises(InfraError, match="could not load .*broken"):
+            with server.serving(broken, tmp_path / "log-broken"):
+                pass
+        with server.serving(copy, tmp_path / "log-after"):  # the same server goes on after a model it cannot load
+            assert server.proc.pid == pids[0]
+    finally:
+        server.close()
+    assert not _alive(pids[0])
+    assert server.log_path.is_file()  # kept: a measurement failed while it served

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -84,7 +85,7 @@ def check_serving_installed() -> None:
 
 
 def transformers_serve_argv(
-    model_dir: Path,
+    model_dir: Path | None,
     port: int,
     *,
     host: str = "127.0.0.1",
@@ -93,12 +94,13 @@ def transformers_serve_argv(
     cpu_cache_tokens: int = 8192,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """argv for `transformers serve` pinned to one local model directory.
+    """argv for `transformers serve` pinned to one local model directory (None: any model a request names).
 
     `cpu_cache_tokens` bounds the continuous-batching KV cache on CPU (see the module doc); it must
     hold concurrency × (prompt + output) tokens of the sweep.
     """
-    argv = [transformers_cli(), "serve", str(model_dir), "--host", host, "--port", str(port)]
+    pinned = [] if model_dir is None else [str(model_dir)]
+    argv = [transformers_cli(), "serve", *pinned, "--host", host, "--port", str(port)]
     argv += ["--device", device]
     if not continuous_batching:
         return argv + ["--no-continuous-batching", *extra_args]
@@ -176,6 +178,28 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait(timeout=grace_s)
 
 
+def start_server(argv: list[str], log_path: Path) -> subprocess.Popen:
+    """Start a server in its own session (so `stop_process` stops exactly its process group), its
+    output appended to `log_path`, with plain output: no colour codes in the kept log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "NO_COLOR": "1", "TERM": "dumb"},
+        )
+
+
+def model_directory(model_dir: Path) -> Path:
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"model: {model_dir} is not a model directory (no config.json)")
+    return model_dir
+
+
 @contextlib.contextmanager
 def serve_transformers(
     model_dir: Path,
@@ -193,9 +217,7 @@ def serve_transformers(
     reports errors. Raises InfraError (exit 3) with the log tail if the server dies or never
     becomes healthy.
     """
-    model_dir = Path(model_dir).resolve()
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"model: {model_dir} is not a model directory (no config.json)")
+    model_dir = model_directory(model_dir)
     check_serving_installed()
     host = "127.0.0.1"
     port = free_port(host)
@@ -208,25 +230,101 @@ def serve_transformers(
         cpu_cache_tokens=cpu_cache_tokens,
         extra_args=extra_args,
     )
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.unlink(missing_ok=True)
     base_url = f"http://{host}:{port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            # Plain output: no colour codes or agent formatting in the kept log.
-            env={**os.environ, "NO_COLOR": "1", "TERM": "dumb"},
-        )
+    proc = start_server(argv, log_path)
     try:
         wait_healthy(base_url, proc, log_path, startup_timeout_s)
         yield RunningServer(base_url=base_url, model=str(model_dir), argv=argv, log_path=log_path, pid=proc.pid)
-        if proc.poll() is not None:
-            raise InfraError(
-                f"transformers serve died during the run (exit {proc.returncode}); "
-                f"log {kept_log(log_path)}:\n{log_tail(log_path)}"
-            )
+        check_running(proc, log_path)
     finally:
         stop_process(proc)
+
+
+def check_running(proc: subprocess.Popen, log_path: Path) -> None:
+    if proc.poll() is not None:
+        raise InfraError(
+            f"transformers serve died during the run (exit {proc.returncode}); "
+            f"log {kept_log(log_path)}:\n{log_tail(log_path)}"
+        )
+
+
+class SharedServer:
+    """One `transformers serve` for every CPU measurement of a build (lm-eval tasks, load sweeps).
+
+    Starting the server costs about as much as loading a small model (Python, torch and FastAPI
+    imports: 5-10 s here), and a build measures up to five models, so the server starts once, with
+    no pinned model, and each measurement names its model directory: transformers serve loads the
+    model a request names, a local path included (`ModelManager.load_model_and_processor`).
+    `POST /load_model` loads it before the measurement, so no measured request waits for a load,
+    and `POST /reset` unloads it after, so one model is in memory at a time. Each measurement's
+    part of the server log is copied to its own log file, as a server of its own would have written.
+    """
+
+    def __init__(self, startup_timeout_s: float = 180.0):
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path: Path | None = None  # in a temporary directory made at the first start
+        self.keep_log = False  # a measurement failed while served: `close` leaves the log for reading
+        self.proc: subprocess.Popen | None = None
+        self.base_url, self.argv = "", []
+
+    def start(self) -> None:
+        check_serving_installed()
+        if self.log_path is None:
+            self.log_path = Path(tempfile.mkdtemp(prefix="forge-serve-")) / "transformers-serve.log"
+        host = "127.0.0.1"
+        port = free_port(host)
+        self.argv = transformers_serve_argv(None, port, host=host)
+        self.base_url = f"http://{host}:{port}"
+        self.proc = start_server(self.argv, self.log_path)
+        wait_healthy(self.base_url, self.proc, self.log_path, self.startup_timeout_s)
+
+    @contextlib.contextmanager
+    def serving(self, model_dir: Path, log_path: Path) -> Iterator[RunningServer]:
+        """The server with `model_dir` loaded, for the duration of the block; its log lines of
+        that time land in `log_path`."""
+        model_dir = model_directory(model_dir)
+        offset = 0 if self.log_path is None else self.log_path.stat().st_size
+        if self.proc is None or self.proc.poll() is not None:  # first use, or a previous measurement killed it
+            self.start()  # its start-up lines go to this measurement's log
+        try:
+            self.post("/load_model", model_dir, stream=True)
+            yield RunningServer(self.base_url, str(model_dir), list(self.argv), self.log_path, self.proc.pid)
+            check_running(self.proc, self.log_path)
+        except BaseException:
+            self.keep_log = True
+            raise
+        finally:
+            try:
+                if self.proc.poll() is None:
+                    self.post("/reset", model_dir)
+            except InfraError:  # a server that cannot unload is not reused: the next measurement starts afresh
+                stop_process(self.proc)
+            with self.log_path.open("rb") as shared, log_path.open("wb") as own:
+                shared.seek(offset)
+                shutil.copyfileobj(shared, own)
+
+    def post(self, path: str, model_dir: Path, stream: bool = False) -> None:
+        """POST `{"model": model_dir}`; for `/load_model`, read its event stream to the end and fail
+        on an `error` event (a model the server cannot load) with the server's log tail."""
+        request = urllib.request.Request(
+            f"{self.base_url}{path}", data=json.dumps({"model": str(model_dir)}).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=self.startup_timeout_s) as response:
+                events = [line.removeprefix(b"data: ") for line in response if line.startswith(b"data: ")]
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            raise InfraError(f"transformers serve: {path} failed ({error}); log {kept_log(self.log_path)}:\n"
+                             f"{log_tail(self.log_path)}") from None  # fmt: skip
+        errors = [e for e in map(json.loads, events) if e.get("status") == "error"] if stream else []
+        if errors:
+            raise InfraError(f"transformers serve could not load {model_dir}: {errors[0].get('message')}; "
+                             f"log {kept_log(self.log_path)}:\n{log_tail(self.log_path)}")  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the server; its log goes too unless a measurement failed while it served."""
+        if self.proc is not None:
+            stop_process(self.proc)
+        if self.log_path is not None and not self.keep_log:
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)

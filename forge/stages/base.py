@@ -19,6 +19,7 @@ from typing import Any
 
 from forge.cache import Cache
 from forge.digest import json_digest
+from forge.loadgen.server import SharedServer
 from forge.progress import Progress
 
 LOCAL = "local"
@@ -33,12 +34,14 @@ def local(default: Any = None) -> Any:
 class Run:
     """What a stage function gets besides its inputs: the entry directory of each dependency by
     role, the directory to write (renamed into the cache once it returns), the progress display,
-    and the cache (for a measurement shared between entries, as the accuracy stage does)."""
+    the cache (for a measurement shared between entries, as the accuracy stage does) and the
+    build's CPU server, shared by every stage that serves a model on this CPU."""
 
     out: Path
     deps: dict[str, Path]
     progress: Progress
     cache: Cache
+    server: SharedServer | None = None  # None: each CPU measurement starts a server of its own
 
 
 def plain(value: Any) -> Any:

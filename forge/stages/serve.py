@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from forge.loadgen.server import SharedServer
 from forge.serving import ServeSpec
 from forge.stages.base import local
 
@@ -29,9 +30,13 @@ class Served:
     label: str = local("")  # names the stage in messages
 
 
-def serve_artifact(served: Served, model_dir: Path, engine_dir: Path | None, out: Path, image: Path | None = None):
+def serve_artifact(
+    served: Served, model_dir: Path, engine_dir: Path | None, out: Path, image: Path | None = None,
+    shared: SharedServer | None = None,
+):  # fmt: skip
     """The artifact's server, as a context manager: on the CPU `transformers serve` with the export's
-    weights served dense (`dense_copy`; the baseline serves the source as it is); on a GPU builder the
+    weights served dense (`dense_copy`; the baseline serves the source as it is), by the build's
+    `shared` server when there is one; on a GPU builder the
     packaged image (`image`: its OCI layout, loaded into the Docker engine with skopeo); with packaging
     off, the backend's base image with every directory its command names mounted."""
     from forge.loadgen import serve_transformers
@@ -42,6 +47,8 @@ def serve_artifact(served: Served, model_dir: Path, engine_dir: Path | None, out
 
         check_serving_installed()
         dense = model_dir if served.variant is None else dense_copy(model_dir, out / "served-model")
+        if shared is not None:
+            return shared.serving(dense, out / "server.log")
         return serve_transformers(dense, out / "server.log")
     spec = served.spec
     if image is not None:

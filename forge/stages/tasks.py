@@ -37,7 +37,7 @@ def produce(inputs: Inputs, run: Run) -> dict:
     model_dir = run.deps["model"] / "model"
     engine = run.deps["engine"] / "engine" if "engine" in run.deps else None
     image = run.deps["image"] / "layout" if "image" in run.deps else None
-    server = serve_artifact(inputs.served, model_dir, engine, run.out, image)
+    server = serve_artifact(inputs.served, model_dir, engine, run.out, image, run.server)
     with run.progress.task(f"lm-eval {inputs.served.label}: {', '.join(inputs.tasks)}", total=None), server as up:
         results = run_lm_eval(
             f"{up.base_url}/v1/completions", up.model, str(model_dir.resolve()), list(inputs.tasks),

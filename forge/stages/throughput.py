@@ -46,7 +46,7 @@ def produce(inputs: Inputs, run: Run) -> dict:
     model_dir = run.deps["model"] / "model"
     engine = run.deps["engine"] / "engine" if "engine" in run.deps else None
     image = run.deps["image"] / "layout" if "image" in run.deps else None
-    server = serve_artifact(inputs.served, model_dir, engine, out, image)
+    server = serve_artifact(inputs.served, model_dir, engine, out, image, run.server)
     with run.progress.task(f"load sweep {inputs.served.label}", total=None), server as up:
         result = run_sweep(
             up.base_url, up.model, model_dir, list(load.concurrency), load.prompt_tokens, load.output_tokens,
