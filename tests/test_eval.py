@@ -86,6 +86,19 @@ def test_windows_are_the_whole_text_cut_without_overlap(tiny, text_path, windows
     assert every.flatten().tolist() == ids[: every.numel()]
 
 
+def test_the_first_windows_come_from_a_prefix_with_the_whole_texts_ids(tiny):
+    """A few windows tokenize a line-aligned prefix, not all of wikitext-2: the ids are exactly the
+    whole text's, including counts that need the prefix to grow and one past the text's end."""
+    from forge.eval.perplexity import leading_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny[0])
+    text = WIKITEXT.read_text(encoding="utf-8")
+    whole = tokenizer(text).input_ids
+    for needed in (1, 1000, 4 * WINDOW, 40_000, len(whole) + 5):
+        assert leading_ids(tokenizer, text, needed) == whole[:needed]
+    assert leading_ids(tokenizer, text, None) == whole
+
+
 def test_windows_reject_text_shorter_than_one_window(tiny, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("too short")

@@ -38,6 +38,7 @@ WINDOW = 1024  # vLLM's wikitext perplexity test, MAX_LENGTH (ppl_utils.py)
 TOKEN_CHUNK = 256  # positions per log-softmax: 256 x 49152 fp32 logits = 50 MB, not 200 MB a window
 BASELINE_FILE = "baseline.json"
 HEAD_FILE = "lm_head.safetensors"
+WINDOWS_FILE = "windows.safetensors"  # the token ids scored, [windows, window] int64
 BASELINE_FORMAT = 2  # 1: fp16 log-probs (100.6 MB per SmolLM2 window); 2: hidden states (2.4 MB)
 
 __all__ = [
@@ -76,7 +77,7 @@ def load_windows(
     except UnicodeDecodeError as error:
         raise InputError(f"{text_path}: not UTF-8 text (byte {error.start})") from None
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = tokenizer(text).input_ids
+    ids = leading_ids(tokenizer, text, None if max_windows is None else max_windows * window)
     count = len(ids) // window
     if max_windows is not None:
         count = min(count, max_windows)
@@ -85,6 +86,27 @@ def load_windows(
             f"{text_path}: {len(ids)} tokens do not fill one window of {window}; use a longer text or a smaller window"
         )
     return torch.tensor(ids[: count * window], dtype=torch.long).reshape(count, window)
+
+
+# Tokens beyond the ones needed that a prefix must yield before its first `needed` are trusted: the
+# cut can only change how the text right before it is split (a pre-tokenizer's last word, a BPE
+# merge across it), never tokens hundreds of positions earlier.
+PREFIX_MARGIN = 256
+
+
+def leading_ids(tokenizer, text: str, needed: int | None) -> list[int]:
+    """The token ids of `text` (the first `needed` of them, or all): the same ids as tokenizing the
+    whole text, from the shortest line-aligned prefix that yields `needed + PREFIX_MARGIN` tokens,
+    so scoring 4 windows does not tokenize all of wikitext-2 (seconds per stage on a small CPU)."""
+    chars = 0 if needed is None else 8 * (needed + PREFIX_MARGIN)  # ~4 characters per token of English
+    while needed is not None and chars < len(text):
+        prefix = text[: text.rfind("\n", 0, chars) + 1 or chars]
+        ids = tokenizer(prefix).input_ids
+        if len(ids) >= needed + PREFIX_MARGIN:
+            return ids[:needed]
+        chars *= 2
+    ids = tokenizer(text).input_ids
+    return ids if needed is None else ids[:needed]
 
 
 def build_model(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -245,6 +267,7 @@ def baseline_pass(
     if getattr(head, "bias", None) is not None:
         projection["bias"] = head.bias.detach().float().contiguous()
     save_file(projection, out / HEAD_FILE)
+    save_file({"ids": windows.contiguous()}, out / WINDOWS_FILE)
     total, length = windows.shape
     nll = torch.zeros(total, dtype=torch.float64)
     parts: dict[int, list[torch.Tensor]] = {}
@@ -271,6 +294,16 @@ def baseline_pass(
     meta = {"version": BASELINE_FORMAT, "windows_sha256": _windows_digest(windows), **result}
     (out / BASELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return result
+
+
+def baseline_windows(baseline_dir: Path | str) -> torch.Tensor:
+    """The token windows a baseline pass scored, for every compare pass against it: tokenizing the
+    text again per export would give the same ids (the export carries the source's tokenizer) at
+    seconds of CPU each."""
+    path = Path(baseline_dir) / WINDOWS_FILE
+    if not path.is_file():
+        raise InputError(f"{baseline_dir}: no {WINDOWS_FILE}; run the baseline pass again")
+    return load_file(path)["ids"]
 
 
 def load_baseline(baseline_dir: Path | str) -> dict:

@@ -128,10 +128,8 @@ _COLUMN_SHIFT = (0, 16, 4, 20, 8, 24, 12, 28)  # 4 * [0, 4, 1, 5, 2, 6, 3, 7]: w
 def _unpack_awq(words: torch.Tensor) -> torch.Tensor:
     """int32 `[rows, cols / 8]` → uint4 `[rows, cols]` as int32, logical column order."""
     rows, packed = words.shape
-    values = torch.empty(rows, packed * 8, dtype=torch.int32)
-    for column, shift in enumerate(_COLUMN_SHIFT):
-        values[:, column::8] = (words >> shift) & 0xF
-    return values
+    shifts = torch.tensor(_COLUMN_SHIFT, dtype=torch.int32)  # the shift of logical column 0..7 of each word
+    return ((words.unsqueeze(-1) >> shifts) & 0xF).reshape(rows, packed * 8)
 
 
 def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:

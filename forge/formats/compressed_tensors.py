@@ -210,11 +210,11 @@ write = format_writer(SPEC, export_plan)
 
 
 def _unpack_columns(words: torch.Tensor, columns: int) -> torch.Tensor:
-    """int32 `[rows, columns / 8]` → uint4 values `[rows, columns]` as int32."""
-    values = torch.empty(words.shape[0], columns, dtype=torch.int32)
-    for position in range(8):
-        values[:, position::8] = (words >> (4 * position)) & 0xF
-    return values
+    """int32 `[rows, columns / 8]` → uint4 values `[rows, columns]` as uint8: column j is nibble
+    j % 8 of word j // 8. Read byte-wise (little-endian, as safetensors stores it): byte k of a word
+    holds nibbles 2k (low half) and 2k + 1 (high half)."""
+    octets = words.contiguous().view(torch.uint8)
+    return torch.stack((octets & 0xF, octets >> 4), dim=-1).reshape(words.shape[0], columns)
 
 
 def _read_int4(tensors: Tensors, module: str, config_group: int | None, symmetric: bool) -> torch.Tensor:
@@ -229,18 +229,15 @@ def _read_int4(tensors: Tensors, module: str, config_group: int | None, symmetri
     group = in_features // scale.shape[1]
     if config_group is not None and group != config_group:
         raise InputError(f"{FORMAT}: {module}: scales imply group {group}, config says {config_group}")
-    q = _unpack_columns(packed, in_features)
+    q = _unpack_columns(packed, in_features).to(torch.float32).view(out_features, -1, group)
     if symmetric:
-        q = q - 8
-        zero = None
+        q -= 8
     else:
         packed_zero = tensors.take(f"{module}.weight_zero_point")
         zero = _unpack_columns(packed_zero.t().contiguous(), out_features).t()
+        q -= zero.to(torch.float32).unsqueeze(-1)
     # same arithmetic as QuantizedLinear.dequantize: float32 (q - zero) * scale, group-wise
-    q = q.to(torch.float32)
-    if zero is not None:
-        q = q - zero.to(torch.float32).repeat_interleave(group, dim=1)
-    return q * scale.repeat_interleave(group, dim=1)
+    return (q * scale.unsqueeze(-1)).view(out_features, in_features)
 
 
 def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ from forge.digest import json_digest
 from forge.quant.scheme import Scheme
 from forge.stages.base import Run, local
 
-VERSION = 2
+VERSION = 3  # 3: the windows are the baseline entry's, not tokenized again
 SHARED = "accuracy-weights"  # cache kind of a measurement shared by formats that re-read to the same weights
 
 
@@ -30,9 +30,9 @@ class Inputs:
 def produce(inputs: Inputs, run: Run) -> dict:
     """Deps: `export` (the artifact), `baseline` (the source's hidden states on the same windows)."""
     from forge.eval.perplexity import (
+        baseline_windows,
         build_model,
         compare_pass,
-        load_windows,
         simulate_dynamic_fp8_activations,
         simulate_static_fp8_activations,
         split_scales,
@@ -41,7 +41,7 @@ def produce(inputs: Inputs, run: Run) -> dict:
     from forge.quant.rtn import quantizable_linears
 
     export_dir, baseline_dir = run.deps["export"] / "model", run.deps["baseline"]
-    windows = load_windows(inputs.dataset, export_dir, inputs.window, inputs.max_windows)
+    windows = baseline_windows(baseline_dir)  # the dataset, window and count are the baseline's inputs too
     config, state = FORMATS[inputs.format].read(export_dir)
 
     def measure(_out: Path) -> dict:

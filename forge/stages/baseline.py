@@ -8,7 +8,7 @@ from pathlib import Path
 
 from forge.stages.base import Run, local
 
-VERSION = 2  # 2: final hidden states + output projection instead of fp16 log-probs (forge/eval/perplexity.py)
+VERSION = 3  # 2: final hidden states + output projection instead of fp16 log-probs; 3: + the windows
 
 
 @dataclass(frozen=True)
