@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from forge.datasets import resolve_dataset
 from forge.eval.perplexity import (
     baseline_pass,
     build_model,
@@ -43,7 +44,6 @@ from forge.eval.perplexity import (
     load_windows,
     simulate_dynamic_fp8_activations,
 )
-from forge.datasets import resolve_dataset
 from forge.quant.presets import PRESETS, resolve_scheme
 
 REPO = Path(__file__).resolve().parents[1]

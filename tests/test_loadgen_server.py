@@ -106,9 +106,8 @@ def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path:
             logs.append((tmp_path / f"log{index}").read_text())
         assert len(set(pids)) == 1 and _alive(pids[0])
         # Each measurement's log holds its own load; the first model, unloaded after its turn, loads again.
-        assert [f"Loading {m.resolve()}@main" in log for m, log in zip((tiny_model, copy, tiny_model), logs)] == [
-            True
-        ] * 3
+        models = (tiny_model, copy, tiny_model)
+        assert all(f"Loading {m.resolve()}@main" in log for m, log in zip(models, logs, strict=True))
         assert f"Loading {copy.resolve()}" not in logs[0] and "Uvicorn running" in logs[0]
 
         with pytest.raises(InfraError, match="could not load .*broken"):
