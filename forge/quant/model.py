@@ -83,12 +83,19 @@ class QuantizedModel:
     # that fell back to round-to-nearest for want of calibration inputs (`rtn_fallback`).
     calibration: dict = field(default_factory=dict)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The dense Hugging Face state dict these codes stand for."""
-        state = {name: t.to(dtype) for name, t in self.dense.items()}
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, dense_dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The dense Hugging Face state dict these codes stand for; with `dense_dtype`, the dense
+        tensors as an export in that dtype holds them (floating ones rounded to it first)."""
+        state = {name: _round(t, dense_dtype).to(dtype) for name, t in self.dense.items()}
         for name, linear in self.linears.items():
             state[f"{name}.weight"] = linear.dequantize(dtype)
         return state
+
+
+def _round(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 _PARTS = ("codes", "scale", "zero_point", "input_scale")
