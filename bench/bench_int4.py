@@ -165,12 +165,14 @@ def llmcompressor_model(model_dir: Path, scheme: str, use_gptq: bool, calibratio
     else:
         config = {"scheme": scheme}
     modifier = (GPTQModifier if use_gptq else QuantizationModifier)(targets="Linear", ignore=["lm_head"], **config)
-    dataset = Dataset.from_dict(
-        {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
-    )
     started = time.perf_counter()
-    oneshot(model=model, recipe=modifier, dataset=dataset, num_calibration_samples=calibration.shape[0],
-            max_seq_length=calibration.shape[1], pipeline="sequential" if use_gptq else "basic")  # fmt: skip
+    if use_gptq or scheme == "FP8":  # calibrated: GPTQ's Hessians, static input scales
+        tokens = {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
+        oneshot(model=model, recipe=modifier, dataset=Dataset.from_dict(tokens),
+                num_calibration_samples=calibration.shape[0], max_seq_length=calibration.shape[1],
+                pipeline="sequential" if use_gptq else "basic")  # fmt: skip
+    else:
+        oneshot(model=model, recipe=modifier)
     return model, time.perf_counter() - started
 
 
@@ -203,6 +205,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("/tmp/smollm2-hf"))
     parser.add_argument("--windows", type=int, default=8, help="1024-token wikitext-2 windows to score")
     parser.add_argument("--modelopt", type=Path, help="bench/modelopt_reference.py's output directory")
+    parser.add_argument("--wait-modelopt", type=float, default=0, help="seconds to wait for a missing ModelOpt file")
     parser.add_argument("--llmcompressor", action="store_true", help="also llm-compressor's RTN, GPTQ, FP8 rows")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only rows whose label has one")
     parser.add_argument("--save-calibration", type=Path, help="write the calibration tokens (torch.save) and stop")
@@ -238,9 +241,7 @@ def main() -> None:
             print(f"  {row.label}: ppl {row.ppl:.3f} top-1 {row.top1:.4f} KL {row.kl:.4f} "
                   f"({row.seconds or 0:.1f} s) [load {os.getloadavg()[0]:.2f}]", flush=True)  # fmt: skip
 
-        for label, run in FORGE_ROWS:
-            if not selected(label):
-                continue
+        def forge_row(run: Callable) -> tuple:
             quantized, seconds = run(args, calibration)
             with restored(model, original) as hooks:
                 load_dequantized(model, quantized)
@@ -249,26 +250,40 @@ def main() -> None:
                 elif quantized.scheme.activations == "static_tensor":
                     scales = {n.removesuffix(".weight"): q.input_scale for n, q in quantized.linears.items()}
                     hooks += static_fp8_inputs(model, {n: s for n, s in scales.items() if s is not None})
-                report(Row(label, *score(model, windows, reference), seconds))
+                return score(model, windows, reference), seconds
+
+        def llmc_row(scheme: str, use_gptq: bool) -> tuple:
+            peer, seconds = llmcompressor_model(args.model, scheme, use_gptq, calibration)
+            return score(peer, windows, reference), seconds
+
+        def modelopt_row(path: Path) -> tuple:
+            deadline = time.monotonic() + args.wait_modelopt
+            while not path.exists() and time.monotonic() < deadline:  # its own run may still be going
+                time.sleep(10)
+            weights, scales, seconds = modelopt_state(path)
+            with restored(model, original) as hooks:
+                _, unexpected = model.load_state_dict(weights, strict=False)
+                assert not unexpected, unexpected
+                hooks += static_fp8_inputs(model, scales)
+                return score(model, windows, reference), seconds
+
+        plan: list[tuple[str, Callable[[], tuple]]] = [(label, lambda r=run: forge_row(r)) for label, run in FORGE_ROWS]
         if args.llmcompressor:
-            for label, scheme, use_gptq in LLMC_ROWS:
-                if not selected(label):
-                    continue
-                peer, seconds = llmcompressor_model(args.model, scheme, use_gptq, calibration)
-                report(Row(label, *score(peer, windows, reference), seconds))
-                del peer
+            plan += [(label, lambda s=s, g=g: llmc_row(s, g)) for label, s, g in LLMC_ROWS]
         if args.modelopt:
-            for label, name in MODELOPT_ROWS:
-                path = args.modelopt / f"{name}.safetensors"
-                if not selected(label) or not path.exists():
-                    print(f"  {label}: skipped ({path} missing)" if selected(label) else "", end="")
-                    continue
-                weights, scales, seconds = modelopt_state(path)
-                with restored(model, original) as hooks:
-                    missing, unexpected = model.load_state_dict(weights, strict=False)
-                    assert not unexpected, unexpected
-                    hooks += static_fp8_inputs(model, scales)
-                    report(Row(label, *score(model, windows, reference), seconds))
+            plan += [
+                (label, lambda n=name: modelopt_row(args.modelopt / f"{n}.safetensors"))
+                for label, name in MODELOPT_ROWS
+            ]
+        for label, thunk in plan:
+            if not selected(label):
+                continue
+            try:
+                (ppl, top1, kl), seconds = thunk()
+            except Exception as error:  # noqa: BLE001 - one peer failing must not lose the other rows
+                print(f"  {label}: FAILED {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                continue
+            report(Row(label, ppl, top1, kl, seconds))
     print_table(rows, args)
 
 
