@@ -149,6 +149,28 @@ MODELOPT_ROWS = [
     ("ModelOpt 0.47 FP8_DEFAULT (static)", "FP8_DEFAULT_CFG"),
 ]
 
+# Run order, most telling first: every row prints as it completes, so a run cut short still answers.
+ORDER = [
+    "forge AWQ asym g64 + clip (AWQ_W4A16 before)",
+    "forge AWQ asym g64 + clip + GPTQ",
+    "forge AWQ sym g64 + clip + GPTQ",
+    MODELOPT_ROWS[0][0],
+    "forge FP8 (static)",
+    "forge FP8_DYNAMIC",
+    MODELOPT_ROWS[1][0],
+    "llm-compressor FP8_DYNAMIC",
+    "llm-compressor FP8 (static)",
+    "llm-compressor GPTQ W4A16 sym g64",
+    "llm-compressor RTN W4A16 sym g64",
+    "forge RTN asym g64 (W4A16_ASYM)",
+    "forge RTN sym g64 (W4A16)",
+    "forge GPTQ sym g64",
+    "forge GPTQ sym g64 act-order",
+    "forge AWQ asym g64, no clip",
+    "forge AWQ sym g64 + clip",
+    "forge AWQ sym g64 + clip + GPTQ act-order",
+]
+
 
 def llmcompressor_model(model_dir: Path, scheme: str, use_gptq: bool, calibration: torch.LongTensor):
     """llm-compressor 0.14 `oneshot` (group 64 for int4), calibrated on forge's calibration tokens."""
@@ -238,8 +260,10 @@ def main() -> None:
 
         def report(row: Row) -> None:
             rows.append(row)
-            print(f"  {row.label}: ppl {row.ppl:.3f} top-1 {row.top1:.4f} KL {row.kl:.4f} "
-                  f"({row.seconds or 0:.1f} s) [load {os.getloadavg()[0]:.2f}]", flush=True)  # fmt: skip
+            delta = 100 * (row.ppl / rows[0].ppl - 1)
+            when = f"(load {os.getloadavg()[0]:.2f}, {time.strftime('%H:%M')})"
+            print(f"  | {row.label} | {row.ppl:.3f} | {delta:+.1f} % | {row.top1:.4f} | {row.kl:.4f} | "
+                  f"{row.seconds:.1f} | {when}", flush=True)  # fmt: skip
 
         def forge_row(run: Callable) -> tuple:
             quantized, seconds = run(args, calibration)
@@ -267,19 +291,19 @@ def main() -> None:
                 hooks += static_fp8_inputs(model, scales)
                 return score(model, windows, reference), seconds
 
-        plan: list[tuple[str, Callable[[], tuple]]] = [(label, lambda r=run: forge_row(r)) for label, run in FORGE_ROWS]
+        thunks: dict[str, Callable[[], tuple]] = {label: (lambda r=run: forge_row(r)) for label, run in FORGE_ROWS}
         if args.llmcompressor:
-            plan += [(label, lambda s=s, g=g: llmc_row(s, g)) for label, s, g in LLMC_ROWS]
+            thunks |= {label: (lambda s=s, g=g: llmc_row(s, g)) for label, s, g in LLMC_ROWS}
         if args.modelopt:
-            plan += [
-                (label, lambda n=name: modelopt_row(args.modelopt / f"{n}.safetensors"))
-                for label, name in MODELOPT_ROWS
-            ]
-        for label, thunk in plan:
-            if not selected(label):
-                continue
+            thunks |= {
+                label: (lambda n=n: modelopt_row(args.modelopt / f"{n}.safetensors")) for label, n in MODELOPT_ROWS
+            }
+        plan = [label for label in ORDER if label in thunks and selected(label)]
+        if args.modelopt and not (args.modelopt / f"{MODELOPT_ROWS[0][1]}.safetensors").exists():
+            plan.append(plan.pop(plan.index(MODELOPT_ROWS[0][0])))  # still being made: score it last
+        for label in plan:
             try:
-                (ppl, top1, kl), seconds = thunk()
+                (ppl, top1, kl), seconds = thunks[label]()
             except Exception as error:  # noqa: BLE001 - one peer failing must not lose the other rows
                 print(f"  {label}: FAILED {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
                 continue
