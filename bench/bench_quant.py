@@ -27,7 +27,7 @@ from forge.quant.presets import PRESETS, resolve_scheme
 from forge.quant.rtn import FP8_MAX
 from forge.quant.run import quantize_checkpoint
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1.test.txt"
+WIKITEXT = Path(__file__).resolve().parents[1] / "forge" / "data" / "wikitext-2-raw-v1.test.txt"
 WINDOW = 1024  # non-overlapping windows, https://huggingface.co/docs/transformers/perplexity
 
 

@@ -232,6 +232,62 @@ def test_gptq_has_lower_output_error_than_rtn():
     assert gptq.zero_point is None and int(gptq.codes.min()) >= -8 and int(gptq.codes.max()) <= 7
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_act_order_keeps_static_groups_and_the_format(symmetric):
+    """Act-order rounds columns by descending H_jj but stores codes in the original order, on
+    grids computed from the original groups up front: the stored format does not change."""
+    from forge.quant.gptq import static_grid
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 128) @ (torch.randn(128, 128) * (torch.rand(128) * 3).exp())  # correlated
+    w = torch.randn(48, 128) * 0.05
+    hessian = x.T @ x / x.shape[0]
+    scheme = resolve_scheme("GPTQ_W4A16", group_size=32, symmetric=symmetric)
+    ordered = gptq_quantize(w, hessian, scheme, order=True)
+    scale, zero = static_grid(w, scheme)
+    torch.testing.assert_close(ordered.scale, scale, rtol=0, atol=0)
+    if symmetric:
+        assert ordered.zero_point is None
+    else:
+        assert torch.equal(ordered.zero_point, zero)
+
+    def error(linear) -> float:
+        delta = linear.dequantize() - w
+        return ((delta @ hessian) * delta).sum().item()
+
+    assert error(ordered) < 0.8 * error(quantize_int4(w, scheme))
+
+
+def test_awq_with_gptq_rounding_beats_awq_alone_on_its_layer(tmp_path):
+    """AWQ scales, then GPTQ onto the clipped grids: lower output error per linear, same format."""
+    from forge.architectures import get_architecture
+    from forge.quant import awq
+    from forge.quant.layerwise import collect_layer_stats, decoder_layers, embed, layer_linear_names, load_float_model
+
+    directory = make_tiny_llama(tmp_path / "m", num_layers=1)
+    calibration = load_calibration(["pydoc_topics"], directory, num_samples=4, seq_len=64, seed=0)
+    scheme = resolve_scheme("AWQ_W4A16", group_size=64)
+    errors = {}
+    for gptq in (False, True):
+        model = load_float_model(directory)
+        layer = decoder_layers(model)[0]
+        hidden, kwargs = embed(model, calibration)
+        names = layer_linear_names(layer)
+        stats, _ = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False)
+        config = model.config.to_dict()
+        groups = awq.scale_groups(layer, get_architecture(config), config)
+        with awq.options(gptq=gptq):
+            linears, _ = awq.awq_layer(layer, stats.inputs, set(names), scheme, groups)
+        total = 0.0
+        for name, q in linears.items():
+            assert q.zero_point is not None and 0 <= int(q.codes.min()) <= int(q.codes.max()) <= 15
+            delta = q.dequantize() - layer.get_submodule(name).weight.float()
+            gram = stats.inputs[name].gram.float()
+            total += ((delta @ gram) * delta).sum().item()
+        errors[gptq] = total
+    assert errors[True] < errors[False], errors
+
+
 def test_gptq_is_deterministic_and_beats_rtn_end_to_end(tiny, calibration, tmp_path):
     scheme = resolve_scheme("GPTQ_W4A16", group_size=64, dtype="float32")
     runs = [quantize_checkpoint(tiny, scheme, "gptq", calibration) for _ in range(2)]

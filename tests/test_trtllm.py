@@ -66,6 +66,11 @@ def logits(config: dict, weights: dict[str, torch.Tensor], model_class=LlamaForC
         return model(tokens).logits
 
 
+def served(qm) -> dict[str, torch.Tensor]:
+    """`dequantize()` with the dense tensors in the model dtype, as the checkpoint holds them."""
+    return qm.dequantize(dense_dtype=getattr(torch, qm.scheme.dtype))
+
+
 CASES = {
     # name: (preset, overrides, bit-exact?); group 64 so that TP 2 keeps whole groups per rank
     "w4a16-sym": ("W4A16", {"group_size": 64}, True),
@@ -106,7 +111,7 @@ def test_checkpoint_roundtrip_reproduces_dequantize(tiny_state, tmp_path, case, 
 
     config, state = ckpt.read(tmp_path / "ckpt")
     weights = only_weights(state)
-    reference = qm.dequantize()
+    reference = served(qm)
     assert_same_model(weights, reference, exact, logits(config, weights), logits(qm.config, reference))
 
 
@@ -176,7 +181,7 @@ def test_fp8_static_shares_one_scale_per_fused_layer(tiny_state, tmp_path):
     config, state = ckpt.read(tmp_path / "c")
     weights = only_weights(state)
     assert json.loads((tmp_path / "c" / "config.json").read_text())["quantization"]["quant_algo"] == "FP8"
-    reference = qm.dequantize()
+    reference = served(qm)
     for name, ref in reference.items():
         if any(p in name for p in ("q_proj", "k_proj", "v_proj")):
             assert torch.allclose(weights[name], ref, atol=float(ref.abs().max()) / 8), name  # one fp8 step
@@ -195,7 +200,7 @@ def test_ignored_layers_stay_dense_and_are_excluded(tiny_state, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization"]["exclude_modules"] == ["lm_head", "transformer.layers.1.mlp.proj"]
     _, state = ckpt.read(tmp_path)
-    assert all(torch.equal(state[k], v) for k, v in qm.dequantize().items())
+    assert all(torch.equal(state[k], v) for k, v in served(qm).items())
     half = quantize(tiny_state, "W4A16", group_size=64, ignore=("lm_head", "k_proj"))
     with pytest.raises(InputError, match="quantize all of them or none"):
         ckpt.write(half, tmp_path / "half", 1)
@@ -240,7 +245,7 @@ def test_tp_beyond_kv_heads_replicates_them(tiny_state, tmp_path, case):
     assert not torch.equal(ranks[1][f"{qkv}.weight"][k_rows], ranks[2][f"{qkv}.weight"][k_rows])
     _, state = ckpt.read(tmp_path)
     weights = only_weights(state)
-    for name, ref in qm.dequantize().items():
+    for name, ref in served(qm).items():
         if qm.scheme.symmetric or qm.scheme.weight_format != "int4":
             assert torch.equal(weights[name], ref), name
         else:
@@ -320,7 +325,7 @@ def test_qwen2_checkpoint_roundtrip_reproduces_dequantize(qwen2_sources, tmp_pat
 
     read_config, read_state = ckpt.read(tmp_path / "ckpt")
     weights = only_weights(read_state)
-    reference = qm.dequantize()
+    reference = served(qm)
     assert "model.layers.1.self_attn.k_proj.bias" in weights and ("lm_head.weight" in weights) is not tied
     ours, expected = qwen2_logits(read_config, weights), qwen2_logits(qm.config, reference)
     assert_same_model(weights, reference, exact, ours, expected, exact_suffixes=("bias",))
@@ -336,7 +341,7 @@ def test_qwen2_fp8_static_and_replica_check(qwen2_sources, tmp_path):
     ckpt.write(qm, tmp_path, 4)
     assert json.loads((tmp_path / "config.json").read_text())["quantization"]["quant_algo"] == "FP8"
     _, read_state = ckpt.read(tmp_path)
-    for name, ref in qm.dequantize().items():
+    for name, ref in served(qm).items():
         if name.endswith("_proj.weight") and "self_attn" in name and "o_proj" not in name:
             assert torch.allclose(read_state[name], ref, atol=float(ref.abs().max()) / 8), name  # one fp8 step
         else:

@@ -33,7 +33,7 @@ from forge.errors import InputError
 from forge.formats.specs import SOURCE_FILES, FormatSpec, group_size_problem
 from forge.quant.model import QuantizedModel, Scheme
 from forge.quant.rtn import is_ignored
-from forge.untrusted import index_weight_map, read_json, safetensors_header
+from forge.untrusted import TensorInfo, index_weight_map, read_json, safetensors_header
 
 # transformers' long-standing `max_shard_size` default ("5GB"); it also keeps every shard well
 # under registry layer limits (GHCR 10 GB per layer), since OCI packaging puts one shard per layer.
@@ -60,6 +60,11 @@ _SAFETENSORS_DTYPES = {
     torch.int32: "I32",
     torch.int8: "I8",
     torch.uint8: "U8",
+}
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()} | {
+    "F64": torch.float64,
+    "I16": torch.int16,
+    "BOOL": torch.bool,
 }
 
 
@@ -412,10 +417,16 @@ def read_config(directory: Path, fmt: str, quant_method: str) -> dict:
 
 
 def weight_files(directory: Path, fmt: str) -> dict[str, list[str]]:
-    """Shard file → tensor names of a safetensors checkpoint (a source or an export): the index's
-    shards, else every `*.safetensors`; every shard's header checked against its file
-    (`safetensors_header`), no tensor in two shards and the index honest, before a tensor is mapped.
-    The one loader: the quantize stage reads its source and every format reader its export here."""
+    """Shard file → tensor names of a safetensors checkpoint (a source or an export), as
+    `weight_headers` checks them. The one loader: the quantize stage reads its source and every
+    format reader its export here."""
+    return {shard: sorted(header) for shard, header in weight_headers(directory, fmt).items()}
+
+
+def weight_headers(directory: Path, fmt: str) -> dict[str, dict[str, TensorInfo]]:
+    """Shard file → its tensors' dtype and shape: the index's shards, else every `*.safetensors`;
+    every shard's header checked against its file (`safetensors_header`), no tensor in two shards
+    and the index honest, before a tensor is mapped."""
     directory = Path(directory)
     weight_map = index_weight_map(directory, fmt)
     if weight_map is not None:
@@ -424,7 +435,7 @@ def weight_files(directory: Path, fmt: str) -> dict[str, list[str]]:
         shards = sorted(p.name for p in directory.glob("*.safetensors"))
     if not shards:
         raise InputError(f"{fmt}: {directory} has no *.safetensors weights (neither {WEIGHTS_NAME} nor {INDEX_NAME})")
-    files = {shard: sorted(safetensors_header(directory / shard, f"{fmt}: {shard}")) for shard in shards}
+    files = {shard: safetensors_header(directory / shard, f"{fmt}: {shard}") for shard in shards}
     seen: set[str] = set()
     for shard, names in files.items():
         if twice := seen.intersection(names):
@@ -434,6 +445,61 @@ def weight_files(directory: Path, fmt: str) -> dict[str, list[str]]:
         if name not in files[shard]:
             raise InputError(f"{fmt}: tensor {name} is missing from {shard} (the index lists it there)")
     return files
+
+
+class Checkpoint:
+    """A safetensors checkpoint read a few tensors at a time, its headers checked up front.
+
+    The quantizer reads one decoder layer's tensors, quantizes them and lets them go, so memory
+    follows a layer, not the model. Each read opens its shard and closes it again: a mapping kept
+    open would leave every page it touched counted in the process's resident memory.
+    """
+
+    def __init__(self, directory: Path, fmt: str):
+        self.directory, self.fmt = Path(directory), fmt
+        self.shard_of: dict[str, str] = {}
+        self.infos: dict[str, TensorInfo] = {}
+        for shard, header in weight_headers(directory, fmt).items():
+            for name in sorted(header):
+                self.shard_of[name] = shard
+                self.infos[name] = header[name]
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, shard by shard, sorted within a shard (the order `iter_tensors` yields)."""
+        return list(self.shard_of)
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a data-less (meta) tensor of its shape and dtype."""
+        return {
+            name: torch.empty(info.shape, dtype=_TORCH_DTYPES.get(info.dtype, torch.uint8), device="meta")
+            for name, info in self.infos.items()
+        }
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, in the given order; InputError for a name the checkpoint lacks."""
+        if missing := [n for n in names if n not in self.shard_of]:
+            raise InputError(f"{self.fmt}: tensor {missing[0]} is missing from {self.directory}")
+        out: dict[str, torch.Tensor] = {}
+        for shard in sorted({self.shard_of[n] for n in names}):
+            with safe_open(self.directory / shard, framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in names if self.shard_of[n] == shard})
+        return {n: out[n] for n in names}
+
+    def read_as(self, name: str, dtype: torch.dtype, rows: int = 4096) -> torch.Tensor:
+        """One tensor cast to `dtype` a block of rows at a time, so a wide cast (a bfloat16
+        embedding to float32) never holds the source and the result whole at once."""
+        if name not in self.shard_of:
+            raise InputError(f"{self.fmt}: tensor {name} is missing from {self.directory}")
+        with safe_open(self.directory / self.shard_of[name], framework="pt") as f:
+            part = f.get_slice(name)
+            shape = part.get_shape()
+            if len(shape) < 2:
+                return f.get_tensor(name).to(dtype)
+            out = torch.empty(shape, dtype=dtype)
+            for start in range(0, shape[0], rows):
+                out[start : start + rows] = part[start : start + rows]
+            return out
 
 
 def iter_tensors(directory: Path, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:

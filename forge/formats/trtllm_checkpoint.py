@@ -32,16 +32,17 @@ Where each detail comes from (TensorRT-LLM 1.2.x sources, read, not copied):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from forge.architectures import ARCHITECTURES, architecture_name, trtllm_problem
 from forge.compat import ModelShape, tensor_parallel_problem
 from forge.errors import InputError
-from forge.formats.model_dir import copy_source_files, write_json
+from forge.formats.model_dir import TensorSpec, Unit, copy_source_files, write_json, write_safetensors
 from forge.formats.specs import SPECS, trtllm_algo
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
 from forge.untrusted import positive_int, read_json, safetensors_header
@@ -357,57 +358,93 @@ def _quantized_module(
     return out
 
 
-def _rank_tensors(qm: QuantizedModel, shape: LlamaShape, algo: str | None, tp: int, rank: int) -> dict:
+def _rank_units(qm: QuantizedModel, shape: LlamaShape, algo: str | None, tp: int, rank: int) -> list[Unit]:
+    """Rank `rank`'s tensors as units of `model_dir.write_safetensors`: the embedding, the final
+    norm, the lm_head and each decoder layer, so the rank file is written one unit at a time.
+
+    A unit's dtypes and shapes are learnt by producing it once before the file is written (the
+    header comes first); the second production writes it. Twice the packing work, one unit's
+    memory instead of the whole rank's.
+    """
+    producers: list[tuple[str, Callable[[], dict[str, torch.Tensor]]]] = [
+        ("embedding", lambda: _embedding(qm)),
+        ("final_norm", lambda: _final_norm(qm)),
+        ("lm_head", lambda: _lm_head(qm, shape, tp, rank)),
+    ]
+    producers += [
+        (f"layer.{i:05d}", lambda i=i: _layer_tensors(qm, shape, algo, tp, rank, i)) for i in range(shape.num_layers)
+    ]
+    units = []
+    for key, produce in producers:
+        specs = tuple(TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in sorted(produce().items()))
+        units.append(Unit(key, specs, lambda produce=produce: {k: v.contiguous() for k, v in produce().items()}))
+    return units
+
+
+def _embedding(qm: QuantizedModel) -> dict[str, torch.Tensor]:
+    dtype = getattr(torch, qm.scheme.dtype)
+    return {"transformer.vocab_embedding.weight": qm.dense["model.embed_tokens.weight"].to(dtype)}
+
+
+def _final_norm(qm: QuantizedModel) -> dict[str, torch.Tensor]:
+    return {"transformer.ln_f.weight": qm.dense["model.norm.weight"].to(getattr(torch, qm.scheme.dtype))}
+
+
+def _lm_head(qm: QuantizedModel, shape: LlamaShape, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """TensorRT-LLM always builds an lm_head; with tied embeddings it is a copy of the embedding
+    (convert.py falls back to vocab_embedding). Rows are padded to a multiple of tp with zeros
+    (pad_vocab_size), then column-split over vocab."""
+    dtype = getattr(torch, qm.scheme.dtype)
+    name = "lm_head.weight" if "lm_head.weight" in qm.dense else "model.embed_tokens.weight"
+    lm_head = qm.dense[name].to(dtype)
+    padded = -(-shape.vocab_size // tp) * tp
+    if padded != shape.vocab_size:
+        lm_head = torch.nn.functional.pad(lm_head, (0, 0, 0, padded - shape.vocab_size))
+    return {"lm_head.weight": _chunk(lm_head, tp, rank, 0).clone()}  # its own storage, not the embedding's
+
+
+def _layer_tensors(
+    qm: QuantizedModel, shape: LlamaShape, algo: str | None, tp: int, rank: int, i: int
+) -> dict[str, torch.Tensor]:
+    """Decoder layer `i`'s tensors for rank `rank`."""
     dtype = getattr(torch, qm.scheme.dtype)
     dense = qm.dense
     kv_heads = shape.num_kv_heads
     tensors: dict[str, torch.Tensor] = {}
-    embedding = dense["model.embed_tokens.weight"].to(dtype)
-    tensors["transformer.vocab_embedding.weight"] = embedding
-    tensors["transformer.ln_f.weight"] = dense["model.norm.weight"].to(dtype)
-    # TensorRT-LLM always builds an lm_head; with tied embeddings it is a copy of the embedding
-    # (convert.py falls back to vocab_embedding). Rows are padded to a multiple of tp with zeros
-    # (pad_vocab_size), then column-split over vocab.
-    lm_head = dense.get("lm_head.weight", embedding).to(dtype)
-    padded = -(-shape.vocab_size // tp) * tp
-    if padded != shape.vocab_size:
-        lm_head = torch.nn.functional.pad(lm_head, (0, 0, 0, padded - shape.vocab_size))
-    tensors["lm_head.weight"] = _chunk(lm_head, tp, rank, 0).clone()  # its own storage, not the embedding's
-    for i in range(shape.num_layers):
-        hf = f"model.layers.{i}"
-        trt = f"transformer.layers.{i}"
-        tensors[f"{trt}.input_layernorm.weight"] = dense[f"{hf}.input_layernorm.weight"].to(dtype)
-        tensors[f"{trt}.post_layernorm.weight"] = dense[f"{hf}.post_attention_layernorm.weight"].to(dtype)
-        for module, (parts, split) in LAYER_LINEARS.items():
-            prefix = f"{trt}.{module}"
-            heads = (None, kv_heads, kv_heads) if module == "attention.qkv" else (None,) * len(parts)
-            if any(f"{hf}.{p}.bias" in dense for p in parts):
-                # Never quantized: the model dtype, split like the weight's rows (convert_hf_qwen).
-                biases = [dense[f"{hf}.{p}.bias"].to(dtype) for p in parts]
-                tensors[f"{prefix}.bias"] = torch.cat(
-                    [_rank_rows(b, tp, rank, h) for b, h in zip(biases, heads, strict=True)]
-                )
-            if algo is not None and _module_kind(qm, i, parts) == "quantized":
-                linears = [qm.linears[f"{hf}.{p}"] for p in parts]
-                tensors.update(_quantized_module(qm, algo, prefix, linears, split, tp, rank, heads))
-                continue
-            weights = [dense[f"{hf}.{p}.weight"].to(dtype) for p in parts]
-            if split == "column":
-                tensors[f"{prefix}.weight"] = torch.cat(
-                    [_rank_rows(w, tp, rank, h) for w, h in zip(weights, heads, strict=True)], dim=0
-                )
-            else:
-                tensors[f"{prefix}.weight"] = _chunk(weights[0], tp, rank, 1)
-        if qm.scheme.kv_cache_dtype == "fp8":
-            # One scale for K and V (the attention plugin's kv_cache_scaling_factor, fp32 [1]); the
-            # larger of the calibrated pair, as preprocess_weights merges k/v scales. 1.0 when
-            # uncalibrated. The reciprocal is written too (older preprocess versions do not add it).
-            pair = [qm.kv_scales.get(f"{hf}.self_attn.{k}_scale") for k in ("k", "v")]
-            known = [s.reshape(-1)[0].to(torch.float32) for s in pair if s is not None]
-            kv = torch.stack(known).max() if known else torch.tensor(1.0)
-            tensors[f"{trt}.attention.kv_cache_scaling_factor"] = kv.reshape(1)
-            tensors[f"{trt}.attention.kv_cache_rcp_scaling_factor"] = (1.0 / kv).reshape(1)
-    return {k: v.contiguous() for k, v in sorted(tensors.items())}
+    hf = f"model.layers.{i}"
+    trt = f"transformer.layers.{i}"
+    tensors[f"{trt}.input_layernorm.weight"] = dense[f"{hf}.input_layernorm.weight"].to(dtype)
+    tensors[f"{trt}.post_layernorm.weight"] = dense[f"{hf}.post_attention_layernorm.weight"].to(dtype)
+    for module, (parts, split) in LAYER_LINEARS.items():
+        prefix = f"{trt}.{module}"
+        heads = (None, kv_heads, kv_heads) if module == "attention.qkv" else (None,) * len(parts)
+        if any(f"{hf}.{p}.bias" in dense for p in parts):
+            # Never quantized: the model dtype, split like the weight's rows (convert_hf_qwen).
+            biases = [dense[f"{hf}.{p}.bias"].to(dtype) for p in parts]
+            tensors[f"{prefix}.bias"] = torch.cat(
+                [_rank_rows(b, tp, rank, h) for b, h in zip(biases, heads, strict=True)]
+            )
+        if algo is not None and _module_kind(qm, i, parts) == "quantized":
+            linears = [qm.linears[f"{hf}.{p}"] for p in parts]
+            tensors.update(_quantized_module(qm, algo, prefix, linears, split, tp, rank, heads))
+            continue
+        weights = [dense[f"{hf}.{p}.weight"].to(dtype) for p in parts]
+        if split == "column":
+            tensors[f"{prefix}.weight"] = torch.cat(
+                [_rank_rows(w, tp, rank, h) for w, h in zip(weights, heads, strict=True)], dim=0
+            )
+        else:
+            tensors[f"{prefix}.weight"] = _chunk(weights[0], tp, rank, 1)
+    if qm.scheme.kv_cache_dtype == "fp8":
+        # One scale for K and V (the attention plugin's kv_cache_scaling_factor, fp32 [1]); the
+        # larger of the calibrated pair, as preprocess_weights merges k/v scales. 1.0 when
+        # uncalibrated. The reciprocal is written too (older preprocess versions do not add it).
+        pair = [qm.kv_scales.get(f"{hf}.self_attn.{k}_scale") for k in ("k", "v")]
+        known = [s.reshape(-1)[0].to(torch.float32) for s in pair if s is not None]
+        kv = torch.stack(known).max() if known else torch.tensor(1.0)
+        tensors[f"{trt}.attention.kv_cache_scaling_factor"] = kv.reshape(1)
+        tensors[f"{trt}.attention.kv_cache_rcp_scaling_factor"] = (1.0 / kv).reshape(1)
+    return tensors
 
 
 def excluded_modules(qm: QuantizedModel, shape: LlamaShape) -> list[str]:
@@ -449,7 +486,7 @@ def write(qm: QuantizedModel, out_dir: Path, tp_size: int) -> list[Path]:
     written = [config_path]
     for rank in range(tp_size):
         path = out_dir / f"rank{rank}.safetensors"
-        save_file(_rank_tensors(qm, shape, algo, tp_size, rank), path, metadata={"format": "pt"})
+        write_safetensors(path, _rank_units(qm, shape, algo, tp_size, rank))  # streamed, a unit at a time
         written.append(path)
     return written
 

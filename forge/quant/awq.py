@@ -26,13 +26,15 @@ leaves the float function unchanged, which `tests/test_quant.py` checks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from forge.architectures import EXPERT, Architecture, fused_rows, num_experts
+from forge.quant.gptq import gptq_layer, static_grid
 from forge.quant.layerwise import InputStats
 from forge.quant.model import QuantizedLinear, Scheme
 from forge.quant.rtn import int4_codes, int4_qparams, quantize_int4
@@ -48,6 +50,34 @@ CLIP_MAX_SHRINK = 0.5
 NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 # Weight elements per batched candidate evaluation (4 M floats, 16 MiB per temporary: cache-sized).
 BATCH_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class AwqOptions:
+    """What `awq_layer` does after the scale search; `OPTIONS` is what a build uses.
+
+    clip: the per-group clipping search. gptq: round with GPTQ error feedback (onto the clipped
+    grids) instead of round-to-nearest. act_order: GPTQ's column order, when gptq.
+    """
+
+    clip: bool = True
+    gptq: bool = False
+    act_order: bool = False
+
+
+OPTIONS = AwqOptions()
+
+
+@contextmanager
+def options(**changes: bool) -> Iterator[None]:
+    """Run with some of `OPTIONS` changed (benchmarks compare variants through the normal entry points)."""
+    global OPTIONS
+    before = OPTIONS
+    OPTIONS = replace(OPTIONS, **changes)
+    try:
+        yield
+    finally:
+        OPTIONS = before
 
 
 @dataclass(frozen=True)
@@ -268,11 +298,40 @@ def awq_layer(
                 rescale_stats(member, scales)
         errors[group.smooth] = (rtn_error, best_error)
         advance()
+    if OPTIONS.gptq:
+        result = gptq_rounding(layer, stats, quantized, scheme)
+        for _ in quantized:
+            advance()
+        return result, errors
     result = {}
     for name in sorted(quantized):
         weight = layer.get_submodule(name).weight.float()
-        if not name.endswith(NO_CLIP) and name in stats:
+        if OPTIONS.clip and not name.endswith(NO_CLIP) and name in stats:
             weight = search_clip(weight, stats[name], scheme)
         result[name] = quantize_int4(weight, scheme)
         advance()
     return result, errors
+
+
+def gptq_rounding(
+    layer: nn.Module, stats: dict[str, InputStats], quantized: set[str], scheme: Scheme
+) -> dict[str, QuantizedLinear]:
+    """GPTQ error feedback on the scaled weights, onto the grids the clipping search chose.
+
+    After folding, the linears compute Q(W·s)(x / s): GPTQ's Hessian is that of the inputs x / s,
+    which `rescale_stats` already made of the statistics. The clipped range of each group fixes
+    its grid up front (static groups); GPTQ then rounds the unclipped weights onto it, feeding
+    each column's error — clipping included — to the columns not yet rounded. Combining the two
+    follows the AWQ paper's note that AWQ is orthogonal to GPTQ (arXiv 2306.00978 §5.3, Table 6).
+    """
+
+    def clipped_grid(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if not OPTIONS.clip or name.endswith(NO_CLIP):
+            return None
+        return static_grid(search_clip(weight, stats[name], scheme), scheme)
+
+    seen = {n for n in quantized if n in stats}
+    result = gptq_layer(layer, stats, seen, scheme, clipped_grid, OPTIONS.act_order)
+    for name in sorted(quantized - seen):  # no statistics: round-to-nearest, which the caller reports
+        result[name] = quantize_int4(layer.get_submodule(name).weight.float(), scheme)
+    return result

@@ -11,8 +11,9 @@ Codes and scales follow `rtn.py`'s storage rules exactly, so every writer reads 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -57,17 +58,54 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> tuple
     return torch.linalg.cholesky(inverse, upper=True).float(), dead
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
-    """One `[out, in]` weight (or several stacked along `out` that share `hessian`) to int4."""
+def static_grid(weight: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every group's scale and zero point from the weights before any error feedback.
+
+    With act-order the columns of a group are rounded at scattered moments, so the grid cannot wait
+    for "the group's first column"; the GPTQ reference's `static_groups=True` fixes each group's
+    grid from the original weights up front instead (AutoGPTQ `gptq.py`, `static_groups`).
+    """
+    return int4_qparams(weight, scheme.group_size, scheme.symmetric, scheme.scale_dtype)
+
+
+def act_order(hessian: torch.Tensor) -> torch.Tensor:
+    """Column order by descending H_jj: the inputs with the most energy are rounded first, while
+    the most columns are left to absorb their error (GPTQ reference `--act-order`)."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    *,
+    order: bool = False,
+    grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> QuantizedLinear:
+    """One `[out, in]` weight (or several stacked along `out` that share `hessian`) to int4.
+
+    `order`: act-order (see `act_order`), with static groups. `grid`: fixed per-group (scale, zero)
+    to round onto (e.g. from clipped weights); with neither, each group's grid is computed when
+    its first column comes up. Groups stay contiguous in the original column order and codes are
+    stored in that order, so the format never changes.
+    """
     group_size = scheme.group_size
     w = weight.float().clone()
     out_features, in_features = w.shape
-    hinv, dead = inverse_hessian_cholesky(hessian)
+    if grid is None and order:
+        grid = static_grid(w, scheme)
+    perm = act_order(hessian) if order else torch.arange(in_features)
+    w = w[:, perm]
+    hinv, dead = inverse_hessian_cholesky(hessian[perm][:, perm])
     w[:, dead] = 0
     block = group_size * max(1, BLOCK // group_size)  # whole groups per block: scales see updates
     n_groups = in_features // group_size
-    scales = torch.empty(out_features, n_groups, dtype=scheme.scale_dtype)
-    zeros = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8)
+    if grid is None:
+        scales = torch.empty(out_features, n_groups, dtype=scheme.scale_dtype)
+        zeros = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8)
+    else:
+        scales, zeros = grid
+    column_group = (perm // group_size).tolist()  # each permuted column's group in the original order
     rounded_from = torch.empty_like(w)  # each column as it was when rounded
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
@@ -76,14 +114,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme) -
         hinv1 = hinv[i1:i2, i1:i2]
         with one_thread():
             for i in range(i2 - i1):
-                if (i1 + i) % group_size == 0:  # a group starts: its grid from the updated weights
-                    g = (i1 + i) // group_size
+                g = column_group[i1 + i]
+                if grid is None and (i1 + i) % group_size == 0:  # a group starts: grid from the updated weights
                     scale, zero = int4_qparams(
                         w1[:, i : i + group_size], group_size, scheme.symmetric, scheme.scale_dtype
                     )
                     scales[:, g : g + 1] = scale
                     if zeros is not None:
                         zeros[:, g : g + 1] = zero
+                scale = scales[:, g : g + 1]
+                zero = None if zeros is None else zeros[:, g : g + 1]
                 col = w1[:, i : i + 1]
                 deq = QuantizedLinear(int4_codes(col, scale, zero, 1), scale, zero).dequantize()
                 rounded_from[:, i1 + i : i1 + i + 1] = col
@@ -91,18 +131,52 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme) -
                 w1[:, i:] -= err @ hinv1[i : i + 1, i:]  # feed the error to the columns left
                 err1[:, i : i + 1] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update of the later blocks
-    return QuantizedLinear(int4_codes(rounded_from, scales, zeros, group_size), scales, zeros)
+    original = torch.empty_like(rounded_from)
+    original[:, perm] = rounded_from
+    return QuantizedLinear(int4_codes(original, scales, zeros, group_size), scales, zeros)
+
+
+@dataclass(frozen=True)
+class GptqOptions:
+    """How `gptq_layer` rounds; `OPTIONS` is what a build uses, `options()` swaps it for a benchmark."""
+
+    act_order: bool = False
+
+
+OPTIONS = GptqOptions()
+
+
+@contextmanager
+def options(**changes: bool) -> Iterator[None]:
+    """Run with some of `OPTIONS` changed (benchmarks compare variants through the normal entry points)."""
+    global OPTIONS
+    before = OPTIONS
+    OPTIONS = replace(OPTIONS, **changes)
+    try:
+        yield
+    finally:
+        OPTIONS = before
+
+
+Grid = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @torch.no_grad()
 def gptq_layer(
-    layer: nn.Module, stats: dict[str, InputStats], quantized: set[str], scheme: Scheme
+    layer: nn.Module,
+    stats: dict[str, InputStats],
+    quantized: set[str],
+    scheme: Scheme,
+    grid: Callable[[str, torch.Tensor], Grid | None] | None = None,
+    act_order: bool | None = None,
 ) -> dict[str, QuantizedLinear]:
     """GPTQ for a decoder layer's quantized linears; linears sharing an input share one solve.
 
     GPTQ treats output rows independently given H, so q/k/v (and gate/up) are stacked and
     solved together, then split: the same result as solving each, in fewer Python steps.
+    `grid(name, weight)`: a fixed int4 grid for that linear (AWQ's clipped ranges), or None.
     """
+    order = OPTIONS.act_order if act_order is None else act_order
     by_input: dict[int, list[str]] = {}
     for name in sorted(quantized):
         by_input.setdefault(id(stats[name]), []).append(name)
@@ -110,8 +184,14 @@ def gptq_layer(
     for names in by_input.values():
         input_stats = stats[names[0]]
         hessian = input_stats.gram / input_stats.tokens
-        weights = [layer.get_submodule(n).weight for n in names]
-        stacked = gptq_quantize(torch.cat(weights), hessian, scheme)
+        weights = [layer.get_submodule(n).weight.float() for n in names]
+        grids = [grid(n, w) for n, w in zip(names, weights, strict=True)] if grid is not None else [None]
+        fixed = None
+        if any(g is not None for g in grids):  # one fixed grid for the stack: the others' from their weights
+            grids = [g if g is not None else static_grid(w, scheme) for g, w in zip(grids, weights, strict=True)]
+            zeros = None if scheme.symmetric else torch.cat([g[1] for g in grids])
+            fixed = (torch.cat([g[0] for g in grids]), zeros)
+        stacked = gptq_quantize(torch.cat(weights), hessian, scheme, order=order, grid=fixed)
         start = 0
         for name, w in zip(names, weights, strict=True):
             rows = slice(start, start + w.shape[0])

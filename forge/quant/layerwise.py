@@ -15,9 +15,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from forge.formats.model_dir import Checkpoint
 
 # Samples per forward chunk: bounds activation memory (chunk × seq_len × intermediate floats)
 # without changing any statistic, since every statistic is a sum over tokens.
@@ -47,20 +51,104 @@ class LayerStats:
     v_absmax: torch.Tensor | None = None  # scalar
 
 
-def load_float_model(model_dir: Path) -> nn.Module:
-    """The dense checkpoint as a float32 `AutoModelForCausalLM` in eval mode, with the attention
-    implementation its architecture record names (SDPA unless that would change the function)."""
-    from transformers import AutoModelForCausalLM
-
+def _attention(config: dict) -> str:
+    """The attention implementation the architecture record names (SDPA unless that would change the function)."""
     from forge.architectures import ARCHITECTURES, architecture_name
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
     record = ARCHITECTURES.get(architecture_name(config))
-    attention = record.attention if record is not None else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
+    return record.attention if record is not None else "sdpa"
+
+
+def load_float_model(model_dir: Path) -> nn.Module:
+    """The dense checkpoint as a whole float32 `AutoModelForCausalLM` in eval mode (tests and
+    small models; the quantizer builds a `StreamedModel` instead)."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=_attention(config))
     model.eval()
     model.requires_grad_(False)  # statistics only; lets algorithms edit weights in place
     return model
+
+
+class StreamedModel:
+    """The float32 model of a checkpoint with its weights on the meta device until needed.
+
+    Calibration needs the embeddings once (to compute layer 0's inputs) and then one decoder
+    layer at a time, so only those are ever real: 8B parameters in float32 would be 32 GB. The
+    model is built by transformers from the config on the meta device and its computed buffers
+    (rotary `inv_freq`, Gemma's embedding scale) are recomputed on the CPU by the model's own
+    `_init_weights`, as `from_pretrained` does for buffers a checkpoint does not hold; weights
+    come from the checkpoint, cast to float32 as `from_pretrained(dtype=float32)` casts them.
+    """
+
+    def __init__(self, model_dir: Path, source: Checkpoint):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.config = json.loads((Path(model_dir) / "config.json").read_text())
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        attention = _attention(self.config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attention)
+        model.eval()
+        model.requires_grad_(False)
+        self.model, self.source = model, source
+        self.layers = decoder_layers(model)
+
+    def _materialize(self, module: nn.Module, prefix: str, state: dict[str, torch.Tensor], copy: bool) -> None:
+        """Give `module` real buffers and the checkpoint's weights (`state`, checkpoint names under
+        `prefix`); `copy` when the caller keeps `state`: algorithms edit the weights in place."""
+        from forge.errors import InputError
+        from forge.quant.moe import to_transformers_state
+
+        _init_buffers(self.model, module)
+        floats = {k: v.to(torch.float32, copy=copy) if v.is_floating_point() else v for k, v in state.items()}
+        floats = to_transformers_state(self.config, floats)
+        local = {k.removeprefix(prefix): v for k, v in floats.items() if k.startswith(prefix)}
+        expected = {k for k, v in module.state_dict().items() if v.is_meta}
+        if missing := sorted(expected - set(local)):
+            raise InputError(f"source: tensor {prefix}{missing[0]} is missing from the checkpoint")
+        module.load_state_dict({k: local[k] for k in expected}, strict=False, assign=True)
+        module.requires_grad_(False)
+
+    def embed(self, tokens: torch.LongTensor) -> tuple[torch.Tensor, list[dict]]:
+        """`capture_layer_inputs` with only what runs before layer 0 made real, released after."""
+        outer = [(n, m) for n, m in self.model.model.named_children() if m is not self.layers]
+        present = set(self.source.names)
+        for name, module in outer:
+            prefix = f"model.{name}."
+            _init_buffers(self.model, module)
+            wanted = [f"{prefix}{k}" for k, v in module.state_dict().items() if v.is_meta]
+            state = {k: self.source.read_as(k, torch.float32) for k in wanted if k in present}
+            self._materialize(module, prefix, state, copy=False)
+        try:
+            return capture_layer_inputs(self.model, tokens)
+        finally:
+            for _, module in outer:
+                module.to("meta")
+
+    def layer(self, index: int, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Decoder layer `index` with real float32 weights from `state` (its checkpoint tensors)."""
+        layer = self.layers[index]
+        self._materialize(layer, f"model.layers.{index}.", state, copy=True)
+        return layer
+
+    def release(self, index: int) -> None:
+        """Back to the meta device: the layer's memory is freed."""
+        self.layers[index].to("meta")
+
+
+def _init_buffers(model: nn.Module, root: nn.Module) -> None:
+    """Real CPU values for the meta buffers under `root`, from the model's own `_init_weights`
+    (transformers' initializer for buffers no checkpoint holds), before any weight is loaded:
+    parameters still on meta make its weight initialization a no-op."""
+    for module in root.modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if not meta:
+            continue
+        for name in meta:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        model._init_weights(module)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -74,7 +162,9 @@ class _Stop(Exception):
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, tokens: torch.LongTensor) -> tuple[torch.Tensor, list[dict]]:
     """Layer-0 inputs of every sample and, per decoder layer, the keyword arguments the model's
-    own forward hands it (causal or sliding-window mask, rotary cos/sin, position ids).
+    own forward hands it (causal or sliding-window mask, rotary cos/sin, position ids). No decoder
+    layer runs (they pass their input on while their arguments are recorded), so they may be on
+    the meta device (`StreamedModel`).
 
     The model runs itself, so whatever an architecture does before its first layer (Gemma's
     √hidden embedding scale, per-layer-type masks and rotary tables) is exactly what serving does,
@@ -106,14 +196,23 @@ def capture_layer_inputs(model: nn.Module, tokens: torch.LongTensor) -> tuple[to
         return hook
 
     handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:  # the arguments are all that is wanted: no layer needs to compute
+        layer.forward = _passthrough
     try:
         model.model(input_ids=tokens[:1], use_cache=False)
     except _Stop:
         pass
     finally:
+        for layer in layers:
+            del layer.forward
         for handle in handles:
             handle.remove()
     return captured["hidden"].float(), per_layer
+
+
+def _passthrough(*args, **kwargs) -> torch.Tensor:
+    """A decoder layer's stand-in while its arguments are captured: hands its input on."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 @torch.no_grad()

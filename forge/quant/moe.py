@@ -57,18 +57,23 @@ class UnfusedExperts(nn.ModuleList):
 
 def unfuse_experts(model: nn.Module, arch: Architecture) -> None:
     """Replace every fused experts module of `model` by an `UnfusedExperts` (in place)."""
+    for layer in model.model.layers:
+        unfuse_layer_experts(layer, arch)
+
+
+def unfuse_layer_experts(layer: nn.Module, arch: Architecture) -> None:
+    """Replace the fused experts module of one decoder layer by an `UnfusedExperts` (in place)."""
     if not arch.moe:
         return
     path = arch.to_memory(arch.experts)
-    for layer in model.model.layers:
-        try:
-            fused = layer.get_submodule(path)
-        except AttributeError:
-            continue  # a dense layer of a partly-MoE model (Qwen3-MoE `mlp_only_layers`)
-        if isinstance(fused, UnfusedExperts) or not hasattr(fused, "gate_up_proj"):
-            continue
-        parent, _, child = path.rpartition(".")
-        setattr(layer.get_submodule(parent), child, UnfusedExperts(fused, arch.expert_linears))
+    try:
+        fused = layer.get_submodule(path)
+    except AttributeError:
+        return  # a dense layer of a partly-MoE model (Qwen3-MoE `mlp_only_layers`)
+    if isinstance(fused, UnfusedExperts) or not hasattr(fused, "gate_up_proj"):
+        return
+    parent, _, child = path.rpartition(".")
+    setattr(layer.get_submodule(parent), child, UnfusedExperts(fused, arch.expert_linears))
 
 
 def to_transformers_state(config: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -108,11 +108,14 @@ def is_ignored(module: str, ignore: tuple[str, ...]) -> bool:
 def split_state(
     state: dict[str, torch.Tensor], config: dict, scheme: Scheme
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors that stay dense (cast to the scheme's dtype) and the linears to quantize."""
+    """The tensors that stay dense and the linears to quantize.
+
+    Dense tensors keep their dtype: each format casts them once, to its own dtype, at export
+    (a bfloat16 copy here would round them twice on their way to a float16 int4 export).
+    """
     names = quantizable_linears(state, scheme, config)
     quantized = {f"{n}.weight" for n in names}
-    dtype = getattr(torch, scheme.dtype)
-    dense = {k: v.to(dtype) for k, v in state.items() if k not in quantized}
+    dense = {k: v for k, v in state.items() if k not in quantized}
     if config.get("tie_word_embeddings"):
         dense.pop("lm_head.weight", None)  # tied: lm_head is the embedding, stored once
     return dense, names

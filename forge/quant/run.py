@@ -11,19 +11,27 @@ linears. What feeds layer i + 1:
   32 wikitext-2 windows: 28.51 with quantized inputs vs 28.67 with dense ones (RTN 31.98,
   baseline 24.19), for one more forward pass per layer.
 - Static FP8 input scales and KV-cache scales alone: the dense layer's outputs, one pass.
+
+Everything streams, so an 8B model quantizes in a few GiB: the checkpoint is read one decoder
+layer at a time (`Checkpoint`, headers checked up front), the calibrated path builds the model on
+the meta device and makes real only the embeddings (once) and the layer being calibrated
+(`StreamedModel`), and `quantize_parts` hands out each layer's result as soon as it is done, for
+`quantize_to_cache` to write (`QuantizedWriter`) and drop.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from forge.architectures import Architecture, fused_rows, get_architecture, num_experts
 from forge.errors import InputError
-from forge.formats.model_dir import iter_tensors
+from forge.formats.model_dir import Checkpoint, iter_tensors
 from forge.formats.specs import group_size_problem
 from forge.quant.awq import awq_layer, scale_groups
 from forge.quant.fp8_static import fp8_static_layer
@@ -31,17 +39,15 @@ from forge.quant.gptq import gptq_layer
 from forge.quant.kv_cache import kv_cache_scales
 from forge.quant.layerwise import (
     KVSources,
-    capture_layer_inputs,
+    StreamedModel,
     collect_layer_stats,
-    decoder_layers,
     layer_linear_names,
-    load_float_model,
     run_layer,
 )
-from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme
-from forge.quant.moe import unfuse_experts
+from forge.quant.model import QuantizedLinear, QuantizedModel, QuantizedWriter, Scheme, cache_tensors, open_quantized
+from forge.quant.moe import unfuse_layer_experts
 from forge.quant.presets import needs_calibration
-from forge.quant.rtn import quantizable_linears, quantize_rtn, quantize_weight, split_state
+from forge.quant.rtn import quantizable_linears, quantize_weight, split_state
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 Progress = Callable[[str, float, int], None]  # (what, done: whole layers and a fraction, total)
@@ -63,6 +69,15 @@ def check_group_size(state: dict[str, torch.Tensor], names: list[str], scheme: S
         raise InputError(f"group_size: {problem}")
 
 
+@dataclass
+class Part:
+    """What the quantizer hands out at a time (a decoder layer's results, or one other tensor)."""
+
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    linears: dict[str, QuantizedLinear] = field(default_factory=dict)
+    kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def quantize_checkpoint(
     model_dir: Path,
     scheme: Scheme,
@@ -70,36 +85,108 @@ def quantize_checkpoint(
     calibration: torch.LongTensor | None,
     progress: Progress | None = None,
 ) -> QuantizedModel:
-    """Quantize the dense checkpoint in `model_dir` with `algorithm` (rtn | gptq | awq).
+    """Quantize the dense checkpoint in `model_dir` with `algorithm` (rtn | gptq | awq), in memory.
+
+    Every part of `quantize_parts` gathered into one `QuantizedModel` (small models, tests);
+    `quantize_to_cache` writes the same parts to disk as they come instead.
+    """
+    report: dict = {}
+    model = QuantizedModel(_config(model_dir), scheme, {}, {}, {}, calibration=report)
+    for part in quantize_parts(model_dir, scheme, algorithm, calibration, progress, report):
+        model.dense.update(part.dense)
+        model.linears.update(part.linears)
+        model.kv_scales.update(part.kv_scales)
+    return model
+
+
+def quantize_to_cache(
+    model_dir: Path,
+    out_dir: Path,
+    scheme: Scheme,
+    algorithm: str,
+    calibration: torch.LongTensor | None,
+    progress: Progress | None = None,
+) -> QuantizedModel:
+    """`quantize_checkpoint` written to forge's cache in `out_dir` part by part (`QuantizedWriter`),
+    so memory follows one decoder layer; returns the cache opened lazily (`open_quantized`)."""
+    report: dict = {}
+    writer = QuantizedWriter(out_dir)
+    for part in quantize_parts(model_dir, scheme, algorithm, calibration, progress, report):
+        if tensors := cache_tensors(part.dense, part.linears, part.kv_scales):
+            writer.add(tensors)
+    writer.finish(_config(model_dir), scheme, report)
+    return open_quantized(out_dir)
+
+
+def _config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_groups(names: list[str]) -> tuple[dict[int, list[str]], list[str]]:
+    """Checkpoint names by decoder layer index, and the names outside every decoder layer."""
+    layers: dict[int, list[str]] = {}
+    rest = []
+    for name in names:
+        if match := _LAYER.match(name):
+            layers.setdefault(int(match.group(1)), []).append(name)
+        else:
+            rest.append(name)
+    return dict(sorted(layers.items())), rest
+
+
+def quantize_parts(
+    model_dir: Path,
+    scheme: Scheme,
+    algorithm: str,
+    calibration: torch.LongTensor | None,
+    progress: Progress | None = None,
+    report: dict | None = None,
+) -> Iterator[Part]:
+    """The quantized model a part at a time: each tensor outside the decoder layers, then each layer.
 
     `calibration` is `load_calibration`'s token tensor; it may be None only for uncalibrated
     schemes (RTN weights without static activation or KV-cache scales). `progress(stage, done,
     total)` reports each decoder layer, stage "awq", "gptq" or "calibrate" (static FP8 / KV scales
-    only); an uncalibrated run reports ("rtn", 1, 1) when done.
+    only); an uncalibrated run reports ("rtn", 1, 1) when done. Every check on the inputs runs
+    before the first part is handed out. Dense tensors keep the checkpoint's dtype.
     """
     if algorithm not in ALGORITHMS:
         raise InputError(f"quantization: unknown algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})")
     if algorithm != "rtn" and scheme.weight_format != "int4":
         raise InputError(f"quantization: {algorithm} produces int4 weights; {scheme.preset} is {scheme.weight_format}")
-    config = json.loads((model_dir / "config.json").read_text())
-    state = load_state(model_dir)
-    names = quantizable_linears(state, scheme, config)
-    check_group_size(state, names, scheme)
-    if not needs_calibration(scheme, algorithm):
-        model = quantize_rtn(state, config, scheme)
+    config = _config(model_dir)
+    source = Checkpoint(model_dir, "source")
+    shapes = source.shapes()
+    names = quantizable_linears(shapes, scheme, config)
+    check_group_size(shapes, names, scheme)
+    layers, rest = layer_groups(source.names)
+    calibrated = needs_calibration(scheme, algorithm)
+    if calibrated and calibration is None:
+        raise InputError(f"calibration: {scheme.preset} ({algorithm}) needs calibration data; none was given")
+    if not calibrated:
+        for name in rest:  # one tensor at a time: an 8B embedding alone is 1 GB
+            yield rtn_part(source.read([name]), config, scheme)
+        for group in layers.values():
+            yield rtn_part(source.read(group), config, scheme)
         if progress is not None:
             progress("rtn", 1, 1)
-        return model
-    if calibration is None:
-        raise InputError(f"calibration: {scheme.preset} ({algorithm}) needs calibration data; none was given")
-    report: dict = {}
-    linears, kv_scales, changed = calibrated_quantize(
-        model_dir, names, scheme, algorithm, calibration, progress, report
-    )
-    # AWQ folds its scales into norms and producer linears: store those in place of the originals.
-    state.update({k: v for k, v in changed.items() if k in state})
-    dense, _ = split_state(state, config, scheme)
-    return QuantizedModel(config, scheme, dense, linears, kv_scales, calibration=report)
+        return
+    model = StreamedModel(model_dir, source)
+    count = len(model.layers)
+    # Layers the model does not run (none in a well-formed checkpoint) are rounded to nearest.
+    for name in rest + [n for i, group in layers.items() if i >= count for n in group]:
+        yield rtn_part(source.read([name]), config, scheme)
+    groups = [layers.get(i, []) for i in range(count)]
+    yield from calibrated_quantize(model, source, groups, names, scheme, algorithm, calibration, progress, report)
+
+
+def rtn_part(state: dict[str, torch.Tensor], config: dict, scheme: Scheme) -> Part:
+    """Round-to-nearest for the quantizable linears among `state`; the rest stays dense as read."""
+    dense, names = split_state(state, config, scheme)
+    return Part(dense, {n: quantize_weight(state.pop(f"{n}.weight"), scheme) for n in names})
 
 
 def kv_sources(arch: Architecture, config: dict) -> KVSources:
@@ -112,14 +199,16 @@ def kv_sources(arch: Architecture, config: dict) -> KVSources:
 
 @torch.no_grad()
 def calibrated_quantize(
-    model_dir: Path,
+    model: StreamedModel,
+    source: Checkpoint,
+    layer_names: list[list[str]],
     names: list[str],
     scheme: Scheme,
     algorithm: str,
     calibration: torch.LongTensor,
     progress: Progress | None = None,
     report: dict | None = None,
-) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> Iterator[Part]:
     """Layer by layer: statistics, quantized linears, KV scales, next layer's inputs.
 
     KV scales come from the layer as served: after AWQ / GPTQ, from the quantized layer's k/v.
@@ -129,25 +218,28 @@ def calibrated_quantize(
     token reached) falls back to round-to-nearest; `report` (when given) receives per-layer
     expert token counts and the names of those fallbacks.
 
-    Returns the quantized linears, the KV-cache scales and the decoder-layer parameters an
-    algorithm changed (AWQ's folded scales), all under full checkpoint names.
+    `model` makes layer i real from its checkpoint tensors (`layer_names[i]`, read from `source`)
+    and releases it once its part is handed out: one part per layer, holding its quantized
+    linears, KV-cache scales and dense tensors under full checkpoint names. A dense tensor an
+    algorithm changed (AWQ's folded norms) is stored as computed, in float32; every other one as read.
     """
-    config = json.loads((model_dir / "config.json").read_text())
+    config = model.config
     arch = get_architecture(config)
-    model = load_float_model(model_dir)
-    unfuse_experts(model, arch)
-    layers = decoder_layers(model)
-    hidden, per_layer_kwargs = capture_layer_inputs(model, calibration)
+    layers = model.layers
+    hidden, per_layer_kwargs = model.embed(calibration)
     kv = scheme.kv_cache_dtype == "fp8"
     sources = kv_sources(arch, config)
     router = (arch.to_memory(arch.router),) if arch.router else ()
-    linears: dict[str, QuantizedLinear] = {}
-    kv_scales: dict[str, torch.Tensor] = {}
-    changed: dict[str, torch.Tensor] = {}
     report = {} if report is None else report
     report.setdefault("expert_tokens", {})
     report.setdefault("rtn_fallback", [])
-    for index, layer in enumerate(layers):
+    for index in range(len(layers)):
+        state = source.read(layer_names[index])
+        layer = model.layer(index, state)
+        unfuse_layer_experts(layer, arch)
+        dense, _ = split_state(state, config, scheme)
+        del state  # the layer holds its float32 copy
+        changed: dict[str, torch.Tensor] = {}
         layer_kwargs = per_layer_kwargs[index]
         prefix = f"model.layers.{index}."
         quantized = {arch.to_memory(n.removeprefix(prefix)) for n in names if n.startswith(prefix)}
@@ -190,7 +282,7 @@ def calibrated_quantize(
                 layer_linears[n] = quantize_weight(layer.get_submodule(n).weight, scheme)
         if algorithm != "rtn" or scheme.activations == "static_tensor":
             report["rtn_fallback"].extend(prefix + arch.to_checkpoint(n) for n in unseen)
-        linears.update({prefix + arch.to_checkpoint(n): q for n, q in layer_linears.items()})
+        linears = {prefix + arch.to_checkpoint(n): q for n, q in layer_linears.items()}
         if algorithm in ("awq", "gptq"):
             # The served layer: its outputs feed the next layer, its k/v are what the cache holds.
             for n, q in layer_linears.items():
@@ -203,8 +295,17 @@ def calibrated_quantize(
                 hidden = run_layer(layer, hidden, layer_kwargs)
         else:
             hidden = dense_out
-        if kv:
-            kv_scales.update(kv_cache_scales(stats, index))
+        kv_scales = kv_cache_scales(stats, index) if kv else {}
+        model.release(index)
         if progress is not None:
             progress(algorithm if algorithm != "rtn" else "calibrate", index + 1, len(layers))
-    return linears, kv_scales, changed
+        yield Part(_with_changes(dense, changed), linears, kv_scales)
+
+
+def _with_changes(dense: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer's dense tensors, each one an algorithm changed replaced by its float32 value."""
+    out = {}
+    for name, tensor in dense.items():
+        new = changed.get(name)
+        out[name] = tensor if new is None or torch.equal(new, tensor.to(new.dtype)) else new
+    return out

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from forge.quant.scheme import Scheme
 from forge.stages.base import Run, local
 
-VERSION = 1
+VERSION = 2  # 2: the cache is written a layer at a time; dense tensors keep the source dtype
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,7 @@ class Inputs:
 def produce(inputs: Inputs, run: Run) -> dict:
     """Deps: `source` (the checkpoint, and its tokenizer for the calibration text)."""
     from forge.quant.calibration import load_calibration
-    from forge.quant.model import save_quantized
-    from forge.quant.run import quantize_checkpoint
+    from forge.quant.run import quantize_to_cache
 
     source_dir = run.deps["source"] / "model"
     calibration = None
@@ -35,9 +34,9 @@ def produce(inputs: Inputs, run: Run) -> dict:
         calibration = load_calibration(list(inputs.calibration_sources), source_dir, cal["num_samples"],
                                        cal["seq_len"], cal["seed"])  # fmt: skip
     with run.progress.task(f"quantize {inputs.variant} ({inputs.preset})", total=None) as advance:
-        qm = quantize_checkpoint(source_dir, inputs.scheme, inputs.algorithm, calibration,
-                                 progress=lambda _what, done, total: advance(done, total))  # fmt: skip
-    save_quantized(qm, run.out)
+        # Streamed: each decoder layer is written to the cache as soon as it is quantized.
+        qm = quantize_to_cache(source_dir, run.out, inputs.scheme, inputs.algorithm, calibration,
+                               progress=lambda _what, done, total: advance(done, total))  # fmt: skip
     facts = {"variant": inputs.variant, "algorithm": inputs.algorithm, "linears": len(qm.linears)}
     # MoE: calibration tokens per expert and layer, and the linears left round-to-nearest for want of any.
     facts.update({k: v for k, v in qm.calibration.items() if v})
