@@ -426,8 +426,10 @@ def write_gguf(path: Path, arch: str) -> Path:
     writer.add_head_count_kv(kv)
     writer.add_context_length(128)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_tokenizer_model("llama")  # SentencePiece: tokens and scores are all transformers needs to convert it
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, vocab)])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([2, 3, 3] + [1] * (vocab - 3))
     shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden),
               "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
               "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (kv * 16, hidden),
@@ -502,3 +504,28 @@ def test_plan_plans_a_qwen2_trtllm_engine_cell(tmp_path, models, eval_text):
         ("int4", 1, "planned", "trtllm-checkpoint"),
         ("fp8", 4, "planned", "trtllm-checkpoint"),
     }
+
+
+def test_gguf_conversion_parses_the_file_once_with_the_same_bytes(tmp_path, monkeypatch):
+    """`convert_gguf` memoizes gguf's reader and name map while transformers converts the file;
+    the checkpoint it writes is byte for byte the one transformers writes without the memo, and
+    gguf's own functions are back in place afterwards."""
+    import contextlib
+
+    import gguf
+
+    from forge import source
+
+    path = write_gguf(tmp_path / "m.gguf", "llama")
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    opened = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: opened.append(a) or reader(*a, **k))
+    source.convert_gguf(path, tmp_path / "memo")
+    memoized = len(opened)
+    monkeypatch.setattr(source, "gguf_parsed_once", contextlib.nullcontext)
+    source.convert_gguf(path, tmp_path / "plain")
+    assert memoized == 1 and len(opened) > 2  # once with the memo, once per transformers step without
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "memo" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    monkeypatch.undo()
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
