@@ -33,6 +33,7 @@ from pathlib import Path
 from forge import __version__
 from forge.build_report import typed_report
 from forge.cache import Cache, atomic_write_text, lock_file, make_dirs, remove, warn_discarded
+from forge.cpu import use_cpu_threads
 from forge.errors import GateFailed, InfraError, InputError
 from forge.loadgen.server import SharedServer
 from forge.plan import Plan, Stage, git_revision, make_plan, serving_name
@@ -174,6 +175,7 @@ def build(
     a push: one whose image or gates are deferred is refused before any work (`refuse_deferred_pushes`).
     """
     started = time.monotonic()
+    use_cpu_threads()
     progress = progress or Progress(enabled=False)
     recipe = load_recipe(recipe_path)
     discarded: dict[tuple[str, str], str] = {}

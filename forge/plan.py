@@ -29,6 +29,7 @@ from forge.compat import (
     combination_problem,
     group_size_problem,
 )
+from forge.cpu import cpu_threads
 from forge.datasets import dataset_file
 from forge.digest import bounded_file_digests, file_digest, json_digest, refuse_system_directory
 from forge.errors import InputError
@@ -645,7 +646,8 @@ def gpu_serving_stage(
 
 def cpu_throughput_stages(plan: Plan, exports: dict[str, Stage], quantize: dict[str, Stage]) -> None:
     """Per variant: its compressed-tensors export served by `transformers serve` on this CPU."""
-    machine = {"machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count()}
+    machine = {"machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count(),
+               "threads": cpu_threads()}  # fmt: skip
     for variant in plan.recipe.variants:
         # transformers loads compressed-tensors on CPU; the export is added if no target asked for it.
         export = export_stage(plan, exports, quantize[variant.name], "compressed-tensors", 1)

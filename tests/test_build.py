@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,25 @@ def test_time_table_says_where_this_runs_time_went(built, tmp_path):
     assert [row[0] for row in stage_rows] == [t["stage"] for t in sorted(warm["stages"], key=lambda t: -t["seconds"])]
     assert all(row[1] == "cached" for row in stage_rows)
     assert lines[2 + len(warm["stages"])].startswith("(planning, artifact directories, report)")
+
+
+def test_forge_threads_sets_torch_and_the_servers_threads(tiny_model, eval_text, tmp_path, monkeypatch):
+    """FORGE_THREADS sizes torch's pool here and, through OMP_NUM_THREADS, the servers forge starts;
+    a bad value is exit 2 naming it, before any work."""
+    import torch
+
+    from forge.cpu import use_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("FORGE_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    try:
+        assert use_cpu_threads() == 1 and torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("FORGE_THREADS", "two")
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model, eval_text))
+    code, output = run_cli("build", str(recipe), "--artifacts-dir", str(tmp_path / "a"))
+    assert code == 2, output
+    assert output.strip() == "forge: FORGE_THREADS: 'two' is not a positive whole number of threads"
+    assert not (tmp_path / "a").exists()
