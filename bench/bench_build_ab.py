@@ -1,6 +1,6 @@
 """Cold `forge build` of this checkout against another commit's, alternated in one run.
 
-    .venv/bin/python bench/bench_build_ab.py --base 0a01958 [--rounds 1] [RECIPE]
+    .venv/bin/python bench/bench_build_ab.py --base 0a01958 [--rounds 1] [--keep-report build.json] [RECIPE]
 
 These machines' speed moves about 3x from one day to the next, so a build's seconds alone compare
 nothing; the ratio of two builds run back to back on the same machine does. Each round builds the
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("recipe", nargs="?", default="recipes/smollm2-135m.yaml", help="relative to each checkout")
     parser.add_argument("--base", required=True, help="the commit to compare against (e.g. the previous release)")
     parser.add_argument("--rounds", type=int, default=1, help="ABBA rounds (each builds both sides cold)")
+    parser.add_argument("--keep-report", type=Path, help="copy this checkout's last cold build.json here")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="forge-ab-"))
     base = scratch / "base"
@@ -77,6 +78,8 @@ def main() -> None:
             took, report = timed_build(sides[side], sides[side] / args.recipe, scratch / f"artifacts-{run}")
             seconds[side].append(took)
             reports[side] = report
+            if side == "this" and args.keep_report:
+                args.keep_report.write_text(json.dumps(report, indent=2) + "\n")
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind(report).items(), key=lambda kv: -kv[1]))
             print(f"cold {side:<4} {took:7.1f} s   {kinds}", flush=True)
             if side == "this":
