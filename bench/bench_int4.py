@@ -309,7 +309,8 @@ def main() -> None:
                 label: (lambda n=n: modelopt_row(args.modelopt / f"{n}.safetensors")) for label, n in MODELOPT_ROWS
             }
         plan = [label for label in ORDER if label in thunks and selected(label)]
-        if args.modelopt and not (args.modelopt / f"{MODELOPT_ROWS[0][1]}.safetensors").exists():
+        missing = args.modelopt and not (args.modelopt / f"{MODELOPT_ROWS[0][1]}.safetensors").exists()
+        if missing and MODELOPT_ROWS[0][0] in plan:
             plan.append(plan.pop(plan.index(MODELOPT_ROWS[0][0])))  # still being made: score it last
         for label in plan:
             try:
