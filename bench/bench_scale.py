@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument(
         "--runs", default="full,70b,slices", help="comma list of: full, 70b, slices (smoke: a tiny check)"
     )
+    parser.add_argument("--quantize-only", action="store_true", help="measure quantize, skip the exports")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -297,10 +298,10 @@ def main() -> None:
         run_model(work, "smoke-2L", source, list(SCHEMES), rows)
     if "full" in runs:
         source = write_checkpoint(work / "llama8b-32L", llama_config(LLAMA_8B, 32))
-        run_model(work, "8B-32L", source, ["W4A16", "FP8_DYNAMIC"], rows)
+        run_model(work, "8B-32L", source, ["W4A16", "FP8_DYNAMIC"], rows, not args.quantize_only)
     if "70b" in runs:
         source = write_checkpoint(work / "llama70b-2L", llama_config(LLAMA_70B, 2))
-        run_model(work, "70B-2L", source, ["W4A16", "FP8_DYNAMIC"], rows)
+        run_model(work, "70B-2L", source, ["W4A16", "FP8_DYNAMIC"], rows, not args.quantize_only)
     if "slices" in runs:
         # GPTQ and AWQ per layer; their exports cost what RTN's cost (same tensors), measured on 32 layers.
         for layers in (1, 2, 4):
