@@ -31,7 +31,7 @@ import torch
 
 from forge.architectures import Architecture, fused_rows, get_architecture, num_experts
 from forge.errors import InputError
-from forge.formats.model_dir import Checkpoint, iter_tensors
+from forge.formats.model_dir import Checkpoint
 from forge.formats.specs import group_size_problem
 from forge.quant.awq import awq_layer, scale_groups
 from forge.quant.fp8_static import fp8_static_layer
@@ -51,12 +51,6 @@ from forge.quant.rtn import quantizable_linears, quantize_weight, split_state
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 Progress = Callable[[str, float, int], None]  # (what, done: whole layers and a fraction, total)
-
-
-def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors checkpoint, single file or sharded (`*.index.json`), each
-    header checked before anything is mapped (`forge.formats.model_dir.iter_tensors`)."""
-    return dict(iter_tensors(model_dir, "source"))
 
 
 def check_group_size(state: dict[str, torch.Tensor], names: list[str], scheme: Scheme) -> None:
