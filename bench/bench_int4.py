@@ -266,7 +266,10 @@ def main() -> None:
         started = time.perf_counter()
         reference = Reference(model, windows, Path(tmp), args.reference)
         rows.append(Row("float32 baseline", reference.ppl, 1.0, 0.0, None))
-        print(f"  reference + baseline: {time.perf_counter() - started:.0f} s", flush=True)
+        print(
+            f"  reference + baseline: {time.perf_counter() - started:.0f} s, float32 ppl {reference.ppl:.3f}",
+            flush=True,
+        )
 
         def report(row: Row) -> None:
             rows.append(row)

@@ -276,6 +276,9 @@ def main() -> None:
     parser.add_argument(
         "--runs", default="full,70b,slices", help="comma list of: full, 70b, slices (smoke: a tiny check)"
     )
+    parser.add_argument("--layers", default="1,2,4", help="slice sizes (layers) for GPTQ and AWQ")
+    parser.add_argument("--presets", default="GPTQ_W4A16,AWQ_W4A16", help="presets run on the slices")
+    parser.add_argument("--quantize-only", action="store_true", help="measure quantize, skip the exports")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -297,15 +300,15 @@ def main() -> None:
         run_model(work, "smoke-2L", source, list(SCHEMES), rows)
     if "full" in runs:
         source = write_checkpoint(work / "llama8b-32L", llama_config(LLAMA_8B, 32))
-        run_model(work, "8B-32L", source, ["W4A16", "FP8_DYNAMIC"], rows)
+        run_model(work, "8B-32L", source, ["W4A16", "FP8_DYNAMIC"], rows, not args.quantize_only)
     if "70b" in runs:
         source = write_checkpoint(work / "llama70b-2L", llama_config(LLAMA_70B, 2))
-        run_model(work, "70B-2L", source, ["W4A16", "FP8_DYNAMIC"], rows)
+        run_model(work, "70B-2L", source, ["W4A16", "FP8_DYNAMIC"], rows, not args.quantize_only)
     if "slices" in runs:
         # GPTQ and AWQ per layer; their exports cost what RTN's cost (same tensors), measured on 32 layers.
-        for layers in (1, 2, 4):
+        for layers in (int(n) for n in args.layers.split(",")):
             source = write_checkpoint(work / f"llama8b-{layers}L", llama_config(LLAMA_8B, layers))
-            run_model(work, f"8B-{layers}L", source, ["GPTQ_W4A16", "AWQ_W4A16"], rows, exports=False)
+            run_model(work, f"8B-{layers}L", source, args.presets.split(","), rows, exports=False)
     print(f"load average {os.getloadavg()}", flush=True)
     report(rows)
 

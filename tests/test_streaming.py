@@ -197,3 +197,17 @@ def test_int4_export_rounds_dense_tensors_once(tmp_path, fmt, preset, algorithm)
             norm = "model.layers.0.input_layernorm.weight"
             assert qm.dense[norm].dtype == torch.float32  # computed by AWQ, kept as computed
             assert torch.equal(f.get_tensor(norm), qm.dense[norm].to(torch.float16))
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "W4A16_ASYM", "FP8_DYNAMIC", "FP8"])
+def test_row_blocks_give_the_codes_of_the_whole_weight(preset):
+    """`quantize_weight` rounds a tall weight a block of rows at a time: the same codes and scales
+    as quantizing it whole (the previous method)."""
+    from forge.quant.rtn import ROW_BLOCK, _quantize_whole
+
+    scheme = resolve_scheme(preset)
+    weight = (torch.randn(2 * ROW_BLOCK + 100, 256, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16()
+    ours, whole = quantize_weight(weight, scheme), _quantize_whole(weight, scheme)
+    for part in ("codes", "scale", "zero_point"):
+        a, b = getattr(ours, part), getattr(whole, part)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a.float(), b.float())), part

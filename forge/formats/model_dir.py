@@ -481,10 +481,10 @@ class Checkpoint:
         if missing := [n for n in names if n not in self.shard_of]:
             raise InputError(f"{self.fmt}: tensor {missing[0]} is missing from {self.directory}")
         out: dict[str, torch.Tensor] = {}
-        for shard in sorted({self.shard_of[n] for n in names}):
-            with safe_open(self.directory / shard, framework="pt") as f:
-                out.update({n: f.get_tensor(n) for n in names if self.shard_of[n] == shard})
-        return {n: out[n] for n in names}
+        for name in names:  # a mapping per tensor: the pages it touched leave with it
+            with safe_open(self.directory / self.shard_of[name], framework="pt") as f:
+                out[name] = f.get_tensor(name)
+        return out
 
     def read_as(self, name: str, dtype: torch.dtype, rows: int = 4096) -> torch.Tensor:
         """One tensor cast to `dtype` a block of rows at a time, so a wide cast (a bfloat16

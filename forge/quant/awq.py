@@ -1,6 +1,6 @@
 """AWQ: activation-aware weight quantization to int4 (Lin et al., arXiv 2306.00978).
 
-Two searches per decoder layer, then the shared round-to-nearest storage rules of `rtn.py`:
+Two searches per decoder layer, then rounding onto the shared int4 storage rules of `rtn.py`:
 
 1. Scale search (paper §3.2). Input channels that carry large activations matter more, so
    each group of linears sharing an input multiplies its weight columns by s (and the op that
@@ -11,6 +11,8 @@ Two searches per decoder layer, then the shared round-to-nearest storage rules o
 2. Clipping search (AutoAWQ `auto_clip`): per output row and group, shrink the range the int4
    grid spans by a factor in [0.55, 1] if that lowers the group's output error — trading a few
    clipped outliers for finer steps everywhere else.
+3. Rounding (`OPTIONS.gptq`): round-to-nearest onto the clipped grids, or GPTQ error feedback
+   onto the same grids with the Hessian of the scaled inputs (`gptq_rounding`).
 
 Speed on CPU comes from measuring every candidate's output error with the calibration inputs'
 Gram matrix G = Σ x xᵀ instead of re-running the layer: for a weight error E = Q(W) - W,

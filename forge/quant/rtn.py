@@ -17,6 +17,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn value (OCP FP8 spec, E4M3)
 # Smallest scale any quantizer stores (weights, static inputs, KV cache): keeps an all-zero group,
 # or an input that never fires, from dividing by zero.
 MIN_SCALE = 1e-8
+ROW_BLOCK = 2048  # rows of a weight quantized at once (`quantize_weight`)
 
 
 def int4_qparams(
@@ -70,6 +71,18 @@ def quantize_fp8(weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
 
 
 def quantize_weight(weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
+    """`scheme`'s codes for one weight, a block of rows at a time where rows are independent
+    (int4 groups and fp8 channel scales never span rows): the same codes, with float32
+    temporaries of one block instead of several copies of a 70B-wide weight."""
+    rowwise = scheme.weight_format == "int4" or scheme.weight_granularity == "channel"
+    if not rowwise or weight.shape[0] <= ROW_BLOCK:
+        return _quantize_whole(weight, scheme)
+    blocks = [_quantize_whole(block, scheme) for block in weight.split(ROW_BLOCK)]
+    zero = None if blocks[0].zero_point is None else torch.cat([b.zero_point for b in blocks])
+    return QuantizedLinear(torch.cat([b.codes for b in blocks]), torch.cat([b.scale for b in blocks]), zero)
+
+
+def _quantize_whole(weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
     if scheme.weight_format == "fp8":
         return quantize_fp8(weight, scheme)
     return quantize_int4(weight, scheme)

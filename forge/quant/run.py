@@ -31,7 +31,7 @@ import torch
 
 from forge.architectures import Architecture, fused_rows, get_architecture, num_experts
 from forge.errors import InputError
-from forge.formats.model_dir import Checkpoint, iter_tensors
+from forge.formats.model_dir import Checkpoint
 from forge.formats.specs import group_size_problem
 from forge.quant.awq import awq_layer, scale_groups
 from forge.quant.fp8_static import fp8_static_layer
@@ -51,12 +51,6 @@ from forge.quant.rtn import quantizable_linears, quantize_weight, split_state
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 Progress = Callable[[str, float, int], None]  # (what, done: whole layers and a fraction, total)
-
-
-def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors checkpoint, single file or sharded (`*.index.json`), each
-    header checked before anything is mapped (`forge.formats.model_dir.iter_tensors`)."""
-    return dict(iter_tensors(model_dir, "source"))
 
 
 def check_group_size(state: dict[str, torch.Tensor], names: list[str], scheme: Scheme) -> None:
@@ -167,10 +161,10 @@ def quantize_parts(
     if calibrated and calibration is None:
         raise InputError(f"calibration: {scheme.preset} ({algorithm}) needs calibration data; none was given")
     if not calibrated:
-        for name in rest:  # one tensor at a time: an 8B embedding alone is 1 GB
-            yield rtn_part(source.read([name]), config, scheme)
+        for name in rest:  # a part of its own: an 8B embedding alone is 1 GB
+            yield rtn_part(source, [name], config, scheme)
         for group in layers.values():
-            yield rtn_part(source.read(group), config, scheme)
+            yield rtn_part(source, group, config, scheme)
         if progress is not None:
             progress("rtn", 1, 1)
         return
@@ -178,15 +172,21 @@ def quantize_parts(
     count = len(model.layers)
     # Layers the model does not run (none in a well-formed checkpoint) are rounded to nearest.
     for name in rest + [n for i, group in layers.items() if i >= count for n in group]:
-        yield rtn_part(source.read([name]), config, scheme)
+        yield rtn_part(source, [name], config, scheme)
     groups = [layers.get(i, []) for i in range(count)]
     yield from calibrated_quantize(model, source, groups, names, scheme, algorithm, calibration, progress, report)
 
 
-def rtn_part(state: dict[str, torch.Tensor], config: dict, scheme: Scheme) -> Part:
-    """Round-to-nearest for the quantizable linears among `state`; the rest stays dense as read."""
-    dense, names = split_state(state, config, scheme)
-    return Part(dense, {n: quantize_weight(state.pop(f"{n}.weight"), scheme) for n in names})
+def rtn_part(source: Checkpoint, names: list[str], config: dict, scheme: Scheme) -> Part:
+    """Round-to-nearest for the quantizable linears among `names`, the rest dense as read; one
+    tensor read at a time, so memory holds one source tensor beside the part's results."""
+    part = Part()
+    for name in names:
+        state = source.read([name])
+        dense, linears = split_state(state, config, scheme)
+        part.dense.update(dense)
+        part.linears.update({module: quantize_weight(state[f"{module}.weight"], scheme) for module in linears})
+    return part
 
 
 def kv_sources(arch: Architecture, config: dict) -> KVSources:
