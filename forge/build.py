@@ -204,6 +204,7 @@ def build(
         kind = KINDS[stage.kind]
 
         def produce(out: Path) -> dict:
+            progress.quiet()
             return kind.produce(stage.inputs, Run(out, deps, progress, cache, server))
 
         clock = time.monotonic()

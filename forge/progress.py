@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -39,7 +40,16 @@ class Progress:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.console = Console(stderr=True)
-        quiet_libraries()
+        self.quieted = False
+        if "transformers" in sys.modules:  # already imported (a library caller, a test): silence it now
+            self.quiet()
+
+    def quiet(self) -> None:
+        """`quiet_libraries`, once, before a stage runs: importing transformers takes 1-2 s, which
+        a build whose every stage is cached must not pay."""
+        if not self.quieted:
+            quiet_libraries()
+            self.quieted = True
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
