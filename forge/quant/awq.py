@@ -28,15 +28,16 @@ leaves the float function unchanged, which `tests/test_quant.py` checks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from forge.architectures import EXPERT, Architecture, fused_rows, num_experts
-from forge.quant.gptq import gptq_layer, static_grid
+from forge.quant.gptq import gptq_layer, static_grid, swapped_options
 from forge.quant.layerwise import InputStats
 from forge.quant.model import QuantizedLinear, Scheme
 from forge.quant.rtn import int4_codes, int4_qparams, quantize_int4
@@ -70,16 +71,9 @@ class AwqOptions:
 OPTIONS = AwqOptions()
 
 
-@contextmanager
-def options(**changes: bool) -> Iterator[None]:
-    """Run with some of `OPTIONS` changed (benchmarks compare variants through the normal entry points)."""
-    global OPTIONS
-    before = OPTIONS
-    OPTIONS = replace(OPTIONS, **changes)
-    try:
-        yield
-    finally:
-        OPTIONS = before
+def options(**changes: bool) -> AbstractContextManager[None]:
+    """Run with some of `OPTIONS` changed (a benchmark's variants, `forge.quant.gptq.swapped_options`)."""
+    return swapped_options(sys.modules[__name__], **changes)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ Codes and scales follow `rtn.py`'s storage rules exactly, so every writer reads 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -147,15 +149,19 @@ OPTIONS = GptqOptions()
 
 
 @contextmanager
-def options(**changes: bool) -> Iterator[None]:
-    """Run with some of `OPTIONS` changed (benchmarks compare variants through the normal entry points)."""
-    global OPTIONS
-    before = OPTIONS
-    OPTIONS = replace(OPTIONS, **changes)
+def swapped_options(module: ModuleType, **changes: bool) -> Iterator[None]:
+    """Run with some of `module.OPTIONS` changed: benchmarks compare variants of an algorithm
+    through its normal entry points (`options` here and in `forge.quant.awq`)."""
+    before = module.OPTIONS
+    module.OPTIONS = replace(before, **changes)
     try:
         yield
     finally:
-        OPTIONS = before
+        module.OPTIONS = before
+
+
+def options(**changes: bool) -> AbstractContextManager[None]:
+    return swapped_options(sys.modules[__name__], **changes)
 
 
 Grid = tuple[torch.Tensor, torch.Tensor | None]
