@@ -141,6 +141,14 @@ FORGE_ROWS: list[tuple[str, Callable]] = [  # most telling first: each row print
         "forge AWQ sym g64 + clip + GPTQ act-order",
         forge_variant("AWQ_W4A16", "awq", symmetric=True, gptq=True, act_order=True),
     ),
+    ("forge AWQ sym g64 + widened clip", forge_variant("AWQ_W4A16", "awq", symmetric=True, widen=True)),
+    (
+        "forge AWQ sym g64 + widened clip, joint",
+        forge_variant("AWQ_W4A16", "awq", symmetric=True, widen=True, joint=True),
+    ),
+    ("forge AWQ asym g64 + clip, joint", forge_variant("AWQ_W4A16", "awq", joint=True)),
+    ("forge AWQ asym g64 + split-end clip", forge_variant("AWQ_W4A16", "awq", split_ends=True)),
+    ("forge AWQ asym g64 + split-end clip, joint", forge_variant("AWQ_W4A16", "awq", split_ends=True, joint=True)),
 ]
 
 LLMC_ROWS = [  # (label, llm-compressor scheme, GPTQ?)
@@ -158,6 +166,11 @@ MODELOPT_ROWS = [
 # Run order, most telling first: every row prints as it completes, so a run cut short still answers.
 ORDER = [
     "forge AWQ asym g64 + clip (AWQ_W4A16 before)",
+    "forge AWQ asym g64 + clip, joint",
+    "forge AWQ asym g64 + split-end clip",
+    "forge AWQ asym g64 + split-end clip, joint",
+    "forge AWQ sym g64 + widened clip",
+    "forge AWQ sym g64 + widened clip, joint",
     "forge AWQ asym g64 + clip + GPTQ",
     "forge AWQ sym g64 + clip + GPTQ",
     MODELOPT_ROWS[0][0],

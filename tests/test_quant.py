@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from forge.errors import InputError
 from forge.quant.calibration import load_calibration
 from forge.quant.gptq import gptq_quantize
-from forge.quant.model import QuantizedModel, Scheme, save_quantized
+from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme, save_quantized
 from forge.quant.presets import resolve_scheme
 from forge.quant.rtn import FP8_MAX, quantize_int4
 from forge.quant.run import quantize_checkpoint
@@ -286,6 +286,66 @@ def test_awq_with_gptq_rounding_beats_awq_alone_on_its_layer(tmp_path):
             total += ((delta @ gram) * delta).sum().item()
         errors[gptq] = total
     assert errors[True] < errors[False], errors
+
+
+def clip_case(symmetric: bool):
+    """A weight with outliers and correlated inputs, as the clipping search sees them."""
+    from forge.quant.layerwise import InputStats
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 128) @ (torch.randn(128, 128) * (torch.rand(128) * 2).exp()) / 8
+    w = torch.randn(40, 128) * 0.05
+    w[:, ::17] *= 6  # outliers: clipping them buys finer steps for the rest
+    stats = InputStats(tokens=x.shape[0], gram=(x.T @ x).double())
+    return w, stats, resolve_scheme("AWQ_W4A16", group_size=32, symmetric=symmetric)
+
+
+def row_errors(w: torch.Tensor, clipped_grid, stats) -> torch.Tensor:
+    """Each row's output error ΔGΔᵀ for `w` rounded onto the chosen grid."""
+    from forge.quant.rtn import int4_codes
+
+    clipped, (scale, zero) = clipped_grid
+    delta = QuantizedLinear(int4_codes(clipped, scale, zero, 32), scale, zero).dequantize() - w
+    return ((delta @ (stats.gram.float() / stats.tokens)) * delta).sum(-1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_grid_is_the_clipped_weights_own(symmetric):
+    """The grid `search_clip` returns is the one `int4_qparams` computes from the clipped weights
+    (the default factors never widen), and `on_grid` is codes-then-dequantize for any shape."""
+    from forge.quant import awq
+    from forge.quant.rtn import int4_codes, int4_qparams
+
+    w, stats, scheme = clip_case(symmetric)
+    clipped, (scale, zero) = awq.search_clip(w, stats, scheme)
+    expected_scale, expected_zero = int4_qparams(clipped, 32, symmetric, scheme.scale_dtype)
+    assert torch.equal(scale, expected_scale)
+    assert zero is None if symmetric else torch.equal(zero, expected_zero)
+    assert not torch.equal(clipped, w)  # the outliers were clipped somewhere
+    deq = QuantizedLinear(int4_codes(clipped, scale, zero, 32), scale, zero).dequantize()
+    torch.testing.assert_close(awq.on_grid(clipped.reshape(40, 4, 32), scale, zero).reshape(40, 128), deq)
+
+
+@pytest.mark.parametrize(("symmetric", "changes"), [
+    (True, {"widen": True}), (False, {"split_ends": True}), (True, {"joint": True}), (False, {"joint": True}),
+])  # fmt: skip
+def test_wider_clip_searches_never_lose(symmetric, changes):
+    """More candidate ranges, or the choices revisited against the whole Gram matrix, give every
+    row an output error no larger than the default search's, and lower overall."""
+    from forge.quant import awq
+
+    w, stats, scheme = clip_case(symmetric)
+    base = row_errors(w, awq.search_clip(w, stats, scheme), stats)
+    with awq.options(**changes):
+        wider = awq.search_clip(w, stats, scheme)
+    better = row_errors(w, wider, stats)
+    if "joint" in changes:  # coordinate descent on each row's total: never worse, row by row
+        assert bool((better <= base * (1 + 1e-5)).all())
+    assert float(better.sum()) < float(base.sum())
+    if changes.get("widen"):
+        scale = wider[1][0].float()
+        amax = w.abs().reshape(40, 4, 32).amax(-1)
+        assert bool((scale > amax / 7.5 * 1.01).any())  # some groups chose a range past max|w|
 
 
 def test_gptq_is_deterministic_and_beats_rtn_end_to_end(tiny, calibration, tmp_path):

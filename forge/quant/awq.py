@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from forge.architectures import EXPERT, Architecture, fused_rows, num_experts
-from forge.quant.gptq import gptq_layer, static_grid, swapped_options
+from forge.quant.gptq import Grid, gptq_layer, swapped_options
 from forge.quant.layerwise import InputStats
 from forge.quant.model import QuantizedLinear, Scheme
-from forge.quant.rtn import int4_codes, int4_qparams, quantize_int4
+from forge.quant.rtn import int4_codes, int4_grid, int4_qparams, quantize_int4
 
 # Grid points for α in the scale search: AutoAWQ `n_grid=20`, llm-compressor `n_grid=20`.
 SCALE_GRID = 20
@@ -51,6 +51,8 @@ CLIP_MAX_SHRINK = 0.5
 # Linears whose clipping is skipped: their outputs meet in the q·k product and softmax, which a
 # per-linear error does not see (AutoAWQ `_search_best_clip` skips ["q_", "k_"] for this reason).
 NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
+# Coordinate-descent passes over a linear's groups in `refine_jointly`.
+JOINT_SWEEPS = 2
 # Weight elements per batched candidate evaluation (4 M floats, 16 MiB per temporary: cache-sized).
 BATCH_ELEMENTS = 1 << 22
 
@@ -60,12 +62,16 @@ class AwqOptions:
     """What `awq_layer` does after the scale search; `OPTIONS` is what a build uses.
 
     clip: the per-group clipping search. gptq: round with GPTQ error feedback (onto the clipped
-    grids) instead of round-to-nearest. act_order: GPTQ's column order, when gptq.
+    grids) instead of round-to-nearest. act_order: GPTQ's column order, when gptq. widen,
+    split_ends: more ranges for the clipping search (`clip_factors`).
     """
 
     clip: bool = True
     gptq: bool = False
     act_order: bool = False
+    widen: bool = False
+    split_ends: bool = False
+    joint: bool = False
 
 
 OPTIONS = AwqOptions()
@@ -218,12 +224,42 @@ def rescale_stats(stats: InputStats, scales: torch.Tensor) -> None:
     stats.abs_max = stats.abs_max / scales
 
 
-def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> torch.Tensor:
-    """`weight` clamped, per output row and group, to the shrunken range with least output error.
+def clip_factors(symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (low, high) range factors the clipping search tries, least clipping first.
 
-    Each group's error uses only its diagonal block of the Gram matrix, as AutoAWQ measures the
-    partial dot product of each group separately. Asymmetric schemes shrink min and max
-    together (the int4 grid spans [min, max]); symmetric ones shrink ±max|w|.
+    AutoAWQ shrinks both ends by one factor. `OPTIONS.split_ends` (asymmetric) tries every pair of
+    factors; `OPTIONS.widen` (symmetric) also tries ranges past max|w|, down to scale = max|w| / 7
+    (ModelOpt's and TensorRT-LLM's symmetric int4 maximum, where max|w| lands on code 7 exactly
+    instead of being rounded down from 7.5).
+    """
+    shrink = torch.tensor([1 - i / CLIP_GRID for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID))])
+    if symmetric:
+        factors = torch.cat([shrink, torch.tensor([7.5 / 7.25, 7.5 / 7])]) if OPTIONS.widen else shrink
+        return factors, factors
+    if OPTIONS.split_ends:
+        return shrink.repeat_interleave(len(shrink)), shrink.repeat(len(shrink))
+    return shrink, shrink
+
+
+def on_grid(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """`groups` ([..., n, group]) rounded onto per-group int4 grids (`[..., n]`) and dequantized:
+    `rtn.int4_codes` then `QuantizedLinear.dequantize`, for any leading shape."""
+    step = scale.float().unsqueeze(-1)
+    q = torch.round(groups / step)
+    if zero is None:
+        return q.clamp(-8, 7) * step
+    z = zero.float().unsqueeze(-1)
+    return ((q + z).clamp(0, 15) - z) * step
+
+
+def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> tuple[torch.Tensor, Grid]:
+    """`weight` clamped, per output row and group, to the range with least output error, and the
+    int4 grid spanning that range (`rtn.int4_grid`).
+
+    Asymmetric ranges are [min, max] scaled by the factors of `clip_factors`; symmetric ones
+    ±max|w|. Each group's error uses only its diagonal block of the Gram matrix, as AutoAWQ
+    measures the partial dot product of each group separately; `OPTIONS.joint` then revisits the
+    choices with the whole Gram matrix (`refine_jointly`).
     """
     group_size = scheme.group_size
     out_features, in_features = weight.shape
@@ -232,25 +268,65 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> torc
     blocks = torch.stack(
         [gram[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(n_groups)]
     )  # [groups, gs, gs]
-    w = weight.reshape(out_features, n_groups, group_size)
+    w = weight.float().reshape(out_features, n_groups, group_size)
     if scheme.symmetric:
-        hi = w.abs().amax(-1, keepdim=True)
+        hi = w.abs().amax(-1)
         lo = -hi
     else:
-        hi, lo = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
-    ratios = torch.tensor([1 - i / CLIP_GRID for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID))])
+        hi, lo = w.amax(-1), w.amin(-1)
+    low, high = clip_factors(scheme.symmetric)
+
+    def clipped(f_lo: torch.Tensor, f_hi: torch.Tensor, part: slice = slice(None)) -> tuple[torch.Tensor, Grid]:
+        """The groups `part` clamped to [lo·f_lo, hi·f_hi] (per candidate, row, group) and their grids."""
+        w_lo, w_hi = lo[:, part] * f_lo, hi[:, part] * f_hi
+        groups = torch.clamp(w[:, part], w_lo.unsqueeze(-1), w_hi.unsqueeze(-1))
+        return groups, int4_grid(w_lo, w_hi, scheme.symmetric, scheme.scale_dtype)
+
+    def deltas(f_lo: torch.Tensor, f_hi: torch.Tensor, part: slice = slice(None)) -> torch.Tensor:
+        groups, (scale, zero) = clipped(f_lo, f_hi, part)
+        return on_grid(groups, scale, zero) - w[:, part]
+
     errors = []
     per_batch = max(1, BATCH_ELEMENTS // weight.numel())
-    for start in range(0, len(ratios), per_batch):
-        r = ratios[start : start + per_batch].reshape(-1, 1, 1, 1)  # [c, 1, 1, 1]
-        clipped = torch.clamp(w, lo * r, hi * r)  # [c, out, groups, gs]
-        deq = fake_quantize_int4(clipped.reshape(-1, in_features), group_size, scheme.symmetric, scheme.scale_dtype)
-        delta = (deq.reshape(clipped.shape) - w).permute(2, 0, 1, 3).reshape(n_groups, -1, group_size)
+    for start in range(0, len(low), per_batch):
+        f_lo, f_hi = (f[start : start + per_batch].reshape(-1, 1, 1) for f in (low, high))  # [c, 1, 1]
+        delta = deltas(f_lo, f_hi).permute(2, 0, 1, 3).reshape(n_groups, -1, group_size)
         error = (torch.bmm(delta, blocks) * delta).sum(-1)  # [groups, c * out]
-        errors.append(error.reshape(n_groups, r.shape[0], out_features).permute(1, 2, 0))
+        errors.append(error.reshape(n_groups, -1, out_features).permute(1, 2, 0))
     best = torch.argmin(torch.cat(errors), dim=0)  # [out, groups]; first minimum keeps less clipping
-    ratio = ratios[best].unsqueeze(-1)
-    return torch.clamp(w, lo * ratio, hi * ratio).reshape(out_features, in_features)
+    if OPTIONS.joint:
+        best = refine_jointly(best, lambda part: deltas(low.reshape(-1, 1, 1), high.reshape(-1, 1, 1), part), gram)
+    chosen, grid = clipped(low[best], high[best])
+    return chosen.reshape(out_features, in_features), grid
+
+
+def refine_jointly(best: torch.Tensor, deltas: Callable[[slice], torch.Tensor], gram: torch.Tensor) -> torch.Tensor:
+    """Coordinate descent on each row's whole output error ΔGΔᵀ, one group at a time.
+
+    The per-group search scores a group's error alone, but errors of different groups add up
+    through the off-diagonal blocks of G (correlated input channels). Each step keeps the other
+    groups' choices and picks, per row, the candidate minimizing the total: δGδᵀ + 2δ·c, with
+    c the other groups' error seen through G. A row's error never grows, so starting from the
+    per-group choice can only improve it. `deltas(part)`: every candidate's error for the groups
+    in `part`, `[candidates, out, groups, gs]`.
+    """
+    out_features, n_groups = best.shape
+    group_size = gram.shape[0] // n_groups
+    rows = torch.arange(out_features)
+    current = torch.cat([deltas(slice(g, g + 1))[best[:, g], rows, 0] for g in range(n_groups)], dim=1)
+    seen = current @ gram  # [out, in]: every row's error through G
+    for _ in range(JOINT_SWEEPS):
+        for g in range(n_groups):
+            cols = slice(g * group_size, (g + 1) * group_size)
+            block = gram[cols, cols]
+            candidates = deltas(slice(g, g + 1))[:, :, 0]  # [c, out, gs]
+            others = seen[:, cols] - current[:, cols] @ block
+            error = ((candidates @ block) * candidates).sum(-1) + 2 * (candidates * others).sum(-1)
+            best[:, g] = torch.argmin(error, dim=0)
+            new = candidates[best[:, g], rows]
+            seen += (new - current[:, cols]) @ gram[cols]
+            current[:, cols] = new
+    return best
 
 
 @torch.no_grad()
@@ -303,8 +379,10 @@ def awq_layer(
     for name in sorted(quantized):
         weight = layer.get_submodule(name).weight.float()
         if OPTIONS.clip and not name.endswith(NO_CLIP) and name in stats:
-            weight = search_clip(weight, stats[name], scheme)
-        result[name] = quantize_int4(weight, scheme)
+            weight, (scale, zero) = search_clip(weight, stats[name], scheme)
+            result[name] = QuantizedLinear(int4_codes(weight, scale, zero, scheme.group_size), scale, zero)
+        else:
+            result[name] = quantize_int4(weight, scheme)
         advance()
     return result, errors
 
@@ -324,7 +402,7 @@ def gptq_rounding(
     def clipped_grid(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if not OPTIONS.clip or name.endswith(NO_CLIP):
             return None
-        return static_grid(search_clip(weight, stats[name], scheme), scheme)
+        return search_clip(weight, stats[name], scheme)[1]
 
     seen = {n for n in quantized if n in stats}
     result = gptq_layer(layer, stats, seen, scheme, clipped_grid, OPTIONS.act_order)

@@ -23,16 +23,24 @@ ROW_BLOCK = 2048  # rows of a weight quantized at once (`quantize_weight`)
 def int4_qparams(
     weight: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-group scale (rounded to `scale_dtype`) and uint4 zero point for an `[out, in]` weight.
+    """Per-group scale (rounded to `scale_dtype`) and uint4 zero point for an `[out, in]` weight:
+    the grid spanning each group's own range (`int4_grid`)."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    return int4_grid(groups.amin(dim=-1), groups.amax(dim=-1), symmetric, scale_dtype)
+
+
+def int4_grid(
+    w_min: torch.Tensor, w_max: torch.Tensor, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of the int4 grid spanning [w_min, w_max] (per group, any shape).
 
     The range always holds 0, as compressed-tensors' `calculate_qparams` does. Symmetric scales
     map max|w| to 7.5 (range width 15 / 2, as compressed-tensors and AutoGPTQ), codes in [-8, 7].
     Asymmetric follows AutoAWQ: scale = (max - min) / 15, zero = clamp(-round(min / scale), 0, 15).
     """
-    out_features, in_features = weight.shape
-    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
-    w_min = groups.amin(dim=-1).clamp(max=0)
-    w_max = groups.amax(dim=-1).clamp(min=0)
+    w_min = w_min.clamp(max=0)
+    w_max = w_max.clamp(min=0)
     if symmetric:
         scale = (torch.maximum(-w_min, w_max) / 7.5).clamp(min=MIN_SCALE)
         return scale.to(scale_dtype), None
