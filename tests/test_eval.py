@@ -388,6 +388,27 @@ def test_lm_eval_command_targets_the_completions_endpoint(tmp_path):
         lm_eval.lm_eval_command("http://h/v1/completions", "a,b", "t", ["arc_easy"], tmp_path)
 
 
+def test_local_lm_eval_skips_the_builtin_index_only_for_local_tasks(tmp_path):
+    """forge's lm-eval entry point drops lm-eval's index of its own tasks (~20 s) only when every
+    task the command names is a plain task under --include_path; anything else runs the CLI as is."""
+    require_lm_eval()
+    from forge.eval.lm_eval_local import local_tasks_only
+
+    (tmp_path / "mine.yaml").write_text("task: mine_local\ndataset_path: json\noutput_type: generate_until\n")
+    (tmp_path / "group.yaml").write_text("group: mine_group\ntask: [mine_local]\n")
+
+    def argv(tasks: str, include: Path | None = tmp_path) -> list[str]:
+        command = lm_eval.lm_eval_command("http://h/v1/completions", "m", "t", tasks.split(","), tmp_path,
+                                          include_path=include, module="forge.eval.lm_eval_local")  # fmt: skip
+        assert command[1:3] == ["-m", "forge.eval.lm_eval_local"]
+        return command[3:]
+
+    assert local_tasks_only(argv("mine_local"))
+    assert not local_tasks_only(argv("mine_local,arc_easy"))  # a built-in task needs the index
+    assert not local_tasks_only(argv("mine_group"))  # a group may name built-in tasks
+    assert not local_tasks_only(argv("mine_local", include=None))
+
+
 def test_lm_eval_missing_says_to_install_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr(lm_eval, "lm_eval_available", lambda: False)
     with pytest.raises(InputError, match=r"lm_eval\[api\]"):

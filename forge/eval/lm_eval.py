@@ -7,7 +7,8 @@ max_tokens=1` requests for log-likelihood tasks (lm_eval/models/openai_completio
 so `local-chat-completions` only runs generation tasks.
 
 lm-evaluation-harness is an optional extra (`pip install "lm_eval[api]"`; it does not depend on
-torch). It runs as a subprocess so its import time, logging and global state stay out of forge.
+torch). It runs as a subprocess so its import time, logging and global state stay out of forge,
+through `forge.eval.lm_eval_local` (the same CLI, minus ~20 s of indexing tasks a run never uses).
 
 Recovery = quantized score / baseline score per task and metric, the ratio llm-compressor's
 lm-eval checks hold at ≥ 0.95; for metrics where lower is better (perplexities, bits per byte)
@@ -41,8 +42,10 @@ def lm_eval_command(
     num_concurrent: int = 1,
     max_length: int | None = None,
     include_path: Path | str | None = None,
+    module: str = "lm_eval",
 ) -> list[str]:
-    """The `lm_eval run` argv for one served model.
+    """The `lm_eval run` argv for one served model (`module`: the entry point; forge's local runs
+    use `forge.eval.lm_eval_local`, the same CLI without the built-in task index).
 
     `base_url` is the full completions URL (`http://host:port/v1/completions`), as lm_eval's
     API models post to it as given. The tokenizer is named explicitly with the `huggingface`
@@ -68,7 +71,7 @@ def lm_eval_command(
         if "," in value:
             raise InputError(f"lm_eval.{key}: {value!r} cannot contain ',' (lm_eval splits model_args on it)")
     argv = [
-        sys.executable, "-m", "lm_eval", "run",
+        sys.executable, "-m", module, "run",
         "--model", "local-completions",
         "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()),
         "--tasks", ",".join(tasks),
@@ -116,7 +119,7 @@ def run_lm_eval(
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.rglob("results_*.json"))
-    argv = lm_eval_command(base_url, model, tokenizer, tasks, out, **options)
+    argv = lm_eval_command(base_url, model, tokenizer, tasks, out, module="forge.eval.lm_eval_local", **options)
     log = out / "lm_eval.log"
     with log.open("w") as sink:
         completed = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, check=False, cwd=cwd)
