@@ -1,6 +1,7 @@
 """Quantize and export at real scale: seconds and peak memory against the checkpoint size.
 
-    .venv/bin/python bench/bench_scale.py --workdir /tmp/forge-scale [--runs full,slices,70b]
+    .venv/bin/python bench/bench_scale.py --workdir /tmp/forge-scale [--runs full,slices,70b,70b-gptq]
+        [--layers 1,2,4] [--presets GPTQ_W4A16,AWQ_W4A16] [--timeout SECONDS]
 
 Synthetic checkpoints with real shapes (random bfloat16 weights, std 0.02; norms 1.0; sharded
 safetensors with `model.safetensors.index.json` and a LlamaForCausalLM config.json) are written
@@ -16,7 +17,9 @@ format's `write` on the cache opened lazily (`open_quantized`, what the export s
 Calibration (GPTQ, AWQ) uses 4 random token-id sequences of 256 tokens (seeded): the figures
 measure time and memory, not quality, and no tokenizer is needed. GPTQ and AWQ of 32 layers take
 too long on this machine, so they run on the 1-, 2- and 4-layer slices and the 32-layer figures
-are a linear fit, extrapolated (printed as such). Outputs are deleted after each measurement and
+are a linear fit, extrapolated (printed as such); `--timeout` stops a child that runs longer and
+records the peak RSS it had reached. `70b-gptq` runs GPTQ on one Llama-3.1-70B layer, whose
+down_proj Hessian (28672²) is the widest forge meets. Outputs are deleted after each measurement and
 the checkpoints at the end, so disk use stays bounded (the largest moment: the 8B checkpoint, one
 cache and one export).
 """
@@ -168,12 +171,38 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": round(seconds, 1), "peak_rss_gib": round(hwm * 1024 / GIB, 2)}))
 
 
-def measure(*argv: str) -> dict:
+def vm_hwm_gib(pid: int) -> float | None:
+    """Peak RSS so far of a running process (its `VmHWM`), None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return None if kib is None else round(kib * 1024 / GIB, 2)
+
+
+def measure(*argv: str, timeout: float | None = None) -> dict:
+    """One child's JSON line; past `timeout` seconds the child is ended and the row says so, with
+    the peak RSS it had reached (read from /proc while it ran)."""
     cmd = [sys.executable, __file__, *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    start = time.perf_counter()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child_process:
+        peak_seen = None
+        while True:
+            try:
+                stdout, stderr = child_process.communicate(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                peak_seen = vm_hwm_gib(child_process.pid) or peak_seen
+                if timeout is not None and time.perf_counter() - start > timeout:
+                    peak_seen = vm_hwm_gib(child_process.pid) or peak_seen
+                    child_process.kill()
+                    child_process.communicate()
+                    return {"error": f"stopped after {timeout:.0f} s", "peak_rss_gib_so_far": peak_seen}
+    if child_process.returncode != 0:
+        error = (stderr.strip().splitlines() or [f"exit status {child_process.returncode}"])[-1][:200]
+        return {"error": error, "peak_rss_gib_so_far": peak_seen}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def formats_for(preset: str) -> list[str]:
@@ -184,9 +213,18 @@ def formats_for(preset: str) -> list[str]:
     return [name for name, fmt in sorted(FORMATS.items()) if fmt.unsupported_reason(scheme) is None]
 
 
-def run_model(work: Path, label: str, source: Path, presets: list[str], rows: list[dict], exports: bool = True) -> None:
+def run_model(
+    work: Path,
+    label: str,
+    source: Path,
+    presets: list[str],
+    rows: list[dict],
+    exports: bool = True,
+    timeout: float | None = None,
+) -> None:
     """Quantize `source` with each preset, export every format (unless not `exports`), one fresh
-    process each. The source is deleted once the last preset is quantized."""
+    process each, a quantize stopped after `timeout` seconds. The source is deleted once the last
+    preset is quantized."""
     meta = work / f"{label}-meta"  # what an export copies from the source: config.json only
     meta.mkdir(exist_ok=True)
     shutil.copyfile(source / "config.json", meta / "config.json")
@@ -196,7 +234,7 @@ def run_model(work: Path, label: str, source: Path, presets: list[str], rows: li
         shutil.rmtree(cache, ignore_errors=True)
         row = {"model": label, "preset": preset, "checkpoint_gib": round(size / GIB, 2)}
         row["quantize"] = measure(
-            "--child", "quantize", "--preset", preset, "--source", str(source), "--out", str(cache)
+            "--child", "quantize", "--preset", preset, "--source", str(source), "--out", str(cache), timeout=timeout
         )
         print(label, preset, "quantize", row["quantize"], flush=True)
         row["cache_gib"] = round(dir_bytes(cache) / GIB, 2) if cache.exists() else None
@@ -247,10 +285,11 @@ def report(rows: list[dict]) -> None:
             else f"{fmt} ERROR {e['error']}"
             for fmt, e in row["exports"].items()
         )
-        print(
-            f"| {row['model']} | {row['preset']} | {row['checkpoint_gib']} | {q.get('seconds', 'ERROR')} | "
-            f"{q.get('peak_rss_gib', q.get('error', ''))} | {exports} |"
-        )
+        if "error" in q:
+            seconds, memory = f"ERROR {q['error']}", f"{q.get('peak_rss_gib_so_far')} so far"
+        else:
+            seconds, memory = q["seconds"], q["peak_rss_gib"]
+        print(f"| {row['model']} | {row['preset']} | {row['checkpoint_gib']} | {seconds} | {memory} | {exports} |")
     print()
     for preset in SCHEMES:
         points = [
@@ -259,6 +298,8 @@ def report(rows: list[dict]) -> None:
             if r["preset"] == preset and r["model"].startswith("8B-") and "error" not in r["quantize"]
         ]
         if len({x for x, _ in points}) < 2:
+            if points:
+                print(f"{preset}: only the {points[0][0]}-layer checkpoint measured: no per-layer fit")
             continue
         sec = fit([(x, r["quantize"]["seconds"]) for x, r in points])
         mem = fit([(x, r["quantize"]["peak_rss_gib"]) for x, r in points])
@@ -274,11 +315,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/forge-scale"))
     parser.add_argument(
-        "--runs", default="full,70b,slices", help="comma list of: full, 70b, slices (smoke: a tiny check)"
+        "--runs",
+        default="full,70b,slices",
+        help="comma list of: full, 70b, slices, 70b-gptq (GPTQ on one 70B layer; smoke: a tiny check)",
     )
     parser.add_argument("--layers", default="1,2,4", help="slice sizes (layers) for GPTQ and AWQ")
     parser.add_argument("--presets", default="GPTQ_W4A16,AWQ_W4A16", help="presets run on the slices")
     parser.add_argument("--quantize-only", action="store_true", help="measure quantize, skip the exports")
+    parser.add_argument("--timeout", type=float, help="seconds after which a GPTQ / AWQ quantize is stopped")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -308,7 +352,10 @@ def main() -> None:
         # GPTQ and AWQ per layer; their exports cost what RTN's cost (same tensors), measured on 32 layers.
         for layers in (int(n) for n in args.layers.split(",")):
             source = write_checkpoint(work / f"llama8b-{layers}L", llama_config(LLAMA_8B, layers))
-            run_model(work, f"8B-{layers}L", source, args.presets.split(","), rows, exports=False)
+            run_model(work, f"8B-{layers}L", source, args.presets.split(","), rows, False, args.timeout)
+    if "70b-gptq" in runs:  # the widest Hessian forge meets: down_proj's 28672 inputs
+        source = write_checkpoint(work / "llama70b-1L", llama_config(LLAMA_70B, 1))
+        run_model(work, "70B-1L", source, ["GPTQ_W4A16"], rows, False, args.timeout)
     print(f"load average {os.getloadavg()}", flush=True)
     report(rows)
 

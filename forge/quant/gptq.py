@@ -22,7 +22,7 @@ from torch import nn
 
 from forge.quant.layerwise import InputStats
 from forge.quant.model import QuantizedLinear, Scheme
-from forge.quant.rtn import int4_codes, int4_qparams
+from forge.quant.rtn import ROW_BLOCK, int4_codes, int4_qparams
 
 # Dampening: λ = 1 % of the mean diagonal of H added to its diagonal (GPTQ `--percdamp .01`).
 DAMP = 0.01
@@ -46,18 +46,30 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + λI)⁻¹, in float64 for stability, and the dead-column mask.
+def factor_inverse_hessian_(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """In place: the float32 H becomes the upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = UᵀU);
+    returns the dead-column mask.
 
+    float32, as the GPTQ reference keeps and factors H (`gptq.py`: `H` float32, `torch.linalg.cholesky`,
+    `cholesky_inverse`, `cholesky(upper=True)`), and in place, because H is in_features² floats: for
+    Llama-3.1-8B's down_proj 14336² (0.77 GiB), for 70B's 28672² (3.1 GiB). Each LAPACK step
+    (potrf, potri, potrf) overwrites its input; torch lets it when `out` is the input and is laid
+    out as LAPACK wants, column-major: for a symmetric matrix, its transpose view. The last step
+    factors the inverse as L Lᵀ into that view, which leaves `hessian`, read row-major, as U = Lᵀ.
     Input channels that never fire (H_jj = 0) get H_jj = 1 so H stays invertible; their weights
     are irrelevant to the outputs and are zeroed by the caller (as the reference does).
     """
-    h = hessian.double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+    if hessian.dtype != torch.float32 or not hessian.is_contiguous():
+        raise ValueError("factor_inverse_hessian_ needs a contiguous float32 matrix")
+    diagonal = torch.diagonal(hessian)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    diagonal.add_(damp * diagonal.mean())
+    column_major = hessian.mT
+    torch.linalg.cholesky(column_major, out=column_major)
+    torch.cholesky_inverse(column_major, out=column_major)
+    torch.linalg.cholesky(column_major, out=column_major)
+    return dead
 
 
 def static_grid(weight: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,22 +96,49 @@ def gptq_quantize(
     order: bool = False,
     grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> QuantizedLinear:
-    """One `[out, in]` weight (or several stacked along `out` that share `hessian`) to int4.
+    """One `[out, in]` weight to int4, `weight` and `hessian` left as they are.
 
     `order`: act-order (see `act_order`), with static groups. `grid`: fixed per-group (scale, zero)
     to round onto (e.g. from clipped weights); with neither, each group's grid is computed when
     its first column comes up. Groups stay contiguous in the original column order and codes are
     stored in that order, so the format never changes.
     """
+    perm = act_order(hessian) if order else None
+    hinv = hessian.to(torch.float32, copy=True).contiguous()
+    if perm is not None:
+        permute_(hinv, perm)
+    dead = factor_inverse_hessian_(hinv)
+    return round_columns_(weight.to(torch.float32, copy=True), hinv, dead, perm, scheme, grid)
+
+
+def permute_(matrix: torch.Tensor, perm: torch.Tensor) -> None:
+    """`matrix[perm][:, perm]` into `matrix`, with one temporary copy alive at a time."""
+    matrix.copy_(matrix[perm])
+    matrix.copy_(matrix[:, perm])
+
+
+def round_columns_(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    dead: torch.Tensor,
+    perm: torch.Tensor | None,
+    scheme: Scheme,
+    grid: tuple[torch.Tensor, torch.Tensor | None] | None,
+) -> QuantizedLinear:
+    """GPTQ's column loop on the float32 `w`, in place: `w` is left holding each column as it was
+    when rounded (in the original column order), from which the codes are computed.
+
+    `hinv`, `dead`: `factor_inverse_hessian_` of H with rows and columns in `perm` order (None:
+    the natural order). `grid`: as `gptq_quantize`'s; act-order without one rounds onto
+    `static_grid(w)`, computed before any column changes. Working in place keeps the layer's
+    memory at one copy of each weight: at 70B a gate_proj is 28672 × 8192 floats (0.9 GiB).
+    """
     group_size = scheme.group_size
-    w = weight.float().clone()
     out_features, in_features = w.shape
-    if grid is None and order:
+    if grid is None and perm is not None:
         grid = static_grid(w, scheme)
-    perm = act_order(hessian) if order else torch.arange(in_features)
-    w = w[:, perm]
-    hinv, dead = inverse_hessian_cholesky(hessian[perm][:, perm])
-    w[:, dead] = 0
+    work = w if perm is None else w[:, perm]  # act-order: the columns in rounding order (a copy)
+    work[:, dead] = 0
     block = group_size * max(1, BLOCK // group_size)  # whole groups per block: scales see updates
     n_groups = in_features // group_size
     if grid is None:
@@ -107,11 +146,11 @@ def gptq_quantize(
         zeros = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8)
     else:
         scales, zeros = grid
-    column_group = (perm // group_size).tolist()  # each permuted column's group in the original order
-    rounded_from = torch.empty_like(w)  # each column as it was when rounded
+    columns = torch.arange(in_features) if perm is None else perm
+    column_group = (columns // group_size).tolist()  # each column's group in the original order
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
-        w1 = w[:, i1:i2].clone()
+        w1 = work[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         with one_thread():
@@ -128,14 +167,21 @@ def gptq_quantize(
                 zero = None if zeros is None else zeros[:, g : g + 1]
                 col = w1[:, i : i + 1]
                 deq = QuantizedLinear(int4_codes(col, scale, zero, 1), scale, zero).dequantize()
-                rounded_from[:, i1 + i : i1 + i + 1] = col
+                work[:, i1 + i : i1 + i + 1] = col  # the column as rounded: its codes come from it
                 err = (col - deq) / hinv1[i, i]
                 w1[:, i:] -= err @ hinv1[i : i + 1, i:]  # feed the error to the columns left
                 err1[:, i : i + 1] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update of the later blocks
-    original = torch.empty_like(rounded_from)
-    original[:, perm] = rounded_from
-    return QuantizedLinear(int4_codes(original, scales, zeros, group_size), scales, zeros)
+        work[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the later blocks
+    if perm is not None:
+        w[:, perm] = work
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    for rows in _row_blocks(out_features):  # float temporaries of a block of rows, not of the weight
+        codes[rows] = int4_codes(w[rows], scales[rows], None if zeros is None else zeros[rows], group_size)
+    return QuantizedLinear(codes, scales, zeros)
+
+
+def _row_blocks(rows: int) -> list[slice]:
+    return [slice(start, min(start + ROW_BLOCK, rows)) for start in range(0, rows, ROW_BLOCK)]
 
 
 @dataclass(frozen=True)
@@ -174,34 +220,52 @@ def gptq_layer(
     quantized: set[str],
     scheme: Scheme,
     grid: Callable[[str, torch.Tensor], Grid | None] | None = None,
-    act_order: bool | None = None,
+    order: bool | None = None,
+    *,
+    release: bool = False,
 ) -> dict[str, QuantizedLinear]:
-    """GPTQ for a decoder layer's quantized linears; linears sharing an input share one solve.
+    """GPTQ for a decoder layer's quantized linears; linears sharing an input share one factored H.
 
-    GPTQ treats output rows independently given H, so q/k/v (and gate/up) are stacked and
-    solved together, then split: the same result as solving each, in fewer Python steps.
-    `grid(name, weight)`: a fixed int4 grid for that linear (AWQ's clipped ranges), or None.
+    GPTQ treats output rows independently given H, so the linears fed the same input (q/k/v,
+    gate/up) are rounded one after the other with the same H⁻¹ factor: what solving them stacked
+    would give, without a stacked copy. `grid(name, weight)`: a fixed int4 grid for that linear
+    (AWQ's clipped ranges), or None; when one linear of an input has a fixed grid, the others
+    get theirs from their weights up front (`static_grid`), as a stacked solve would. `order`:
+    act-order, `OPTIONS.act_order` when None.
+
+    `release`: the caller is done with the layer's float weights and its statistics (the
+    streaming quantizer). Each input's Gram matrix is then factored in place and dropped once its
+    linears are rounded, and each weight is rounded in place and left holding its dequantized
+    value, the layer as served. At Llama-3.1-8B scale the down_proj Gram alone is 14336² floats
+    (0.77 GiB) and the layer 0.8 GiB, so copies of either are what the peak memory is made of.
+    Without it, `stats` and the layer are left as they are.
     """
-    order = OPTIONS.act_order if act_order is None else act_order
+    order = OPTIONS.act_order if order is None else order
     by_input: dict[int, list[str]] = {}
     for name in sorted(quantized):
         by_input.setdefault(id(stats[name]), []).append(name)
     result = {}
     for names in by_input.values():
         input_stats = stats[names[0]]
-        hessian = input_stats.gram / input_stats.tokens
-        weights = [layer.get_submodule(n).weight.float() for n in names]
-        grids = [grid(n, w) for n, w in zip(names, weights, strict=True)] if grid is not None else [None]
-        fixed = None
-        if any(g is not None for g in grids):  # one fixed grid for the stack: the others' from their weights
-            grids = [g if g is not None else static_grid(w, scheme) for g, w in zip(grids, weights, strict=True)]
-            zeros = None if scheme.symmetric else torch.cat([g[1] for g in grids])
-            fixed = (torch.cat([g[0] for g in grids]), zeros)
-        stacked = gptq_quantize(torch.cat(weights), hessian, scheme, order=order, grid=fixed)
-        start = 0
-        for name, w in zip(names, weights, strict=True):
-            rows = slice(start, start + w.shape[0])
-            zero = None if stacked.zero_point is None else stacked.zero_point[rows].clone()
-            result[name] = QuantizedLinear(stacked.codes[rows].clone(), stacked.scale[rows].clone(), zero)
-            start += w.shape[0]
+        weights = [layer.get_submodule(n).weight for n in names]
+        grids = [grid(n, w.float()) for n, w in zip(names, weights, strict=True)] if grid else [None] * len(names)
+        if any(g is not None for g in grids):  # static groups for all: the grids a stacked solve would use
+            grids = [g or static_grid(w.float(), scheme) for g, w in zip(grids, weights, strict=True)]
+        hessian = input_stats.gram.to(torch.float32, copy=not release)
+        if release:
+            input_stats.gram = None
+        hessian.div_(input_stats.tokens)  # H = mean x xᵀ; GPTQ's result does not depend on its scale
+        perm = act_order(hessian) if order else None
+        if perm is not None:
+            permute_(hessian, perm)
+        dead = factor_inverse_hessian_(hessian)
+        for name, weight, fixed in zip(names, weights, grids, strict=True):
+            w = weight.data if release and weight.dtype == torch.float32 else weight.to(torch.float32, copy=True)
+            linear = round_columns_(w, hessian, dead, perm, scheme, fixed)
+            if release:
+                for rows in _row_blocks(w.shape[0]):  # the served weight
+                    zero = None if linear.zero_point is None else linear.zero_point[rows]
+                    weight.data[rows] = QuantizedLinear(linear.codes[rows], linear.scale[rows], zero).dequantize()
+            result[name] = linear
+        del hessian, w
     return result

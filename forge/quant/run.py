@@ -264,9 +264,11 @@ def calibrated_quantize(
             step = None if progress is None else lambda f, i=index: progress("awq", i + f, len(layers))
             groups = scale_groups(layer, arch, config)
             layer_linears, _ = awq_layer(layer, stats.inputs, quantized, scheme, groups, step)
-            changed.update({prefix + arch.to_checkpoint(n): p.detach().clone() for n, p in layer.named_parameters()})
+            for n, p in layer.named_parameters():  # the folded norms (not the linears: a copy of the layer)
+                if (name := prefix + arch.to_checkpoint(n)) in dense:
+                    changed[name] = p.detach().clone()
         elif algorithm == "gptq":
-            layer_linears = gptq_layer(layer, stats.inputs, quantized - set(unseen), scheme)
+            layer_linears = gptq_layer(layer, stats.inputs, quantized - set(unseen), scheme, release=True)
         elif scheme.activations == "static_tensor":
             layer_linears = fp8_static_layer(layer, stats.inputs, quantized - set(unseen), scheme)
             for n in unseen:  # no input seen: the widest scale of its kind in the layer bounds it

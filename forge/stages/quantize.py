@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from forge.quant.scheme import Scheme
 from forge.stages.base import Run, local
 
-VERSION = 2  # 2: the cache is written a layer at a time; dense tensors keep the source dtype
+VERSION = 3  # 2: the cache is written a layer at a time; dense tensors keep the source dtype;
+# 3: float32 Gram matrices and GPTQ Hessian factors (GPTQ / AWQ codes can differ by rounding)
 
 
 @dataclass(frozen=True)

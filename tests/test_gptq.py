@@ -1,0 +1,61 @@
+"""GPTQ's memory-lean paths give what the straightforward ones give.
+
+At 8B and 70B scale the Hessian of down_proj is 14336² / 28672² floats, so `forge.quant.gptq`
+factors it in place and, for the streaming quantizer (`release=True`), rounds the layer's own
+weights in place. These tests hold those paths to the plain computations on a tiny real Llama.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forge.quant.calibration import load_calibration
+from forge.quant.gptq import factor_inverse_hessian_, gptq_layer, gptq_quantize
+from forge.quant.layerwise import collect_layer_stats, decoder_layers, embed, layer_linear_names, load_float_model
+from forge.quant.presets import resolve_scheme
+from tests.tiny import make_tiny_llama
+
+
+def test_inverse_hessian_factor_is_computed_in_place_and_matches_float64():
+    torch.manual_seed(0)
+    x = torch.randn(512, 96) @ (torch.randn(96, 96) * (torch.rand(96) * 2).exp())
+    hessian = x.T @ x / x.shape[0]
+    hessian[:, 7] = hessian[7, :] = 0  # a dead input channel
+    h = hessian.clone()
+    storage = h.data_ptr()
+    dead = factor_inverse_hessian_(h)
+    assert h.data_ptr() == storage and dead.nonzero().flatten().tolist() == [7]
+    reference = hessian.double()
+    reference[7, 7] = 1.0
+    reference += 0.01 * torch.diagonal(reference).mean() * torch.eye(96, dtype=torch.float64)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
+    torch.testing.assert_close(h.double(), upper, rtol=1e-3, atol=1e-6 * float(upper.abs().max()))
+    assert torch.equal(h, h.triu())
+
+
+@pytest.mark.parametrize("order", [False, True])
+def test_release_rounds_in_place_to_the_same_codes_and_frees_the_gram(tmp_path, order):
+    """`release=True` (the streaming quantizer) gives the codes of the copying path, drops each
+    Gram matrix once used and leaves each weight dequantized: the layer as served. The linears
+    sharing an input (q/k/v, gate/up) give what GPTQ on each alone gives."""
+    directory = make_tiny_llama(tmp_path / "m", num_layers=1)
+    calibration = load_calibration(["pydoc_topics"], directory, num_samples=4, seq_len=64, seed=0)
+    model = load_float_model(directory)
+    layer = decoder_layers(model)[0]
+    hidden, kwargs = embed(model, calibration)
+    names = layer_linear_names(layer)
+    stats, _ = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False)
+    scheme = resolve_scheme("GPTQ_W4A16", group_size=32)
+    dense = {n: layer.get_submodule(n).weight.clone() for n in names}
+    grams = {n: stats.inputs[n].gram.clone() for n in names}
+    kept = gptq_layer(layer, stats.inputs, set(names), scheme, order=order)
+    for n in names:
+        assert torch.equal(layer.get_submodule(n).weight, dense[n]) and torch.equal(stats.inputs[n].gram, grams[n])
+        alone = gptq_quantize(dense[n], grams[n] / stats.inputs[n].tokens, scheme, order=order)
+        assert torch.equal(kept[n].codes, alone.codes) and torch.equal(kept[n].scale, alone.scale), n
+    released = gptq_layer(layer, stats.inputs, set(names), scheme, order=order, release=True)
+    for n in names:
+        assert stats.inputs[n].gram is None
+        assert torch.equal(released[n].codes, kept[n].codes) and torch.equal(released[n].scale, kept[n].scale), n
+        assert torch.equal(layer.get_submodule(n).weight, released[n].dequantize())
