@@ -166,27 +166,27 @@ MODELOPT_ROWS = [
 # Run order, most telling first: every row prints as it completes, so a run cut short still answers.
 ORDER = [
     "forge AWQ asym g64 + clip (AWQ_W4A16 before)",
+    "forge FP8 (static)",
+    "forge FP8_DYNAMIC",
+    "llm-compressor FP8_DYNAMIC",
+    "llm-compressor FP8 (static)",
+    "forge RTN asym g64 (W4A16_ASYM)",
+    "forge RTN sym g64 (W4A16)",
+    "llm-compressor RTN W4A16 sym g64",
+    "forge AWQ sym g64 + clip",
+    "llm-compressor GPTQ W4A16 sym g64",
+    "forge GPTQ sym g64",
+    "forge GPTQ sym g64 act-order",
+    "forge AWQ asym g64 + clip + GPTQ",
+    MODELOPT_ROWS[0][0],
+    MODELOPT_ROWS[1][0],
     "forge AWQ asym g64 + clip, joint",
     "forge AWQ asym g64 + split-end clip",
     "forge AWQ asym g64 + split-end clip, joint",
     "forge AWQ sym g64 + widened clip",
     "forge AWQ sym g64 + widened clip, joint",
-    "forge AWQ asym g64 + clip + GPTQ",
     "forge AWQ sym g64 + clip + GPTQ",
-    MODELOPT_ROWS[0][0],
-    "forge FP8 (static)",
-    "forge FP8_DYNAMIC",
-    MODELOPT_ROWS[1][0],
-    "llm-compressor FP8_DYNAMIC",
-    "llm-compressor FP8 (static)",
-    "llm-compressor GPTQ W4A16 sym g64",
-    "llm-compressor RTN W4A16 sym g64",
-    "forge RTN asym g64 (W4A16_ASYM)",
-    "forge RTN sym g64 (W4A16)",
-    "forge GPTQ sym g64",
-    "forge GPTQ sym g64 act-order",
     "forge AWQ asym g64, no clip",
-    "forge AWQ sym g64 + clip",
     "forge AWQ sym g64 + clip + GPTQ act-order",
 ]
 
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--llmcompressor", action="store_true", help="also llm-compressor's RTN, GPTQ, FP8 rows")
     parser.add_argument("--reference", type=Path, help="a reference.f16 another run on the same windows wrote")
     parser.add_argument("--threads", type=int, help="torch threads (fewer contend less on a busy machine)")
-    parser.add_argument("--only", default="", help="comma-separated substrings: run only rows whose label has one")
+    parser.add_argument("--only", default="", help="'|'-separated row labels: run only these (exact labels)")
     parser.add_argument("--save-calibration", type=Path, help="write the calibration tokens (torch.save) and stop")
     args = parser.parse_args()
 
@@ -263,10 +263,13 @@ def main() -> None:
     if args.save_calibration:
         torch.save(calibration, args.save_calibration)
         return
-    wanted = [s for s in args.only.split(",") if s]
+    wanted = {s.strip() for s in args.only.split("|") if s.strip()}
+    unknown = wanted - set(ORDER)
+    if unknown:
+        sys.exit(f"--only: no row labelled {sorted(unknown)}; the rows: {ORDER}")
 
     def selected(label: str) -> bool:
-        return not wanted or any(s in label for s in wanted)
+        return not wanted or label in wanted
 
     windows = wikitext_windows(args.model, args.windows)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -325,9 +328,12 @@ def main() -> None:
                 label: (lambda n=n: modelopt_row(args.modelopt / f"{n}.safetensors")) for label, n in MODELOPT_ROWS
             }
         plan = [label for label in ORDER if label in thunks and selected(label)]
-        missing = args.modelopt and not (args.modelopt / f"{MODELOPT_ROWS[0][1]}.safetensors").exists()
-        if missing and MODELOPT_ROWS[0][0] in plan:
-            plan.append(plan.pop(plan.index(MODELOPT_ROWS[0][0])))  # still being made: score it last
+
+        def made(name: str) -> bool:  # ModelOpt's own run may still be writing it: score it last
+            return not args.modelopt or (args.modelopt / f"{name}.safetensors").exists()
+
+        waiting = {label for label, name in MODELOPT_ROWS if not made(name)}
+        plan = sorted(plan, key=lambda label: label in waiting)  # stable: the order otherwise kept
         for label in plan:
             try:
                 (ppl, top1, kl), seconds = thunks[label]()
