@@ -303,8 +303,8 @@ def report(rows: list[dict]) -> None:
             continue
         sec = fit([(x, r["quantize"]["seconds"]) for x, r in points])
         mem = fit([(x, r["quantize"]["peak_rss_gib"]) for x, r in points])
-        measured32 = any(x == 32 for x, _ in points)
-        note = "fit over 1/2/4/32 layers" if measured32 else "EXTRAPOLATED from 1/2/4 layers"
+        sizes = "/".join(str(x) for x in sorted({x for x, _ in points}))
+        note = f"fit over {sizes} layers" if any(x == 32 for x, _ in points) else f"EXTRAPOLATED from {sizes} layers"
         print(
             f"{preset}: quantize {sec[0]:.1f} s/layer + {sec[1]:.1f} s -> 32 layers {sec[0] * 32 + sec[1]:.0f} s; "
             f"peak RSS {mem[0]:.3f} GiB/layer + {mem[1]:.2f} GiB -> 32 layers {mem[0] * 32 + mem[1]:.2f} GiB ({note})"

@@ -108,6 +108,7 @@ def quantize_to_cache(
     for part in quantize_parts(model_dir, scheme, algorithm, calibration, progress, report):
         if tensors := cache_tensors(part.dense, part.linears, part.kv_scales):
             writer.add(tensors)
+        del part, tensors  # written: not held while the next layer is quantized
     writer.finish(_config(model_dir), scheme, report)
     return open_quantized(out_dir)
 
@@ -302,6 +303,7 @@ def calibrated_quantize(
         if progress is not None:
             progress(algorithm if algorithm != "rtn" else "calibrate", index + 1, len(layers))
         yield Part(_with_changes(dense, changed), linears, kv_scales)
+        del layer_linears, linears  # handed out: the next layer's peak need not hold these codes
 
 
 def _with_changes(dense: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
