@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--llmcompressor", action="store_true", help="also llm-compressor's RTN, GPTQ, FP8 rows")
     parser.add_argument("--reference", type=Path, help="a reference.f16 another run on the same windows wrote")
     parser.add_argument("--threads", type=int, help="torch threads (fewer contend less on a busy machine)")
-    parser.add_argument("--only", default="", help="'|'-separated row labels: run only these (exact labels)")
+    parser.add_argument("--only", default="", help="'|'-separated row labels: run only these, in this order")
     parser.add_argument("--save-calibration", type=Path, help="write the calibration tokens (torch.save) and stop")
     args = parser.parse_args()
 
@@ -263,13 +263,10 @@ def main() -> None:
     if args.save_calibration:
         torch.save(calibration, args.save_calibration)
         return
-    wanted = {s.strip() for s in args.only.split("|") if s.strip()}
-    unknown = wanted - set(ORDER)
+    wanted = [s.strip() for s in args.only.split("|") if s.strip()] or ORDER
+    unknown = set(wanted) - set(ORDER)
     if unknown:
         sys.exit(f"--only: no row labelled {sorted(unknown)}; the rows: {ORDER}")
-
-    def selected(label: str) -> bool:
-        return not wanted or label in wanted
 
     windows = wikitext_windows(args.model, args.windows)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -327,7 +324,7 @@ def main() -> None:
             thunks |= {
                 label: (lambda n=n: modelopt_row(args.modelopt / f"{n}.safetensors")) for label, n in MODELOPT_ROWS
             }
-        plan = [label for label in ORDER if label in thunks and selected(label)]
+        plan = [label for label in wanted if label in thunks]
 
         def made(name: str) -> bool:  # ModelOpt's own run may still be writing it: score it last
             return not args.modelopt or (args.modelopt / f"{name}.safetensors").exists()
