@@ -7,7 +7,8 @@ same recipe from computing one entry twice.
 
 The cache is checked, not trusted. `stage.json` also holds the entry's manifest: the sha256 and
 size of every file in it. A cached entry is verified against its manifest before it is served
-(through the digest memo, so an unchanged file costs one stat); an entry that fails (a file
+(through the digest memo, so an unchanged file costs one stat; an entry's digests are memoized
+as it is stored, so this holds from the first build that finds it); an entry that fails (a file
 edited, added or removed since, e.g. through an artifact's hard link, or an entry from a forge
 without manifests) is discarded and recomputed, and the build says so. The files of an entry are
 made read-only (unless they are hard links to files outside it), so an in-place edit through an
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forge.digest import manifest_problem, tree_manifest
+from forge.digest import manifest_problem, memoize_written, settled_clock, tree_manifest
 from forge.errors import ForgeError, InfraError, InputError
 
 STAGE_JSON = "stage.json"
@@ -105,18 +106,22 @@ class Cache:
             try:
                 facts = produce(tmp)
                 report = {"kind": kind, "key": key, "seconds": round(time.monotonic() - started, 3), **facts}
-                manifest = tree_manifest(tmp)
+                stamps: dict[str, os.stat_result] = {}
+                manifest = tree_manifest(tmp, stamps=stamps)
                 (tmp / STAGE_JSON).write_text(
                     json.dumps({**report, "manifest": manifest}, indent=2, sort_keys=True) + "\n"
                 )
                 make_read_only(tmp)
                 sync_tree(tmp)  # the bytes reach the disk before the name says "complete"
+                clock = settled_clock(tmp)  # after the last chmod: for the memo, below
                 remove_entry(final)  # an incomplete entry (no stage.json) from a foreign writer
                 os.replace(tmp, final)
                 sync_directory(final.parent)
             except BaseException:
                 remove(tmp)
                 raise
+            # The next build verifies this entry through the digest memo: filled now, it reads no file.
+            memoize_written(final, manifest, stamps, clock, exclude=(STAGE_JSON,))
             return final, report, False
 
 

@@ -7,7 +7,10 @@ would make a changed input look cached, so two holes are closed the way git clos
 (https://git-scm.com/docs/racy-git): ctime is part of the stamp, because tools restore mtime
 (`touch -r`, `cp -p`, `tar x`) but nothing can set ctime; and a file changed within the last
 `RACY_NS` is hashed but not memoized, because a second write within the same timestamp tick
-would leave its whole stamp unchanged.
+would leave its whole stamp unchanged. A cache entry's files are the exception
+(`memoize_written`): they are memoized as they are stored, racy or not by the wall clock, when
+the filesystem's own clock has moved past their stamp, so the first build that finds the entry
+cached reads none of them again.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ RACY_NS = 2_000_000_000
 # Digests this process computed, by path and stamp: a stage's output is hashed for its report and
 # again for its cache manifest a moment later; the second time is a lookup. Never persisted.
 _HASHED: dict[tuple[str, str], str] = {}
+# The memo as this process last read or wrote it, by memo file, with that file's stamp then: a
+# warm build verifies every cached stage through the memo, and parses it again only when another
+# process wrote it. Every entry is a fact about a stamp, so a stale copy can only miss.
+_LOADED: dict[str, tuple[str, dict]] = {}
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -75,12 +82,8 @@ def file_digest(path: Path) -> str:
 
 def memoized_digests(paths: list[Path]) -> dict[Path, str]:
     """sha256 of each file through the memo, which is read and written once for all of them."""
-    memo_file = _memo_path()
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    digests, changed = {}, False
+    memo = _read_memo(_memo_path())
+    digests, fresh = {}, {}
     for path in paths:
         st = path.stat()
         entry = memo.get(str(path))
@@ -90,18 +93,46 @@ def memoized_digests(paths: list[Path]) -> dict[Path, str]:
         digests[path] = sha256_file(path)
         if max(st.st_mtime_ns, st.st_ctime_ns) > time.time_ns() - RACY_NS or _stamp(path.stat()) != _stamp(st):
             continue  # racily clean, or changed while it was read: hash again next time
-        memo[str(path)] = {"stamp": _stamp(st), "sha256": digests[path]}
-        changed = True
-    if changed:
-        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
-            os.replace(tmp, memo_file)
-        except OSError:  # a read-only home: the digests stand, they are just computed again next time
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        fresh[str(path)] = {"stamp": _stamp(st), "sha256": digests[path]}
+    _remember(fresh)
     return digests
+
+
+def _read_memo(memo_file: Path) -> dict:
+    """The memo's entries, parsed again only when its file changed since this process last saw it."""
+    try:
+        stamp = _stamp(os.stat(memo_file))
+    except OSError:  # none yet, or a home we cannot read
+        _LOADED.pop(str(memo_file), None)
+        return {}
+    loaded = _LOADED.get(str(memo_file))
+    if loaded is not None and loaded[0] == stamp:
+        return loaded[1]
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    _LOADED[str(memo_file)] = (stamp, memo)
+    return memo
+
+
+def _remember(fresh: dict[str, dict]) -> None:
+    """Add `fresh` entries to the memo: read (if another process changed it), merged, replaced."""
+    if not fresh:
+        return
+    memo_file = _memo_path()
+    memo = {**_read_memo(memo_file), **fresh}
+    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
+        os.replace(tmp, memo_file)
+        _LOADED[str(memo_file)] = (_stamp(os.stat(memo_file)), memo)
+    except OSError:  # a read-only home: the digests stand, they are just computed again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def file_digests(directory: Path) -> dict[str, dict]:
@@ -155,10 +186,13 @@ def bounded_file_digests(
 # ---------------------------------------------------------------- cache entry manifests
 
 
-def tree_manifest(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+def tree_manifest(
+    root: Path, exclude: tuple[str, ...] = (), stamps: dict[str, os.stat_result] | None = None
+) -> dict[str, dict]:
     """Every non-directory under `root`: relative path → sha256 and bytes (a symlink: its
     target; links are never followed). For output just written: a file this process already
-    hashed with the same stamp is not read again."""
+    hashed with the same stamp is not read again. `stamps`, when given, receives the lstat of
+    each file as it was hashed (for `memoize_written`)."""
     manifest = {}
     for path, st in _walk(root, exclude):
         if stat.S_ISLNK(st.st_mode):
@@ -166,13 +200,106 @@ def tree_manifest(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
         else:
             sha256 = _HASHED.get((str(path), _stamp(st))) or sha256_file(path)
             manifest[_name(path, root)] = {"sha256": sha256, "bytes": st.st_size}
+            if stamps is not None:
+                stamps[_name(path, root)] = st
     return manifest
+
+
+def settled_clock(root: Path, marker: Path | None = None, wait_s: float = 0.05) -> int | None:
+    """A reading of the clock that stamps the files under `root` (the mtime of `marker`, a file
+    created on the same filesystem, then removed; by default in `root`) that is later than every
+    file's last change (ctime), so any change after this call gives a file a stamp it never had
+    before. Retried for up to `wait_s` while that clock still shows the tick of the last change
+    (the kernel's coarse clock ticks every 1-10 ms); None when it has not moved on, as on
+    filesystems with 1-2 s timestamps, or on error."""
+    try:
+        newest = max((st.st_ctime_ns for _path, st in _walk(root, ())), default=0)
+        marker = marker or Path(root) / f".clock-{os.getpid()}"
+        deadline = time.monotonic() + wait_s
+        while True:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                now = os.fstat(fd).st_mtime_ns
+            finally:
+                os.close(fd)
+                os.unlink(marker)
+            if now > newest:
+                return now
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.002)
+    except OSError:
+        return None
+
+
+def memoize_written(
+    root: Path, manifest: dict[str, dict], stamps: dict[str, os.stat_result], clock_ns: int | None,
+    exclude: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """Memoize the digests of a cache entry just stored at `root`, under the paths and stamps its
+    verification will see, so the first build that finds it cached reads none of its files.
+
+    Its files were hashed for `manifest` (as `stamps` says) before their write bits were cleared
+    and their directory renamed into place: both change what the memo keys on (the chmod the
+    ctime, the rename the path), so without this every file was read again on the next build.
+    A file is memoized only when its size, mtime and inode are those it was hashed with and its
+    stamp is older than `clock_ns`, a reading of the filesystem's own clock taken after the chmod
+    (`settled_clock`): any later change, even within the same tick, gives it a ctime of at least
+    `clock_ns`, so the memo never vouches for bytes it did not hash (git's racy-clean rule, with the
+    filesystem's clock in place of the index file's mtime). Between the hash and the chmod the
+    entry is still being written under its lock, where a change could as well have come before
+    the hash and be in the manifest."""
+    if clock_ns is None:
+        return
+    root = Path(os.path.abspath(root))
+    try:
+        found = _walk(root, exclude)
+    except OSError:  # the entry stands; it is hashed once more when next verified
+        return
+    fresh = {}
+    for path, st in found:
+        name, hashed = _name(path, root), stamps.get(_name(path, root))
+        if (
+            hashed is not None
+            and stat.S_ISREG(st.st_mode)
+            and "sha256" in manifest.get(name, {})
+            and (st.st_size, st.st_mtime_ns, st.st_ino) == (hashed.st_size, hashed.st_mtime_ns, hashed.st_ino)
+            and max(st.st_mtime_ns, st.st_ctime_ns) < clock_ns
+        ):
+            fresh[str(path)] = {"stamp": _stamp(st), "sha256": manifest[name]["sha256"]}
+    _remember(fresh)
+
+
+def keep_memoized(before: dict[str, os.stat_result], clock_ns: int | None) -> None:
+    """Carry memo entries over a change of stamp that cannot change a file's bytes: hard-linking
+    a cache entry's file into an artifact directory (`forge.build.link_tree`) gives it a new ctime,
+    and without this the next build read every exported file again. `before` maps each file's
+    absolute path to its lstat just before the links. An entry moves to the new stamp only when it
+    vouched for the old one and size, mtime and inode are unchanged, and the new stamp is older
+    than `clock_ns` (`settled_clock`, read after the links), so a later change still shows."""
+    if clock_ns is None:
+        return
+    memo = _read_memo(_memo_path())
+    fresh = {}
+    for name, old in before.items():
+        entry = memo.get(name)
+        if not isinstance(entry, dict) or entry.get("stamp") != _stamp(old):
+            continue
+        try:
+            st = os.lstat(name)
+        except OSError:
+            continue
+        unchanged = (st.st_size, st.st_mtime_ns, st.st_ino) == (old.st_size, old.st_mtime_ns, old.st_ino)
+        if unchanged and max(st.st_mtime_ns, st.st_ctime_ns) < clock_ns:
+            fresh[name] = {"stamp": _stamp(st), "sha256": entry["sha256"]}
+    _remember(fresh)
 
 
 def manifest_problem(root: Path, manifest: dict[str, dict], exclude: tuple[str, ...] = ()) -> str | None:
     """Why `root` no longer holds exactly what `manifest` lists, or None. Names, kinds, sizes
     and symlink targets first; then contents through the digest memo, so an unchanged file
     (same size, mtime, ctime, inode) is not read again and any edited one is re-hashed."""
+    root = Path(os.path.abspath(root))  # the memo's keys: one file, whatever the working directory
     found = {_name(path, root): (path, st) for path, st in _walk(root, exclude)}
     if extra := sorted(set(found) - set(manifest)):
         return f"{extra[0]}: not in the entry's manifest (added)"
