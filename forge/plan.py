@@ -537,14 +537,14 @@ def model_image_stage(
 ) -> Stage:
     """The artifact as a data-only model image plus its deploy manifests (`forge.model_image`):
     no base image, so it builds offline; an engine-mode cell waits for its engine."""
-    from forge.package import resolve_base
-
     package = plan.recipe.package
     spec, tags = cell_image(plan, target, variant, gpu)
     tag = tags[0] + "-model"
     reference = f"{package.registry or 'localhost:5000'}/{package.repository or plan.recipe.name}:{tag}"
     base = None
-    if package.modelcar_base:
+    if package.modelcar_base:  # forge.package brings the registry client: imported only for a base to resolve
+        from forge.package import resolve_base
+
         base = resolve_base(package.modelcar_base, plan.recipe_dir, package.registry, package.insecure_registries)
     name = f"{plan.recipe.name}-{variant.name}-{target.backend}-{gpu.name}".lower().replace(".", "-")
     inputs = model_image_kind.Inputs(

@@ -6,10 +6,11 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cached_property
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.progress import Progress as RichProgress
+if TYPE_CHECKING:
+    from rich.console import Console
 
 Advance = Callable[[float, int], None]  # (done, total); a fraction moves the bar within a step
 
@@ -39,10 +40,17 @@ def quiet_libraries() -> None:
 class Progress:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.console = Console(stderr=True)
         self.quieted = False
         if "transformers" in sys.modules:  # already imported (a library caller, a test): silence it now
             self.quiet()
+
+    @cached_property
+    def console(self) -> Console:
+        """stderr, made when the first bar is drawn: importing rich is tens of milliseconds, which
+        a build whose every stage is cached must not pay."""
+        from rich.console import Console
+
+        return Console(stderr=True)
 
     def quiet(self) -> None:
         """`quiet_libraries`, once, before a stage runs: importing transformers takes 1-2 s, which
@@ -57,6 +65,9 @@ class Progress:
         if not self.enabled:
             yield lambda done, total: None
             return
+        from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
+
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())  # fmt: skip
         with RichProgress(*columns, console=self.console, transient=False) as bar:

@@ -11,7 +11,6 @@ gates are worded by `forge.eval.gates`, the one formatter every report uses.
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 
 from forge.eval.gates import gate_failure, gate_verdict
@@ -409,6 +408,8 @@ def render_junit(report: dict) -> str:
     (https://github.com/windyroad/JUnit-Schema, used by GitLab's unit test reports:
     https://docs.gitlab.com/ci/testing/unit_test_reports/).
     """
+    import xml.etree.ElementTree as ET  # only here: the terminal's rendering of every build needs none of it
+
     recipe = report.get("recipe") or {}
     name = recipe.get("name") if isinstance(recipe, dict) else str(recipe)
     root = ET.Element("testsuites", name=f"forge {name or '?'}")

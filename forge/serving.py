@@ -18,7 +18,6 @@ from forge.gpus import lookup_gpu
 from forge.oci.layers import source_date_epoch
 from forge.quant.scheme import Scheme
 from forge.recipe import Recipe, Target
-from forge.templating import render
 
 MODEL_DIR = "/models/model"
 LAUNCH_DIR = "/models/launch"
@@ -174,6 +173,8 @@ def render_dockerfile(spec: ServeSpec, model_files: list[str], artifact: str, en
     """The Dockerfile `docker buildx build` would use, with the build context laid out as
     `model/<files>`, `engine/<files>` (a TensorRT-LLM engine, served from ENGINE_DIR) and
     `launch/<files>` (what `forge package --builder docker` writes)."""
+    from forge.templating import render  # jinja2: only when an image is assembled, not for every plan
+
     return render(
         f"serving/{spec.backend}.Dockerfile.j2",
         {

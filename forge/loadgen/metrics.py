@@ -20,11 +20,14 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from forge.errors import InputError
 from forge.eval.gates import GateResult, evaluate_gates
-from forge.loadgen.client import RequestRecord
-from forge.loadgen.workload import LoadLevel
+
+if TYPE_CHECKING:  # the HTTP client imports asyncio and ssl; a report re-gating a cached sweep needs neither
+    from forge.loadgen.client import RequestRecord
+    from forge.loadgen.workload import LoadLevel
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +139,9 @@ def wait_healthy(
     health_path: str = "/health", name: str = "transformers serve",
 ) -> None:  # fmt: skip
     """Poll the health path until it answers 200; fail fast if the process exits, with its log tail."""
+    import urllib.error
+    import urllib.request  # http.client, email, ssl: only once a server runs, not in every build
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -307,6 +308,9 @@ class SharedServer:
     def post(self, path: str, model_dir: Path, stream: bool = False) -> None:
         """POST `{"model": model_dir}`; for `/load_model`, read its event stream to the end and fail
         on an `error` event (a model the server cannot load) with the server's log tail."""
+        import urllib.error
+        import urllib.request
+
         request = urllib.request.Request(
             f"{self.base_url}{path}", data=json.dumps({"model": str(model_dir)}).encode(),
             headers={"Content-Type": "application/json"},

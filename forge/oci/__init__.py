@@ -4,46 +4,46 @@ registry client (OCI distribution push/pull with Basic and Bearer auth).
 No Docker engine is involved: layers are plain tars written by `forge.oci.layers`, images are JSON
 written by `forge.oci.image` into an OCI image layout (`forge.oci.layout`), and `forge.oci.registry`
 speaks the distribution API directly. `skopeo` and `umoci` read what these modules write.
+
+The names below load their module on first use (PEP 562 `__getattr__`), as `forge.loadgen`'s do:
+a build whose every stage is cached reads `forge.oci.layers.source_date_epoch` for image labels and
+must not import the registry client (http.client, ssl, email) to do so.
 """
 
 from __future__ import annotations
 
-from forge.oci.image import ImageConfig, ImageResult, build_image, read_image
-from forge.oci.layers import Layer, source_date_epoch, write_file_layer, write_tree_layer
-from forge.oci.layout import Descriptor
-from forge.oci.registry import (
-    BUILD_REPORT_TYPE,
-    Credentials,
-    PushResult,
-    ReferrerResult,
-    RegistryOptions,
-    attach_referrer,
-    list_referrers,
-    parse_reference,
-    pull_image,
-    push_image,
-    resolve_credentials,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "BUILD_REPORT_TYPE",
-    "Credentials",
-    "Descriptor",
-    "ImageConfig",
-    "ImageResult",
-    "Layer",
-    "RegistryOptions",
-    "PushResult",
-    "ReferrerResult",
-    "attach_referrer",
-    "build_image",
-    "list_referrers",
-    "parse_reference",
-    "pull_image",
-    "push_image",
-    "read_image",
-    "resolve_credentials",
-    "source_date_epoch",
-    "write_file_layer",
-    "write_tree_layer",
-]
+_EXPORTS = {
+    "ImageConfig": "image",
+    "ImageResult": "image",
+    "build_image": "image",
+    "read_image": "image",
+    "Layer": "layers",
+    "source_date_epoch": "layers",
+    "write_file_layer": "layers",
+    "write_tree_layer": "layers",
+    "Descriptor": "layout",
+    "BUILD_REPORT_TYPE": "registry",
+    "Credentials": "registry",
+    "PushResult": "registry",
+    "ReferrerResult": "registry",
+    "RegistryOptions": "registry",
+    "attach_referrer": "registry",
+    "list_referrers": "registry",
+    "parse_reference": "registry",
+    "pull_image": "registry",
+    "push_image": "registry",
+    "resolve_credentials": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
