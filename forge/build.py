@@ -36,7 +36,7 @@ from forge import __version__
 from forge.build_report import typed_report
 from forge.cache import Cache, atomic_write_text, lock_file, make_dirs, remove, warn_discarded
 from forge.cpu import use_cpu_threads
-from forge.digest import keep_memoized, settled_clock
+from forge.digest import keep_memoized, regular_files, settled_clock
 from forge.errors import GateFailed, InfraError, InputError
 from forge.loadgen.server import SharedServer
 from forge.plan import Plan, Stage, git_revision, make_plan, serving_name
@@ -478,18 +478,6 @@ def link_tree(src: Path, dst: Path) -> None:
         remove(old)
         # Each link gave a file of `src` a new ctime: the memo follows, or the next build re-reads them.
         keep_memoized(before, settled_clock(src, marker=dst.with_name(f".{dst.name}.{os.getpid()}.clock.tmp")))
-
-
-def regular_files(root: Path) -> dict[str, os.stat_result]:
-    """Absolute path → lstat of every regular file under `root`."""
-    found = {}
-    for here, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.abspath(os.path.join(here, name))
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                found[path] = st
-    return found
 
 
 def same_files(src: Path, dst: Path) -> bool:

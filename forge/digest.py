@@ -270,10 +270,23 @@ def memoize_written(
     _remember(fresh)
 
 
+def regular_files(root: Path) -> dict[str, os.stat_result]:
+    """Absolute path → lstat of every regular file under `root` (for `keep_memoized`)."""
+    found = {}
+    for here, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.abspath(os.path.join(here, name))
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                found[path] = st
+    return found
+
+
 def keep_memoized(before: dict[str, os.stat_result], clock_ns: int | None) -> None:
     """Carry memo entries over a change of stamp that cannot change a file's bytes: hard-linking
     a cache entry's file into an artifact directory (`forge.build.link_tree`) gives it a new ctime,
-    and without this the next build read every exported file again. `before` maps each file's
+    and without this the next build read every exported file again (the model-image stage links
+    and unlinks them too). `before` maps each file's
     absolute path to its lstat just before the links. An entry moves to the new stamp only when it
     vouched for the old one and size, mtime and inode are unchanged, and the new stamp is older
     than `clock_ns` (`settled_clock`, read after the links), so a later change still shows."""

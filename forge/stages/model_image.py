@@ -3,9 +3,11 @@ the Kubernetes and KServe manifests that serve it with the backend's official im
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 
+from forge.digest import keep_memoized, regular_files, settled_clock
 from forge.serving import ServeSpec
 from forge.stages.base import Run, local
 
@@ -34,9 +36,14 @@ def produce(inputs: Inputs, run: Run) -> dict:
 
     spec, out = inputs.spec, run.out
     engine = run.deps["engine"] / "engine" if "engine" in run.deps else None
+    before = {d: regular_files(d) for d in (run.deps["export"] / "model", engine) if d is not None}
     image = build_model_image(spec, run.deps["export"] / "model", engine, out, inputs.tag, inputs.reference,
                               inputs.modelcar_base)  # fmt: skip
     shutil.rmtree(out / "staged")  # hard links of the export: the layout holds the layers
+    # Linking and unlinking gave the export's files new ctimes: the digest memo follows them, or the
+    # next build reads the whole export again to verify it.
+    for directory, stats in before.items():
+        keep_memoized(stats, settled_clock(directory, marker=out / f".clock-{os.getpid()}"))
     deploy = out / "deploy"
     deploy.mkdir()
     manifests = deployment_manifests(spec, inputs.reference, inputs.name, inputs.gpu, inputs.gpus)
