@@ -270,9 +270,15 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> tupl
     out_features, in_features = weight.shape
     n_groups = in_features // group_size
     gram = stats.gram.float()  # no copy: the argmins below do not depend on G's scale
-    blocks = torch.stack(
-        [gram[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(n_groups)]
-    ) / stats.tokens  # [groups, gs, gs]
+    blocks = (
+        torch.stack(
+            [
+                gram[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size]
+                for g in range(n_groups)
+            ]
+        )
+        / stats.tokens
+    )  # [groups, gs, gs]
     w = weight.float().reshape(out_features, n_groups, group_size)
     if scheme.symmetric:
         hi = w.abs().amax(-1)
