@@ -63,7 +63,8 @@ class AwqOptions:
 
     clip: the per-group clipping search. gptq: round with GPTQ error feedback (onto the clipped
     grids) instead of round-to-nearest. act_order: GPTQ's column order, when gptq. widen,
-    split_ends: more ranges for the clipping search (`clip_factors`).
+    split_ends: more ranges for the clipping search (`clip_factors`). joint: the clipping choices
+    revisited against the whole output error (`refine_jointly`).
     """
 
     clip: bool = True
