@@ -67,9 +67,12 @@ def test_default_recipe_gates_pass_on_measured_figures(cold):
     awq = accuracy["accuracy/awq-w4a16-g64/compressed-tensors"]
     assert fp8["ppl_increase_pct"] < awq["ppl_increase_pct"]
     assert fp8["top1_agreement"] > awq["top1_agreement"] > 0.6
-    # The same AWQ codes re-read through three formats' readers give the same perplexity.
-    same = [s["perplexity"] for sid, s in accuracy.items() if sid.startswith("accuracy/awq-w4a16-g64/")]
-    assert max(same) - min(same) < 1e-3 * max(same)
+    # The same AWQ codes re-read through three formats' readers: the float16 formats give the same
+    # perplexity exactly; the TensorRT-LLM checkpoint keeps the dense tensors (embeddings, norms) in
+    # bfloat16, whose coarser rounding alone moves it (0.05-0.13 % measured, by day), not the codes.
+    ppl = {sid.rsplit("/", 1)[1]: s["perplexity"] for sid, s in accuracy.items() if "/awq-w4a16-g64/" in sid}
+    assert ppl["compressed-tensors"] == ppl["awq-gemm"]
+    assert abs(ppl["trtllm-checkpoint-tp1"] - ppl["awq-gemm"]) < 3e-3 * ppl["awq-gemm"]
 
 
 def test_default_recipe_serves_on_cpu_with_usage_exact_counts(cold):
