@@ -11,8 +11,7 @@ The names below load their module on first use (PEP 562 `__getattr__`), so that 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from forge.lazy import lazy_exports
 
 _EXPORTS = {
     "Endpoint": "client",
@@ -38,9 +37,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
