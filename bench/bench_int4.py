@@ -54,20 +54,19 @@ class Row:
 
 class Reference:
     """The float32 model's log-probabilities per window, kept on disk in float16 (64 windows of
-    1024 × 49152 would be 13 GB in float32), to score every method against."""
+    1024 × 49152 would be 13 GB in float32), to score every method against. With `keep`, they are
+    read from that file when an earlier run on the same windows wrote it, else written there (under
+    a temporary name until complete) for the next run."""
 
-    def __init__(
-        self, model: torch.nn.Module, windows: torch.LongTensor, directory: Path, existing: Path | None = None
-    ) -> None:
-        self.path = existing or directory / "reference.f16"
-        vocab = model.config.vocab_size
-        shape = (windows.shape[0], windows.shape[1] - 1, vocab)
-        self.logp = torch.from_file(str(self.path), shared=True, size=math.prod(shape), dtype=torch.float16)
-        self.logp = self.logp.reshape(shape)
-        if existing is not None:  # another process's reference on the same windows: no forward pass
+    def __init__(self, model: torch.nn.Module, windows: torch.LongTensor, directory: Path, keep: Path | None) -> None:
+        shape = (windows.shape[0], windows.shape[1] - 1, model.config.vocab_size)
+        if keep is not None and keep.exists():  # another run's reference on the same windows: no forward pass
+            self.logp = self.mapped(keep, shape)
             targets = self.logp.gather(-1, windows[:, 1:].unsqueeze(-1)).float()
             self.ppl = math.exp(-float(targets.sum()) / targets.numel())  # from float16: ≈ 1e-3 relative
             return
+        path = keep.with_name(keep.name + ".partial") if keep else directory / "reference.f16"
+        self.logp = self.mapped(path, shape)
         nll = 0.0
         with torch.no_grad():
             for i, window in enumerate(windows):
@@ -75,6 +74,12 @@ class Reference:
                 nll += float(torch.nn.functional.nll_loss(logp, window[1:], reduction="sum"))
                 self.logp[i] = logp.half()
         self.ppl = math.exp(nll / (windows.numel() - windows.shape[0]))  # the float32 model's own
+        if keep:
+            path.rename(keep)
+
+    @staticmethod
+    def mapped(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=torch.float16).reshape(shape)
 
 
 @torch.no_grad()
@@ -248,7 +253,7 @@ def main() -> None:
     parser.add_argument("--modelopt", type=Path, help="bench/modelopt_reference.py's output directory")
     parser.add_argument("--wait-modelopt", type=float, default=0, help="seconds to wait for a missing ModelOpt file")
     parser.add_argument("--llmcompressor", action="store_true", help="also llm-compressor's RTN, GPTQ, FP8 rows")
-    parser.add_argument("--reference", type=Path, help="a reference.f16 another run on the same windows wrote")
+    parser.add_argument("--reference", type=Path, help="the float32 reference file: read if it exists, else written (shared by runs on the same windows)")
     parser.add_argument("--threads", type=int, help="torch threads (fewer contend less on a busy machine)")
     parser.add_argument("--only", default="", help="'|'-separated row labels: run only these, in this order")
     parser.add_argument("--save-calibration", type=Path, help="write the calibration tokens (torch.save) and stop")

@@ -378,3 +378,33 @@ def test_wait_healthy_times_out(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_started_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A build killed with SIGKILL runs no cleanup; the server it started must not outlive it."""
+    starter = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from forge.loadgen.server import start_server\n"
+        "proc = start_server([sys.executable, '-c', 'import time; time.sleep(120)'], Path(sys.argv[1]))\n"
+        "print(proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / "server.log")], stdout=subprocess.PIPE)
+    server = int(parent.stdout.readline())
+    assert _running(server)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _running(server):
+        time.sleep(0.1)
+    assert not _running(server), "the server outlived the process that started it"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit status waits for whoever reaps orphans here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

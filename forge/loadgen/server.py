@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ _SERVING_MODULES = ("fastapi", "uvicorn", "openai")
 # Paged-cache shape for CPU launches: small blocks so a few short test requests fit many times over.
 _CPU_BLOCK_SIZE = 32
 _CPU_MAX_BATCH_TOKENS = 1024
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -179,9 +180,27 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait(timeout=grace_s)
 
 
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A `preexec_fn`: the child gets SIGTERM when `parent` dies, SIGKILL included, so a killed
+    build leaves no server behind (Linux `prctl(2)` PR_SET_PDEATHSIG; elsewhere nothing). The signal
+    follows the thread that forked; forge starts servers from its main thread."""
+
+    def arm() -> None:
+        if sys.platform != "linux":
+            return
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
 def start_server(argv: list[str], log_path: Path) -> subprocess.Popen:
     """Start a server in its own session (so `stop_process` stops exactly its process group), its
-    output appended to `log_path`, with plain output: no colour codes in the kept log."""
+    output appended to `log_path`, with plain output: no colour codes in the kept log. The server
+    dies with this process."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         return subprocess.Popen(
@@ -190,6 +209,7 @@ def start_server(argv: list[str], log_path: Path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509 - only prctl and getppid run there
             env={**os.environ, "NO_COLOR": "1", "TERM": "dumb"},
         )
 
