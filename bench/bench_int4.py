@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--modelopt", type=Path, help="bench/modelopt_reference.py's output directory")
     parser.add_argument("--wait-modelopt", type=float, default=0, help="seconds to wait for a missing ModelOpt file")
     parser.add_argument("--llmcompressor", action="store_true", help="also llm-compressor's RTN, GPTQ, FP8 rows")
-    parser.add_argument("--reference", type=Path, help="the float32 reference file: read if it exists, else written (shared by runs on the same windows)")
+    parser.add_argument("--reference", type=Path, help="float32 reference file: read if present, else written")
     parser.add_argument("--threads", type=int, help="torch threads (fewer contend less on a busy machine)")
     parser.add_argument("--only", default="", help="'|'-separated row labels: run only these, in this order")
     parser.add_argument("--save-calibration", type=Path, help="write the calibration tokens (torch.save) and stop")
