@@ -113,15 +113,22 @@ def static_fp8_inputs(model: torch.nn.Module, input_scales: dict[str, torch.Tens
     return [model.get_submodule(name).register_forward_pre_hook(hook(s)) for name, s in input_scales.items()]
 
 
+# AWQ rows name their options against this base (clipping on, every other option off), not
+# against `awq.OPTIONS`, so a label keeps its meaning when the build's default changes.
+AWQ_BASE = {"clip": True, "gptq": False, "act_order": False, "widen": False, "split_ends": False, "joint": False}
+
+
 def forge_variant(preset: str, algorithm: str, symmetric: bool | None = None, **opts: bool) -> Callable:
     """A forge run: `quantize_checkpoint` with the preset at group 64 (int4) and, for AWQ/GPTQ,
-    the algorithm options `opts` (`awq.options` / `gptq.options`)."""
+    the algorithm options `opts` (`awq.options` over `AWQ_BASE` / `gptq.options`)."""
 
     def run(args: argparse.Namespace, calibration: torch.LongTensor) -> tuple[QuantizedModel, float]:
         group = 64 if "W4A16" in preset else None
         scheme = resolve_scheme(preset, group_size=group, symmetric=symmetric)
-        module_options = awq.options if algorithm == "awq" else gptq.options if algorithm == "gptq" else None
-        context = module_options(**opts) if module_options else contextlib.nullcontext()
+        if algorithm == "awq":
+            context = awq.options(**(AWQ_BASE | opts))
+        else:
+            context = gptq.options(**opts) if algorithm == "gptq" else contextlib.nullcontext()
         started = time.perf_counter()
         with context:
             quantized = quantize_checkpoint(args.model, scheme, algorithm, calibration)
@@ -131,8 +138,8 @@ def forge_variant(preset: str, algorithm: str, symmetric: bool | None = None, **
 
 
 FORGE_ROWS: list[tuple[str, Callable]] = [  # most telling first: each row prints as it completes
-    ("forge AWQ asym g64 + clip (AWQ_W4A16 before)", forge_variant("AWQ_W4A16", "awq", clip=True, gptq=False)),
-    ("forge AWQ asym g64 + clip + GPTQ", forge_variant("AWQ_W4A16", "awq", clip=True, gptq=True)),
+    ("forge AWQ asym g64 + clip (AWQ_W4A16 before)", forge_variant("AWQ_W4A16", "awq")),
+    ("forge AWQ asym g64 + clip + GPTQ", forge_variant("AWQ_W4A16", "awq", gptq=True)),
     ("forge AWQ sym g64 + clip + GPTQ", forge_variant("AWQ_W4A16", "awq", symmetric=True, gptq=True)),
     ("forge FP8 (static)", forge_variant("FP8", "rtn")),
     ("forge FP8_DYNAMIC", forge_variant("FP8_DYNAMIC", "rtn")),
@@ -140,8 +147,8 @@ FORGE_ROWS: list[tuple[str, Callable]] = [  # most telling first: each row print
     ("forge RTN sym g64 (W4A16)", forge_variant("W4A16", "rtn")),
     ("forge GPTQ sym g64", forge_variant("GPTQ_W4A16", "gptq", act_order=False)),
     ("forge GPTQ sym g64 act-order", forge_variant("GPTQ_W4A16", "gptq", act_order=True)),
-    ("forge AWQ asym g64, no clip", forge_variant("AWQ_W4A16", "awq", clip=False, gptq=False)),
-    ("forge AWQ sym g64 + clip", forge_variant("AWQ_W4A16", "awq", symmetric=True, clip=True, gptq=False)),
+    ("forge AWQ asym g64, no clip", forge_variant("AWQ_W4A16", "awq", clip=False)),
+    ("forge AWQ sym g64 + clip", forge_variant("AWQ_W4A16", "awq", symmetric=True)),
     (
         "forge AWQ sym g64 + clip + GPTQ act-order",
         forge_variant("AWQ_W4A16", "awq", symmetric=True, gptq=True, act_order=True),
@@ -151,7 +158,8 @@ FORGE_ROWS: list[tuple[str, Callable]] = [  # most telling first: each row print
         "forge AWQ sym g64 + widened clip, joint",
         forge_variant("AWQ_W4A16", "awq", symmetric=True, widen=True, joint=True),
     ),
-    ("forge AWQ asym g64 + clip, joint", forge_variant("AWQ_W4A16", "awq", joint=True)),
+    ("forge AWQ asym g64 + clip, joint (AWQ_W4A16)", forge_variant("AWQ_W4A16", "awq", joint=True)),
+    ("forge AWQ sym g64 + clip, joint", forge_variant("AWQ_W4A16", "awq", symmetric=True, joint=True)),
     ("forge AWQ asym g64 + split-end clip", forge_variant("AWQ_W4A16", "awq", split_ends=True)),
     ("forge AWQ asym g64 + split-end clip, joint", forge_variant("AWQ_W4A16", "awq", split_ends=True, joint=True)),
 ]
@@ -170,6 +178,7 @@ MODELOPT_ROWS = [
 
 # Run order, most telling first: every row prints as it completes, so a run cut short still answers.
 ORDER = [
+    "forge AWQ asym g64 + clip, joint (AWQ_W4A16)",
     "forge AWQ asym g64 + clip (AWQ_W4A16 before)",
     "forge FP8 (static)",
     "forge FP8_DYNAMIC",
@@ -179,13 +188,13 @@ ORDER = [
     "forge RTN sym g64 (W4A16)",
     "llm-compressor RTN W4A16 sym g64",
     "forge AWQ sym g64 + clip",
+    "forge AWQ sym g64 + clip, joint",
     "llm-compressor GPTQ W4A16 sym g64",
     "forge GPTQ sym g64",
     "forge GPTQ sym g64 act-order",
     "forge AWQ asym g64 + clip + GPTQ",
     MODELOPT_ROWS[0][0],
     MODELOPT_ROWS[1][0],
-    "forge AWQ asym g64 + clip, joint",
     "forge AWQ asym g64 + split-end clip",
     "forge AWQ asym g64 + split-end clip, joint",
     "forge AWQ sym g64 + widened clip",

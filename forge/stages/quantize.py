@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from forge.quant.scheme import Scheme
 from forge.stages.base import Run, local
 
-VERSION = 3  # 2: the cache is written a layer at a time; dense tensors keep the source dtype;
-# 3: float32 Gram matrices and GPTQ Hessian factors (GPTQ / AWQ codes can differ by rounding)
+VERSION = 4  # 2: the cache is written a layer at a time; dense tensors keep the source dtype;
+# 3: float32 Gram matrices and GPTQ Hessian factors (GPTQ / AWQ codes can differ by rounding);
+# 4: AWQ refines its clipping choices per row (`awq.OPTIONS.joint`): new AWQ codes
 
 
 @dataclass(frozen=True)
