@@ -10,7 +10,7 @@ from forge.stages.base import Run, local
 
 VERSION = 4  # 2: the cache is written a layer at a time; dense tensors keep the source dtype;
 # 3: float32 Gram matrices and GPTQ Hessian factors (GPTQ / AWQ codes can differ by rounding);
-# 4: AWQ refines its clipping choices per row (`awq.OPTIONS.joint`): new AWQ codes
+# 4: AWQ refines asymmetric clipping choices per row (`awq.OPTIONS.joint`): new AWQ codes
 
 
 @dataclass(frozen=True)
