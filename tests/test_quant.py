@@ -459,13 +459,28 @@ def test_fp8_dynamic_matches_llmcompressor_exactly(tiny):
         assert torch.equal(ours.linears[name].codes.float(), codes.float())
 
 
-def test_int4_symmetric_rtn_matches_llmcompressor_exactly(tiny):
-    """Same rules once llm-compressor also stores fp16 scales (forge's, as AutoAWQ and TurboMind)."""
+def test_int4_symmetric_rtn_matches_llmcompressor_but_keeps_each_groups_extreme(tiny):
+    """Same rules as llm-compressor storing fp16 scales, except where rounding a scale to fp16 went
+    up: forge stores the fp16 value just below (`rtn.stored_toward_zero`). So every group's
+    largest weight keeps its full reach, code -8 when negative (7 when positive), where a scale
+    rounded up (or a float32 one, by a coin flip of its last bit) gives some of them -7."""
     ours = quantize_checkpoint(tiny, resolve_scheme("W4A16"), "rtn", None)
+    source = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).state_dict()
+    lowered = 0
     for name, (codes, scale, zero) in llmcompressor_codes(tiny, "W4A16", torch.float16).items():
         linear = ours.linears[name]
-        assert torch.equal(linear.scale.float(), scale.float())
-        assert torch.equal(linear.codes.int(), codes.int()) and not zero.any()
+        scale = scale.to(linear.scale.dtype)  # fp16 values, held in float32 by compressed-tensors
+        same = linear.scale == scale
+        below = linear.scale == torch.nextafter(scale, torch.zeros_like(scale))
+        assert bool((same | below).all()) and not zero.any()
+        per_element = same.repeat_interleave(linear.codes.shape[1] // same.shape[1], dim=1)
+        assert torch.equal(linear.codes.int()[per_element], codes.int()[per_element])
+        weight = source[f"{name}.weight"].reshape(*same.shape, -1)
+        extreme = weight.abs().argmax(-1, keepdim=True)
+        expected = torch.where(weight.gather(-1, extreme) < 0, -8, 7)
+        assert torch.equal(linear.codes.int().reshape(*same.shape, -1).gather(-1, extreme), expected)
+        lowered += int(below.sum())
+    assert lowered > 0  # the tiny model has such groups: the rule was exercised
 
 
 def test_int4_asymmetric_rtn_matches_llmcompressor_up_to_zero_point_rounding(tiny):
