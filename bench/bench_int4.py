@@ -138,7 +138,7 @@ def forge_variant(preset: str, algorithm: str, symmetric: bool | None = None, **
 
 
 FORGE_ROWS: list[tuple[str, Callable]] = [  # most telling first: each row prints as it completes
-    ("forge AWQ asym g64 + clip (AWQ_W4A16 before)", forge_variant("AWQ_W4A16", "awq")),
+    ("forge AWQ asym g64 + clip (AWQ_W4A16)", forge_variant("AWQ_W4A16", "awq")),
     ("forge AWQ asym g64 + clip + GPTQ", forge_variant("AWQ_W4A16", "awq", gptq=True)),
     ("forge AWQ sym g64 + clip + GPTQ", forge_variant("AWQ_W4A16", "awq", symmetric=True, gptq=True)),
     ("forge FP8 (static)", forge_variant("FP8", "rtn")),
@@ -158,7 +158,7 @@ FORGE_ROWS: list[tuple[str, Callable]] = [  # most telling first: each row print
         "forge AWQ sym g64 + widened clip, joint",
         forge_variant("AWQ_W4A16", "awq", symmetric=True, widen=True, joint=True),
     ),
-    ("forge AWQ asym g64 + clip, joint (AWQ_W4A16)", forge_variant("AWQ_W4A16", "awq", joint=True)),
+    ("forge AWQ asym g64 + clip, joint", forge_variant("AWQ_W4A16", "awq", joint=True)),
     ("forge AWQ sym g64 + clip, joint", forge_variant("AWQ_W4A16", "awq", symmetric=True, joint=True)),
     ("forge AWQ asym g64 + split-end clip", forge_variant("AWQ_W4A16", "awq", split_ends=True)),
     ("forge AWQ asym g64 + split-end clip, joint", forge_variant("AWQ_W4A16", "awq", split_ends=True, joint=True)),
@@ -178,8 +178,8 @@ MODELOPT_ROWS = [
 
 # Run order, most telling first: every row prints as it completes, so a run cut short still answers.
 ORDER = [
-    "forge AWQ asym g64 + clip, joint (AWQ_W4A16)",
-    "forge AWQ asym g64 + clip (AWQ_W4A16 before)",
+    "forge AWQ asym g64 + clip (AWQ_W4A16)",
+    "forge AWQ asym g64 + clip, joint",
     "forge FP8 (static)",
     "forge FP8_DYNAMIC",
     "llm-compressor FP8_DYNAMIC",

@@ -349,22 +349,6 @@ def test_wider_clip_searches_never_lose(symmetric, changes):
         assert bool((scale > amax / 7.5 * 1.01).any())  # some groups chose a range past max|w|
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_joint_clip_refinement_is_the_default_for_asymmetric_grids_only(symmetric):
-    """Measured on SmolLM2 (bench/RESULTS.md): the joint refinement lowers asymmetric int4's
-    perplexity and raises symmetric int4's, so the default search differs accordingly."""
-    from forge.quant import awq
-
-    w, stats, scheme = clip_case(symmetric)
-    default = awq.search_clip(w, stats, scheme)
-    with awq.options(joint=not symmetric):
-        expected = awq.search_clip(w, stats, scheme)
-    with awq.options(joint=symmetric):
-        other = awq.search_clip(w, stats, scheme)
-    assert torch.equal(default[0], expected[0]) and torch.equal(default[1][0], expected[1][0])
-    assert not torch.equal(default[0], other[0])
-
-
 def test_gptq_is_deterministic_and_beats_rtn_end_to_end(tiny, calibration, tmp_path):
     scheme = resolve_scheme("GPTQ_W4A16", group_size=64, dtype="float32")
     runs = [quantize_checkpoint(tiny, scheme, "gptq", calibration) for _ in range(2)]

@@ -10,11 +10,11 @@ Two searches per decoder layer, then rounding onto the shared int4 storage rules
    sqrt(max·min) = 1, with α on a grid; the s minimizing the output error of the group wins.
 2. Clipping search (AutoAWQ `auto_clip`): per output row and group, shrink the range the int4
    grid spans by a factor in [0.55, 1] if that lowers the group's output error — trading a few
-   clipped outliers for finer steps everywhere else. For asymmetric grids (`OPTIONS.joint`) the
-   choices are then revisited against each row's whole output error, groups' cross terms
-   included (`refine_jointly`). Measured on SmolLM2-135M, 64 wikitext-2 windows (bench/RESULTS.md):
-   asymmetric +17.1 % perplexity against the float32 model instead of +19.1 %, for about 1.5× the
-   quantize time; symmetric +34.3 % instead of +28.5 %, so symmetric grids keep the per-group choice.
+   clipped outliers for finer steps everywhere else. `OPTIONS.joint` (off) then revisits the
+   choices against each row's whole output error, groups' cross terms included
+   (`refine_jointly`). Measured on SmolLM2-135M (bench/RESULTS.md): asymmetric +17.1 % perplexity
+   on 64 wikitext-2 windows instead of +19.1 %, but symmetric +34.3 % instead of +28.5 %, and the
+   default build's lm-eval task recovery fell below its gate (0.71 < 0.75), so it stays off.
 3. Rounding (`OPTIONS.gptq`): round-to-nearest onto the clipped grids, or GPTQ error feedback
    onto the same grids with the Hessian of the scaled inputs (`gptq_rounding`).
 
@@ -69,7 +69,7 @@ class AwqOptions:
     clip: the per-group clipping search. gptq: round with GPTQ error feedback (onto the clipped
     grids) instead of round-to-nearest. act_order: GPTQ's column order, when gptq. widen,
     split_ends: more ranges for the clipping search (`clip_factors`). joint: the clipping choices
-    revisited against the whole output error (`refine_jointly`); None: for asymmetric grids only.
+    revisited against the whole output error (`refine_jointly`).
     """
 
     clip: bool = True
@@ -77,13 +77,13 @@ class AwqOptions:
     act_order: bool = False
     widen: bool = False
     split_ends: bool = False
-    joint: bool | None = None
+    joint: bool = False
 
 
 OPTIONS = AwqOptions()
 
 
-def options(**changes: bool | None) -> AbstractContextManager[None]:
+def options(**changes: bool) -> AbstractContextManager[None]:
     """Run with some of `OPTIONS` changed (a benchmark's variants, `forge.quant.gptq.swapped_options`)."""
     return swapped_options(sys.modules[__name__], **changes)
 
@@ -269,8 +269,8 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> tupl
 
     Asymmetric ranges are [min, max] scaled by the factors of `clip_factors`; symmetric ones
     ±max|w|. Each group's error uses only its diagonal block of the Gram matrix, as AutoAWQ
-    measures the partial dot product of each group separately; `OPTIONS.joint` (by default for
-    asymmetric grids) then revisits the choices with the whole Gram matrix (`refine_jointly`).
+    measures the partial dot product of each group separately; `OPTIONS.joint` then revisits the
+    choices with the whole Gram matrix (`refine_jointly`).
     """
     group_size = scheme.group_size
     out_features, in_features = weight.shape
@@ -311,7 +311,7 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> tupl
         error = (torch.bmm(delta, blocks) * delta).sum(-1)  # [groups, c * out]
         errors.append(error.reshape(n_groups, -1, out_features).permute(1, 2, 0))
     best = torch.argmin(torch.cat(errors), dim=0)  # [out, groups]; first minimum keeps less clipping
-    if OPTIONS.joint if OPTIONS.joint is not None else not scheme.symmetric:
+    if OPTIONS.joint:
         chosen_delta = deltas(low[best], high[best]).reshape(out_features, in_features)
         every = partial(deltas, low.reshape(-1, 1, 1), high.reshape(-1, 1, 1))
         best = refine_jointly(best, chosen_delta, every, gram)

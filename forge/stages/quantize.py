@@ -10,8 +10,7 @@ from forge.stages.base import Run, local
 
 VERSION = 4  # 2: the cache is written a layer at a time; dense tensors keep the source dtype;
 # 3: float32 Gram matrices and GPTQ Hessian factors (GPTQ / AWQ codes can differ by rounding);
-# 4: AWQ refines asymmetric clipping choices per row (`awq.OPTIONS.joint`); symmetric int4 scales are
-# stored toward zero (`rtn.stored_toward_zero`): new AWQ and symmetric int4 codes
+# 4: symmetric int4 scales are stored toward zero (`rtn.stored_toward_zero`): new symmetric codes
 
 
 @dataclass(frozen=True)
