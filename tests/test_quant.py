@@ -335,9 +335,8 @@ def test_wider_clip_searches_never_lose(symmetric, changes):
     from forge.quant import awq
 
     w, stats, scheme = clip_case(symmetric)
-    with awq.options(joint=False):
-        base = row_errors(w, awq.search_clip(w, stats, scheme), stats)
-    with awq.options(**({"joint": False} | changes)):
+    base = row_errors(w, awq.search_clip(w, stats, scheme), stats)
+    with awq.options(**changes):
         wider = awq.search_clip(w, stats, scheme)
     better = row_errors(w, wider, stats)
     if "joint" in changes:  # coordinate descent on each row's total: never worse, row by row
