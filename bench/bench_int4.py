@@ -12,7 +12,7 @@ leaves it (compressed-tensors fake-quantizes weights, and activations where the 
 its forward); ModelOpt's fake-quantized dense weights written by `bench/modelopt_reference.py`
 (its own venv). FP8 activations: static schemes round each linear's input to fp8 with the
 calibrated per-tensor scale, dynamic ones per token, as serving does.
-Calibration for every calibrated method: 16 × 256 tokens of `pydoc_topics`, seed 0.
+Calibration for every calibrated method: 16 × 256 tokens of `pydoc_topics`, seed 0 unless `--seed` draws another sample.
 """
 
 from __future__ import annotations
@@ -265,6 +265,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="float32 reference file: read if present, else written")
     parser.add_argument("--threads", type=int, help="torch threads (fewer contend less on a busy machine)")
     parser.add_argument("--only", default="", help="'|'-separated row labels: run only these, in this order")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sample seed (another draw of the same text)")
     parser.add_argument("--save-calibration", type=Path, help="write the calibration tokens (torch.save) and stop")
     args = parser.parse_args()
 
@@ -273,7 +274,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    calibration = load_calibration(["pydoc_topics"], args.model, 16, 256, seed=0)
+    calibration = load_calibration(["pydoc_topics"], args.model, 16, 256, seed=args.seed)
     if args.save_calibration:
         torch.save(calibration, args.save_calibration)
         return
@@ -287,7 +288,8 @@ def main() -> None:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     started_at = datetime.datetime.now(datetime.UTC)
     print(f"{started_at:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, {args.windows} windows × 1024 tokens", flush=True)  # fmt: skip
+          f"{torch.get_num_threads()}, {args.windows} windows × 1024 tokens, calibration seed {args.seed}",
+          flush=True)  # fmt: skip
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-int4-") as tmp:
         started = time.perf_counter()

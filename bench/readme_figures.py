@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -48,8 +49,16 @@ def render(report: dict) -> str:
             f"{row['top1_agreement']:.4f} | {row['mean_kl']:.4f} | {recovery} |"
         )
     commit = report["tools"].get("forge_commit", "unknown")
-    lines += ["", f"Built from forge commit `{commit}` ({report['recipe']['name']}).", END]
+    cpu = report["tools"].get("cpu", "an unrecorded CPU")
+    lines += ["", f"Built from forge commit `{commit}` ({report['recipe']['name']}) on `{cpu}`.", END]
     return "\n".join(lines)
+
+
+def machine(readme: str) -> str | None:
+    """The CPU the README's figures were computed on (`render`'s footer), if it names one."""
+    block = readme[readme.index(BEGIN) : readme.index(END)]
+    found = re.search(r"\) on `([^`]+)`\.", block)
+    return found.group(1) if found else None
 
 
 def parse(readme: str) -> list[dict]:

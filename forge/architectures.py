@@ -29,15 +29,15 @@ class Smoothing:
     `smooth_part` names a row slice of a fused `smooth` linear (Phi-3's `v` of `qkv_proj`, `up`
     of `gate_up_proj`). `balance` may hold modules that are never quantized (an MoE router reads
     the same normed input as its experts): they are scaled so the float function is unchanged,
-    but take no part in the scale search. `needs_mha`: the group only exists when v_proj's
-    outputs are o_proj's inputs channel for channel (no grouped-query attention), since one scale
-    per v channel cannot be folded into several o_proj columns (AutoAWQ llama.py).
+    but take no part in the scale search. `values`: `smooth` produces the attention values
+    `balance` reads; under grouped-query attention each value channel feeds one o_proj column
+    per query head sharing its kv head, so those columns share its scale (`forge.quant.awq`).
     """
 
     smooth: str
     balance: tuple[str, ...]
     smooth_part: str | None = None
-    needs_mha: bool = False
+    values: bool = False
     per_expert: bool = False  # `{e}` in the names: one group per expert
 
 
@@ -131,7 +131,7 @@ _LLAMA_LINEARS = (
 )
 _ATTENTION_GROUPS = (
     Smoothing("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Smoothing("self_attn.v_proj", ("self_attn.o_proj",), needs_mha=True),
+    Smoothing("self_attn.v_proj", ("self_attn.o_proj",), values=True),
 )
 # AutoAWQ's Llama mappings (awq/models/llama.py): the same for Mistral, Qwen2 and Qwen3 (q/k norms
 # sit after q_proj / k_proj, so they change none of these producers).
@@ -231,7 +231,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
             (
                 Smoothing("input_layernorm", ("self_attn.qkv_proj",)),
-                Smoothing("self_attn.qkv_proj", ("self_attn.o_proj",), smooth_part="v", needs_mha=True),
+                Smoothing("self_attn.qkv_proj", ("self_attn.o_proj",), smooth_part="v", values=True),
                 Smoothing("post_attention_layernorm", ("mlp.gate_up_proj",)),
                 Smoothing("mlp.gate_up_proj", ("mlp.down_proj",), smooth_part="up"),
             ),

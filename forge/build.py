@@ -35,7 +35,7 @@ from pathlib import Path
 from forge import __version__
 from forge.build_report import typed_report
 from forge.cache import Cache, atomic_write_text, lock_file, make_dirs, remove, warn_discarded
-from forge.cpu import use_cpu_threads
+from forge.cpu import cpu_description, use_cpu_threads
 from forge.digest import keep_memoized, regular_files, settled_clock
 from forge.errors import GateFailed, InfraError, InputError
 from forge.loadgen.server import SharedServer
@@ -513,7 +513,8 @@ def forge_commit() -> str:
 
 
 def tool_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "forge": __version__, "forge_commit": forge_commit()}
+    versions = {"python": platform.python_version(), "forge": __version__, "forge_commit": forge_commit(),
+                "cpu": cpu_description()}  # fmt: skip
     for name in TOOLS:
         try:
             versions[name] = installed_version(name)

@@ -216,7 +216,10 @@ class BuildReport(Closed):
     )
     recipe_file: str = Field(description="The recipe path as given to forge build.")
     inputs: Inputs
-    tools: dict[str, str] = Field(description="Versions of python, forge (and its commit) and the libraries used.")
+    tools: dict[str, str] = Field(
+        description="Versions of python, forge (and its commit) and the libraries used; `cpu`: the processor and "
+        "thread count the figures were computed on."
+    )
     stages: list[StageRecord] = Field(description="Every stage of the plan, in plan order.")
     artifacts: list[Artifact]
     impossible: list[Impossible]

@@ -10,6 +10,7 @@ job shares the machine, FORGE_THREADS gives forge its share.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 
 from forge.errors import InputError
@@ -34,3 +35,20 @@ def use_cpu_threads() -> int:
     if "torch" in sys.modules:  # imported already (a test, a library caller): set its pool directly
         sys.modules["torch"].set_num_threads(threads)
     return threads
+
+
+def cpu_description() -> str:
+    """The processor's model name and the threads forge computes with, for build reports: float
+    results differ in their last bits from one CPU family or thread count to another (BLAS kernels
+    and reduction orders differ), which moves rounding decisions and so quantized figures a little."""
+    model = platform.machine() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = " ".join(value.split())
+                    break
+    except OSError:
+        pass  # not Linux: the architecture name is what there is
+    return f"{model}, {cpu_threads()} threads"

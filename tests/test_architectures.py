@@ -145,9 +145,9 @@ def test_transformers_decompresses_compressed_tensors_fp8_export(tmp_path, model
 def test_awq_smoothing_alone_keeps_the_float_outputs(tmp_path, arch):
     """Scales folded into every smoothing group (no rounding kept) leave each fp32 decoder layer's
     outputs unchanged: the groups name the right producers (Gemma's pre-feedforward norm with its
-    (1 + w) weight, Phi-3's v / up row slices, an MoE router scaled with its experts). Full
-    multi-head attention, so the v → o groups exist too."""
-    source = make_tiny_model(tmp_path / arch, arch, num_key_value_heads=4, seed=1)
+    (1 + w) weight, Phi-3's v / up row slices, an MoE router scaled with its experts, the v → o
+    group's scales shared by the o_proj columns of one kv head under grouped-query attention)."""
+    source = make_tiny_model(tmp_path / arch, arch, num_key_value_heads=2, seed=1)
     config = json.loads((source / "config.json").read_text())
     arch_record = get_architecture(config)
     model = load_float_model(source)
@@ -161,7 +161,7 @@ def test_awq_smoothing_alone_keeps_the_float_outputs(tmp_path, arch):
         stats, before = collect_layer_stats(layer, hidden, per_layer[index], names, gram=True, kv=False)
         groups = scale_groups(layer, arch_record, config)
         smooths = {g.smooth for g in groups}
-        assert "self_attn.v_proj" in smooths or "self_attn.qkv_proj" in smooths  # v → o under MHA
+        assert "self_attn.v_proj" in smooths or "self_attn.qkv_proj" in smooths  # v → o under GQA
         if arch_record.router:
             assert any(router[0] in g.balance for g in groups)
         originals = {g.smooth: layer.get_submodule(g.smooth).weight.clone() for g in groups}

@@ -104,17 +104,29 @@ def test_identical_rebuild_is_fully_cached(cold):
 
 def test_readme_figures_are_this_builds(cold):
     """The figures the README publishes are the ones the code at HEAD measures (bench/readme_figures.py
-    regenerates them); a change that moves a figure must republish it."""
+    regenerates them); a change that moves a figure must republish it.
+
+    To the printed digit on the CPU and thread count the README names. Elsewhere float results
+    differ in their last bits (BLAS kernels, reduction order), which flips some rounding decisions
+    of the quantizers: the same code moved FP8 +3.374 → +2.863 → +2.663 % from one machine to the
+    next (bench/RESULTS.md). There the figures must agree within that spread, which still catches
+    a quantizer or reader that is actually broken."""
     _, report = cold
     figures = runpy.run_path(str(REPO / "bench" / "readme_figures.py"))
-    published = figures["parse"]((REPO / "README.md").read_text())
+    readme = (REPO / "README.md").read_text()
+    published = figures["parse"](readme)
     measured = figures["parse"](figures["render"](report) + "\n")
     assert [(r["variant"], r["format"]) for r in published] == [(r["variant"], r["format"]) for r in measured]
-    tolerance = {"perplexity": 0.001, "ppl_increase_pct": 0.001, "top1_agreement": 1e-4, "mean_kl": 1e-4}
+    machine = report["tools"]["cpu"]
+    if figures["machine"](readme) == machine:
+        tolerance = {"perplexity": 0.001, "ppl_increase_pct": 0.001, "top1_agreement": 1e-4, "mean_kl": 1e-4,
+                     "recovery": 0.001}  # fmt: skip
+    else:  # 1 % of perplexity, 3 of 31 baseline answers
+        tolerance = {"perplexity": 0.25, "ppl_increase_pct": 1.0, "top1_agreement": 0.01, "mean_kl": 0.01,
+                     "recovery": 0.1}  # fmt: skip
     for old, new in zip(published, measured, strict=True):
         for key, tol in tolerance.items():
-            assert old[key] == pytest.approx(new[key], abs=tol), (old["variant"], old["format"], key)
-        assert old["recovery"] == pytest.approx(new["recovery"], abs=0.001)
+            assert old[key] == pytest.approx(new[key], abs=tol), (old["variant"], old["format"], key, machine)
     assert report["tools"]["forge_commit"] != "unknown"
 
 

@@ -96,6 +96,9 @@ class ScaleGroup:
     `smooth` linear that produces the input (Phi-3's `up` half of `gate_up_proj`). `plus_one`:
     the smooth op is a Gemma RMSNorm, which scales by (1 + weight). `stats`: the module whose
     recorded input is the group's (an MoE router sees every token its experts share).
+    `shared`: (query heads per kv head, head_dim) when `smooth` produces attention values under
+    grouped-query attention: o_proj's input channel (h, d) reads value channel (h // repeat, d)
+    (transformers `repeat_kv`), so the `repeat` columns reading one value channel share its scale.
     """
 
     smooth: str
@@ -103,6 +106,21 @@ class ScaleGroup:
     rows: tuple[int, int] | None = None
     plus_one: bool = False
     stats: str | None = None
+    shared: tuple[int, int] | None = None
+
+    def widen(self, scales: torch.Tensor) -> torch.Tensor:
+        """Scales per output channel of `smooth`, as the balance linears' input channels see them."""
+        if self.shared is None:
+            return scales
+        repeat, head_dim = self.shared
+        return scales.reshape(-1, 1, head_dim).expand(-1, repeat, head_dim).reshape(-1)
+
+    def narrow(self, per_input: torch.Tensor) -> torch.Tensor:
+        """A per-input-channel statistic, averaged over the channels that share one scale."""
+        if self.shared is None:
+            return per_input
+        repeat, head_dim = self.shared
+        return per_input.reshape(-1, repeat, head_dim).mean(1).reshape(-1)
 
 
 def scale_groups(layer: nn.Module, arch: Architecture, config: dict) -> list[ScaleGroup]:
@@ -110,17 +128,18 @@ def scale_groups(layer: nn.Module, arch: Architecture, config: dict) -> list[Sca
     loaded decoder layer: experts expanded, fused row ranges resolved, groups whose modules this
     layer lacks (a dense layer of a partly-MoE model) dropped.
 
-    v_proj → o_proj only without grouped-query attention: with fewer kv heads each v channel
-    feeds several o_proj columns, so one scale per channel cannot be folded (AutoAWQ llama.py;
-    mit-han-lab/llm-awq PR 67 comment).
+    v_proj → o_proj under grouped-query attention too, with one scale per value channel shared
+    by the o_proj columns reading it (AutoAWQ and llm-compressor skip the group there, as one
+    scale per o_proj column cannot be folded; mit-han-lab/llm-awq PR 67 comment).
     """
     present = {name for name, _ in layer.named_modules()}
     experts = num_experts(config)
-    mha = (config.get("num_key_value_heads") or config["num_attention_heads"]) == config["num_attention_heads"]
+    heads = config["num_attention_heads"]
+    repeat = heads // (config.get("num_key_value_heads") or heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
     groups = []
     for spec in arch.smoothing:
-        if spec.needs_mha and not mha:
-            continue
+        shared = (repeat, head_dim) if spec.values and repeat > 1 else None
         if spec.per_expert:
             expanded = [(spec.smooth.replace(EXPERT, str(e)), [b.replace(EXPERT, str(e)) for b in spec.balance])
                         for e in range(experts)]  # fmt: skip
@@ -137,7 +156,7 @@ def scale_groups(layer: nn.Module, arch: Architecture, config: dict) -> list[Sca
             router = arch.to_memory(arch.router) if arch.router else None
             stats = router if router in balance else balance[0]
             plus_one = arch.norm_plus_one and not isinstance(layer.get_submodule(smooth), nn.Linear)
-            groups.append(ScaleGroup(smooth, balance, rows, plus_one, stats))
+            groups.append(ScaleGroup(smooth, balance, rows, plus_one, stats, shared))
     return groups
 
 
@@ -178,9 +197,10 @@ def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int = SCA
 
 
 def search_scales(
-    weights: list[torch.Tensor], quantized: list[bool], stats: InputStats, scheme: Scheme
+    weights: list[torch.Tensor], quantized: list[bool], stats: InputStats, scheme: Scheme, group: ScaleGroup
 ) -> tuple[torch.Tensor, float, float]:
-    """The per-input-channel scale minimizing Σ ‖Q(W·s)/s − W‖_G over the quantized linears.
+    """The per-input-channel scale minimizing Σ ‖Q(W·s)/s − W‖_G over the quantized linears,
+    among scales `group` can fold (`ScaleGroup.widen`): returned per output channel of its smooth op.
 
     Candidates are evaluated a batch at a time (rows of every candidate stacked into one
     matrix): a few large tensor operations instead of hundreds of small ones, which matters on
@@ -190,12 +210,13 @@ def search_scales(
     gram = stats.gram.float()  # Σ x xᵀ as accumulated (float32: no copy); errors divided by tokens below
     x_mean = stats.abs_mean.float()
     w_all = torch.cat([w for w, q in zip(weights, quantized, strict=True) if q])
-    candidates = scale_candidates(x_mean, weight_salience([w_all], scheme.group_size))
+    salience = weight_salience([w_all], scheme.group_size)
+    candidates = scale_candidates(group.narrow(x_mean), group.narrow(salience))
     errors = []
     per_batch = max(1, BATCH_ELEMENTS // w_all.numel())
     row_block = max(1, BATCH_ELEMENTS // w_all.shape[1])  # rows are independent given s: errors add up
     for start in range(0, len(candidates), per_batch):
-        s = torch.stack(candidates[start : start + per_batch]).unsqueeze(1)  # [c, 1, in]
+        s = torch.stack([group.widen(c) for c in candidates[start : start + per_batch]]).unsqueeze(1)  # [c, 1, in]
         error = torch.zeros(s.shape[0])
         for rows in w_all.split(row_block):  # temporaries of ≤ BATCH_ELEMENTS floats, not of the whole stack
             scaled = (rows * s).reshape(-1, rows.shape[1])
@@ -210,7 +231,9 @@ def search_scales(
 
 @torch.no_grad()
 def fold_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor, stats: InputStats) -> None:
-    """W·diag(s) on the balance linears, ÷s on the op producing their input: same float function."""
+    """W·diag(s) on the balance linears, ÷s on the op producing their input: same float function.
+
+    `scales` are per output channel of the producer (`search_scales`)."""
     smooth = layer.get_submodule(group.smooth)
     rows = slice(*group.rows) if group.rows else slice(None)
     if isinstance(smooth, nn.Linear):
@@ -221,10 +244,11 @@ def fold_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor, stats
         smooth.weight.div_(scales)  # RMSNorm's elementwise weight
     if getattr(smooth, "bias", None) is not None:
         smooth.bias[rows].div_(scales)
+    wide = group.widen(scales)
     for name in group.balance:
-        layer.get_submodule(name).weight.mul_(scales)
+        layer.get_submodule(name).weight.mul_(wide)
     # The balance linears now see x / s: keep their statistics in step for later searches.
-    rescale_stats(stats, scales)
+    rescale_stats(stats, wide)
 
 
 def rescale_stats(stats: InputStats, scales: torch.Tensor) -> None:
@@ -382,12 +406,12 @@ def awq_layer(
             advance()
             continue  # nothing to protect, or nothing seen: leave the float weights as they are
         weights = [layer.get_submodule(name).weight.float() for name in group.balance]
-        scales, rtn_error, best_error = search_scales(weights, flags, group_stats, scheme)
+        scales, rtn_error, best_error = search_scales(weights, flags, group_stats, scheme, group)
         fold_scales(layer, group, scales, group_stats)
         members = {id(stats[n]): stats[n] for n in group.balance if n in stats}  # experts: own subsets
         for member in members.values():  # ... of the same input, which now arrives as x / s too
             if member is not group_stats:
-                rescale_stats(member, scales)
+                rescale_stats(member, group.widen(scales))
         errors[group.smooth] = (rtn_error, best_error)
         advance()
     if OPTIONS.gptq:
