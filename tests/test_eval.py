@@ -380,7 +380,7 @@ def test_lm_eval_command_targets_the_completions_endpoint(tmp_path):
         "-m", "lm_eval", "run", "--model", "local-completions",
         "--model_args",
         "base_url=http://127.0.0.1:8000/v1/completions,model=smollm2,tokenizer=/models/smollm2,"
-        "tokenizer_backend=huggingface,tokenized_requests=False,num_concurrent=1,max_retries=3",
+        "tokenizer_backend=huggingface,tokenized_requests=False,num_concurrent=8,max_retries=3",
         "--tasks", "arc_easy,hellaswag", "--output_path", str(tmp_path),
         "--num_fewshot", "0", "--limit", "100",
     ]  # fmt: skip

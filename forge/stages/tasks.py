@@ -12,7 +12,7 @@ from pathlib import Path
 from forge.stages.base import Run, local
 from forge.stages.serve import Served, serve_artifact, served_as
 
-VERSION = 1
+VERSION = 2  # 2: lm_eval sends `lm_eval.CONCURRENT_REQUESTS` requests at a time, which the server batches
 
 
 @dataclass(frozen=True)
