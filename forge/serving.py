@@ -138,29 +138,29 @@ def docker_run_argv(image: str, spec: ServeSpec, host_port: int, gpus: int,
 @contextlib.contextmanager
 def serve_command(command_for_port: Callable[[int], list[str]], spec: ServeSpec, log_path: Path, image: str):
     """Run `command_for_port(host_port)` (a `docker run`) until the block ends, once its health path
-    answers; yields the loadgen's `RunningServer`."""
+    answers; yields the loadgen's `RunningServer`.
+
+    The docker client dies with this process (`start_server`), SIGKILL included, and its SIGTERM
+    reaches the container (`docker run` proxies signals, `--init` passes them to the server), so
+    a killed build leaves no container serving: `--rm` then removes it."""
     import shutil
-    import subprocess
 
     from forge.errors import InfraError
-    from forge.loadgen.server import RunningServer, free_port, stop_process, wait_healthy
+    from forge.loadgen.server import RunningServer, free_port, start_server, stop_process, wait_healthy
 
     if shutil.which("docker") is None:
         raise InfraError(f"serving {image} on a GPU needs a Docker engine; docker CLI not found")
     port = free_port()
     command = command_for_port(port)
     base_url = f"http://127.0.0.1:{port}"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
-        try:
-            wait_healthy(base_url, proc, log_path, 1800.0, spec.health_path, name=image)
-            # Servers name the model by the path they load: the engine's, else the checkpoint's.
-            model = ENGINE_DIR if ENGINE_DIR in spec.argv else MODEL_DIR
-            yield RunningServer(base_url, model, command, log_path, proc.pid)
-        finally:
-            stop_process(proc, grace_s=60.0)
+    proc = start_server(command, log_path)
+    try:
+        wait_healthy(base_url, proc, log_path, 1800.0, spec.health_path, name=image)
+        # Servers name the model by the path they load: the engine's, else the checkpoint's.
+        model = ENGINE_DIR if ENGINE_DIR in spec.argv else MODEL_DIR
+        yield RunningServer(base_url, model, command, log_path, proc.pid)
+    finally:
+        stop_process(proc, grace_s=60.0)
 
 
 def skopeo_load_argv(layout: Path, tag: str, name: str) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -399,6 +400,37 @@ def test_a_started_server_dies_with_the_process_that_started_it(tmp_path: Path) 
     while time.monotonic() < deadline and _running(server):
         time.sleep(0.1)
     assert not _running(server), "the server outlived the process that started it"
+
+
+def test_a_served_container_dies_with_the_build_that_started_it(tmp_path: Path) -> None:
+    """The GPU path's `docker run` client too: it gets SIGTERM when the build is killed, which it
+    proxies to the container. A stand-in `docker` (no engine here) records its pid and sleeps."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'docker.pid'}\nexec sleep 120\n")
+    docker.chmod(0o755)
+    starter = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from forge.serving import ServeSpec, serve_command\n"
+        "spec = ServeSpec('vllm', 'img', ['vllm', 'serve'], 8000, '/health', 'vllm')\n"
+        "with serve_command(lambda port: ['docker', 'run', 'img'], spec, Path(sys.argv[1]), 'img'):\n"
+        "    pass\n"
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    parent = subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / "server.log")], env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (tmp_path / "docker.pid").is_file():
+        time.sleep(0.1)
+    client = int((tmp_path / "docker.pid").read_text())
+    assert _running(client) and parent.poll() is None  # waiting for a health check that never answers
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _running(client):
+        time.sleep(0.1)
+    assert not _running(client), "the docker client outlived the build that started it"
 
 
 def _running(pid: int) -> bool:
