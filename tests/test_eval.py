@@ -192,6 +192,22 @@ def test_fp8_activation_rounding_adds_error_and_is_removable(tiny, windows, base
     }
 
 
+def test_fp8_activation_rounding_shared_by_linears_of_one_input_changes_nothing(tiny, windows, baseline, monkeypatch):
+    """q/k/v (and gate/up) read one tensor: rounding it once gives what rounding it per linear gives."""
+    _, config, state = tiny
+    quantized = quantize_rtn(state, config, resolve_scheme("FP8_DYNAMIC"))
+    model = build_model(config, quantized.dequantize())
+    monkeypatch.setattr(perplexity, "TOKEN_CHUNK", CHUNK)
+    results = []
+    for groups in ([sorted(quantized.linears)], [[name] for name in sorted(quantized.linears)]):
+        handles = [h for names in groups for h in perplexity.simulate_dynamic_fp8_activations(model, names)]
+        results.append({k: v for k, v in compare_pass(model, windows, baseline[0], batch_size=4).items()
+                        if k != "seconds"})  # fmt: skip
+        for handle in handles:
+            handle.remove()
+    assert results[0] == results[1]
+
+
 def test_static_fp8_activations_use_each_linears_own_scale(tiny, windows, baseline, monkeypatch):
     _, config, state = tiny
     quantized = quantize_rtn(state, config, resolve_scheme("FP8_DYNAMIC"))

@@ -156,19 +156,26 @@ def simulate_dynamic_fp8_activations(model: torch.nn.Module, linear_names: list[
     quantizes every activation entering those linears, with one scale per token computed at run
     time: scale = max|x| / 448 (vLLM `scaled_fp8_quant(..., use_per_token_if_dynamic=True)`,
     compressed-tensors `strategy: token, dynamic: true`). Rounding the input and multiplying in
-    fp32 equals the fp8 GEMM with fp32 accumulation up to summation order. Returns the hook
-    handles (`handle.remove()` undoes it).
+    fp32 equals the fp8 GEMM with fp32 accumulation up to summation order. Linears reading one
+    input tensor (q/k/v, gate/up) share its rounding, computed once. Returns the hook handles
+    (`handle.remove()` undoes it).
     """
     modules = dict(model.named_modules())
     missing = [name for name in linear_names if name not in modules]
     if missing:
         raise InputError(f"linears: {missing[:3]} are not modules of this model")
+    # The input last rounded and its rounding. The same tensor object is the same values: a
+    # decoder layer passes one normed tensor to q/k/v (gate/up) and changes none in place (and
+    # inference-mode tensors keep no version counter to check that by).
+    last: list = [None, None]
 
     def round_input(_module: torch.nn.Module, args: tuple) -> tuple:
         x = args[0]
-        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        codes = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return ((codes.float() * scale).to(x.dtype), *args[1:])
+        if x is not last[0]:
+            scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+            codes = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            last[:] = [x, (codes.float() * scale).to(x.dtype)]
+        return (last[1], *args[1:])
 
     return [modules[name].register_forward_pre_hook(round_input) for name in linear_names]
 
