@@ -212,6 +212,50 @@ def test_awq_scale_folding_keeps_the_float_function(tmp_path, kv_heads):
         assert linear.scale.dtype == torch.float16 and linear.scale.shape[1] == linear.codes.shape[1] // 64
 
 
+def test_awq_keeps_the_inputs_of_linears_wider_than_the_calibration_and_folds_them(tmp_path):
+    """192 calibration tokens: only down_proj (256 inputs; the others read 128) keeps its inputs X,
+    with XᵀX its Gram matrix, and still so after AWQ divided both by the folded scales."""
+    from forge.architectures import get_architecture
+    from forge.quant.awq import awq_layer, scale_groups
+    from forge.quant.layerwise import collect_layer_stats, decoder_layers, embed, layer_linear_names, load_float_model
+
+    directory = make_tiny_llama(tmp_path / "m", num_layers=1)
+    calibration = load_calibration(["pydoc_topics"], directory, num_samples=2, seq_len=96, seed=0)
+    model = load_float_model(directory)
+    layer = decoder_layers(model)[0]
+    hidden, kwargs = embed(model, calibration)
+    names = layer_linear_names(layer)
+    stats, _ = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False, inputs=True)
+    kept = {n for n in names if stats.inputs[n].inputs is not None}
+    assert kept == {"mlp.down_proj"}
+    down = stats.inputs["mlp.down_proj"]
+    assert down.inputs.shape == (192, 256)
+    torch.testing.assert_close(down.inputs.T @ down.inputs, down.gram, rtol=1e-4, atol=1e-4)
+    before = down.inputs.clone()
+    config = model.config.to_dict()
+    awq_layer(layer, stats.inputs, set(names), resolve_scheme("AWQ_W4A16", group_size=64), scale_groups(layer, get_architecture(config), config))
+    assert not torch.allclose(down.inputs, before)  # up_proj → down_proj scales were folded
+    torch.testing.assert_close(down.inputs.T @ down.inputs, down.gram, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_scale_search_through_the_inputs_equals_the_search_through_the_gram(symmetric):
+    """Fewer tokens than inputs: ‖ΔXᵀ‖² picks the scales ΔGΔᵀ picks, with the same errors."""
+    from forge.quant.awq import ScaleGroup, search_scales
+    from forge.quant.layerwise import InputStats
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 256) * (torch.rand(256) * 3).exp()  # uneven channels: scales matter
+    w = torch.randn(64, 256) * 0.05
+    common = {"tokens": 96, "abs_sum": x.abs().sum(0).double(), "gram": x.T @ x}
+    scheme = resolve_scheme("AWQ_W4A16", group_size=64, symmetric=symmetric)
+    group = ScaleGroup("norm", ("a", "b"))
+    through_gram = search_scales([w, w.flip(0)], [True, True], InputStats(**common), scheme, group)
+    through_x = search_scales([w, w.flip(0)], [True, True], InputStats(**common, inputs=x), scheme, group)
+    assert torch.equal(through_x[0], through_gram[0]) and not torch.equal(through_gram[0], torch.ones(256))
+    assert through_x[1:] == pytest.approx(through_gram[1:], rel=1e-4)
+
+
 # ---------------------------------------------------------------- GPTQ
 
 

@@ -21,7 +21,10 @@ Two searches per decoder layer, then rounding onto the shared int4 storage rules
 Speed on CPU comes from measuring every candidate's output error with the calibration inputs'
 Gram matrix G = Σ x xᵀ instead of re-running the layer: for a weight error E = Q(W) - W,
 Σ_tokens ‖E x‖² = Σ (E G) ⊙ E, which costs out·in² per candidate whatever the number of tokens
-(AutoAWQ and llm-compressor rerun the module on every cached token for every grid point). The
+(AutoAWQ and llm-compressor rerun the module on every cached token for every grid point).
+Where the calibration has fewer tokens T than the linear has inputs, the same sum is ‖E Xᵀ‖²
+through the kept inputs X (`InputStats.inputs`), out·in·T: at 8B shapes with 1024 tokens, 14×
+fewer flops for down_proj and 4× for the others (`output_errors`). The
 error measured is the one the paper's objective (§3.2) names, ‖Q(W·s)(s⁻¹·x) − W x‖, at
 the linears' outputs; AutoAWQ measures it after the whole attention / MLP block instead.
 
@@ -207,7 +210,6 @@ def search_scales(
     a busy CPU where every parallel region waits for its slowest thread.
     Returns (scales, error with s = 1, best error), errors per calibration token.
     """
-    gram = stats.gram.float()  # Σ x xᵀ as accumulated (float32: no copy); errors divided by tokens below
     x_mean = stats.abs_mean.float()
     w_all = torch.cat([w for w, q in zip(weights, quantized, strict=True) if q])
     salience = weight_salience([w_all], scheme.group_size)
@@ -221,12 +223,19 @@ def search_scales(
         for rows in w_all.split(row_block):  # temporaries of ≤ BATCH_ELEMENTS floats, not of the whole stack
             scaled = (rows * s).reshape(-1, rows.shape[1])
             deq = fake_quantize_int4(scaled, scheme.group_size, scheme.symmetric, scheme.scale_dtype)
-            delta = deq.reshape(s.shape[0], *rows.shape) / s - rows
-            error += ((delta @ gram) * delta).sum(dim=(1, 2))
+            error += output_errors(deq.reshape(s.shape[0], *rows.shape) / s - rows, stats)
         errors.append(error)
     errors = torch.cat(errors) / stats.tokens
     best = int(torch.argmin(errors))  # first minimum: ties keep the smaller α
     return candidates[best], float(errors[0]), float(errors[best])
+
+
+def output_errors(delta: torch.Tensor, stats: InputStats) -> torch.Tensor:
+    """Σ over calibration tokens of ‖δ x‖² for each weight error `delta` ([c, rows, in]): through
+    the inputs themselves where they were kept (fewer tokens than inputs), else the Gram matrix."""
+    if stats.inputs is not None:
+        return (delta @ stats.inputs.T).square().sum(dim=(1, 2))
+    return ((delta @ stats.gram.float()) * delta).sum(dim=(1, 2))  # float32 as accumulated: no copy
 
 
 @torch.no_grad()
@@ -255,6 +264,8 @@ def rescale_stats(stats: InputStats, scales: torch.Tensor) -> None:
     """Statistics of inputs x, made those of x / s."""
     s = scales.to(stats.gram.dtype)
     stats.gram.div_(s.unsqueeze(1)).div_(s.unsqueeze(0))  # in place: at 8B down_proj's Gram is 0.77 GiB
+    if stats.inputs is not None:
+        stats.inputs.div_(scales)
     stats.abs_sum = stats.abs_sum / scales.double()
     stats.abs_max = stats.abs_max / scales
 

@@ -6,7 +6,10 @@ only one layer's activations alive, and lets an algorithm change layer i before 
 inputs are computed (GPTQ feeds the quantized layer's outputs forward). The statistics are
 accumulated in forward hooks, so memory is O(in_features²) per linear however many tokens are
 used: the Gram matrix X^T X (GPTQ's Hessian, AWQ's output-error metric), mean |x| per channel
-(AWQ's activation salience) and max |x| (static FP8 input scales).
+(AWQ's activation salience) and max |x| (static FP8 input scales). Where a linear sees fewer
+calibration tokens than it has input channels, the inputs X themselves can be kept too: they are
+then the smaller factor of the Gram matrix (AWQ's error measure costs out·in·tokens through X
+instead of out·in² through X^T X).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class InputStats:
     abs_sum: torch.Tensor | None = None  # [in] Σ|x|
     abs_max: torch.Tensor | None = None  # [in] max |x|
     gram: torch.Tensor | None = None  # [in, in] Σ x xᵀ, float32 (as the GPTQ reference accumulates H)
+    inputs: torch.Tensor | None = None  # [tokens, in] the x themselves, float32, where tokens < in
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -270,11 +274,13 @@ def collect_layer_stats(
     gram: bool,
     kv: bool,
     kv_sources: KVSources | None = None,
+    inputs: bool = False,
 ) -> tuple[LayerStats, torch.Tensor]:
     """One pass of the calibration samples through `layer`: its input statistics and its outputs.
 
     Linears fed the same tensor (q/k/v, gate/up) share one `InputStats`, so the Gram matrix of a
-    shared input is computed once. With `kv`, the maxima of the keys (after RoPE, what the KV
+    shared input is computed once. With `inputs`, the inputs of every linear wider than the
+    calibration's token count are kept as well (`InputStats.inputs`). With `kv`, the maxima of the keys (after RoPE, what the KV
     cache stores) and values are recorded too, read where `kv_sources` says they appear.
     Modules of `linear_names` that never run (an MoE expert no token was routed to) get no entry.
     """
@@ -285,6 +291,7 @@ def collect_layer_stats(
     hooks = []
     rope = layer_kwargs.get("position_embeddings")
     head_dim = getattr(layer.self_attn, "head_dim", None)
+    tokens = hidden.shape[0] * hidden.shape[1]  # an MoE expert sees a subset of them
 
     def record_input(name: str):
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -302,6 +309,8 @@ def collect_layer_stats(
                     if entry.gram is None:
                         entry.gram = torch.zeros(flat.shape[1], flat.shape[1])
                     entry.gram.addmm_(flat.T, flat)
+                if inputs and flat.shape[1] > tokens:
+                    entry.inputs = flat.clone() if entry.inputs is None else torch.cat([entry.inputs, flat])
                 by_tensor[id(x)] = (x, entry)
             else:
                 stats.inputs[name] = seen[1]

@@ -252,6 +252,7 @@ def calibrated_quantize(
             gram=algorithm != "rtn",
             kv=kv,
             kv_sources=sources,
+            inputs=algorithm == "awq",
         )
         unseen = sorted(n for n in quantized if n not in stats.inputs)
         if arch.moe and router and router[0] in {n for n, _ in layer.named_modules()}:
