@@ -355,6 +355,26 @@ def row_errors(w: torch.Tensor, clipped_grid, stats) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_searches_a_block_of_rows_at_a_time_to_the_whole_weights_choices(symmetric, monkeypatch):
+    """Temporaries capped at 8 rows' worth of floats (8B shapes cap them at 1024 rows): the same
+    clipping choices and scales as with the whole weight in one block."""
+    from forge.quant import awq
+
+    w, stats, scheme = clip_case(symmetric)
+    stats.abs_sum = torch.rand(128, dtype=torch.float64) * stats.tokens
+    group = awq.ScaleGroup("norm", ("a", "b"))
+    whole = awq.search_clip(w, stats, scheme), awq.search_scales([w, w * 2], [True, True], stats, scheme, group)
+    monkeypatch.setattr(awq, "BATCH_ELEMENTS", 8 * 128)
+    (clipped, grid), (scales, rtn_error, error) = awq.search_clip(w, stats, scheme), awq.search_scales(
+        [w, w * 2], [True, True], stats, scheme, group
+    )
+    assert torch.equal(clipped, whole[0][0]) and all(
+        (a is None and b is None) or torch.equal(a, b) for a, b in zip(grid, whole[0][1], strict=True)
+    )
+    assert torch.equal(scales, whole[1][0]) and (rtn_error, error) == pytest.approx(whole[1][1:], rel=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
 def test_clip_search_grid_is_the_clipped_weights_own(symmetric):
     """The grid `search_clip` returns is the one `int4_qparams` computes from the clipped weights
     (the default factors never widen), and `on_grid` is codes-then-dequantize for any shape."""

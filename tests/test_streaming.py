@@ -208,3 +208,18 @@ def test_row_blocks_give_the_codes_of_the_whole_weight(preset):
     for part in ("codes", "scale", "zero_point"):
         a, b = getattr(ours, part), getattr(whole, part)
         assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a.float(), b.float())), part
+
+
+def test_read_as_casts_a_block_of_rows_at_a_time_to_the_whole_tensors_cast(tmp_path):
+    """`Checkpoint.read_as` reads a tall tensor through one mapping per block of rows: the result is
+    the whole tensor's cast, for a last block shorter than the others and for 1-D tensors too."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"embed": torch.randn(10, 4, generator=generator).bfloat16(), "norm": torch.randn(4).bfloat16()}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = Checkpoint(tmp_path, "source")
+    for name, tensor in tensors.items():
+        read = checkpoint.read_as(name, torch.float32, rows=3)
+        assert read.dtype == torch.float32 and torch.equal(read, tensor.float()), name

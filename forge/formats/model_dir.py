@@ -488,18 +488,23 @@ class Checkpoint:
 
     def read_as(self, name: str, dtype: torch.dtype, rows: int = 4096) -> torch.Tensor:
         """One tensor cast to `dtype` a block of rows at a time, so a wide cast (a bfloat16
-        embedding to float32) never holds the source and the result whole at once."""
+        embedding to float32) never holds the source and the result whole at once.
+
+        Each block reads through its own mapping of the shard: the pages a mapping touched stay
+        resident (and counted) until it closes, so one mapping for the whole tensor would hold
+        all of its source bytes beside the result (an 8B embedding: 1 GiB of bfloat16 pages)."""
         if name not in self.shard_of:
             raise InputError(f"{self.fmt}: tensor {name} is missing from {self.directory}")
-        with safe_open(self.directory / self.shard_of[name], framework="pt") as f:
-            part = f.get_slice(name)
-            shape = part.get_shape()
+        path = self.directory / self.shard_of[name]
+        with safe_open(path, framework="pt") as f:
+            shape = f.get_slice(name).get_shape()
             if len(shape) < 2:
                 return f.get_tensor(name).to(dtype)
-            out = torch.empty(shape, dtype=dtype)
-            for start in range(0, shape[0], rows):
-                out[start : start + rows] = part[start : start + rows]
-            return out
+        out = torch.empty(shape, dtype=dtype)
+        for start in range(0, shape[0], rows):
+            with safe_open(path, framework="pt") as f:
+                out[start : start + rows] = f.get_slice(name)[start : start + rows]
+        return out
 
 
 def iter_tensors(directory: Path, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -36,7 +36,7 @@ leaves the float function unchanged, which `tests/test_quant.py` checks.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -171,13 +171,19 @@ def fake_quantize_int4(weight: torch.Tensor, group_size: int, symmetric: bool, s
 
 
 def weight_salience(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """Mean over output rows of |w| / max|w| of its group, per input channel (AutoAWQ `w_mean`)."""
-    rows = []
+    """Mean over output rows of |w| / max|w| of its group, per input channel (AutoAWQ `w_mean`),
+    summed a block of rows at a time: whole-weight temporaries of 8B's gate/up are 0.44 GiB each."""
+    total = torch.zeros(weights[0].shape[1], dtype=torch.float64)
+    for block in row_blocks(weights):
+        g = block.abs().reshape(block.shape[0], -1, group_size)
+        total += (g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(block.shape).sum(0, dtype=torch.float64)
+    return (total / sum(w.shape[0] for w in weights)).float()
+
+
+def row_blocks(weights: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The rows of `weights`, stacked, as views of at most `BATCH_ELEMENTS` floats (no copy)."""
     for w in weights:
-        out_features, in_features = w.shape
-        g = w.abs().reshape(out_features, in_features // group_size, group_size)
-        rows.append((g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(out_features, in_features))
-    return torch.cat(rows).mean(0)
+        yield from w.split(max(1, BATCH_ELEMENTS // w.shape[1]))
 
 
 def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int = SCALE_GRID) -> list[torch.Tensor]:
@@ -211,16 +217,15 @@ def search_scales(
     Returns (scales, error with s = 1, best error), errors per calibration token.
     """
     x_mean = stats.abs_mean.float()
-    w_all = torch.cat([w for w, q in zip(weights, quantized, strict=True) if q])
-    salience = weight_salience([w_all], scheme.group_size)
+    linears = [w for w, q in zip(weights, quantized, strict=True) if q]
+    salience = weight_salience(linears, scheme.group_size)
     candidates = scale_candidates(group.narrow(x_mean), group.narrow(salience))
     errors = []
-    per_batch = max(1, BATCH_ELEMENTS // w_all.numel())
-    row_block = max(1, BATCH_ELEMENTS // w_all.shape[1])  # rows are independent given s: errors add up
+    per_batch = max(1, BATCH_ELEMENTS // sum(w.numel() for w in linears))
     for start in range(0, len(candidates), per_batch):
         s = torch.stack([group.widen(c) for c in candidates[start : start + per_batch]]).unsqueeze(1)  # [c, 1, in]
         error = torch.zeros(s.shape[0])
-        for rows in w_all.split(row_block):  # temporaries of ≤ BATCH_ELEMENTS floats, not of the whole stack
+        for rows in row_blocks(linears):  # rows are independent given s: errors add up over blocks
             scaled = (rows * s).reshape(-1, rows.shape[1])
             deq = fake_quantize_int4(scaled, scheme.group_size, scheme.symmetric, scheme.scale_dtype)
             error += output_errors(deq.reshape(s.shape[0], *rows.shape) / s - rows, stats)
@@ -328,24 +333,36 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> tupl
         hi, lo = w.amax(-1), w.amin(-1)
     low, high = clip_factors(scheme.symmetric)
 
-    def clipped(f_lo: torch.Tensor, f_hi: torch.Tensor, part: slice = slice(None)) -> tuple[torch.Tensor, Grid]:
-        """The groups `part` clamped to [lo·f_lo, hi·f_hi] (per candidate, row, group) and their grids."""
-        w_lo, w_hi = lo[:, part] * f_lo, hi[:, part] * f_hi
-        groups = torch.clamp(w[:, part], w_lo.unsqueeze(-1), w_hi.unsqueeze(-1))
+    def clipped(
+        f_lo: torch.Tensor, f_hi: torch.Tensor, part: slice = slice(None), rows: slice = slice(None)
+    ) -> tuple[torch.Tensor, Grid]:
+        """The groups `part` of `rows` clamped to [lo·f_lo, hi·f_hi] (per candidate, row, group), and their grids."""
+        w_lo, w_hi = lo[rows, part] * f_lo, hi[rows, part] * f_hi
+        groups = torch.clamp(w[rows, part], w_lo.unsqueeze(-1), w_hi.unsqueeze(-1))
         return groups, int4_grid(w_lo, w_hi, scheme.symmetric, scheme.scale_dtype)
 
-    def deltas(f_lo: torch.Tensor, f_hi: torch.Tensor, part: slice = slice(None)) -> torch.Tensor:
-        groups, (scale, zero) = clipped(f_lo, f_hi, part)
-        return on_grid(groups, scale, zero) - w[:, part]
+    def deltas(
+        f_lo: torch.Tensor, f_hi: torch.Tensor, part: slice = slice(None), rows: slice = slice(None)
+    ) -> torch.Tensor:
+        groups, (scale, zero) = clipped(f_lo, f_hi, part, rows)
+        return on_grid(groups, scale, zero) - w[rows, part]
 
-    errors = []
-    per_batch = max(1, BATCH_ELEMENTS // weight.numel())
-    for start in range(0, len(low), per_batch):
-        f_lo, f_hi = (f[start : start + per_batch].reshape(-1, 1, 1) for f in (low, high))  # [c, 1, 1]
-        delta = deltas(f_lo, f_hi).permute(2, 0, 1, 3).reshape(n_groups, -1, group_size)
-        error = (torch.bmm(delta, blocks) * delta).sum(-1)  # [groups, c * out]
-        errors.append(error.reshape(n_groups, -1, out_features).permute(1, 2, 0))
-    best = torch.argmin(torch.cat(errors), dim=0)  # [out, groups]; first minimum keeps less clipping
+    def choose(rows: slice) -> torch.Tensor:
+        """Each group's least-error factor for `rows` ([rows, groups]; the first minimum clips least)."""
+        count = w[rows].shape[0]
+        errors = []
+        per_batch = max(1, BATCH_ELEMENTS // (count * in_features))
+        for start in range(0, len(low), per_batch):
+            f_lo, f_hi = (f[start : start + per_batch].reshape(-1, 1, 1) for f in (low, high))  # [c, 1, 1]
+            delta = deltas(f_lo, f_hi, rows=rows).permute(2, 0, 1, 3).reshape(n_groups, -1, group_size)
+            error = (torch.bmm(delta, blocks) * delta).sum(-1)  # [groups, c * rows]
+            errors.append(error.reshape(n_groups, -1, count).permute(1, 2, 0))
+        return torch.argmin(torch.cat(errors), dim=0)
+
+    # Rows choose independently: a block of them at a time keeps every temporary ≤ BATCH_ELEMENTS
+    # floats (one candidate over 8B's gate_proj alone is 58 M).
+    step = max(1, BATCH_ELEMENTS // in_features)
+    best = torch.cat([choose(slice(r, r + step)) for r in range(0, out_features, step)])
     if OPTIONS.joint:
         chosen_delta = deltas(low[best], high[best]).reshape(out_features, in_features)
         every = partial(deltas, low.reshape(-1, 1, 1), high.reshape(-1, 1, 1))

@@ -304,7 +304,8 @@ def calibrated_quantize(
         if progress is not None:
             progress(algorithm if algorithm != "rtn" else "calibrate", index + 1, len(layers))
         yield Part(_with_changes(dense, changed), linears, kv_scales)
-        del layer_linears, linears  # handed out: the next layer's peak need not hold these codes
+        # Handed out: the next layer's peak need not hold these codes, nor this layer's Gram matrices.
+        del layer_linears, linears, stats, dense_out
 
 
 def _with_changes(dense: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
