@@ -10,11 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forge.quant.calibration import load_calibration
 from forge.quant.gptq import factor_inverse_hessian_, gptq_layer, gptq_quantize
-from forge.quant.layerwise import collect_layer_stats, decoder_layers, embed, layer_linear_names, load_float_model
 from forge.quant.presets import resolve_scheme
-from tests.tiny import make_tiny_llama
+from tests.tiny import layer_case, make_tiny_llama
 
 
 def test_inverse_hessian_factor_is_computed_in_place_and_matches_float64():
@@ -39,13 +37,8 @@ def test_release_rounds_in_place_to_the_same_codes_and_frees_the_gram(tmp_path, 
     """`release=True` (the streaming quantizer) gives the codes of the copying path, drops each
     Gram matrix once used and leaves each weight dequantized: the layer as served. The linears
     sharing an input (q/k/v, gate/up) give what GPTQ on each alone gives."""
-    directory = make_tiny_llama(tmp_path / "m", num_layers=1)
-    calibration = load_calibration(["pydoc_topics"], directory, num_samples=4, seq_len=64, seed=0)
-    model = load_float_model(directory)
-    layer = decoder_layers(model)[0]
-    hidden, kwargs = embed(model, calibration)
-    names = layer_linear_names(layer)
-    stats, _ = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False)
+    case = layer_case(make_tiny_llama(tmp_path / "m", num_layers=1))
+    layer, names, stats = case.layer, case.names, case.stats
     scheme = resolve_scheme("GPTQ_W4A16", group_size=32)
     dense = {n: layer.get_submodule(n).weight.clone() for n in names}
     grams = {n: stats.inputs[n].gram.clone() for n in names}

@@ -21,7 +21,7 @@ from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme, save_quan
 from forge.quant.presets import resolve_scheme
 from forge.quant.rtn import FP8_MAX, quantize_int4
 from forge.quant.run import quantize_checkpoint
-from tests.tiny import make_tiny_llama
+from tests.tiny import layer_case, make_tiny_llama
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -179,29 +179,17 @@ def test_awq_scale_folding_keeps_the_float_function(tmp_path, kv_heads):
     """
     from forge.architectures import get_architecture
     from forge.quant.awq import awq_layer, scale_groups
-    from forge.quant.layerwise import (
-        collect_layer_stats,
-        decoder_layers,
-        embed,
-        layer_linear_names,
-        load_float_model,
-        run_layer,
-    )
+    from forge.quant.layerwise import run_layer
 
-    directory = make_tiny_llama(tmp_path / "m", num_layers=1, num_kv_heads=kv_heads)
-    calibration = load_calibration(["pydoc_topics"], directory, num_samples=4, seq_len=64, seed=0)
-    model = load_float_model(directory)
-    layer = decoder_layers(model)[0]
-    hidden, kwargs = embed(model, calibration)
-    names = layer_linear_names(layer)
-    stats, before = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False)
+    case = layer_case(make_tiny_llama(tmp_path / "m", num_layers=1, num_kv_heads=kv_heads))
+    layer, names = case.layer, case.names
     norm = layer.input_layernorm.weight.clone()
     scheme = resolve_scheme("AWQ_W4A16", group_size=64)
-    config = model.config.to_dict()
+    config = case.model.config.to_dict()
     groups = scale_groups(layer, get_architecture(config), config)
-    linears, errors = awq_layer(layer, stats.inputs, set(names), scheme, groups)
+    linears, errors = awq_layer(layer, case.stats.inputs, set(names), scheme, groups)
     assert not torch.equal(layer.input_layernorm.weight, norm)  # scales were folded in
-    torch.testing.assert_close(run_layer(layer, hidden, kwargs), before, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run_layer(layer, case.hidden, case.kwargs), case.outputs, rtol=1e-4, atol=1e-5)
     assert "self_attn.v_proj" in errors
     for rtn_error, awq_error in errors.values():
         assert awq_error <= rtn_error
@@ -217,23 +205,17 @@ def test_awq_keeps_the_inputs_of_linears_wider_than_the_calibration_and_folds_th
     with XᵀX its Gram matrix, and still so after AWQ divided both by the folded scales."""
     from forge.architectures import get_architecture
     from forge.quant.awq import awq_layer, scale_groups
-    from forge.quant.layerwise import collect_layer_stats, decoder_layers, embed, layer_linear_names, load_float_model
 
-    directory = make_tiny_llama(tmp_path / "m", num_layers=1)
-    calibration = load_calibration(["pydoc_topics"], directory, num_samples=2, seq_len=96, seed=0)
-    model = load_float_model(directory)
-    layer = decoder_layers(model)[0]
-    hidden, kwargs = embed(model, calibration)
-    names = layer_linear_names(layer)
-    stats, _ = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False, inputs=True)
-    kept = {n for n in names if stats.inputs[n].inputs is not None}
-    assert kept == {"mlp.down_proj"}
-    down = stats.inputs["mlp.down_proj"]
+    case = layer_case(make_tiny_llama(tmp_path / "m", num_layers=1), num_samples=2, seq_len=96, inputs=True)
+    stats = case.stats.inputs
+    assert {n for n in case.names if stats[n].inputs is not None} == {"mlp.down_proj"}
+    down = stats["mlp.down_proj"]
     assert down.inputs.shape == (192, 256)
     torch.testing.assert_close(down.inputs.T @ down.inputs, down.gram, rtol=1e-4, atol=1e-4)
     before = down.inputs.clone()
-    config = model.config.to_dict()
-    awq_layer(layer, stats.inputs, set(names), resolve_scheme("AWQ_W4A16", group_size=64), scale_groups(layer, get_architecture(config), config))
+    config = case.model.config.to_dict()
+    groups = scale_groups(case.layer, get_architecture(config), config)
+    awq_layer(case.layer, stats, set(case.names), resolve_scheme("AWQ_W4A16", group_size=64), groups)
     assert not torch.allclose(down.inputs, before)  # up_proj → down_proj scales were folded
     torch.testing.assert_close(down.inputs.T @ down.inputs, down.gram, rtol=1e-4, atol=1e-4)
 
@@ -307,22 +289,17 @@ def test_awq_with_gptq_rounding_beats_awq_alone_on_its_layer(tmp_path):
     """AWQ scales, then GPTQ onto the clipped grids: lower output error per linear, same format."""
     from forge.architectures import get_architecture
     from forge.quant import awq
-    from forge.quant.layerwise import collect_layer_stats, decoder_layers, embed, layer_linear_names, load_float_model
 
     directory = make_tiny_llama(tmp_path / "m", num_layers=1)
-    calibration = load_calibration(["pydoc_topics"], directory, num_samples=4, seq_len=64, seed=0)
     scheme = resolve_scheme("AWQ_W4A16", group_size=64)
     errors = {}
     for gptq in (False, True):
-        model = load_float_model(directory)
-        layer = decoder_layers(model)[0]
-        hidden, kwargs = embed(model, calibration)
-        names = layer_linear_names(layer)
-        stats, _ = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False)
-        config = model.config.to_dict()
+        case = layer_case(directory)
+        layer, stats = case.layer, case.stats
+        config = case.model.config.to_dict()
         groups = awq.scale_groups(layer, get_architecture(config), config)
         with awq.options(gptq=gptq):
-            linears, _ = awq.awq_layer(layer, stats.inputs, set(names), scheme, groups)
+            linears, _ = awq.awq_layer(layer, stats.inputs, set(case.names), scheme, groups)
         total = 0.0
         for name, q in linears.items():
             assert q.zero_point is not None and 0 <= int(q.codes.min()) <= int(q.codes.max()) <= 15
@@ -365,8 +342,9 @@ def test_awq_searches_a_block_of_rows_at_a_time_to_the_whole_weights_choices(sym
     group = awq.ScaleGroup("norm", ("a", "b"))
     whole = awq.search_clip(w, stats, scheme), awq.search_scales([w, w * 2], [True, True], stats, scheme, group)
     monkeypatch.setattr(awq, "BATCH_ELEMENTS", 8 * 128)
-    (clipped, grid), (scales, rtn_error, error) = awq.search_clip(w, stats, scheme), awq.search_scales(
-        [w, w * 2], [True, True], stats, scheme, group
+    (clipped, grid), (scales, rtn_error, error) = (
+        awq.search_clip(w, stats, scheme),
+        awq.search_scales([w, w * 2], [True, True], stats, scheme, group),
     )
     assert torch.equal(clipped, whole[0][0]) and all(
         (a is None and b is None) or torch.equal(a, b) for a, b in zip(grid, whole[0][1], strict=True)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from forge.quant.layerwise import LayerStats
 
 _TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -151,3 +156,31 @@ def make_tiny_model(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@dataclass
+class LayerCase:
+    """Decoder layer 0 of a tiny checkpoint as calibration sees it: the loaded model, the layer,
+    its inputs and keyword arguments, its linears' names, their statistics and the layer's outputs."""
+
+    model: torch.nn.Module
+    layer: torch.nn.Module
+    hidden: torch.Tensor
+    kwargs: dict
+    names: list[str]
+    stats: LayerStats
+    outputs: torch.Tensor
+
+
+def layer_case(directory: Path, *, num_samples: int = 4, seq_len: int = 64, inputs: bool = False) -> LayerCase:
+    """`LayerCase` of `directory`'s first layer with Gram matrices, on `pydoc_topics` calibration."""
+    from forge.quant.calibration import load_calibration
+    from forge.quant.layerwise import collect_layer_stats, decoder_layers, embed, layer_linear_names, load_float_model
+
+    calibration = load_calibration(["pydoc_topics"], directory, num_samples=num_samples, seq_len=seq_len, seed=0)
+    model = load_float_model(directory)
+    layer = decoder_layers(model)[0]
+    hidden, kwargs = embed(model, calibration)
+    names = layer_linear_names(layer)
+    stats, outputs = collect_layer_stats(layer, hidden, kwargs, names, gram=True, kv=False, inputs=inputs)
+    return LayerCase(model, layer, hidden, kwargs, names, stats, outputs)

@@ -280,8 +280,9 @@ def collect_layer_stats(
 
     Linears fed the same tensor (q/k/v, gate/up) share one `InputStats`, so the Gram matrix of a
     shared input is computed once. With `inputs`, the inputs of every linear wider than the
-    calibration's token count are kept as well (`InputStats.inputs`). With `kv`, the maxima of the keys (after RoPE, what the KV
-    cache stores) and values are recorded too, read where `kv_sources` says they appear.
+    calibration's token count are kept as well (`InputStats.inputs`). With `kv`, the maxima of
+    the keys (after RoPE, what the KV cache stores) and values are recorded too, read where
+    `kv_sources` says they appear.
     Modules of `linear_names` that never run (an MoE expert no token was routed to) get no entry.
     """
     sources = kv_sources or KVSources()

@@ -12,7 +12,8 @@ VERSION = 6  # 2: the cache is written a layer at a time; dense tensors keep the
 # 3: float32 Gram matrices and GPTQ Hessian factors (GPTQ / AWQ codes can differ by rounding);
 # 4: symmetric int4 scales are stored toward zero (`rtn.stored_toward_zero`): new symmetric codes
 # 5: AWQ scales v_proj → o_proj under grouped-query attention too (`awq.ScaleGroup.shared`);
-# 6: AWQ measures errors through the inputs where fewer tokens than channels (rounding may differ)
+# 6: AWQ measures errors through the inputs where fewer tokens than channels, sums its weight
+# salience in float64 a block of rows at a time (new AWQ codes)
 
 
 @dataclass(frozen=True)
