@@ -24,9 +24,9 @@ Gram matrix G = Σ x xᵀ instead of re-running the layer: for a weight error E 
 (AutoAWQ and llm-compressor rerun the module on every cached token for every grid point).
 Where the calibration has fewer tokens T than the linear has inputs, the same sum is ‖E Xᵀ‖²
 through the kept inputs X (`InputStats.inputs`), out·in·T: at 8B shapes with 1024 tokens, 14×
-fewer flops for down_proj and 4× for the others (`output_errors`). The
-error measured is the one the paper's objective (§3.2) names, ‖Q(W·s)(s⁻¹·x) − W x‖, at
-the linears' outputs; AutoAWQ measures it after the whole attention / MLP block instead.
+fewer flops for down_proj and 4× for the others (`output_errors`). The error measured is the
+one the paper's objective (§3.2) names, ‖Q(W·s)(s⁻¹·x) − W x‖, at the linears' outputs; AutoAWQ
+measures it after the whole attention / MLP block instead.
 
 Layer inputs: `run.py` feeds layer i + 1 the outputs of the quantized layer i (measured
 slightly better than AutoAWQ's dense outputs on SmolLM2; see there). The scale folding itself
