@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from forge.architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES, get_architecture
 from forge.compat import ModelShape, architecture_problem
 from forge.errors import InputError
+from forge.eval.perplexity import build_model
 from forge.formats import FORMATS
 from forge.formats.model_dir import export_dtype, ignored_modules
 from forge.quant.awq import awq_layer, scale_groups
@@ -205,6 +206,22 @@ def test_fused_and_expert_projections_round_trip_exactly(tmp_path, models, arch,
             assert torch.equal(state[f"{name}.weight"], linear.dequantize()), (fmt, name)
         for name, tensor in qm.dense.items():
             assert torch.equal(state[name], tensor.to(dtype).float()), (fmt, name)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_evaluation_model_skips_random_init_and_equals_transformers_own_load(tmp_path, models, arch):
+    """`build_model` constructs without random initialization: every parameter and buffer, and
+    the logits, must equal transformers' own `from_pretrained` of the same checkpoint."""
+    source = models[arch]
+    state = load_file(source / "model.safetensors")
+    built = build_model(json.loads((source / "config.json").read_text()), state)
+    reference = reference_model(source, state, torch.float32, tmp_path / "ref")
+    mine, theirs = dict(built.state_dict(keep_vars=False)), dict(reference.state_dict())
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    buffers = dict(reference.named_buffers())  # non-persistent ones (rotary frequencies) included
+    assert all(torch.equal(b, buffers[k]) for k, b in built.named_buffers())
+    assert torch.equal(logits(built), logits(reference))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

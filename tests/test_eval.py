@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,37 @@ def test_quantized_weights_diverge_measurably(tiny, windows, baseline, monkeypat
     assert result["mean_kl"] > 1e-3
     assert result["top1_agreement"] < 1.0
     assert result["perplexity"] != pytest.approx(baseline[1]["perplexity"], rel=1e-4)
+
+
+def test_later_compare_passes_reuse_the_baseline_log_probs_and_measure_the_same(
+    tiny, windows, baseline, tmp_path, monkeypatch
+):
+    _, config, state = tiny
+    quantized = quantize_rtn(state, config, resolve_scheme("W4A16", group_size=64)).dequantize()
+    projected = []  # the states each `_logprobs` call projected
+    real = perplexity._logprobs
+    monkeypatch.setattr(perplexity, "_logprobs", lambda head, hidden: projected.append(hidden) or real(head, hidden))
+    perplexity._kept_baseline.clear()
+
+    def measure(directory: Path) -> tuple[dict, int]:
+        before = len(projected)
+        result = _compare(config, quantized, windows, directory, monkeypatch)
+        return {k: v for k, v in result.items() if k != "seconds"}, len(projected) - before
+
+    first, calls = measure(baseline[0])
+    again, fewer = measure(baseline[0])
+    assert again == first and fewer == calls // 2  # the candidate's own chunks only
+    monkeypatch.setattr(perplexity, "KEEP_BASELINE_BYTES", 0)  # too large to keep: projected every time
+    perplexity._kept_baseline.clear()
+    assert measure(baseline[0]) == (first, calls) and measure(baseline[0]) == (first, calls)
+    # A baseline rewritten in place by another model is not answered from what was kept of the old.
+    monkeypatch.undo()
+    monkeypatch.setattr(perplexity, "TOKEN_CHUNK", CHUNK)
+    moved = tmp_path / "baseline"
+    shutil.copytree(baseline[0], moved)
+    _compare(config, quantized, windows, moved, monkeypatch)
+    baseline_pass(build_model(config, quantized), windows, moved, batch_size=4)
+    assert _compare(config, quantized, windows, moved, monkeypatch)["mean_kl"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_scrambled_scales_fail_the_gates_that_honest_rtn_passes(tiny, windows, baseline, monkeypatch):

@@ -40,6 +40,12 @@ BASELINE_FILE = "baseline.json"
 HEAD_FILE = "lm_head.safetensors"
 WINDOWS_FILE = "windows.safetensors"  # the token ids scored, [windows, window] int64
 BASELINE_FORMAT = 2  # 1: fp16 log-probs (100.6 MB per SmolLM2 window); 2: hidden states (2.4 MB)
+# A build compares several exports to one baseline in one process: the baseline's log-probabilities
+# of the first compare pass are kept in memory for the next ones when they take at most this many
+# bytes (4 SmolLM2 windows: 0.8 GB), instead of projecting the stored states again (a sixth of a
+# SmolLM2 compare pass here). Only the last baseline's are kept.
+KEEP_BASELINE_BYTES = 1 << 30
+_kept_baseline: dict[tuple[str, str], dict[tuple[int, int, int], torch.Tensor]] = {}
 
 __all__ = [
     "WINDOW",
@@ -118,6 +124,7 @@ def build_model(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module
     dense, and transformers would otherwise try to set up a quantizer for them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     fields = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
     model_type = fields.pop("model_type", None)
@@ -132,7 +139,11 @@ def build_model(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module
     if not tied and head is None:
         raise InputError("state: lm_head.weight missing and config.tie_word_embeddings is not true")
     hf_config = AutoConfig.for_model(model_type, **fields)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    # Every parameter is loaded (or tied) below, so transformers' random initialization (~1.5 s for
+    # SmolLM2 here, per model built) is skipped, as `from_pretrained` skips it; buffers computed in
+    # the modules' constructors (rotary frequencies) are not initialization and stay.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     from forge.quant.moe import to_transformers_state
 
     # MoE checkpoints name one weight per expert; transformers holds them fused (forge.quant.moe).
@@ -321,6 +332,20 @@ def load_baseline(baseline_dir: Path | str) -> dict:
     return json.loads(path.read_text())
 
 
+def kept_baseline(directory: Path, size: int) -> dict[tuple[int, int, int], torch.Tensor]:
+    """The baseline log-probabilities kept from earlier compare passes against `directory`, by
+    (window, first position, end); an empty dict that keeps what is put in it (if `size` bytes fit
+    `KEEP_BASELINE_BYTES`) for a baseline not seen last. Keyed by the path and the baseline's
+    metadata (its per-window NLLs), so a baseline rewritten in place is not mistaken for the old."""
+    key = (str(directory.resolve()), (directory / BASELINE_FILE).read_text())
+    if key not in _kept_baseline:
+        _kept_baseline.clear()
+        if size > KEEP_BASELINE_BYTES:
+            return {}
+        _kept_baseline[key] = {}
+    return _kept_baseline[key]
+
+
 def compare_pass(
     model: torch.nn.Module,
     windows: torch.Tensor,
@@ -353,13 +378,17 @@ def compare_pass(
     base_head = torch.nn.Linear(*projection["weight"].shape[::-1], bias="bias" in projection)
     base_head.load_state_dict(projection)
     head = model.get_output_embeddings()
+    kept = kept_baseline(directory, total * (length - 1) * projection["weight"].shape[0] * 4)
     began = time.perf_counter()
     for index, start, hidden, targets in _next_token_chunks(model, windows, batch_size, progress):
         if index != loaded_index:
             reference, loaded_index = load_file(_window_file(directory, index)), index
         logprobs = _logprobs(head, hidden)
         stop = start + logprobs.shape[0]
-        base = _logprobs(base_head, reference["hidden"][start:stop])
+        base = kept.get((index, start, stop))
+        if base is None:
+            base = _logprobs(base_head, reference["hidden"][start:stop])
+            kept[index, start, stop] = base
         kl_values.append((base.exp() * (base - logprobs)).sum(dim=-1))
         agree += int((logprobs.argmax(dim=-1) == reference["top1"][start:stop]).sum())
         nll[index] -= logprobs.gather(1, targets[:, None]).double().sum()
