@@ -38,6 +38,7 @@ from forge.cache import Cache, atomic_write_text, lock_file, make_dirs, remove, 
 from forge.cpu import cpu_description, use_cpu_threads
 from forge.digest import keep_memoized, regular_files, settled_clock
 from forge.errors import GateFailed, InfraError, InputError
+from forge.eval.lm_eval import Worker
 from forge.loadgen.server import SharedServer
 from forge.plan import Plan, Stage, git_revision, make_plan, serving_name
 from forge.progress import Progress
@@ -213,7 +214,7 @@ def build(
 
         def produce(out: Path) -> dict:
             progress.quiet()
-            return kind.produce(stage.inputs, Run(out, deps, progress, cache, server))
+            return kind.produce(stage.inputs, Run(out, deps, progress, cache, server, lm_eval))
 
         clock = time.monotonic()
         try:
@@ -231,6 +232,7 @@ def build(
 
     entries: dict[str, Path] = {}  # stage id → its cache entry, for the stages after it
     server = SharedServer()  # started by the first stage that serves a model on this CPU
+    lm_eval = Worker()  # started by the first stage that runs lm_eval
     try:
         # One loop in plan order, which is dependency order: each stage reads its dependencies'
         # entries by role. Pushes are not content: they run after the gates, below.
@@ -287,6 +289,7 @@ def build(
         raise
     finally:
         server.close()
+        lm_eval.close()
     result = BuildResult(report, report_path, outcome.failed_gates)
     if outcome.failed_gates:
         raise GateFailed(gate_failure_message(outcome.failed_gates), result)

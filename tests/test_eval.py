@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -463,6 +464,28 @@ def test_lm_eval_missing_says_to_install_the_extra(monkeypatch, tmp_path):
         lm_eval.run_lm_eval("http://h/v1/completions", "m", "t", ["arc_easy"], tmp_path)
 
 
+def test_lm_eval_worker_runs_each_command_in_a_child_with_its_own_log_cwd_and_exit_code(tmp_path):
+    require_lm_eval()
+    worker = lm_eval.Worker()
+    prefix = [sys.executable, "-m", lm_eval.LOCAL_MODULE]
+    try:
+        assert worker.run([*prefix, "run", "--help"], tmp_path, tmp_path / "help.log") == 0
+        assert "--tasks" in (tmp_path / "help.log").read_text()
+        first = worker.proc.pid
+        assert worker.run([*prefix, "run", "--no-such-flag"], None, tmp_path / "bad.log") == 2  # argparse's
+        assert "--no-such-flag" in (tmp_path / "bad.log").read_text()
+        assert worker.proc.pid == first  # one worker for both: the imports are paid once
+        worker.proc.kill()
+        worker.proc.wait()
+        assert worker.run([*prefix, "run", "--help"], tmp_path, tmp_path / "again.log") == 0  # started again
+        assert worker.proc.pid != first
+        with pytest.raises(ValueError, match="not a forge.eval.lm_eval_local command"):
+            worker.run(["lm_eval", "run"], None, tmp_path / "x.log")
+    finally:
+        worker.close()
+    assert worker.proc is None
+
+
 def require_lm_eval() -> None:
     if not lm_eval.lm_eval_available():
         missing_requirement('lm_eval not installed (pip install "lm_eval[api]")')
@@ -529,12 +552,18 @@ def test_lm_eval_runs_against_a_real_completions_server(tiny, tmp_path, monkeypa
     rows = zip(prompts, _greedy_continuations(tiny[0], prompts), strict=True)  # what the model itself says
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
     (data.parent / "forge_tiny.yaml").write_text(_TASK_YAML.format(data=data))
+    worker = lm_eval.Worker()
     with serve_transformers(tiny[0], tmp_path / "serve.log") as server:
-        results = lm_eval.run_lm_eval(
-            f"{server.base_url}/v1/completions", server.model, str(tiny[0]), ["forge_tiny_continue"],
-            tmp_path / "lm_eval", include_path=data.parent,
-        )  # fmt: skip
+        results, *through_worker = [
+            lm_eval.run_lm_eval(
+                f"{server.base_url}/v1/completions", server.model, str(tiny[0]), ["forge_tiny_continue"],
+                tmp_path / f"lm_eval-{run}", include_path=data.parent, worker=worker if run else None,
+            )  # fmt: skip
+            for run in range(3)
+        ]
+    worker.close()
     assert lm_eval.parse_scores(results)["forge_tiny_continue"]["exact_match"] == 1.0  # served = local greedy
+    assert all(r["results"] == results["results"] for r in through_worker)  # a worker's run is the same run
     assert results["n-samples"]["forge_tiny_continue"]["effective"] == 3
     assert lm_eval.recovery(results, results) == {"recovery.forge_tiny_continue.exact_match": 1.0}
 

@@ -8,7 +8,8 @@ so `local-chat-completions` only runs generation tasks.
 
 lm-evaluation-harness is an optional extra (`pip install "lm_eval[api]"`; it does not depend on
 torch). It runs as a subprocess so its import time, logging and global state stay out of forge,
-through `forge.eval.lm_eval_local` (the same CLI, minus ~20 s of indexing tasks a run never uses).
+through `forge.eval.lm_eval_local` (the same CLI, minus ~20 s of indexing tasks a run never uses);
+a build runs its several lm_eval commands through one `Worker`, which pays the imports once.
 
 Recovery = quantized score / baseline score per task and metric, the ratio llm-compressor's
 lm-eval checks hold at ≥ 0.95; for metrics where lower is better (perplexities, bits per byte)
@@ -17,10 +18,13 @@ it is baseline / quantized, so recovery < 1 always means the quantized model is 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,6 +37,7 @@ INSTALL_HINT = 'install the extra: .venv/bin/pip install -c .ci/constraints.txt 
 # questions took 14.4 s one at a time and 7.3 s eight at a time, with the same answers
 # (bench/RESULTS.md). Greedy answers only change if batching flips a near-tie in the last bits.
 CONCURRENT_REQUESTS = 8
+LOCAL_MODULE = "forge.eval.lm_eval_local"
 
 
 def lm_eval_command(
@@ -110,11 +115,13 @@ def run_lm_eval(
     tasks: Sequence[str],
     output_dir: Path | str,
     cwd: Path | str | None = None,
+    worker: Worker | None = None,
     **options,
 ) -> dict:
     """Run lm_eval against a served model and return its results JSON (see `parse_scores`).
 
-    `cwd` is where lm_eval runs: local task YAMLs name their data files relative to it.
+    `cwd` is where lm_eval runs: local task YAMLs name their data files relative to it. With a
+    `worker`, it runs there instead of in a process of its own started from scratch.
 
     Raises InputError when lm_eval is not installed (an optional extra), InfraError with the tail
     of lm_eval's log when it fails (server unreachable, task data not downloadable, ...).
@@ -124,15 +131,70 @@ def run_lm_eval(
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.rglob("results_*.json"))
-    argv = lm_eval_command(base_url, model, tokenizer, tasks, out, module="forge.eval.lm_eval_local", **options)
+    argv = lm_eval_command(base_url, model, tokenizer, tasks, out, module=LOCAL_MODULE, **options)
     log = out / "lm_eval.log"
-    with log.open("w") as sink:
-        completed = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, check=False, cwd=cwd)
+    if worker is not None:
+        returncode = worker.run(argv, cwd, log)
+    else:
+        with log.open("w") as sink:
+            returncode = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, check=False, cwd=cwd).returncode
     written = sorted(set(out.rglob("results_*.json")) - before, key=lambda p: p.stat().st_mtime)
-    if completed.returncode != 0 or not written:
+    if returncode != 0 or not written:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise InfraError(f"lm_eval exited {completed.returncode} without results (log: {log}):\n{tail}")
+        raise InfraError(f"lm_eval exited {returncode} without results (log: {log}):\n{tail}")
     return json.loads(written[-1].read_text())
+
+
+class Worker:
+    """One `python -m forge.eval.lm_eval_local --worker` for the lm_eval commands of a build.
+
+    Each lm_eval process spent ~8 s of a 50-question run importing torch, transformers' tokenizers
+    and lm-eval (bench/RESULTS.md); the worker imports them once and runs each command in a child
+    forked from it, so a run still has a process of its own, its log and its exit code, as with
+    `subprocess.run`. Started by the first run, it dies with forge (like the CPU server)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()  # one job at a time on the pipe
+
+    def run(self, argv: Sequence[str], cwd: Path | str | None, log: Path) -> int:
+        """`argv` (an `lm_eval_command` for `LOCAL_MODULE`) run in `cwd`, its output in `log`: its
+        exit code. A worker that died (killed by a run gone wrong) is started again for the next."""
+        from forge.loadgen.server import die_with_parent
+
+        if list(argv[:3]) != [sys.executable, "-m", LOCAL_MODULE]:
+            raise ValueError(f"not a {LOCAL_MODULE} command: {argv[:3]}")
+        job = json.dumps({"argv": list(argv[3:]), "cwd": None if cwd is None else str(cwd), "log": str(log)})
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", LOCAL_MODULE, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True, preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509
+                )  # fmt: skip
+            try:
+                self.proc.stdin.write(job + "\n")
+                self.proc.stdin.flush()
+                answer = self.proc.stdout.readline()
+            except BrokenPipeError:
+                answer = ""
+            if not answer:
+                self.close()
+                return -1
+            return json.loads(answer)["returncode"]
+
+    def close(self) -> None:
+        """End the worker: its stdin closed, it exits after the run in hand (none, between runs)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.proc.stdout.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
 
 def parse_scores(results: Mapping) -> dict[str, dict[str, float]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from forge.cache import Cache
 from forge.digest import json_digest
+from forge.eval.lm_eval import Worker
 from forge.loadgen.server import SharedServer
 from forge.progress import Progress
 
@@ -35,13 +36,15 @@ class Run:
     """What a stage function gets besides its inputs: the entry directory of each dependency by
     role, the directory to write (renamed into the cache once it returns), the progress display,
     the cache (for a measurement shared between entries, as the accuracy stage does) and the
-    build's CPU server, shared by every stage that serves a model on this CPU."""
+    build's CPU server, shared by every stage that serves a model on this CPU, and its lm_eval
+    worker, shared by every stage that runs lm_eval."""
 
     out: Path
     deps: dict[str, Path]
     progress: Progress
     cache: Cache
     server: SharedServer | None = None  # None: each CPU measurement starts a server of its own
+    lm_eval: Worker | None = None  # None: each lm_eval run starts from scratch
 
 
 def plain(value: Any) -> Any:

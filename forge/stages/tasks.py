@@ -42,7 +42,7 @@ def produce(inputs: Inputs, run: Run) -> dict:
         results = run_lm_eval(
             f"{up.base_url}/v1/completions", up.model, str(model_dir.resolve()), list(inputs.tasks),
             run.out / "lm_eval", cwd=inputs.include, include_path=inputs.include,
-            num_fewshot=inputs.num_fewshot, limit=inputs.limit,
+            num_fewshot=inputs.num_fewshot, limit=inputs.limit, worker=run.lm_eval,
         )  # fmt: skip
     shutil.rmtree(run.out / "served-model", ignore_errors=True)
     (run.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
