@@ -167,6 +167,21 @@ class Outcome:
             error.add_note(f"build.json could not be written: {write_error}")
 
 
+def start_cpu_measurers(plan: Plan, chosen: set[str], cache: Cache, server: SharedServer, lm_eval: Worker) -> None:
+    """Launch the CPU server and the lm_eval worker now if a stage to run will need them: their
+    imports (~8 s each here) then overlap the first stages (the GGUF conversion keeps one core of
+    two busy) instead of the first measurement waiting for them. A cached build starts neither."""
+    from forge.eval.lm_eval import lm_eval_available
+    from forge.stages.serve import CPU
+
+    kinds = {s.kind for s in plan.stages if s.id in chosen and s.kind in ("tasks", "throughput")
+             and s.inputs.served.gpu == CPU and not cache.has(s.kind, s.key)}  # fmt: skip
+    if kinds:
+        server.launch()
+    if "tasks" in kinds and lm_eval_available():
+        lm_eval.start()
+
+
 def build(
     recipe_path: Path,
     *,
@@ -234,6 +249,7 @@ def build(
     server = SharedServer()  # started by the first stage that serves a model on this CPU
     lm_eval = Worker()  # started by the first stage that runs lm_eval
     try:
+        start_cpu_measurers(plan, chosen, cache, server, lm_eval)
         # One loop in plan order, which is dependency order: each stage reads its dependencies'
         # entries by role. Pushes are not content: they run after the gates, below.
         for stage in plan.stages:

@@ -79,9 +79,11 @@ def test_sweep_against_transformers_serve(tiny_model: Path, tmp_path: Path) -> N
     assert result.gates_passed and [g.name for g in result.gates] == ["max_ttft_p99_ms", "max_tpot_p99_ms"]
 
 
-def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("early", [False, True], ids=["started-by-first-use", "launched-early"])
+def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path: Path, early: bool) -> None:
     """A build's CPU measurements share one `transformers serve`: each model directory is loaded
-    before its measurement (by name: its path), unloaded after, and its part of the log is its own."""
+    before its measurement (by name: its path), unloaded after, and its part of the log is its own.
+    Launched early (as a build does), the first measurement waits for it and logs its start-up."""
     import shutil
 
     from forge.errors import InfraError
@@ -93,6 +95,8 @@ def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path:
     broken.mkdir()
     (broken / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "no-such"}')
     server = SharedServer()
+    if early:
+        server.launch()
     try:
         pids, logs = [], []
         for index, model in enumerate((tiny_model, copy, tiny_model)):

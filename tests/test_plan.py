@@ -364,3 +364,41 @@ def test_every_format_spec_is_what_its_writer_refuses_with():
                 assert (SPECS[name].scheme_problem(scheme) is None) == (fmt.unsupported_reason(scheme) is None), (
                     name, preset, kv
                 )  # fmt: skip
+
+
+def test_a_build_launches_its_cpu_server_and_lm_eval_worker_only_for_measurements_it_will_run(
+    tiny_model, eval_text, tmp_path
+):
+    from forge.build import start_cpu_measurers
+    from forge.cache import STAGE_JSON
+
+    (tmp_path / "tasks").mkdir()
+    data = tiny_recipe(tiny_model, eval_text)
+    data["validation"]["accuracy"].update(tasks=["forge_facts"], task_include_path="tasks")
+    data["validation"]["throughput"] = {"enabled": True}
+    plan = plan_for(data, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    started: list[str] = []
+
+    class Recorder:  # stands for the server and the worker: which of them the build starts
+        def launch(self) -> None:
+            started.append("server")
+
+        def start(self) -> None:
+            started.append("lm_eval")
+
+    def starts(ids) -> list[str]:
+        started.clear()
+        start_cpu_measurers(plan, set(ids), cache, Recorder(), Recorder())
+        return sorted(started)
+
+    every = [s.id for s in plan.stages]
+    assert starts(every) == ["lm_eval", "server"]
+    assert starts(s for s in every if not s.startswith("tasks/")) == ["server"]  # a load sweep: no lm_eval
+    assert starts(s for s in every if s.endswith("/H100")) == []  # GPU measurements: deferred, not this CPU's
+    cpu = [s for s in plan.stages if s.kind in ("tasks", "throughput") and s.id.endswith(("/cpu", "baseline"))]
+    assert cpu
+    for stage in cpu:  # every CPU measurement in the cache: a warm build starts nothing
+        (cache.entry(stage.kind, stage.key) / STAGE_JSON).parent.mkdir(parents=True)
+        (cache.entry(stage.kind, stage.key) / STAGE_JSON).write_text("{}")
+    assert starts(every) == []

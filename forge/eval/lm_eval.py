@@ -151,7 +151,7 @@ class Worker:
     Each lm_eval process spent ~8 s of a 50-question run importing torch, transformers' tokenizers
     and lm-eval (bench/RESULTS.md); the worker imports them once and runs each command in a child
     forked from it, so a run still has a process of its own, its log and its exit code, as with
-    `subprocess.run`. Started by the first run, it dies with forge (like the CPU server)."""
+    `subprocess.run`. Started by the first run or before (`start`), it dies with forge."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -160,17 +160,11 @@ class Worker:
     def run(self, argv: Sequence[str], cwd: Path | str | None, log: Path) -> int:
         """`argv` (an `lm_eval_command` for `LOCAL_MODULE`) run in `cwd`, its output in `log`: its
         exit code. A worker that died (killed by a run gone wrong) is started again for the next."""
-        from forge.loadgen.server import die_with_parent
-
         if list(argv[:3]) != [sys.executable, "-m", LOCAL_MODULE]:
             raise ValueError(f"not a {LOCAL_MODULE} command: {argv[:3]}")
         job = json.dumps({"argv": list(argv[3:]), "cwd": None if cwd is None else str(cwd), "log": str(log)})
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", LOCAL_MODULE, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL, text=True, preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509
-                )  # fmt: skip
+            self.start()
             try:
                 self.proc.stdin.write(job + "\n")
                 self.proc.stdin.flush()
@@ -181,6 +175,17 @@ class Worker:
                 self.close()
                 return -1
             return json.loads(answer)["returncode"]
+
+    def start(self) -> None:
+        """Start the worker without waiting: it imports while the caller works on. Nothing to do
+        while one runs."""
+        from forge.loadgen.server import die_with_parent
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", LOCAL_MODULE, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True, preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509
+            )  # fmt: skip
 
     def close(self) -> None:
         """End the worker: its stdin closed, it exits after the run in hand (none, between runs)."""

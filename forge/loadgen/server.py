@@ -287,9 +287,14 @@ class SharedServer:
         self.log_path: Path | None = None  # in a temporary directory made at the first start
         self.keep_log = False  # a measurement failed while served: `close` leaves the log for reading
         self.proc: subprocess.Popen | None = None
+        self.healthy = False  # the running server has answered its health path
         self.base_url, self.argv = "", []
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the server without waiting for it (its imports then overlap the build's own work);
+        `serving` waits until it answers. Nothing to do while one runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
         check_serving_installed()
         if self.log_path is None:
             self.log_path = Path(tempfile.mkdtemp(prefix="forge-serve-")) / "transformers-serve.log"
@@ -298,16 +303,19 @@ class SharedServer:
         self.argv = transformers_serve_argv(None, port, host=host)
         self.base_url = f"http://{host}:{port}"
         self.proc = start_server(self.argv, self.log_path)
-        wait_healthy(self.base_url, self.proc, self.log_path, self.startup_timeout_s)
+        self.healthy = False
 
     @contextlib.contextmanager
     def serving(self, model_dir: Path, log_path: Path) -> Iterator[RunningServer]:
         """The server with `model_dir` loaded, for the duration of the block; its log lines of
         that time land in `log_path`."""
         model_dir = model_directory(model_dir)
-        offset = 0 if self.log_path is None else self.log_path.stat().st_size
-        if self.proc is None or self.proc.poll() is not None:  # first use, or a previous measurement killed it
-            self.start()  # its start-up lines go to this measurement's log
+        starting = self.proc is not None and self.proc.poll() is None and not self.healthy  # launched early
+        offset = 0 if self.log_path is None or starting else self.log_path.stat().st_size
+        self.launch()  # first use, or a previous measurement killed it: its start-up lines go to this log
+        if not self.healthy:
+            wait_healthy(self.base_url, self.proc, self.log_path, self.startup_timeout_s)
+            self.healthy = True
         try:
             self.post("/load_model", model_dir, stream=True)
             yield RunningServer(self.base_url, str(model_dir), list(self.argv), self.log_path, self.proc.pid)
