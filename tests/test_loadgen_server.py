@@ -123,3 +123,35 @@ def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path:
         server.close()
     assert not _alive(pids[0])
     assert server.log_path.is_file()  # kept: a measurement failed while it served
+
+
+def test_a_builds_measurements_share_one_dense_copy_of_an_export(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
+    """A variant's lm-eval tasks and load sweep serve the same weights: the export is made dense
+    once per build (in the shared server's scratch directory, gone when the server closes)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from forge.formats import FORMATS
+    from forge.loadgen.server import SharedServer
+    from forge.quant.presets import resolve_scheme
+    from forge.quant.rtn import quantize_rtn
+    from forge.stages import serve
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    quantized = quantize_rtn(load_file(tiny_model / "model.safetensors"), config, resolve_scheme("W4A16", group_size=64))
+    export = tmp_path / "export"
+    FORMATS["compressed-tensors"].write(quantized, tiny_model, export, {"recipe": "t", "variant": "v", "forge": "0"})
+    made = []
+    real = serve.dense_copy
+    monkeypatch.setattr(serve, "dense_copy", lambda source, out: made.append(out) or real(source, out))
+    server = SharedServer()
+    try:
+        first = serve.shared_dense_copy(export, server)
+        assert serve.shared_dense_copy(export, server) == first and len(made) == 1
+        _, state = FORMATS["compressed-tensors"].read(export)
+        served = load_file(first / "model.safetensors")
+        assert served.keys() <= state.keys() and "model.layers.0.mlp.down_proj.weight" in served
+        assert all(torch.equal(served[k], state[k].float()) for k in served)  # the export's weights, dense
+    finally:
+        server.close()
+    assert not first.exists() and not first.parent.exists()

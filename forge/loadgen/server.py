@@ -288,6 +288,7 @@ class SharedServer:
         self.keep_log = False  # a measurement failed while served: `close` leaves the log for reading
         self.proc: subprocess.Popen | None = None
         self.healthy = False  # the running server has answered its health path
+        self.scratch_dir: Path | None = None
         self.base_url, self.argv = "", []
 
     def launch(self) -> None:
@@ -354,9 +355,19 @@ class SharedServer:
             raise InfraError(f"transformers serve could not load {model_dir}: {errors[0].get('message')}; "
                              f"log {kept_log(self.log_path)}:\n{log_tail(self.log_path)}")  # fmt: skip
 
+    def scratch(self) -> Path:
+        """A directory for what the build's measurements share (a model they all serve), removed
+        by `close`."""
+        if self.scratch_dir is None:
+            self.scratch_dir = Path(tempfile.mkdtemp(prefix="forge-served-"))
+        return self.scratch_dir
+
     def close(self) -> None:
         """Stop the server; its log goes too unless a measurement failed while it served."""
         if self.proc is not None:
             stop_process(self.proc)
         if self.log_path is not None and not self.keep_log:
             shutil.rmtree(self.log_path.parent, ignore_errors=True)
+        if self.scratch_dir is not None:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
+            self.scratch_dir = None

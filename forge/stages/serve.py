@@ -46,9 +46,10 @@ def serve_artifact(
         from forge.loadgen.server import check_serving_installed
 
         check_serving_installed()
-        dense = model_dir if served.variant is None else dense_copy(model_dir, out / "served-model")
         if shared is not None:
+            dense = model_dir if served.variant is None else shared_dense_copy(model_dir, shared)
             return shared.serving(dense, out / "server.log")
+        dense = model_dir if served.variant is None else dense_copy(model_dir, out / "served-model")
         return serve_transformers(dense, out / "server.log")
     spec = served.spec
     if image is not None:
@@ -86,6 +87,20 @@ def served_as(served: Served, image: Path | None) -> str:
     if image is not None:
         return f"the packaged image ({served.image_stage})"
     return "the backend's base image with the artifact mounted (package.enabled is off: no image to measure)"
+
+
+def shared_dense_copy(export_dir: Path, shared: SharedServer) -> Path:
+    """`dense_copy` of an export made once per build, in the shared server's scratch directory: a
+    variant's lm-eval tasks and its load sweep serve the same weights. The export is a cache entry,
+    named by its content, so its path names the copy; a copy is complete once renamed into place."""
+    import hashlib
+
+    out = shared.scratch() / hashlib.sha256(str(export_dir.resolve()).encode()).hexdigest()[:16]
+    if not out.is_dir():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        dense_copy(export_dir, partial).rename(out)
+    return out
 
 
 def dense_copy(export_dir: Path, out: Path) -> Path:
