@@ -246,7 +246,7 @@ def build(
         return path
 
     entries: dict[str, Path] = {}  # stage id → its cache entry, for the stages after it
-    server = SharedServer()  # started by the first stage that serves a model on this CPU
+    server = SharedServer(scratch_root=cache.root)  # started by the first stage that serves a model on this CPU
     lm_eval = Worker()  # started by the first stage that runs lm_eval
     try:
         start_cpu_measurers(plan, chosen, cache, server, lm_eval)

@@ -554,11 +554,17 @@ def test_lm_eval_runs_against_a_real_completions_server(tiny, tmp_path, monkeypa
     (data.parent / "forge_tiny.yaml").write_text(_TASK_YAML.format(data=data))
     worker = lm_eval.Worker()
     with serve_transformers(tiny[0], tmp_path / "serve.log") as server:
+        url, name, tasks = f"{server.base_url}/v1/completions", server.model, ["forge_tiny_continue"]
         results, *through_worker = [
             lm_eval.run_lm_eval(
-                f"{server.base_url}/v1/completions", server.model, str(tiny[0]), ["forge_tiny_continue"],
-                tmp_path / f"lm_eval-{run}", include_path=data.parent, worker=worker if run else None,
-            )  # fmt: skip
+                url,
+                name,
+                str(tiny[0]),
+                tasks,
+                tmp_path / f"run{run}",
+                worker=worker if run else None,
+                include_path=data.parent,
+            )
             for run in range(3)
         ]
     worker.close()

@@ -128,25 +128,34 @@ def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path:
 def test_a_builds_measurements_share_one_dense_copy_of_an_export(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
     """A variant's lm-eval tasks and load sweep serve the same weights: the export is made dense
     once per build (in the shared server's scratch directory, gone when the server closes)."""
+    import subprocess
+
     import torch
     from safetensors.torch import load_file
 
     from forge.formats import FORMATS
-    from forge.loadgen.server import SharedServer
+    from forge.loadgen.server import SCRATCH_PREFIX, SharedServer
     from forge.quant.presets import resolve_scheme
     from forge.quant.rtn import quantize_rtn
     from forge.stages import serve
 
     config = json.loads((tiny_model / "config.json").read_text())
-    quantized = quantize_rtn(load_file(tiny_model / "model.safetensors"), config, resolve_scheme("W4A16", group_size=64))
+    state = load_file(tiny_model / "model.safetensors")
+    quantized = quantize_rtn(state, config, resolve_scheme("W4A16", group_size=64))
     export = tmp_path / "export"
     FORMATS["compressed-tensors"].write(quantized, tiny_model, export, {"recipe": "t", "variant": "v", "forge": "0"})
     made = []
     real = serve.dense_copy
     monkeypatch.setattr(serve, "dense_copy", lambda source, out: made.append(out) or real(source, out))
-    server = SharedServer()
+    cache = tmp_path / "cache"
+    ended = subprocess.Popen(["true"])  # noqa: S607 - its process id, once waited for, names no process
+    ended.wait()
+    (killed := cache / f"{SCRATCH_PREFIX}{ended.pid}-a").mkdir(parents=True)  # a SIGKILLed build's
+    (running := cache / f"{SCRATCH_PREFIX}{os.getppid()}-b").mkdir()  # another build's, still running
+    server = SharedServer(scratch_root=cache)
     try:
         first = serve.shared_dense_copy(export, server)
+        assert first.parent.parent == cache and not killed.exists() and running.exists()
         assert serve.shared_dense_copy(export, server) == first and len(made) == 1
         _, state = FORMATS["compressed-tensors"].read(export)
         served = load_file(first / "model.safetensors")

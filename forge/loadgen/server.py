@@ -270,6 +270,19 @@ def check_running(proc: subprocess.Popen, log_path: Path) -> None:
         )
 
 
+SCRATCH_PREFIX = ".tmp-served-"  # + the owning process id
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class SharedServer:
     """One `transformers serve` for every CPU measurement of a build (lm-eval tasks, load sweeps).
 
@@ -282,8 +295,9 @@ class SharedServer:
     part of the server log is copied to its own log file, as a server of its own would have written.
     """
 
-    def __init__(self, startup_timeout_s: float = 180.0):
+    def __init__(self, startup_timeout_s: float = 180.0, scratch_root: Path | None = None):
         self.startup_timeout_s = startup_timeout_s
+        self.scratch_root = scratch_root  # None: the temporary directory
         self.log_path: Path | None = None  # in a temporary directory made at the first start
         self.keep_log = False  # a measurement failed while served: `close` leaves the log for reading
         self.proc: subprocess.Popen | None = None
@@ -357,9 +371,16 @@ class SharedServer:
 
     def scratch(self) -> Path:
         """A directory for what the build's measurements share (a model they all serve), removed
-        by `close`."""
+        by `close`: under `scratch_root` (the build's cache), named by this process, so the first
+        scratch made there also reclaims what a killed build left (its process is gone)."""
         if self.scratch_dir is None:
-            self.scratch_dir = Path(tempfile.mkdtemp(prefix="forge-served-"))
+            root = self.scratch_root or Path(tempfile.gettempdir())
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(f"{SCRATCH_PREFIX}*"):
+                owner = stale.name.removeprefix(SCRATCH_PREFIX).partition("-")[0]
+                if owner.isdigit() and not process_alive(int(owner)):
+                    shutil.rmtree(stale, ignore_errors=True)
+            self.scratch_dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root))
         return self.scratch_dir
 
     def close(self) -> None:
