@@ -1,6 +1,6 @@
 """Quantize and export at real scale: seconds and peak memory against the checkpoint size.
 
-    .venv/bin/python bench/bench_scale.py --workdir /tmp/forge-scale [--runs full,slices,70b,70b-gptq]
+    .venv/bin/python bench/bench_scale.py --workdir /tmp/forge-scale [--runs full,slices,70b,70b-gptq,70b-layer]
         [--layers 1,2,4] [--presets GPTQ_W4A16,AWQ_W4A16] [--timeout SECONDS]
 
 Synthetic checkpoints with real shapes (random bfloat16 weights, std 0.02; norms 1.0; sharded
@@ -19,7 +19,7 @@ measure time and memory, not quality, and no tokenizer is needed. GPTQ and AWQ o
 too long on this machine, so they run on the 1-, 2- and 4-layer slices and the 32-layer figures
 are a linear fit, extrapolated (printed as such); `--timeout` stops a child that runs longer and
 records the peak RSS it had reached. `70b-gptq` runs GPTQ on one Llama-3.1-70B layer, whose
-down_proj Hessian (28672²) is the widest forge meets. Outputs are deleted after each measurement and
+down_proj Hessian (28672²) is the widest forge meets; `70b-layer` runs the `--presets` on it. Outputs are deleted after each measurement and
 the checkpoints at the end, so disk use stays bounded (the largest moment: the 8B checkpoint, one
 cache and one export).
 """
@@ -317,7 +317,8 @@ def main() -> None:
     parser.add_argument(
         "--runs",
         default="full,70b,slices",
-        help="comma list of: full, 70b, slices, 70b-gptq (GPTQ on one 70B layer; smoke: a tiny check)",
+        help="comma list of: full, 70b, slices, 70b-gptq (GPTQ on one 70B layer), 70b-layer (--presets on one 70B"
+        " layer); smoke: a tiny check",
     )
     parser.add_argument("--layers", default="1,2,4", help="slice sizes (layers) for GPTQ and AWQ")
     parser.add_argument("--presets", default="GPTQ_W4A16,AWQ_W4A16", help="presets run on the slices")
@@ -356,6 +357,9 @@ def main() -> None:
     if "70b-gptq" in runs:  # the widest Hessian forge meets: down_proj's 28672 inputs
         source = write_checkpoint(work / "llama70b-1L", llama_config(LLAMA_70B, 1))
         run_model(work, "70B-1L", source, ["GPTQ_W4A16"], rows, False, args.timeout)
+    if "70b-layer" in runs:  # one 70B layer with --presets: its peak is a 70B run's per-layer peak
+        source = write_checkpoint(work / "llama70b-1L", llama_config(LLAMA_70B, 1))
+        run_model(work, "70B-1L", source, args.presets.split(","), rows, False, args.timeout)
     print(f"load average {os.getloadavg()}", flush=True)
     report(rows)
 
