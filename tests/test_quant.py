@@ -200,24 +200,47 @@ def test_awq_scale_folding_keeps_the_float_function(tmp_path, kv_heads):
         assert linear.scale.dtype == torch.float16 and linear.scale.shape[1] == linear.codes.shape[1] // 64
 
 
-def test_awq_keeps_the_inputs_of_linears_wider_than_the_calibration_and_folds_them(tmp_path):
+def test_awq_keeps_the_inputs_of_linears_wider_than_the_calibration_instead_of_their_gram(tmp_path):
     """192 calibration tokens: only down_proj (256 inputs; the others read 128) keeps its inputs X,
-    with XᵀX its Gram matrix, and still so after AWQ divided both by the folded scales."""
+    and no Gram beside them: XᵀX is the Gram the other collection accumulates, and stays the
+    statistics of what down_proj reads after AWQ divided X by the folded scales."""
     from forge.architectures import get_architecture
     from forge.quant.awq import awq_layer, scale_groups
 
-    case = layer_case(make_tiny_llama(tmp_path / "m", num_layers=1), num_samples=2, seq_len=96, inputs=True)
+    model = make_tiny_llama(tmp_path / "m", num_layers=1)
+    case = layer_case(model, num_samples=2, seq_len=96, inputs=True)
+    grams = layer_case(model, num_samples=2, seq_len=96).stats.inputs
     stats = case.stats.inputs
     assert {n for n in case.names if stats[n].inputs is not None} == {"mlp.down_proj"}
     down = stats["mlp.down_proj"]
-    assert down.inputs.shape == (192, 256)
-    torch.testing.assert_close(down.inputs.T @ down.inputs, down.gram, rtol=1e-4, atol=1e-4)
+    assert down.inputs.shape == (192, 256) and down.gram is None
+    assert all(stats[n].gram is not None for n in case.names if n != "mlp.down_proj")
+    torch.testing.assert_close(down.full_gram(), grams["mlp.down_proj"].gram, rtol=1e-4, atol=1e-4)
     before = down.inputs.clone()
     config = case.model.config.to_dict()
     groups = scale_groups(case.layer, get_architecture(config), config)
     awq_layer(case.layer, stats, set(case.names), resolve_scheme("AWQ_W4A16", group_size=64), groups)
     assert not torch.allclose(down.inputs, before)  # up_proj → down_proj scales were folded
-    torch.testing.assert_close(down.inputs.T @ down.inputs, down.gram, rtol=1e-4, atol=1e-4)
+    scale = (before / down.inputs)[0]  # x / s, per input channel
+    torch.testing.assert_close(before / scale, down.inputs)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_clipping_through_kept_inputs_chooses_what_the_gram_chooses(symmetric):
+    """Fewer tokens than inputs: each group's XᵀX gives the clipping search the blocks the Gram does."""
+    from forge.quant.awq import group_grams, search_clip
+    from forge.quant.layerwise import InputStats
+
+    torch.manual_seed(1)
+    x = torch.randn(96, 256) * (torch.rand(256) * 2).exp()
+    w = torch.randn(40, 256) * 0.05
+    w[torch.rand_like(w) < 0.02] *= 8  # outliers worth clipping
+    scheme = resolve_scheme("AWQ_W4A16", group_size=64, symmetric=symmetric)
+    with_gram, with_x = InputStats(tokens=96, gram=x.T @ x), InputStats(tokens=96, inputs=x)
+    torch.testing.assert_close(group_grams(with_x, 64), group_grams(with_gram, 64), rtol=1e-5, atol=1e-3)
+    (clipped, grid), (clipped_x, grid_x) = search_clip(w, with_gram, scheme), search_clip(w, with_x, scheme)
+    assert torch.equal(clipped_x, clipped) and not torch.equal(clipped, w)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grid_x, grid, strict=True))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -267,8 +267,9 @@ def fold_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor, stats
 
 def rescale_stats(stats: InputStats, scales: torch.Tensor) -> None:
     """Statistics of inputs x, made those of x / s."""
-    s = scales.to(stats.gram.dtype)
-    stats.gram.div_(s.unsqueeze(1)).div_(s.unsqueeze(0))  # in place: at 8B down_proj's Gram is 0.77 GiB
+    if stats.gram is not None:
+        s = scales.to(stats.gram.dtype)
+        stats.gram.div_(s.unsqueeze(1)).div_(s.unsqueeze(0))  # in place: at 8B down_proj's Gram is 0.77 GiB
     if stats.inputs is not None:
         stats.inputs.div_(scales)
     stats.abs_sum = stats.abs_sum / scales.double()
@@ -303,6 +304,17 @@ def on_grid(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
     return ((q + z).clamp(0, 15) - z) * step
 
 
+def group_grams(stats: InputStats, group_size: int) -> torch.Tensor:
+    """The diagonal blocks of the Gram matrix, one per group of inputs ([groups, gs, gs]): cut from
+    the Gram, or each group's XᵀX where the inputs were kept instead."""
+    if stats.gram is None:
+        x = stats.inputs.reshape(stats.inputs.shape[0], -1, group_size).transpose(0, 1)  # [groups, T, gs]
+        return torch.bmm(x.transpose(1, 2), x)
+    gram, n_groups = stats.gram.float(), stats.gram.shape[0] // group_size  # no copy
+    return torch.stack([gram[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size]
+                        for g in range(n_groups)])  # fmt: skip
+
+
 def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> tuple[torch.Tensor, Grid]:
     """`weight` clamped, per output row and group, to the range with least output error, and the
     int4 grid spanning that range (`rtn.int4_grid`).
@@ -315,16 +327,7 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> tupl
     group_size = scheme.group_size
     out_features, in_features = weight.shape
     n_groups = in_features // group_size
-    gram = stats.gram.float()  # no copy: the argmins below do not depend on G's scale
-    blocks = (
-        torch.stack(
-            [
-                gram[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size]
-                for g in range(n_groups)
-            ]
-        )
-        / stats.tokens
-    )  # [groups, gs, gs]
+    blocks = group_grams(stats, group_size) / stats.tokens  # [groups, gs, gs]
     w = weight.float().reshape(out_features, n_groups, group_size)
     if scheme.symmetric:
         hi = w.abs().amax(-1)
@@ -366,7 +369,7 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scheme: Scheme) -> tupl
     if OPTIONS.joint:
         chosen_delta = deltas(low[best], high[best]).reshape(out_features, in_features)
         every = partial(deltas, low.reshape(-1, 1, 1), high.reshape(-1, 1, 1))
-        best = refine_jointly(best, chosen_delta, every, gram)
+        best = refine_jointly(best, chosen_delta, every, stats.full_gram().float())
     chosen, grid = clipped(low[best], high[best])
     return chosen.reshape(out_features, in_features), grid
 

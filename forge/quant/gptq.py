@@ -251,7 +251,7 @@ def gptq_layer(
         grids = [grid(n, w.float()) for n, w in zip(names, weights, strict=True)] if grid else [None] * len(names)
         if any(g is not None for g in grids):  # static groups for all: the grids a stacked solve would use
             grids = [g or static_grid(w.float(), scheme) for g, w in zip(grids, weights, strict=True)]
-        hessian = input_stats.gram.to(torch.float32, copy=not release)
+        hessian = input_stats.full_gram().to(torch.float32, copy=not release)
         if release:
             input_stats.gram = None
         hessian.div_(input_stats.tokens)  # H = mean x xᵀ; GPTQ's result does not depend on its scale

@@ -39,11 +39,15 @@ class InputStats:
     abs_sum: torch.Tensor | None = None  # [in] Σ|x|
     abs_max: torch.Tensor | None = None  # [in] max |x|
     gram: torch.Tensor | None = None  # [in, in] Σ x xᵀ, float32 (as the GPTQ reference accumulates H)
-    inputs: torch.Tensor | None = None  # [tokens, in] the x themselves, float32, where tokens < in
+    inputs: torch.Tensor | None = None  # [tokens, in] the x themselves, float32, where tokens < in (then no gram)
 
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / self.tokens
+
+    def full_gram(self) -> torch.Tensor:
+        """Σ x xᵀ: as accumulated, or XᵀX of the kept inputs (a Gram is not kept beside them)."""
+        return self.gram if self.gram is not None else self.inputs.T @ self.inputs
 
 
 @dataclass
@@ -280,7 +284,8 @@ def collect_layer_stats(
 
     Linears fed the same tensor (q/k/v, gate/up) share one `InputStats`, so the Gram matrix of a
     shared input is computed once. With `inputs`, the inputs of every linear wider than the
-    calibration's token count are kept as well (`InputStats.inputs`). With `kv`, the maxima of
+    calibration's token count are kept instead of its Gram matrix (`InputStats.inputs`: at 70B,
+    down_proj's Gram is 28672² floats, 3.06 GiB, its 1024 inputs 0.11 GiB). With `kv`, the maxima of
     the keys (after RoPE, what the KV cache stores) and values are recorded too, read where
     `kv_sources` says they appear.
     Modules of `linear_names` that never run (an MoE expert no token was routed to) get no entry.
@@ -306,12 +311,12 @@ def collect_layer_stats(
                 abs_max = flat.abs().amax(0)
                 entry.abs_sum = abs_sum if entry.abs_sum is None else entry.abs_sum + abs_sum
                 entry.abs_max = abs_max if entry.abs_max is None else torch.maximum(entry.abs_max, abs_max)
-                if gram:  # accumulated in place: at 8B down_proj's is 14336² floats, a copy is 0.77 GiB
+                if inputs and flat.shape[1] > tokens:  # the inputs themselves: XᵀX on demand, no Gram
+                    entry.inputs = flat.clone() if entry.inputs is None else torch.cat([entry.inputs, flat])
+                elif gram:  # accumulated in place: at 8B down_proj's is 14336² floats, a copy is 0.77 GiB
                     if entry.gram is None:
                         entry.gram = torch.zeros(flat.shape[1], flat.shape[1])
                     entry.gram.addmm_(flat.T, flat)
-                if inputs and flat.shape[1] > tokens:
-                    entry.inputs = flat.clone() if entry.inputs is None else torch.cat([entry.inputs, flat])
                 by_tensor[id(x)] = (x, entry)
             else:
                 stats.inputs[name] = seen[1]
