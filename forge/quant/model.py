@@ -53,10 +53,11 @@ class QuantizedLinear:
             return (self.codes.to(torch.float32) * self.scale.to(torch.float32)).to(dtype)
         out_features, in_features = self.codes.shape
         groups = self.scale.shape[1]
-        q = self.codes.to(torch.float32).reshape(out_features, groups, in_features // groups)
+        # A new tensor (copy=True), then changed in place: one float temporary (0.9 GiB at 70B's down_proj).
+        q = self.codes.to(torch.float32, copy=True).reshape(out_features, groups, in_features // groups)
         if self.zero_point is not None:
-            q = q - self.zero_point.to(torch.float32).unsqueeze(-1)
-        w = q * self.scale.to(torch.float32).unsqueeze(-1)
+            q.sub_(self.zero_point.to(torch.float32).unsqueeze(-1))
+        w = q.mul_(self.scale.to(torch.float32).unsqueeze(-1))
         return w.reshape(out_features, in_features).to(dtype)
 
 

@@ -67,11 +67,11 @@ def int4_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     """Round `weight` onto the int4 grid given by `scale` / `zero` (both `[out, in / group]`)."""
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
-    q = torch.round(groups / scale.float().unsqueeze(-1))
+    q = torch.round(groups / scale.float().unsqueeze(-1))  # in place below: one float temporary, not three
     if zero is None:
-        q = q.clamp(-8, 7)
+        q.clamp_(-8, 7)
     else:
-        q = (q + zero.float().unsqueeze(-1)).clamp(0, 15)
+        q.add_(zero.float().unsqueeze(-1)).clamp_(0, 15)
     return q.reshape(out_features, in_features).to(torch.int8)
 
 
