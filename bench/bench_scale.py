@@ -19,9 +19,9 @@ measure time and memory, not quality, and no tokenizer is needed. GPTQ and AWQ o
 too long on this machine, so they run on the 1-, 2- and 4-layer slices and the 32-layer figures
 are a linear fit, extrapolated (printed as such); `--timeout` stops a child that runs longer and
 records the peak RSS it had reached. `70b-gptq` runs GPTQ on one Llama-3.1-70B layer, whose
-down_proj Hessian (28672²) is the widest forge meets; `70b-layer` runs the `--presets` on it. Outputs are deleted after each measurement and
-the checkpoints at the end, so disk use stays bounded (the largest moment: the 8B checkpoint, one
-cache and one export).
+down_proj Hessian (28672²) is the widest forge meets; `70b-layer` runs the `--presets` on it.
+Outputs are deleted after each measurement and the checkpoints at the end, so disk use stays
+bounded (the largest moment: the 8B checkpoint, one cache and one export).
 """
 
 from __future__ import annotations
