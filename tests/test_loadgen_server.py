@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from forge.loadgen import SLOs, launch_argv, run_sweep, serve_transformers
+from forge.loadgen.server import process_alive
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
@@ -18,14 +19,6 @@ pytestmark = pytest.mark.integration
 PROMPT_TOKENS = 32
 OUTPUT_TOKENS = 8
 REQUESTS = 4
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _check_consistent(level) -> None:
@@ -58,7 +51,7 @@ def test_sweep_against_transformers_serve(tiny_model: Path, tmp_path: Path) -> N
     assert code == 0, output
     bench = json.loads((tmp_path / "bench" / "summary.json").read_text())
     assert bench["flavor"] == "transformers" and bench["levels"][0]["total_output_tokens"] == 2 * OUTPUT_TOKENS
-    assert not _alive(server.pid)
+    assert not process_alive(server.pid)
     assert "Uvicorn running" in (tmp_path / "server.log").read_text()
     assert argv[1:3] == ["serve", str(tiny_model.resolve())] and result.server_argv == argv
 
@@ -108,7 +101,7 @@ def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path:
                 assert [lv.errors for lv in result.levels] == [0]
                 pids.append(up.pid)
             logs.append((tmp_path / f"log{index}").read_text())
-        assert len(set(pids)) == 1 and _alive(pids[0])
+        assert len(set(pids)) == 1 and process_alive(pids[0])
         # Each measurement's log holds its own load; the first model, unloaded after its turn, loads again.
         models = (tiny_model, copy, tiny_model)
         assert all(f"Loading {m.resolve()}@main" in log for m, log in zip(models, logs, strict=True))
@@ -121,7 +114,7 @@ def test_one_shared_server_serves_each_model_in_turn(tiny_model: Path, tmp_path:
             assert server.proc.pid == pids[0]
     finally:
         server.close()
-    assert not _alive(pids[0])
+    assert not process_alive(pids[0])
     assert server.log_path.is_file()  # kept: a measurement failed while it served
 
 
