@@ -12,7 +12,8 @@ leaves it (compressed-tensors fake-quantizes weights, and activations where the 
 its forward); ModelOpt's fake-quantized dense weights written by `bench/modelopt_reference.py`
 (its own venv). FP8 activations: static schemes round each linear's input to fp8 with the
 calibrated per-tensor scale, dynamic ones per token, as serving does.
-Calibration for every calibrated method: 16 × 256 tokens of `pydoc_topics`, seed 0 unless `--seed` draws another sample.
+Calibration for every calibrated method: 16 × 256 tokens of `pydoc_topics`, seed 0 unless `--seed` draws another sample
+(or `--calibration`, a saved token tensor: another text's, or text sampled from the model itself).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from bench.bench_quant import fp8_dynamic_activations, load_dequantized, wikitex
 from forge.quant import awq, gptq
 from forge.quant.calibration import load_calibration
 from forge.quant.model import QuantizedModel
-from forge.quant.presets import resolve_scheme
+from forge.quant.presets import AWQ_ALGORITHMS, resolve_scheme
 from forge.quant.rtn import FP8_MAX
 from forge.quant.run import quantize_checkpoint
 
@@ -125,7 +126,7 @@ def forge_variant(preset: str, algorithm: str, symmetric: bool | None = None, **
     def run(args: argparse.Namespace, calibration: torch.LongTensor) -> tuple[QuantizedModel, float]:
         group = 64 if "W4A16" in preset else None
         scheme = resolve_scheme(preset, group_size=group, symmetric=symmetric)
-        if algorithm == "awq":
+        if algorithm in AWQ_ALGORITHMS:
             context = awq.options(**(AWQ_BASE | opts))
         else:
             context = gptq.options(**opts) if algorithm == "gptq" else contextlib.nullcontext()
@@ -139,6 +140,8 @@ def forge_variant(preset: str, algorithm: str, symmetric: bool | None = None, **
 
 FORGE_ROWS: list[tuple[str, Callable]] = [  # most telling first: each row prints as it completes
     ("forge AWQ asym g64 + clip (AWQ_W4A16)", forge_variant("AWQ_W4A16", "awq")),
+    ("forge AWQ asym g64 + clip, tuned rounding (AWQ_TUNED_W4A16)", forge_variant("AWQ_TUNED_W4A16", "awq_tuned")),
+    ("forge AWQ sym g64 + clip, tuned rounding", forge_variant("AWQ_TUNED_W4A16", "awq_tuned", symmetric=True)),
     ("forge AWQ asym g64 + clip + GPTQ", forge_variant("AWQ_W4A16", "awq", gptq=True)),
     ("forge AWQ sym g64 + clip + GPTQ", forge_variant("AWQ_W4A16", "awq", symmetric=True, gptq=True)),
     ("forge FP8 (static)", forge_variant("FP8", "rtn")),
@@ -179,6 +182,8 @@ MODELOPT_ROWS = [
 # Run order, most telling first: every row prints as it completes, so a run cut short still answers.
 ORDER = [
     "forge AWQ asym g64 + clip (AWQ_W4A16)",
+    "forge AWQ asym g64 + clip, tuned rounding (AWQ_TUNED_W4A16)",
+    "forge AWQ sym g64 + clip, tuned rounding",
     "forge AWQ asym g64 + clip, joint",
     "forge FP8 (static)",
     "forge FP8_DYNAMIC",
@@ -267,6 +272,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="'|'-separated row labels: run only these, in this order")
     parser.add_argument("--seed", type=int, default=0, help="calibration sample seed (another draw of the same text)")
     parser.add_argument("--save-calibration", type=Path, help="write the calibration tokens (torch.save) and stop")
+    parser.add_argument("--calibration", type=Path, help="calibration tokens to use instead (a torch.save'd tensor)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -274,7 +280,10 @@ def main() -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    calibration = load_calibration(["pydoc_topics"], args.model, 16, 256, seed=args.seed)
+    if args.calibration:
+        calibration = torch.load(args.calibration)
+    else:
+        calibration = load_calibration(["pydoc_topics"], args.model, 16, 256, seed=args.seed)
     if args.save_calibration:
         torch.save(calibration, args.save_calibration)
         return

@@ -186,7 +186,9 @@ class AccuracyGates(Strict):
 
 class Variant(Strict):
     name: Name = Field(description="Short name used in artifact paths and reports.")
-    scheme: str = Field(description=f"Quantization preset: {', '.join(PRESETS)}.")
+    scheme: str = Field(
+        description="Quantization preset, one of: " + "; ".join(f"{name} ({p.summary})" for name, p in PRESETS.items())
+    )
     group_size: int | None = Field(
         default=None, description="int4 only: input columns per scale (must divide every input dimension)."
     )

@@ -66,3 +66,13 @@ def test_every_record_is_complete_and_consistent(name, tiny_model, eval_text, tm
             assert spec.user == record.user and spec.base_image == record.image(target)
             compared.add(target.trtllm.mode if name == "trtllm" else name)
     assert len(compared) == len(targets_of(name)), compared  # every target (both TensorRT-LLM modes) was served
+
+
+def test_tgi_serves_every_awq_preset_as_autoawq_gemm_and_the_rest_as_compressed_tensors():
+    """AWQ_TUNED_W4A16 stores what AWQ_W4A16 stores (same scaled weights and asymmetric grids)."""
+    from forge.backends import tgi
+
+    target = Target.model_validate({"backend": "tgi", "gpus": ["H100"]})
+    formats = {preset: tgi.export_format(resolve_scheme(preset), target) for preset in PRESETS}
+    assert formats["AWQ_W4A16"] == formats["AWQ_TUNED_W4A16"] == "awq-gemm"
+    assert {f for p, f in formats.items() if not p.startswith("AWQ_")} == {"compressed-tensors"}

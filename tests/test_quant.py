@@ -19,7 +19,7 @@ from forge.quant.calibration import load_calibration
 from forge.quant.gptq import gptq_quantize
 from forge.quant.model import QuantizedLinear, QuantizedModel, Scheme, save_quantized
 from forge.quant.presets import resolve_scheme
-from forge.quant.rtn import FP8_MAX, quantize_int4
+from forge.quant.rtn import FP8_MAX, int4_codes, int4_qparams, quantize_int4
 from forge.quant.run import quantize_checkpoint
 from tests.tiny import layer_case, make_tiny_llama
 
@@ -532,6 +532,28 @@ def test_int4_symmetric_rtn_matches_llmcompressor_but_keeps_each_groups_extreme(
     assert lowered > 0  # the tiny model has such groups: the rule was exercised
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int4_scales_of_zero_and_tiny_groups_are_positive_and_their_codes_exact(symmetric, dtype):
+    """An all-zero group (a pruned or dead channel) and one of weights far below float16's smallest
+    step: the stored scale is positive in its dtype, the codes read back to the group's values
+    (zeros exactly), and the ordinary group beside them keeps its round-to-nearest codes."""
+    weight = torch.zeros(3, 8)
+    weight[1, :4] = torch.tensor([1e-9, -2e-9, 3e-9, 0.0])
+    weight[2, :4] = torch.tensor([0.5, -0.25, 0.125, 1.0])
+    scale, zero = int4_qparams(weight, 4, symmetric, dtype)
+    read = QuantizedLinear(int4_codes(weight, scale, zero, 4), scale, zero).dequantize()
+    assert scale.dtype == dtype and bool((scale > 0).all())
+    assert torch.equal(read[0], torch.zeros(8)) and torch.equal(read[1:, 4:], torch.zeros(2, 4))
+    assert float((read[1] - weight[1]).abs().max()) < 1e-7
+    step = scale[2, 0].float()
+    offset = 0 if zero is None else zero[2, 0].float()
+    expected = (
+        torch.round(weight[2, :4] / step + offset).clamp(-8 if zero is None else 0, 7 if zero is None else 15) - offset
+    ) * step
+    assert torch.equal(read[2, :4], expected)
+
+
 def test_int4_asymmetric_rtn_matches_llmcompressor_up_to_zero_point_rounding(tiny):
     """compressed-tensors keeps codes and zero points signed (-8..7), forge unsigned (0..15).
 
@@ -560,3 +582,69 @@ def test_scheme_fields_used_by_quantizers():
     awq, gptq = resolve_scheme("AWQ_W4A16"), resolve_scheme("GPTQ_W4A16")
     assert isinstance(awq, Scheme) and not awq.symmetric and awq.group_size == 128
     assert gptq.symmetric and gptq.group_size == 128 and gptq.weight_format == "int4"
+
+
+def test_tuned_rounding_keeps_awqs_grids_and_lowers_the_error_on_held_out_text(outlier_tiny):
+    """AWQ_TUNED_W4A16 in layer 0: AWQ's own scales and zero points (so every format stores it as
+    it stores AWQ), codes moved by one step at most where tuning moved them (layer 1 sees the tuned
+    layer 0's outputs, so its AWQ grids differ); every layer's calibration error lowered (the report
+    says by how much), and the model's error on text it was not tuned on too."""
+    calibration = load_calibration(["pydoc_topics"], outlier_tiny, num_samples=8, seq_len=64, seed=0)
+    held_out = load_calibration(["pydoc_topics"], outlier_tiny, num_samples=4, seq_len=64, seed=7)
+    reference = last_hidden(dense_model(outlier_tiny), held_out)
+    scheme = resolve_scheme("AWQ_TUNED_W4A16", group_size=64, dtype="float32")
+    awq = quantize_checkpoint(outlier_tiny, scheme, "awq", calibration)
+    tuned = quantize_checkpoint(outlier_tiny, scheme, "awq_tuned", calibration)
+    assert awq.linears.keys() == tuned.linears.keys() and awq.dense.keys() == tuned.dense.keys()
+    changed = 0
+    for name, q in tuned.linears.items():
+        if not name.startswith("model.layers.0."):
+            continue
+        assert torch.equal(q.scale, awq.linears[name].scale)
+        assert torch.equal(q.zero_point, awq.linears[name].zero_point)
+        assert q.codes.dtype == torch.int8 and 0 <= int(q.codes.min()) <= int(q.codes.max()) <= 15
+        moved = (q.codes.int() - awq.linears[name].codes.int()).abs()
+        assert int(moved.max()) <= 1  # an offset within ±0.5 moves a code one step at most
+        changed += int(moved.sum())
+    assert changed > 0
+    errors = tuned.calibration["tuned_output_error"]
+    assert sorted(errors) == ["0", "1"] and all(after < before for before, after in errors.values()), errors
+    held_out_error = {
+        name: (last_hidden(dense_model(outlier_tiny, q), held_out) - reference).pow(2).mean().item()
+        for name, q in (("awq", awq), ("tuned", tuned))
+    }
+    assert held_out_error["tuned"] < held_out_error["awq"], held_out_error
+
+
+def test_tuned_rounding_is_deterministic(tiny, calibration, tmp_path):
+    scheme = resolve_scheme("AWQ_TUNED_W4A16", group_size=64)
+    for run in ("a", "b"):
+        save_quantized(quantize_checkpoint(tiny, scheme, "awq_tuned", calibration), tmp_path / run)
+    a = (tmp_path / "a" / "quantized.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "quantized.safetensors").read_bytes()
+
+
+def test_tuning_without_a_better_point_keeps_awqs_own_codes(tiny, calibration, monkeypatch):
+    """No step taken (STEPS = 0): no offsets better than 0 were found, and AWQ's linears come back."""
+    from forge.quant import rounding
+
+    scheme = resolve_scheme("AWQ_TUNED_W4A16", group_size=64)
+    monkeypatch.setattr(rounding, "STEPS", 0)
+    tuned = quantize_checkpoint(tiny, scheme, "awq_tuned", calibration)
+    awq = quantize_checkpoint(tiny, scheme, "awq", calibration)
+    for name, q in awq.linears.items():
+        assert torch.equal(tuned.linears[name].codes, q.codes)
+    assert all(before == after for before, after in tuned.calibration["tuned_output_error"].values())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tuning_offsets_of_zero_are_round_to_nearest(symmetric):
+    """The tuning starts where AWQ ends: with offsets 0, the straight-through codes are the
+    round-to-nearest codes `rtn.int4_codes` stores."""
+    from forge.quant.rounding import Grids
+
+    torch.manual_seed(0)
+    weight = torch.randn(16, 128)
+    scale, zero = int4_qparams(weight, 64, symmetric, torch.float16)
+    grids = Grids({"w": weight}, {"w": QuantizedLinear(weight, scale, zero)}, 64)
+    assert torch.equal(grids.codes("w", torch.zeros_like(weight)).to(torch.int8), int4_codes(weight, scale, zero, 64))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from forge.backends.record import BackendRecord, compat_rule
+from forge.quant.presets import is_awq
 
 if TYPE_CHECKING:
     from forge.quant.scheme import Scheme
@@ -23,7 +24,7 @@ TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"  # text-generation-launcher --hel
 
 
 def export_format(scheme: Scheme, target: Target) -> str:
-    return "awq-gemm" if scheme.preset == "AWQ_W4A16" else "compressed-tensors"
+    return "awq-gemm" if is_awq(scheme.preset) else "compressed-tensors"
 
 
 def serve_command(model_path: str, scheme: Scheme, target: Target) -> list[str]:

@@ -2,7 +2,8 @@
 
 The names follow llm-compressor's preset schemes (compressed_tensors.quantization.quant_scheme:
 W4A16, W4A16_ASYM, FP8, FP8_DYNAMIC, NVFP4); GPTQ_W4A16 and AWQ_W4A16 are forge's names for the
-same int4 storage reached by a calibrated algorithm instead of round-to-nearest.
+same int4 storage reached by a calibrated algorithm instead of round-to-nearest, and
+AWQ_TUNED_W4A16 the same again with AWQ's rounding tuned per decoder layer (`forge.quant.rounding`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from dataclasses import dataclass, replace
 
 from forge.quant.scheme import Scheme
 
+# Algorithms that end in AWQ's scaled weights and asymmetric grids, stored as AutoAWQ stores them.
+AWQ_ALGORITHMS = ("awq", "awq_tuned")
+
 
 def needs_calibration(scheme: Scheme, algorithm: str) -> bool:
     """The one rule for whether a variant needs calibration text: AWQ and GPTQ fit to activations,
     static FP8 input scales and fp8 KV-cache scales are measured on them, and NVFP4's global
     activation scales are too (llm-compressor calibrates its NVFP4 scheme)."""
     return (
-        algorithm in ("awq", "gptq")
+        algorithm in (*AWQ_ALGORITHMS, "gptq")
         or scheme.activations == "static_tensor"
         or scheme.kv_cache_dtype == "fp8"
         or scheme.weight_format == "fp4"
@@ -27,7 +31,7 @@ def needs_calibration(scheme: Scheme, algorithm: str) -> bool:
 @dataclass(frozen=True)
 class Preset:
     scheme: Scheme
-    algorithm: str  # rtn | gptq | awq | none (nvfp4: planned only)
+    algorithm: str  # rtn | gptq | awq | awq_tuned | none (nvfp4: planned only)
     summary: str
 
     @property
@@ -65,12 +69,22 @@ PRESETS: dict[str, Preset] = {
     "AWQ_W4A16": _int4(
         "AWQ_W4A16", False, "awq", "int4 weights, asymmetric groups, activation-aware scales + clipping"
     ),
+    "AWQ_TUNED_W4A16": _int4(
+        "AWQ_TUNED_W4A16",
+        False,
+        "awq_tuned",
+        "AWQ_W4A16, then each code's rounding tuned against its decoder layer's output (slower, more accurate)",
+    ),
     "NVFP4": Preset(
         Scheme("NVFP4", "fp4", 16, True, "group", "dynamic_token"),  # type: ignore[arg-type]
         "none",
         "fp4 e2m1 weights and activations, group 16 (Blackwell only; planned, not produced by forge yet)",
     ),
 }
+
+
+def is_awq(preset: str) -> bool:
+    return preset in PRESETS and PRESETS[preset].algorithm in AWQ_ALGORITHMS
 
 
 def resolve_scheme(

@@ -43,10 +43,21 @@ def int4_grid(
     w_max = w_max.clamp(min=0)
     if symmetric:
         scale = (torch.maximum(-w_min, w_max) / 7.5).clamp(min=MIN_SCALE)
-        return stored_toward_zero(scale, scale_dtype), None
-    scale = ((w_max - w_min) / 15).clamp(min=MIN_SCALE).to(scale_dtype)
+        return nonzero(stored_toward_zero(scale, scale_dtype)), None
+    scale = nonzero(((w_max - w_min) / 15).clamp(min=MIN_SCALE).to(scale_dtype))
     zero = torch.clamp(-torch.round(w_min / scale.float()), 0, 15).to(torch.int8)
     return scale, zero
+
+
+def nonzero(stored: torch.Tensor) -> torch.Tensor:
+    """A stored scale of at least its dtype's smallest positive value.
+
+    `MIN_SCALE` is below float16's smallest subnormal (2⁻²⁴ ≈ 6e-8), so an all-zero group's scale
+    would be stored as 0 and its codes computed as 0 / 0. Only scales that would be stored as 0
+    change: the group's weights (all within ±4.5e-7) then round to codes again, zeros exactly.
+    """
+    smallest = torch.nextafter(torch.zeros((), dtype=stored.dtype), torch.ones((), dtype=stored.dtype))
+    return stored.clamp(min=smallest)
 
 
 def stored_toward_zero(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -46,10 +46,12 @@ from forge.quant.layerwise import (
 )
 from forge.quant.model import QuantizedLinear, QuantizedModel, QuantizedWriter, Scheme, cache_tensors, open_quantized
 from forge.quant.moe import unfuse_layer_experts
-from forge.quant.presets import needs_calibration
+from forge.quant.presets import AWQ_ALGORITHMS, needs_calibration
+from forge.quant.rounding import tune_rounding
 from forge.quant.rtn import quantizable_linears, quantize_weight, split_state
 
-ALGORITHMS = ("rtn", "gptq", "awq")
+ALGORITHMS = ("rtn", "gptq", *AWQ_ALGORITHMS)
+AWQ_SHARE = 0.2  # awq_tuned: the share of a layer's progress its AWQ searches take, the rest is tuning
 Progress = Callable[[str, float, int], None]  # (what, done: whole layers and a fraction, total)
 
 
@@ -234,6 +236,8 @@ def calibrated_quantize(
     report = {} if report is None else report
     report.setdefault("expert_tokens", {})
     report.setdefault("rtn_fallback", [])
+    awq = algorithm in AWQ_ALGORITHMS
+    share = AWQ_SHARE if algorithm == "awq_tuned" else 1.0
     for index in range(len(layers)):
         state = source.read(layer_names[index])
         layer = model.layer(index, state)
@@ -252,7 +256,7 @@ def calibrated_quantize(
             gram=algorithm != "rtn",
             kv=kv,
             kv_sources=sources,
-            inputs=algorithm == "awq",
+            inputs=awq,
         )
         unseen = sorted(n for n in quantized if n not in stats.inputs)
         if arch.moe and router and router[0] in {n for n, _ in layer.named_modules()}:
@@ -262,10 +266,20 @@ def calibrated_quantize(
                 stats.inputs[f"{experts}.{e}.{gate}"].tokens if f"{experts}.{e}.{gate}" in stats.inputs else 0
                 for e in range(num_experts(config))
             ]
-        if algorithm == "awq":
-            step = None if progress is None else lambda f, i=index: progress("awq", i + f, len(layers))
+        if awq:
+            step = None if progress is None else lambda f, i=index: progress("awq", i + share * f, len(layers))
             groups = scale_groups(layer, arch, config)
             layer_linears, _ = awq_layer(layer, stats.inputs, quantized, scheme, groups, step)
+            if algorithm == "awq_tuned":
+                step = (
+                    None
+                    if progress is None
+                    else lambda f, i=index: progress("tune", i + share + (1 - share) * f, len(layers))
+                )
+                layer_linears, errors = tune_rounding(
+                    layer, layer_linears, hidden, dense_out, layer_kwargs, scheme, step
+                )
+                report.setdefault("tuned_output_error", {})[str(index)] = [round(e, 9) for e in errors]
             for n, p in layer.named_parameters():  # the folded norms (not the linears: a copy of the layer)
                 if (name := prefix + arch.to_checkpoint(n)) in dense:
                     changed[name] = p.detach().clone()
@@ -287,7 +301,7 @@ def calibrated_quantize(
         if algorithm != "rtn" or scheme.activations == "static_tensor":
             report["rtn_fallback"].extend(prefix + arch.to_checkpoint(n) for n in unseen)
         linears = {prefix + arch.to_checkpoint(n): q for n, q in layer_linears.items()}
-        if algorithm in ("awq", "gptq"):
+        if awq or algorithm == "gptq":
             # The served layer: its outputs feed the next layer, its k/v are what the cache holds.
             for n, q in layer_linears.items():
                 layer.get_submodule(n).weight.copy_(q.dequantize())
