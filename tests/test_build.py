@@ -328,3 +328,20 @@ def test_forge_threads_sets_torch_and_the_servers_threads(tiny_model, eval_text,
     assert code == 2, output
     assert output.strip() == "forge: FORGE_THREADS: 'two' is not a positive whole number of threads"
     assert not (tmp_path / "a").exists()
+
+
+def test_a_tuned_awq_variant_builds_every_format_and_reports_each_layers_tuning(tiny_model, eval_text, tmp_path):
+    """AWQ_TUNED_W4A16 through the whole build: quantized once, exported as AutoAWQ GEMM for TGI and
+    compressed-tensors for vLLM, evaluated, and its quantize stage records every layer's
+    calibration error before and after tuning."""
+    data = tiny_recipe(tiny_model, eval_text)
+    data["variants"] = [{"name": "tuned", "scheme": "AWQ_TUNED_W4A16", "group_size": 64,
+                         "calibration": {"num_samples": 4, "seq_len": 64}}]  # fmt: skip
+    report = build(write_recipe(tmp_path, data), artifacts_dir=tmp_path / "artifacts").report
+    stages = {s["id"]: s for s in report["stages"]}
+    quantize = stages["quantize/tuned"]
+    assert quantize["status"] == "ran" and quantize["algorithm"] == "awq_tuned"
+    errors = quantize["tuned_output_error"]
+    assert sorted(errors) == ["0", "1"] and all(after <= before for before, after in errors.values())
+    for fmt in ("awq-gemm", "compressed-tensors"):
+        assert stages[f"accuracy/tuned/{fmt}"]["status"] == "ran"
