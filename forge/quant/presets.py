@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from forge.quant.scheme import Scheme
 
-# Algorithms that end in AWQ's scaled weights and asymmetric grids, stored as AutoAWQ stores them.
+# Algorithms that end in AWQ's scaled weights on AWQ's grids: AutoAWQ's storage, GEMM format included.
 AWQ_ALGORITHMS = ("awq", "awq_tuned")
 
 
