@@ -267,15 +267,11 @@ def calibrated_quantize(
                 for e in range(num_experts(config))
             ]
         if awq:
-            step = None if progress is None else lambda f, i=index: progress("awq", i + share * f, len(layers))
+            step = _layer_step(progress, "awq", index, len(layers), 0.0, share)
             groups = scale_groups(layer, arch, config)
             layer_linears, _ = awq_layer(layer, stats.inputs, quantized, scheme, groups, step)
             if algorithm == "awq_tuned":
-                step = (
-                    None
-                    if progress is None
-                    else lambda f, i=index: progress("tune", i + share + (1 - share) * f, len(layers))
-                )
+                step = _layer_step(progress, "tune", index, len(layers), share, 1 - share)
                 layer_linears, errors = tune_rounding(
                     layer, layer_linears, hidden, dense_out, layer_kwargs, scheme, step
                 )
@@ -320,6 +316,15 @@ def calibrated_quantize(
         yield Part(_with_changes(dense, changed), linears, kv_scales)
         # Handed out: the next layer's peak need not hold these codes, nor this layer's Gram matrices.
         del layer_linears, linears, stats, dense_out
+
+
+def _layer_step(
+    progress: Progress | None, stage: str, index: int, total: int, start: float, width: float
+) -> Callable[[float], None] | None:
+    """Progress within layer `index`: a fraction f of a step spanning [start, start + width] of the layer."""
+    if progress is None:
+        return None
+    return lambda f: progress(stage, index + start + width * f, total)
 
 
 def _with_changes(dense: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
