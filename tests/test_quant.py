@@ -648,3 +648,17 @@ def test_tuning_offsets_of_zero_are_round_to_nearest(symmetric):
     scale, zero = int4_qparams(weight, 64, symmetric, torch.float16)
     grids = Grids({"w": weight}, {"w": QuantizedLinear(weight, scale, zero)}, 64)
     assert torch.equal(grids.codes("w", torch.zeros_like(weight)).to(torch.int8), int4_codes(weight, scale, zero, 64))
+
+
+def test_tuned_awq_reports_progress_within_each_layer_in_order(tiny, calibration, monkeypatch):
+    """AWQ's searches fill the first part of each layer's progress, the tuning the rest; never backwards."""
+    from forge.quant import rounding
+
+    monkeypatch.setattr(rounding, "STEPS", 2 * rounding.CHECK_EVERY)  # a check halfway through each layer's tuning
+    seen: list[tuple[str, float, int]] = []
+    scheme = resolve_scheme("AWQ_TUNED_W4A16", group_size=64)
+    quantize_checkpoint(tiny, scheme, "awq_tuned", calibration, progress=lambda *a: seen.append(a))
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done) and done[-1] == 2 and {t for _, _, t in seen} == {2}
+    assert {"awq", "tune"} <= {stage for stage, _, _ in seen}
+    assert any(stage == "tune" and 0 < d < 1 for stage, d, _ in seen)
