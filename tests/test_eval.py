@@ -18,6 +18,7 @@ from forge.datasets import resolve_dataset
 from forge.errors import GateFailed, InputError
 from forge.eval import lm_eval, perplexity
 from forge.eval.gates import GateResult, evaluate_gates, gate_failure, gate_verdict
+from forge.eval.lm_eval_local import environment_not_probed
 from forge.eval.perplexity import baseline_pass, build_model, compare_pass, load_windows
 from forge.quant.presets import resolve_scheme
 from forge.quant.rtn import quantize_rtn
@@ -184,6 +185,30 @@ def test_later_compare_passes_reuse_the_baseline_log_probs_and_measure_the_same(
     _compare(config, quantized, windows, moved, monkeypatch)
     baseline_pass(build_model(config, quantized), windows, moved, batch_size=4)
     assert _compare(config, quantized, windows, moved, monkeypatch)["mean_kl"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_compare_pass_right_after_the_baseline_pass_uses_its_log_probs_and_measures_the_same(
+    tiny, windows, tmp_path, monkeypatch
+):
+    """The baseline pass keeps the log-probabilities it computed, so the next compare pass projects
+    only the candidate's states; the figures equal those of a pass that projects both, even when
+    the stage cache has renamed the baseline's directory since (as a build's cache does)."""
+    _, config, state = tiny
+    quantized = quantize_rtn(state, config, resolve_scheme("W4A16", group_size=64)).dequantize()
+    monkeypatch.setattr(perplexity, "TOKEN_CHUNK", CHUNK)
+    written = tmp_path / ".tmp-baseline"
+    baseline_pass(build_model(config, state), windows, written, batch_size=4)
+    directory = written.rename(tmp_path / "baseline")
+    projected = []
+    real = perplexity._logprobs
+    monkeypatch.setattr(perplexity, "_logprobs", lambda head, hidden: projected.append(hidden) or real(head, hidden))
+    kept = _compare(config, quantized, windows, directory, monkeypatch)
+    candidate_chunks = len(projected)
+    perplexity._kept_baseline.clear()
+    projected.clear()
+    fresh = _compare(config, quantized, windows, directory, monkeypatch)
+    assert len(projected) == 2 * candidate_chunks  # without what the baseline pass kept: both projected
+    assert {k: v for k, v in kept.items() if k != "seconds"} == {k: v for k, v in fresh.items() if k != "seconds"}
 
 
 def test_scrambled_scales_fail_the_gates_that_honest_rtn_passes(tiny, windows, baseline, monkeypatch):
@@ -570,6 +595,8 @@ def test_lm_eval_runs_against_a_real_completions_server(tiny, tmp_path, monkeypa
     worker.close()
     assert lm_eval.parse_scores(results)["forge_tiny_continue"]["exact_match"] == 1.0  # served = local greedy
     assert all(r["results"] == results["results"] for r in through_worker)  # a worker's run is the same run
+    # torch's environment probe (`pip list` and more, ~0.9 s a run) is skipped, and says so
+    assert all(r["pretty_env_info"] == environment_not_probed() for r in [results, *through_worker])
     assert results["n-samples"]["forge_tiny_continue"]["effective"] == 3
     assert lm_eval.recovery(results, results) == {"recovery.forge_tiny_continue.exact_match": 1.0}
 

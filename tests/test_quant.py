@@ -261,6 +261,19 @@ def test_awq_scale_search_through_the_inputs_equals_the_search_through_the_gram(
     assert through_x[1:] == pytest.approx(through_gram[1:], rel=1e-4)
 
 
+@pytest.mark.parametrize("size", [3, 50, 256])  # fewer inputs than blocks, uneven blocks, even blocks
+def test_awq_error_through_half_the_gram_equals_the_whole_quadratic_form(size):
+    """`quadratic_forms` multiplies only G's blocks on and above the diagonal: the same Σ δGδᵀ per
+    candidate as the whole product, to float32 rounding (a dropped or doubled block is far off)."""
+    from forge.quant.awq import quadratic_forms
+
+    torch.manual_seed(0)
+    x = torch.randn(512, size) @ torch.randn(size, size)  # correlated inputs: off-diagonal blocks matter
+    gram, delta = x.T @ x, torch.randn(5, 7, size)
+    exact = torch.einsum("cri,ij,crj->c", delta.double(), gram.double(), delta.double())
+    torch.testing.assert_close(quadratic_forms(delta, gram).double(), exact, rtol=1e-5, atol=0)
+
+
 # ---------------------------------------------------------------- GPTQ
 
 

@@ -24,6 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,11 +42,11 @@ HEAD_FILE = "lm_head.safetensors"
 WINDOWS_FILE = "windows.safetensors"  # the token ids scored, [windows, window] int64
 BASELINE_FORMAT = 2  # 1: fp16 log-probs (100.6 MB per SmolLM2 window); 2: hidden states (2.4 MB)
 # A build compares several exports to one baseline in one process: the baseline's log-probabilities
-# of the first compare pass are kept in memory for the next ones when they take at most this many
-# bytes (4 SmolLM2 windows: 0.8 GB), instead of projecting the stored states again (a sixth of a
-# SmolLM2 compare pass here). Only the last baseline's are kept.
+# (of the baseline pass, or else of the first compare pass) are kept in memory for the compare
+# passes when they take at most this many bytes (4 SmolLM2 windows: 0.8 GB), instead of projecting
+# the stored states again (a sixth of a SmolLM2 compare pass here). Only the last baseline's are kept.
 KEEP_BASELINE_BYTES = 1 << 30
-_kept_baseline: dict[tuple[str, str], dict[tuple[int, int, int], torch.Tensor]] = {}
+_kept_baseline: dict[str, dict[tuple[int, int, int], torch.Tensor]] = {}
 
 __all__ = [
     "WINDOW",
@@ -249,7 +250,7 @@ def _next_token_chunks(
                     progress(first + row + 1, total)
 
 
-def _logprobs(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return torch.log_softmax(head(hidden).float(), dim=-1)
 
@@ -290,9 +291,14 @@ def baseline_pass(
     nll = torch.zeros(total, dtype=torch.float64)
     parts: dict[int, list[torch.Tensor]] = {}
     tops: dict[int, list[torch.Tensor]] = {}
+    keep = total * (length - 1) * projection["weight"].shape[0] * 4 <= KEEP_BASELINE_BYTES
+    kept: dict[tuple[int, int, int], torch.Tensor] = {}
+    project = _projection(projection)  # the stored projection of the stored states: as a compare pass
     began = time.perf_counter()
-    for index, _start, hidden, targets in _next_token_chunks(model, windows, batch_size, progress):
-        logprobs = _logprobs(head, hidden)
+    for index, start, hidden, targets in _next_token_chunks(model, windows, batch_size, progress):
+        logprobs = _logprobs(project, hidden.float())
+        if keep:
+            kept[index, start, start + logprobs.shape[0]] = logprobs
         nll[index] -= logprobs.gather(1, targets[:, None]).double().sum()
         parts.setdefault(index, []).append(hidden.float())
         tops.setdefault(index, []).append(logprobs.argmax(dim=-1).to(torch.int32))
@@ -311,7 +317,15 @@ def baseline_pass(
     }
     meta = {"version": BASELINE_FORMAT, "windows_sha256": _windows_digest(windows), **result}
     (out / BASELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if keep:  # the first compare pass of this process need not project them again
+        _kept_baseline.clear()
+        _kept_baseline[_baseline_key(out)] = kept
     return result
+
+
+def _projection(tensors: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The baseline's output projection as stored (`HEAD_FILE`), as a function of the final states."""
+    return partial(torch.nn.functional.linear, weight=tensors["weight"], bias=tensors.get("bias"))
 
 
 def baseline_windows(baseline_dir: Path | str) -> torch.Tensor:
@@ -332,12 +346,19 @@ def load_baseline(baseline_dir: Path | str) -> dict:
     return json.loads(path.read_text())
 
 
+def _baseline_key(directory: Path) -> str:
+    """What tells one baseline from another: its metadata, which holds the digest of the windows and
+    the per-window NLLs of the model on them (the directory's path changes when the stage
+    cache renames a finished pass into place)."""
+    return (directory / BASELINE_FILE).read_text()
+
+
 def kept_baseline(directory: Path, size: int) -> dict[tuple[int, int, int], torch.Tensor]:
-    """The baseline log-probabilities kept from earlier compare passes against `directory`, by
-    (window, first position, end); an empty dict that keeps what is put in it (if `size` bytes fit
-    `KEEP_BASELINE_BYTES`) for a baseline not seen last. Keyed by the path and the baseline's
-    metadata (its per-window NLLs), so a baseline rewritten in place is not mistaken for the old."""
-    key = (str(directory.resolve()), (directory / BASELINE_FILE).read_text())
+    """The baseline log-probabilities kept from the baseline pass or earlier compare passes against
+    `directory`, by (window, first position, end); an empty dict that keeps what is put in it (if
+    `size` bytes fit `KEEP_BASELINE_BYTES`) for a baseline not seen last. A baseline rewritten in
+    place by another model has other NLLs, so it is not mistaken for the old (`_baseline_key`)."""
+    key = _baseline_key(directory)
     if key not in _kept_baseline:
         _kept_baseline.clear()
         if size > KEEP_BASELINE_BYTES:
@@ -375,8 +396,7 @@ def compare_pass(
     kl_values: list[torch.Tensor] = []
     loaded_index, reference = -1, {}
     projection = load_file(directory / HEAD_FILE)
-    base_head = torch.nn.Linear(*projection["weight"].shape[::-1], bias="bias" in projection)
-    base_head.load_state_dict(projection)
+    base_head = _projection(projection)
     head = model.get_output_embeddings()
     kept = kept_baseline(directory, total * (length - 1) * projection["weight"].shape[0] * 4)
     began = time.perf_counter()

@@ -21,7 +21,8 @@ Two searches per decoder layer, then rounding onto the shared int4 storage rules
 Speed on CPU comes from measuring every candidate's output error with the calibration inputs'
 Gram matrix G = Σ x xᵀ instead of re-running the layer: for a weight error E = Q(W) - W,
 Σ_tokens ‖E x‖² = Σ (E G) ⊙ E, which costs out·in² per candidate whatever the number of tokens
-(AutoAWQ and llm-compressor rerun the module on every cached token for every grid point).
+(AutoAWQ and llm-compressor rerun the module on every cached token for every grid point), and
+5/8 of that as G is symmetric (`quadratic_forms`).
 Where the calibration has fewer tokens T than the linear has inputs, the same sum is ‖E Xᵀ‖²
 through the kept inputs X (`InputStats.inputs`), out·in·T: at 8B shapes with 1024 tokens, 14×
 fewer flops for down_proj and 4× for the others (`output_errors`). The error measured is the
@@ -61,6 +62,8 @@ CLIP_MAX_SHRINK = 0.5
 NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 # Coordinate-descent passes over a linear's groups in `refine_jointly`.
 JOINT_SWEEPS = 2
+# Column blocks of the Gram matrix in `quadratic_forms`: more skip more of it, in smaller products.
+GRAM_BLOCKS = 4
 # Weight elements per batched candidate evaluation (4 M floats, 16 MiB per temporary: cache-sized).
 BATCH_ELEMENTS = 1 << 22
 
@@ -240,7 +243,27 @@ def output_errors(delta: torch.Tensor, stats: InputStats) -> torch.Tensor:
     the inputs themselves where they were kept (fewer tokens than inputs), else the Gram matrix."""
     if stats.inputs is not None:
         return (delta @ stats.inputs.T).square().sum(dim=(1, 2))
-    return ((delta @ stats.gram.float()) * delta).sum(dim=(1, 2))  # float32 as accumulated: no copy
+    return quadratic_forms(delta, stats.gram.float())  # float32 as accumulated: no copy
+
+
+def quadratic_forms(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of δ G δᵀ for each candidate of `delta` ([c, rows, in]), G symmetric.
+
+    Over column blocks J of δ: δ_J · (δ_J G_JJ + 2 Σ_{I<J} δ_I G_IJ), so the blocks of G below its
+    diagonal are never multiplied: 10/16 of the flops of Σ (δ G) ⊙ δ at 4 blocks (~0.67 of its time
+    here), the same sum up to float32 rounding. Only views of G: nothing the size of G is allocated.
+    """
+    size = gram.shape[1]
+    flat = delta.reshape(-1, size)
+    total = torch.zeros(delta.shape[0])
+    step = -(-size // GRAM_BLOCKS)
+    for start in range(0, size, step):
+        cols = slice(start, start + step)
+        seen = flat[:, cols] @ gram[cols, cols]
+        if start:
+            seen.addmm_(flat[:, :start], gram[:start, cols], alpha=2)
+        total += (seen * flat[:, cols]).reshape(delta.shape[0], -1).sum(1)
+    return total
 
 
 @torch.no_grad()

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 from forge.quant.scheme import Scheme
 from forge.stages.base import Run, local
 
-VERSION = 8  # 2: the cache is written a layer at a time; dense tensors keep the source dtype;
+VERSION = 9  # 2: the cache is written a layer at a time; dense tensors keep the source dtype;
 # 3: float32 Gram matrices and GPTQ Hessian factors (GPTQ / AWQ codes can differ by rounding);
 # 4: symmetric int4 scales are stored toward zero (`rtn.stored_toward_zero`): new symmetric codes
 # 5: AWQ scales v_proj → o_proj under grouped-query attention too (`awq.ScaleGroup.shared`);
 # 6: AWQ measures errors through the inputs where fewer tokens than channels, sums its weight
 # salience in float64 a block of rows at a time (new AWQ codes); 7: where AWQ keeps the inputs it
 # holds no Gram matrix, and clips with each group's XᵀX (AWQ codes can differ by rounding there);
-# 8: no int4 scale is stored as 0 (`rtn.nonzero`): all-zero groups get codes again
+# 8: no int4 scale is stored as 0 (`rtn.nonzero`): all-zero groups get codes again; 9: AWQ's
+# errors through half the Gram matrix (`awq.quadratic_forms`: a near-tie may round the other way)
 
 
 @dataclass(frozen=True)
