@@ -230,6 +230,22 @@ def test_scrambled_scales_fail_the_gates_that_honest_rtn_passes(tiny, windows, b
     assert "above the maximum" in gate_verdict(checked[0]) and "below the minimum" in gate_verdict(checked[1])
 
 
+def test_e4m3_rounding_by_arithmetic_equals_the_fp8_dtype_round_trip():
+    """Every e4m3 value, every midpoint between neighbours (ties go to even) and the floats on
+    either side of it, subnormals, signed zeros and random values over many magnitudes."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[values.isfinite()].sort().values
+    midpoints = (values[1:] + values[:-1]) / 2
+    beside = [torch.nextafter(midpoints, torch.full_like(midpoints, sign * 1e9)) for sign in (1, -1)]
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.randn(200_000, generator=generator) * torch.exp(torch.randn(200_000, generator=generator) * 4)
+    y = torch.cat([values, midpoints, *beside, spread, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    y = y.clamp(-perplexity.FP8_MAX, perplexity.FP8_MAX)
+    expected = y.to(torch.float8_e4m3fn).float()
+    rounded = perplexity.round_to_e4m3(y)
+    assert torch.equal(rounded, expected) and torch.equal(rounded.signbit(), expected.signbit())
+
+
 def test_fp8_activation_rounding_adds_error_and_is_removable(tiny, windows, baseline, monkeypatch):
     _, config, state = tiny
     quantized = quantize_rtn(state, config, resolve_scheme("FP8_DYNAMIC"))

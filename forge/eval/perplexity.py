@@ -161,6 +161,23 @@ def build_model(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module
     return model.eval()
 
 
+# float32 bit patterns: the exponent field, 3 mantissa bits (e4m3's), and 2⁻⁹ (e4m3's smallest
+# subnormal: the step below its smallest normal, 2⁻⁶).
+F32_EXPONENT = 0x7F800000
+E4M3_SHIFT = 3 << 23
+E4M3_MIN_STEP = 118 << 23
+
+
+def round_to_e4m3(y: torch.Tensor) -> torch.Tensor:
+    """`y.to(torch.float8_e4m3fn).float()` for float32 `y` within ±448, by arithmetic: e4m3 keeps 3
+    mantissa bits, so y rounds (to nearest, ties to even) onto steps of 2^(⌊log₂|y|⌋ − 3), never finer
+    than 2⁻⁹ (OCP FP8 spec, E4M3). Equal bit for bit (tests/test_eval.py), and ~6× faster here:
+    torch's fp8 → float32 conversion took 9.9 ms for 1.5 M values at one thread, this 1.6 ms."""
+    step = y.view(torch.int32).bitwise_and(F32_EXPONENT).sub_(E4M3_SHIFT).clamp_(min=E4M3_MIN_STEP)
+    step = step.view(torch.float32)
+    return torch.round(y / step).mul_(step)
+
+
 def simulate_dynamic_fp8_activations(model: torch.nn.Module, linear_names: list[str]) -> list:
     """Round the inputs of the named linears to fp8 e4m3 per token, as FP8_DYNAMIC serving does.
 
@@ -185,8 +202,8 @@ def simulate_dynamic_fp8_activations(model: torch.nn.Module, linear_names: list[
         x = args[0]
         if x is not last[0]:
             scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-            codes = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            last[:] = [x, (codes.float() * scale).to(x.dtype)]
+            codes = round_to_e4m3((x.float() / scale).clamp(-FP8_MAX, FP8_MAX))
+            last[:] = [x, (codes * scale).to(x.dtype)]
         return (last[1], *args[1:])
 
     return [modules[name].register_forward_pre_hook(round_input) for name in linear_names]
@@ -218,8 +235,8 @@ def simulate_static_fp8_activations(model: torch.nn.Module, input_scales: dict[s
 
         def round_input(_module: torch.nn.Module, args: tuple, s: torch.Tensor = s) -> tuple:
             x = args[0]
-            codes = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            return ((codes.float() * s).to(x.dtype), *args[1:])
+            codes = round_to_e4m3((x.float() / s).clamp(-FP8_MAX, FP8_MAX))
+            return ((codes * s).to(x.dtype), *args[1:])
 
         handles.append(module.register_forward_pre_hook(round_input))
     return handles
