@@ -309,6 +309,17 @@ def test_moe_calibration_reports_expert_tokens_and_falls_back_to_rtn(tmp_path):
     assert any(solved)  # the experts that saw tokens went through GPTQ's error feedback
     awq = quantize_checkpoint(source, resolve_scheme("AWQ_W4A16", group_size=32), "awq", tokens)
     assert set(awq.calibration["rtn_fallback"]) == fallback
+    # Tuned rounding runs the unfused experts like any module. An expert no token reaches gets no
+    # gradient (this raised before) and keeps AWQ's codes (layer 0, whose inputs both runs share).
+    # With the attention already int4, the router may send a token to an expert the dense pass did
+    # not (here a second choice 0.142 vs 0.129), and that expert is tuned like the others.
+    tuned = quantize_checkpoint(source, resolve_scheme("AWQ_TUNED_W4A16", group_size=32), "awq_tuned", tokens)
+    assert set(tuned.calibration["rtn_fallback"]) == fallback
+    unseen = [n for n in fallback if n.startswith("model.layers.0.")]
+    assert any(torch.equal(tuned.linears[n].codes, awq.linears[n].codes) for n in unseen)
+    errors = tuned.calibration["tuned_output_error"]
+    assert set(errors) == {"0", "1"} and all(after <= before for before, after in errors.values())
+    assert any(after < before for before, after in errors.values())
 
 
 def test_moe_state_converts_to_transformers_names(models):

@@ -113,6 +113,8 @@ def tune_rounding(
             rate = (1 - i / STEPS) / STEPS
             with torch.no_grad():
                 for offset in offsets.values():
+                    if offset.grad is None:  # a module this batch never ran: an MoE expert no token reached
+                        continue
                     offset.sub_(rate * offset.grad.sign()).clamp_(-0.5, 0.5)
                     offset.grad = None
             if (i + 1) % CHECK_EVERY == 0 or i + 1 == STEPS:
