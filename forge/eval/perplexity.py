@@ -308,7 +308,7 @@ def baseline_pass(
     nll = torch.zeros(total, dtype=torch.float64)
     parts: dict[int, list[torch.Tensor]] = {}
     tops: dict[int, list[torch.Tensor]] = {}
-    keep = total * (length - 1) * projection["weight"].shape[0] * 4 <= KEEP_BASELINE_BYTES
+    keep = _logprob_bytes(windows, projection) <= KEEP_BASELINE_BYTES
     kept: dict[tuple[int, int, int], torch.Tensor] = {}
     project = _projection(projection)  # the stored projection of the stored states: as a compare pass
     began = time.perf_counter()
@@ -338,6 +338,12 @@ def baseline_pass(
         _kept_baseline.clear()
         _kept_baseline[_baseline_key(out)] = kept
     return result
+
+
+def _logprob_bytes(windows: torch.Tensor, projection: dict[str, torch.Tensor]) -> int:
+    """What the baseline's float32 log-probabilities over `windows` take, every predicted position."""
+    total, length = windows.shape
+    return total * (length - 1) * projection["weight"].shape[0] * 4
 
 
 def _projection(tensors: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -415,7 +421,7 @@ def compare_pass(
     projection = load_file(directory / HEAD_FILE)
     base_head = _projection(projection)
     head = model.get_output_embeddings()
-    kept = kept_baseline(directory, total * (length - 1) * projection["weight"].shape[0] * 4)
+    kept = kept_baseline(directory, _logprob_bytes(windows, projection))
     began = time.perf_counter()
     for index, start, hidden, targets in _next_token_chunks(model, windows, batch_size, progress):
         if index != loaded_index:
