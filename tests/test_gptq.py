@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forge.quant.gptq import factor_inverse_hessian_, gptq_layer, gptq_quantize
+from forge.quant.gptq import factor_inverse_hessian_, gptq_layer, gptq_quantize, park_
 from forge.quant.presets import resolve_scheme
 from tests.tiny import layer_case, make_tiny_llama
 
@@ -32,13 +32,17 @@ def test_inverse_hessian_factor_is_computed_in_place_and_matches_float64():
     assert torch.equal(h, h.triu())
 
 
-@pytest.mark.parametrize("order", [False, True])
-def test_release_rounds_in_place_to_the_same_codes_and_frees_the_gram(tmp_path, order):
+@pytest.mark.parametrize(("order", "bf16"), [(False, False), (True, False), (False, True)])
+def test_release_rounds_in_place_to_the_same_codes_and_frees_the_gram(tmp_path, order, bf16):
     """`release=True` (the streaming quantizer) gives the codes of the copying path, drops each
-    Gram matrix once used and leaves each weight dequantized: the layer as served. The linears
-    sharing an input (q/k/v, gate/up) give what GPTQ on each alone gives."""
+    Gram matrix once used and leaves each weight dequantized: the layer as served, in float32
+    even where a weight waited as bfloat16 (`park_`). The linears sharing an input (q/k/v,
+    gate/up) give what GPTQ on each alone gives."""
     case = layer_case(make_tiny_llama(tmp_path / "m", num_layers=1))
     layer, names, stats = case.layer, case.names, case.stats
+    if bf16:  # weights as read from a bfloat16 checkpoint
+        for n in names:
+            layer.get_submodule(n).weight.data = layer.get_submodule(n).weight.data.bfloat16().float()
     scheme = resolve_scheme("GPTQ_W4A16", group_size=32)
     dense = {n: layer.get_submodule(n).weight.clone() for n in names}
     grams = {n: stats.inputs[n].gram.clone() for n in names}
@@ -51,4 +55,15 @@ def test_release_rounds_in_place_to_the_same_codes_and_frees_the_gram(tmp_path, 
     for n in names:
         assert stats.inputs[n].gram is None
         assert torch.equal(released[n].codes, kept[n].codes) and torch.equal(released[n].scale, kept[n].scale), n
+        assert layer.get_submodule(n).weight.dtype == torch.float32
         assert torch.equal(layer.get_submodule(n).weight, released[n].dequantize())
+
+
+def test_a_weight_waits_in_the_narrowest_dtype_that_holds_it_exactly():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(64, 32, generator=generator)
+    for source, parked in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, None)):
+        weight = torch.nn.Parameter(values.to(source).float(), requires_grad=False)
+        park_(weight)
+        assert weight.dtype == (parked or torch.float32)
+        assert torch.equal(weight.float(), values.to(source).float())  # every value kept exactly
