@@ -12,6 +12,7 @@ import torch
 
 from forge.quant.gptq import factor_inverse_hessian_, gptq_layer, gptq_quantize, park_
 from forge.quant.presets import resolve_scheme
+from forge.quant.rtn import ROW_BLOCK
 from tests.tiny import layer_case, make_tiny_llama
 
 
@@ -67,3 +68,9 @@ def test_a_weight_waits_in_the_narrowest_dtype_that_holds_it_exactly():
         park_(weight)
         assert weight.dtype == (parked or torch.float32)
         assert torch.equal(weight.float(), values.to(source).float())  # every value kept exactly
+    # checked a block of rows at a time: one inexact value in a later block keeps the weight float32
+    mixed = torch.randn(ROW_BLOCK + 3, 4, generator=generator).bfloat16().float()
+    mixed[-1, -1] = 1 / 3
+    weight = torch.nn.Parameter(mixed.clone(), requires_grad=False)
+    park_(weight)
+    assert weight.dtype == torch.float32 and torch.equal(weight, mixed)
