@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forge.quant.gptq import factor_inverse_hessian_, gptq_layer, gptq_quantize, park_
+from forge.quant.gptq import Parked, factor_inverse_hessian_, gptq_layer, gptq_quantize, park_
 from forge.quant.presets import resolve_scheme
 from forge.quant.rtn import ROW_BLOCK
 from tests.tiny import layer_case, make_tiny_llama
@@ -58,6 +58,26 @@ def test_release_rounds_in_place_to_the_same_codes_and_frees_the_gram(tmp_path, 
         assert torch.equal(released[n].codes, kept[n].codes) and torch.equal(released[n].scale, kept[n].scale), n
         assert layer.get_submodule(n).weight.dtype == torch.float32
         assert torch.equal(layer.get_submodule(n).weight, released[n].dequantize())
+
+
+def test_a_parked_layer_computes_what_the_float32_layer_computes_and_is_float32_when_closed(tmp_path):
+    """`Parked` (the streaming GPTQ path): bfloat16-exact weights wait as bfloat16, the layer's
+    outputs are bit-identical to those of its float32 weights, and `close` restores float32."""
+    case = layer_case(make_tiny_llama(tmp_path / "m", num_layers=1, dtype=torch.bfloat16))
+    layer, names = case.layer, case.names
+    before = {n: layer.get_submodule(n).weight.detach().clone() for n in names}
+    with torch.no_grad():
+        expected = layer(case.hidden, **case.kwargs)
+    parked = Parked(layer, names)
+    assert all(layer.get_submodule(n).weight.dtype == torch.bfloat16 for n in names)
+    with torch.no_grad():
+        assert torch.equal(layer(case.hidden, **case.kwargs), expected)
+    assert all(layer.get_submodule(n).weight.dtype == torch.bfloat16 for n in names)  # narrow again after each run
+    parked.close()
+    assert all(torch.equal(layer.get_submodule(n).weight, before[n]) for n in names)
+    assert all(layer.get_submodule(n).weight.dtype == torch.float32 for n in names)
+    with torch.no_grad():
+        assert torch.equal(layer(case.hidden, **case.kwargs), expected)  # no hook left behind
 
 
 def test_a_weight_waits_in_the_narrowest_dtype_that_holds_it_exactly():

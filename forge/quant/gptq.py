@@ -12,7 +12,7 @@ Codes and scales follow `rtn.py`'s storage rules exactly, so every writer reads 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from types import ModuleType
@@ -180,6 +180,37 @@ def round_columns_(
     return QuantizedLinear(codes, scales, zeros)
 
 
+class Parked:
+    """The named linears of a layer held in the narrowest float dtype that holds each weight exactly
+    (`park_`: a bfloat16 checkpoint's 70B layer in 1.6 GiB instead of 3.2) while the streaming
+    quantizer calibrates and solves it. A linear is float32 only while it runs (a copy made by a
+    forward pre-hook, dropped by its forward hook: the same outputs) and, for good, once solved
+    (`gptq_layer` with `release`); `close` makes the rest float32 again and removes the hooks."""
+
+    def __init__(self, layer: nn.Module, names: Iterable[str]) -> None:
+        self.modules = [layer.get_submodule(name) for name in sorted(names)]
+        self.narrow: dict[int, torch.Tensor] = {}
+        self.hooks = []
+        for module in self.modules:
+            park_(module.weight)
+            self.hooks += [module.register_forward_pre_hook(self._widen), module.register_forward_hook(self._restore)]
+
+    def _widen(self, module: nn.Module, _args: tuple) -> None:
+        if module.weight.dtype != torch.float32:
+            self.narrow[id(module)] = module.weight.data
+            module.weight.data = module.weight.data.float()
+
+    def _restore(self, module: nn.Module, _args: tuple, _output: torch.Tensor) -> None:
+        if (narrow := self.narrow.pop(id(module), None)) is not None:
+            module.weight.data = narrow
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for module in self.modules:
+            module.weight.data = module.weight.data.float()  # exact; float32 weights stay as they are
+
+
 def park_(weight: torch.Tensor) -> None:
     """Hold a float32 weight as bfloat16 or float16 if either holds every value exactly (a weight
     read from a checkpoint of that dtype), else leave it: a 70B layer waits in 1.6 GiB, not 3.2.
@@ -251,19 +282,15 @@ def gptq_layer(
     `release`: the caller is done with the layer's float weights and its statistics (the
     streaming quantizer). Each input's Gram matrix is then factored in place and dropped once its
     linears are rounded, and each weight is rounded in place and left holding its dequantized
-    value, the layer as served; until its turn it waits in the narrowest float dtype that holds it
-    exactly (`park_`). At Llama-3.1-8B scale the down_proj Gram alone is 14336² floats (0.77 GiB)
-    and the layer 0.8 GiB, so copies of either are what the peak memory is made of.
+    value, the layer as served (in float32, also where it waited narrower: `Parked`). At
+    Llama-3.1-8B scale the down_proj Gram alone is 14336² floats (0.77 GiB) and the layer 0.8 GiB,
+    so copies of either are what the peak memory is made of.
     Without it, `stats` and the layer are left as they are.
     """
     order = OPTIONS.act_order if order is None else order
     by_input: dict[int, list[str]] = {}
     for name in sorted(quantized):
         by_input.setdefault(id(stats[name]), []).append(name)
-    if release:  # all but the first solved: they would be copied back at once
-        for names in list(by_input.values())[1:]:
-            for name in names:
-                park_(layer.get_submodule(name).weight)
     result = {}
     for names in by_input.values():
         input_stats = stats[names[0]]

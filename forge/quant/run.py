@@ -35,7 +35,7 @@ from forge.formats.model_dir import Checkpoint
 from forge.formats.specs import group_size_problem
 from forge.quant.awq import awq_layer, scale_groups
 from forge.quant.fp8_static import fp8_static_layer
-from forge.quant.gptq import gptq_layer
+from forge.quant.gptq import Parked, gptq_layer
 from forge.quant.kv_cache import kv_cache_scales
 from forge.quant.layerwise import (
     KVSources,
@@ -248,6 +248,7 @@ def calibrated_quantize(
         layer_kwargs = per_layer_kwargs[index]
         prefix = f"model.layers.{index}."
         quantized = {arch.to_memory(n.removeprefix(prefix)) for n in names if n.startswith(prefix)}
+        parked = Parked(layer, quantized) if algorithm == "gptq" else None  # no weight is changed before solving
         stats, dense_out = collect_layer_stats(
             layer,
             hidden,
@@ -281,6 +282,7 @@ def calibrated_quantize(
                     changed[name] = p.detach().clone()
         elif algorithm == "gptq":
             layer_linears = gptq_layer(layer, stats.inputs, quantized - set(unseen), scheme, release=True)
+            parked.close()
         elif scheme.activations == "static_tensor":
             layer_linears = fp8_static_layer(layer, stats.inputs, quantized - set(unseen), scheme)
             for n in unseen:  # no input seen: the widest scale of its kind in the layer bounds it
