@@ -248,7 +248,7 @@ def calibrated_quantize(
         layer_kwargs = per_layer_kwargs[index]
         prefix = f"model.layers.{index}."
         quantized = {arch.to_memory(n.removeprefix(prefix)) for n in names if n.startswith(prefix)}
-        parked = Parked(layer, quantized) if algorithm == "gptq" else None  # no weight is changed before solving
+        parked = Parked(layer, quantized) if algorithm == "gptq" else None  # narrow until solved (70B: 1.6 GiB)
         stats, dense_out = collect_layer_stats(
             layer,
             hidden,
