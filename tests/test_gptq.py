@@ -37,7 +37,7 @@ def test_inverse_hessian_factor_is_computed_in_place_and_matches_float64():
 def test_release_rounds_in_place_to_the_same_codes_and_frees_the_gram(tmp_path, order, bf16):
     """`release=True` (the streaming quantizer) gives the codes of the copying path, drops each
     Gram matrix once used and leaves each weight dequantized: the layer as served, in float32
-    even where a weight waited as bfloat16 (`park_`). The linears sharing an input (q/k/v,
+    even where a weight waited as bfloat16 (`Parked`). The linears sharing an input (q/k/v,
     gate/up) give what GPTQ on each alone gives."""
     case = layer_case(make_tiny_llama(tmp_path / "m", num_layers=1))
     layer, names, stats = case.layer, case.names, case.stats
@@ -52,6 +52,9 @@ def test_release_rounds_in_place_to_the_same_codes_and_frees_the_gram(tmp_path, 
         assert torch.equal(layer.get_submodule(n).weight, dense[n]) and torch.equal(stats.inputs[n].gram, grams[n])
         alone = gptq_quantize(dense[n], grams[n] / stats.inputs[n].tokens, scheme, order=order)
         assert torch.equal(kept[n].codes, alone.codes) and torch.equal(kept[n].scale, alone.scale), n
+    if bf16:
+        Parked(layer, names)  # as the streaming quantizer holds them until each is solved
+        assert all(layer.get_submodule(n).weight.dtype == torch.bfloat16 for n in names)
     released = gptq_layer(layer, stats.inputs, set(names), scheme, order=order, release=True)
     for n in names:
         assert stats.inputs[n].gram is None
