@@ -335,8 +335,7 @@ def baseline_pass(
     meta = {"version": BASELINE_FORMAT, "windows_sha256": _windows_digest(windows), **result}
     (out / BASELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if keep:  # the first compare pass of this process need not project them again
-        _kept_baseline.clear()
-        _kept_baseline[_baseline_key(out)] = kept
+        kept_baseline(out, _logprob_bytes(windows, projection)).update(kept)
     return result
 
 
