@@ -158,7 +158,7 @@ def child(args: argparse.Namespace) -> None:
         if algorithm != "rtn":
             vocab = json.loads((Path(args.source) / "config.json").read_text())["vocab_size"]
             tokens = torch.randint(0, vocab, CALIBRATION, generator=torch.Generator().manual_seed(0))
-        quantize_to_cache(Path(args.source), Path(args.out), scheme, algorithm, tokens)
+        quantize_to_cache(Path(args.source), Path(args.out), scheme, algorithm, tokens, layer_log(start))
     else:
         from forge.formats import FORMATS
         from forge.quant.model import open_quantized
@@ -171,36 +171,52 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": round(seconds, 1), "peak_rss_gib": round(hwm * 1024 / GIB, 2)}))
 
 
-def vm_hwm_gib(pid: int) -> float | None:
-    """Peak RSS so far of a running process (its `VmHWM`), None once it is gone."""
+def layer_log(start: float):
+    """A quantize progress callback writing one stderr line per finished decoder layer: seconds so
+    far, resident and peak memory then (the run's log, read while a long run goes on)."""
+
+    logged = set()
+
+    def log(stage: str, done: float, total: int) -> None:
+        if done == int(done) and (stage, done) not in logged:
+            logged.add((stage, done))
+            rss, hwm = memory_gib("self", "VmRSS"), memory_gib("self", "VmHWM")
+            seconds = time.perf_counter() - start
+            print(f"{seconds:.1f} s {stage} {done:g}/{total} rss {rss} GiB peak {hwm} GiB", file=sys.stderr, flush=True)
+
+    return log
+
+
+def memory_gib(pid: int | str, field: str = "VmHWM") -> float | None:
+    """A memory field of a process from /proc (`VmHWM`: its peak RSS so far), None once it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:")), None)
     return None if kib is None else round(kib * 1024 / GIB, 2)
 
 
-def measure(*argv: str, timeout: float | None = None) -> dict:
-    """One child's JSON line; past `timeout` seconds the child is ended and the row says so, with
-    the peak RSS it had reached (read from /proc while it ran)."""
+def measure(*argv: str, log: Path, timeout: float | None = None) -> dict:
+    """One child's JSON line, its stderr written to `log` as it runs; past `timeout` seconds the
+    child is ended and the row says so, with the peak RSS it had reached (read from /proc while it ran)."""
     cmd = [sys.executable, __file__, *argv]
     start = time.perf_counter()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child_process:
+    with log.open("w") as stderr, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True) as child:
         peak_seen = None
         while True:
             try:
-                stdout, stderr = child_process.communicate(timeout=5)
+                stdout, _ = child.communicate(timeout=5)
                 break
             except subprocess.TimeoutExpired:
-                peak_seen = vm_hwm_gib(child_process.pid) or peak_seen
+                peak_seen = memory_gib(child.pid) or peak_seen
                 if timeout is not None and time.perf_counter() - start > timeout:
-                    peak_seen = vm_hwm_gib(child_process.pid) or peak_seen
-                    child_process.kill()
-                    child_process.communicate()
+                    peak_seen = memory_gib(child.pid) or peak_seen
+                    child.kill()
+                    child.communicate()
                     return {"error": f"stopped after {timeout:.0f} s", "peak_rss_gib_so_far": peak_seen}
-    if child_process.returncode != 0:
-        error = (stderr.strip().splitlines() or [f"exit status {child_process.returncode}"])[-1][:200]
+    if child.returncode != 0:
+        error = (log.read_text().strip().splitlines() or [f"exit status {child.returncode}"])[-1][:200]
         return {"error": error, "peak_rss_gib_so_far": peak_seen}
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -234,8 +250,9 @@ def run_model(
         shutil.rmtree(cache, ignore_errors=True)
         row = {"model": label, "preset": preset, "checkpoint_gib": round(size / GIB, 2)}
         row["quantize"] = measure(
-            "--child", "quantize", "--preset", preset, "--source", str(source), "--out", str(cache), timeout=timeout
-        )
+            "--child", "quantize", "--preset", preset, "--source", str(source), "--out", str(cache),
+            log=work / f"{label}-{preset}-quantize.log", timeout=timeout,
+        )  # fmt: skip
         print(label, preset, "quantize", row["quantize"], flush=True)
         row["cache_gib"] = round(dir_bytes(cache) / GIB, 2) if cache.exists() else None
         last = i == len(presets) - 1
@@ -247,7 +264,7 @@ def run_model(
                 out = work / f"{label}-{preset}-{fmt}"
                 shutil.rmtree(out, ignore_errors=True)
                 result = measure("--child", fmt, "--preset", preset, "--source", str(meta), "--cache", str(cache),
-                                 "--out", str(out))  # fmt: skip
+                                 "--out", str(out), log=work / f"{label}-{preset}-{fmt}.log")  # fmt: skip
                 if out.exists():
                     result["size_gib"] = round(dir_bytes(out) / GIB, 2)
                     shutil.rmtree(out)
