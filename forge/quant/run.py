@@ -273,10 +273,14 @@ def calibrated_quantize(
             layer_linears, _ = awq_layer(layer, stats.inputs, quantized, scheme, groups, step)
             if algorithm == "awq_tuned":
                 step = _layer_step(progress, "tune", index, len(layers), share, 1 - share)
+                rounded = layer_linears
                 layer_linears, errors = tune_rounding(
                     layer, layer_linears, hidden, dense_out, layer_kwargs, scheme, step
                 )
                 report.setdefault("tuned_output_error", {})[str(index)] = [round(e, 9) for e in errors]
+                # Once the attention is int4 the router may send a token to an expert the dense pass
+                # never reached: its codes are then tuned, no longer round-to-nearest.
+                unseen = [n for n in unseen if torch.equal(layer_linears[n].codes, rounded[n].codes)]
             for n, p in layer.named_parameters():  # the folded norms (not the linears: a copy of the layer)
                 if (name := prefix + arch.to_checkpoint(n)) in dense:
                     changed[name] = p.detach().clone()
