@@ -42,6 +42,20 @@ BATCH_SAMPLES = 4  # calibration sequences per step (4 × 256 tokens by default)
 CHECK_EVERY = 10  # steps between measurements of the whole calibration set's error
 
 
+class RoundThrough(torch.autograd.Function):
+    """`torch.round` forward, identity backward: the straight-through estimator in one pass over
+    the weights, where `x + (round(x) - x).detach()` takes three (the same values: the difference
+    of a float and its nearest integer is exact, so the sum is that integer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 class Grids:
     """The fixed part of each linear's int4 grid, per group (`[out, groups, 1]`, broadcast over the
     group's weights rather than expanded: at 8B shapes one expanded copy is 0.9 GB per layer)."""
@@ -59,7 +73,7 @@ class Grids:
 
     def _codes(self, name: str, offset: torch.Tensor) -> torch.Tensor:
         x = self.grouped(self.weights[name]) / self.scales[name] + self.grouped(offset)
-        rounded = x + (torch.round(x) - x).detach()  # round forward, identity backward
+        rounded = RoundThrough.apply(x)
         zero = self.zeros[name]
         return rounded.clamp(-8, 7) if zero is None else (rounded + zero).clamp(0, 15)
 
@@ -95,14 +109,19 @@ def tune_rounding(
     samples = hidden.shape[0]
     batch = min(BATCH_SAMPLES, samples)
 
-    def error(rows: torch.Tensor) -> torch.Tensor:
-        params = {f"{n}.weight": grids.weight(n, offsets[n]) for n in names}
+    def weights() -> dict[str, torch.Tensor]:
+        return {f"{n}.weight": grids.weight(n, offsets[n]) for n in names}
+
+    def error(rows: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         out = functional_call(layer, params, (hidden[rows],), layer_kwargs)
         return torch.nn.functional.mse_loss(out, target[rows], reduction="sum")
 
     def whole_error() -> float:
         with torch.no_grad():
-            total = sum(float(error(torch.arange(i, min(i + batch, samples)))) for i in range(0, samples, batch))
+            params = weights()  # once for every batch of the set
+            total = sum(
+                float(error(torch.arange(i, min(i + batch, samples)), params)) for i in range(0, samples, batch)
+            )
         return total / target.numel()
 
     first = best = whole_error()
@@ -110,13 +129,13 @@ def tune_rounding(
     generator = torch.Generator().manual_seed(0)
     with torch.enable_grad():
         for i in range(STEPS):
-            error(torch.randperm(samples, generator=generator)[:batch]).backward()
+            error(torch.randperm(samples, generator=generator)[:batch], weights()).backward()
             rate = (1 - i / STEPS) / STEPS
             with torch.no_grad():
                 for offset in offsets.values():
                     if offset.grad is None:  # a module this batch never ran: an MoE expert no token reached
                         continue
-                    offset.sub_(rate * offset.grad.sign()).clamp_(-0.5, 0.5)
+                    offset.add_(offset.grad.sign_(), alpha=-rate).clamp_(-0.5, 0.5)  # no temporary
                     offset.grad = None
             if (i + 1) % CHECK_EVERY == 0 or i + 1 == STEPS:
                 if (now := whole_error()) < best:  # keep the codes, a quarter the size of the offsets
