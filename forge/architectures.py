@@ -87,6 +87,13 @@ class Architecture:
             names += [rf"{re.escape(self.experts)}\.\d+\.{re.escape(n)}" for n in self.expert_linears]
         return re.compile(rf"^model\.layers\.\d+\.({'|'.join(names)})$")
 
+    def feeds_no_linear(self, name: str) -> bool:
+        """Whether a layer-relative checkpoint name is a down projection (the MLP's or an expert's),
+        whose output goes to the residual stream and so into no other linear of its layer."""
+        if name == "mlp.down_proj":
+            return True
+        return bool(self.experts) and re.fullmatch(rf"{re.escape(self.experts)}\.\d+\.{self.expert_linears[2]}", name)
+
     def never_quantized(self) -> tuple[str, ...]:
         """Linear-shaped modules that stay in the source dtype in every export (routers)."""
         return (self.router,) if self.router else ()

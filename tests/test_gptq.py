@@ -7,13 +7,15 @@ weights in place. These tests hold those paths to the plain computations on a ti
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from forge.quant.gptq import Parked, factor_inverse_hessian_, gptq_layer, gptq_quantize, park_
 from forge.quant.presets import resolve_scheme
 from forge.quant.rtn import ROW_BLOCK
-from tests.tiny import layer_case, make_tiny_llama
+from tests.tiny import layer_case, make_tiny_llama, make_tiny_model
 
 
 def test_inverse_hessian_factor_is_computed_in_place_and_matches_float64():
@@ -97,3 +99,34 @@ def test_a_weight_waits_in_the_narrowest_dtype_that_holds_it_exactly():
     weight = torch.nn.Parameter(mixed.clone(), requires_grad=False)
     park_(weight)
     assert weight.dtype == torch.float32 and torch.equal(weight, mixed)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM"])
+def test_down_projections_are_solved_on_a_pass_of_their_own_to_the_same_codes(tmp_path, arch, monkeypatch):
+    """The streaming GPTQ collects and solves each layer's down projections (the MLP's or each
+    expert's) before the other Grams exist, so the widest Gram (70B: 28672², 3.06 GiB) never sits
+    beside the rest; their outputs feed no other linear, so every code is what one pass gives."""
+    from forge.architectures import Architecture
+    from forge.quant import run
+
+    source = make_tiny_model(tmp_path / arch, arch, dtype=torch.bfloat16)
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    tokens = torch.randint(0, vocab, (4, 24), generator=torch.Generator().manual_seed(0))
+    scheme = resolve_scheme("GPTQ_W4A16", group_size=32)
+    passes, collect = [], run.collect_layer_stats
+
+    def collect_layer_stats(layer, hidden, layer_kwargs, names, **options):
+        passes.append(list(names))
+        return collect(layer, hidden, layer_kwargs, names, **options)
+
+    monkeypatch.setattr(run, "collect_layer_stats", collect_layer_stats)
+    two = run.quantize_checkpoint(source, scheme, "gptq", tokens)
+    downs, rest = passes[0::2], passes[1::2]
+    assert len(downs) == len(rest) == 2  # two layers, two passes each
+    assert all(d and all(n.endswith(("down_proj", "w2")) for n in d) for d in downs)
+    assert not any(n.endswith(("down_proj", "w2")) for r in rest for n in r)
+    monkeypatch.setattr(Architecture, "feeds_no_linear", lambda self, name: False)  # one pass, as before
+    one = run.quantize_checkpoint(source, scheme, "gptq", tokens)
+    assert set(two.linears) == set(one.linears) and two.calibration == one.calibration
+    for name, q in one.linears.items():
+        assert torch.equal(two.linears[name].codes, q.codes) and torch.equal(two.linears[name].scale, q.scale), name

@@ -248,18 +248,29 @@ def calibrated_quantize(
         layer_kwargs = per_layer_kwargs[index]
         prefix = f"model.layers.{index}."
         quantized = {arch.to_memory(n.removeprefix(prefix)) for n in names if n.startswith(prefix)}
-        parked = Parked(layer, quantized) if algorithm == "gptq" else None  # narrow until solved (70B: 1.6 GiB)
+        linear_names = layer_linear_names(layer, router)
+        solved: dict[str, QuantizedLinear] = {}
+        if algorithm == "gptq":
+            parked = Parked(layer, quantized)  # narrow until solved (70B: 1.6 GiB)
+            # The down projections first, on a pass of their own: their Grams are the widest (70B:
+            # 28672², 3.06 GiB) and never coexist with the others (0.75 GiB). Their outputs feed no
+            # other linear of the layer, so the second pass sees every other input as before.
+            last = [n for n in linear_names if arch.feeds_no_linear(arch.to_checkpoint(n))]
+            down, _ = collect_layer_stats(layer, hidden, layer_kwargs, last, gram=True, kv=False)
+            solved = gptq_layer(layer, down.inputs, quantized & set(down.inputs), scheme, release=True)
+            linear_names = [n for n in linear_names if n not in last]
+            del down
         stats, dense_out = collect_layer_stats(
             layer,
             hidden,
             layer_kwargs,
-            layer_linear_names(layer, router),
+            linear_names,
             gram=algorithm != "rtn",
             kv=kv,
             kv_sources=sources,
             inputs=awq,
         )
-        unseen = sorted(n for n in quantized if n not in stats.inputs)
+        unseen = sorted(n for n in quantized if n not in stats.inputs and n not in solved)
         if arch.moe and router and router[0] in {n for n, _ in layer.named_modules()}:
             experts = arch.to_memory(arch.experts)
             gate = arch.expert_linears[0]
@@ -285,7 +296,8 @@ def calibrated_quantize(
                 if (name := prefix + arch.to_checkpoint(n)) in dense:
                     changed[name] = p.detach().clone()
         elif algorithm == "gptq":
-            layer_linears = gptq_layer(layer, stats.inputs, quantized - set(unseen), scheme, release=True)
+            rest = quantized - set(unseen) - set(solved)
+            layer_linears = solved | gptq_layer(layer, stats.inputs, rest, scheme, release=True)
             parked.close()
         elif scheme.activations == "static_tensor":
             layer_linears = fp8_static_layer(layer, stats.inputs, quantized - set(unseen), scheme)
