@@ -15,10 +15,12 @@ runs the product path: `forge.quant.run.quantize_to_cache` (what the quantize st
 format's `write` on the cache opened lazily (`open_quantized`, what the export stage calls).
 
 Calibration (GPTQ, AWQ) uses 4 random token-id sequences of 256 tokens (seeded): the figures
-measure time and memory, not quality, and no tokenizer is needed. GPTQ and AWQ of 32 layers take
-too long on this machine, so they run on the 1-, 2- and 4-layer slices and the 32-layer figures
-are a linear fit, extrapolated (printed as such); `--timeout` stops a child that runs longer and
-records the peak RSS it had reached. `70b-gptq` runs GPTQ on one Llama-3.1-70B layer, whose
+measure time and memory, not quality, and no tokenizer is needed. GPTQ and AWQ run on slices of
+`--layers` layers (1, 2 and 4 by default; 32 is the whole 8B, ~1.5 h of AWQ here) and the 32-layer
+figures are a linear fit, printed as extrapolated unless a 32-layer run is among them; `--timeout`
+stops a child that runs longer and records the peak RSS it had reached. Each child's stderr is kept
+beside results.json (`<model>-<preset>-<step>.log`): a quantize writes one line per finished
+decoder layer with its seconds and memory, so a long run can be followed, or read when stopped. `70b-gptq` runs GPTQ on one Llama-3.1-70B layer, whose
 down_proj Hessian (28672²) is the widest forge meets; `70b-layer` runs the `--presets` on it.
 Outputs are deleted after each measurement and the checkpoints at the end, so disk use stays
 bounded (the largest moment: the 8B checkpoint, one cache and one export).
