@@ -92,7 +92,8 @@ class Architecture:
         whose output goes to the residual stream and so into no other linear of its layer."""
         if name == "mlp.down_proj":
             return True
-        return bool(self.experts) and re.fullmatch(rf"{re.escape(self.experts)}\.\d+\.{self.expert_linears[2]}", name)
+        down = rf"{re.escape(self.experts)}\.\d+\.{re.escape(self.expert_linears[2])}" if self.experts else None
+        return down is not None and re.fullmatch(down, name) is not None
 
     def never_quantized(self) -> tuple[str, ...]:
         """Linear-shaped modules that stay in the source dtype in every export (routers)."""
