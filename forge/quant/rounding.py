@@ -42,20 +42,6 @@ BATCH_SAMPLES = 4  # calibration sequences per step (4 × 256 tokens by default)
 CHECK_EVERY = 10  # steps between measurements of the whole calibration set's error
 
 
-class RoundThrough(torch.autograd.Function):
-    """`torch.round` forward, identity backward: the straight-through estimator in one pass over
-    the weights, where `x + (round(x) - x).detach()` takes three (the same values: the difference
-    of a float and its nearest integer is exact, so the sum is that integer)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
 class Grids:
     """The fixed part of each linear's int4 grid, per group (`[out, groups, 1]`, broadcast over the
     group's weights rather than expanded: at 8B shapes one expanded copy is 0.9 GB per layer)."""
@@ -73,7 +59,7 @@ class Grids:
 
     def _codes(self, name: str, offset: torch.Tensor) -> torch.Tensor:
         x = self.grouped(self.weights[name]) / self.scales[name] + self.grouped(offset)
-        rounded = RoundThrough.apply(x)
+        rounded = x + (torch.round(x) - x).detach()  # round forward, identity backward
         zero = self.zeros[name]
         return rounded.clamp(-8, 7) if zero is None else (rounded + zero).clamp(0, 15)
 
