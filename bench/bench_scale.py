@@ -20,8 +20,9 @@ measure time and memory, not quality, and no tokenizer is needed. GPTQ and AWQ r
 figures are a linear fit, printed as extrapolated unless a 32-layer run is among them; `--timeout`
 stops a child that runs longer and records the peak RSS it had reached. Each child's stderr is kept
 beside results.json (`<model>-<preset>-<step>.log`): a quantize writes one line per finished
-decoder layer with its seconds and memory, so a long run can be followed, or read when stopped. `70b-gptq` runs GPTQ on one Llama-3.1-70B layer, whose
-down_proj Hessian (28672²) is the widest forge meets; `70b-layer` runs the `--presets` on it.
+decoder layer with its seconds and memory, so a long run can be followed, or read when stopped.
+`70b-gptq` runs GPTQ on one Llama-3.1-70B layer, whose down_proj Hessian (28672²) is the widest
+forge meets; `70b-layer` runs the `--presets` on it.
 Outputs are deleted after each measurement and the checkpoints at the end, so disk use stays
 bounded (the largest moment: the 8B checkpoint, one cache and one export).
 """
